@@ -1,1 +1,18 @@
+//! celery-autoscale: Celery workers that scale on queue depth.
+//!
+//! A Redis list is the queue; [`worker`] speaks Celery's wire protocol ([`wire`]) over kombu's
+//! Redis layout ([`broker`]) and writes Celery results ([`backend`]), so Python producers and
+//! clients work unchanged. [`exporter`] publishes the queue depth for Prometheus, which
+//! prometheus-adapter serves to a Kubernetes HPA; [`hpa`] is the same decision algorithm run
+//! locally by [`local`] and [`simulate`]. [`loadgen`] drives it all.
+
+pub mod backend;
+pub mod broker;
+pub mod connection;
+pub mod http;
+pub mod metrics;
+pub mod shutdown;
+pub mod tasks;
+pub mod telemetry;
 pub mod wire;
+pub mod worker;

@@ -1,1 +1,42 @@
-fn main(){}
+//! The `celery-autoscale` command line: parse arguments, call into the library.
+
+use celery_autoscale::telemetry::{self, LogFormat};
+use celery_autoscale::worker;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "celery-autoscale", version, about = "Celery workers that scale on queue depth: worker, exporter, load generator, local autoscaler and HPA simulator")]
+struct Cli {
+    /// Log format: text for terminals, json for Kubernetes.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume Celery tasks from Redis, run them, store results, serve /metrics.
+    Worker(worker::WorkerArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let result: anyhow::Result<()> = runtime.block_on(async {
+        match cli.command {
+            Command::Worker(args) => worker::run(args).await?,
+        }
+        Ok(())
+    });
+    // Do not wait for task threads the worker has already put back and abandoned.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,532 @@
+//! Reading task messages: the kombu envelope, Celery protocol v2 headers (and legacy v1
+//! bodies), the base64/zlib body, and the `[args, kwargs, embed]` payload.
+//!
+//! Parsing never panics and never guesses: a message is either a [`TaskMessage`] or a
+//! [`Rejection`] that says why, with the task id when the message got far enough to carry one
+//! (so the worker can still store a FAILURE the caller's `AsyncResult.get()` will see).
+
+use super::time::parse_iso8601;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use std::fmt;
+use std::io::Read as _;
+
+/// Largest body we inflate from a compressed message (guards against zip bombs).
+const MAX_INFLATED_BODY: u64 = 64 * 1024 * 1024;
+
+/// Why a message was not run. The label is the `reason` of `celery_task_rejected_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    /// Not JSON, or JSON that is not a kombu envelope.
+    Malformed,
+    /// `content-type` other than JSON (pickle, msgpack, yaml) or an unknown compression.
+    UnsupportedEncoding,
+    /// Headers present but a field has the wrong type or an unreadable value.
+    BadHeaders,
+    /// The body does not decode to `[args, kwargs, embed]`.
+    BadBody,
+    /// No task of that name is registered here (FAILURE `NotRegistered`, as Python does).
+    UnknownTask,
+    /// Arguments that do not fit the task's signature or types (FAILURE `TypeError`).
+    BadArguments,
+    /// Chords and nested canvas callbacks are not supported by this worker.
+    UnsupportedCanvas,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 7] = [
+        RejectReason::Malformed,
+        RejectReason::UnsupportedEncoding,
+        RejectReason::BadHeaders,
+        RejectReason::BadBody,
+        RejectReason::UnknownTask,
+        RejectReason::BadArguments,
+        RejectReason::UnsupportedCanvas,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            RejectReason::Malformed => "malformed",
+            RejectReason::UnsupportedEncoding => "unsupported_encoding",
+            RejectReason::BadHeaders => "bad_headers",
+            RejectReason::BadBody => "bad_body",
+            RejectReason::UnknownTask => "unknown_task",
+            RejectReason::BadArguments => "bad_arguments",
+            RejectReason::UnsupportedCanvas => "unsupported_canvas",
+        }
+    }
+}
+
+impl fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// A message that will not run, and what is known about it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rejection {
+    pub reason: RejectReason,
+    pub detail: String,
+    /// Known when the headers were readable: a FAILURE result can then be stored.
+    pub task_id: Option<String>,
+    pub task_name: Option<String>,
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.reason, self.detail)
+    }
+}
+
+/// A signature from the `embed` part (link, link_error, chain): `{task, args, kwargs, options,
+/// subtask_type, immutable}`. Only plain task signatures are accepted.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Signature {
+    pub task: String,
+    pub args: Vec<Value>,
+    pub kwargs: Map<String, Value>,
+    pub options: Map<String, Value>,
+    pub immutable: bool,
+}
+
+impl Signature {
+    fn from_value(v: &Value, what: &str) -> Result<Signature, String> {
+        let obj = v.as_object().ok_or_else(|| format!("{what} is not a signature object"))?;
+        if let Some(kind) = obj.get("subtask_type").and_then(Value::as_str) {
+            return Err(format!("{what} is a {kind:?} canvas; only plain task signatures are supported"));
+        }
+        let task = obj.get("task").and_then(Value::as_str).filter(|t| !t.is_empty());
+        let task = task.ok_or_else(|| format!("{what} has no task name"))?.to_owned();
+        let args = match obj.get("args") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) => a.clone(),
+            Some(_) => return Err(format!("{what}.args is not a list")),
+        };
+        let kwargs = opt_object(obj.get("kwargs")).ok_or_else(|| format!("{what}.kwargs is not a dict"))?;
+        let options = opt_object(obj.get("options")).ok_or_else(|| format!("{what}.options is not a dict"))?;
+        let immutable = obj.get("immutable").and_then(Value::as_bool).unwrap_or(false);
+        Ok(Signature { task, args, kwargs, options, immutable })
+    }
+
+    /// `options[key]` as a string, if set.
+    pub fn option_str(&self, key: &str) -> Option<&str> {
+        self.options.get(key).and_then(Value::as_str)
+    }
+}
+
+/// The `embed` dict: what runs after this task.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Embed {
+    pub callbacks: Vec<Signature>,
+    pub errbacks: Vec<Signature>,
+    /// Stored reversed, as Celery does: the next task is the LAST element.
+    pub chain: Vec<Signature>,
+}
+
+/// Everything the worker needs from one message.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskMessage {
+    /// The envelope as received (key order and number spelling preserved).
+    pub envelope: Map<String, Value>,
+    /// The exact bytes received, or `None` when the envelope had to be completed (missing
+    /// delivery_tag) and must be re-serialised.
+    pub raw: Option<Vec<u8>>,
+    pub task: String,
+    pub id: String,
+    pub delivery_tag: String,
+    pub priority: i64,
+    pub root_id: Option<String>,
+    pub parent_id: Option<String>,
+    pub group: Option<String>,
+    pub eta: Option<DateTime<Utc>>,
+    pub expires: Option<DateTime<Utc>>,
+    pub retries: u32,
+    /// `timelimit[0]`: hard limit in seconds, as sent (kept as JSON for the FAILURE message).
+    pub hard_time_limit: Option<serde_json::Number>,
+    /// `timelimit[1]`: soft limit in seconds.
+    pub soft_time_limit: Option<serde_json::Number>,
+    /// `None` means the task default (Python's `send_task` sends `null`).
+    pub ignore_result: Option<bool>,
+    pub redelivered: bool,
+    pub args: Vec<Value>,
+    pub kwargs: Map<String, Value>,
+    pub embed: Embed,
+    /// 1 or 2.
+    pub protocol: u8,
+}
+
+impl TaskMessage {
+    /// The workflow root: `root_id`, defaulting to the task's own id.
+    pub fn root_id(&self) -> &str {
+        self.root_id.as_deref().unwrap_or(&self.id)
+    }
+
+    /// `properties.delivery_info.routing_key`, which Celery reports as the task's queue.
+    pub fn routing_key(&self) -> Option<&str> {
+        self.envelope.get("properties")?.get("delivery_info")?.get("routing_key")?.as_str()
+    }
+}
+
+/// Parse one message popped from a queue.
+pub fn parse_message(bytes: &[u8]) -> Result<TaskMessage, Rejection> {
+    let reject = |reason, detail: String| Rejection { reason, detail, task_id: None, task_name: None };
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| reject(RejectReason::Malformed, format!("message is not JSON ({e})")))?;
+    let Value::Object(mut envelope) = value else {
+        return Err(reject(RejectReason::Malformed, "message is not a JSON object (kombu envelope)".into()));
+    };
+    let headers = match envelope.get("headers") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(h)) => h.clone(),
+        Some(_) => return Err(reject(RejectReason::Malformed, "envelope headers is not a dict".into())),
+    };
+    let properties = match envelope.get("properties") {
+        Some(Value::Object(p)) => p.clone(),
+        _ => return Err(reject(RejectReason::Malformed, "envelope has no properties dict".into())),
+    };
+    if !envelope.contains_key("body") {
+        return Err(reject(RejectReason::Malformed, "envelope has no body".into()));
+    }
+
+    // Protocol v2 names the task in the headers; v1 (or a producer that forgot) in the body.
+    let protocol = if headers.contains_key("task") { 2 } else { 1 };
+    let ids = if protocol == 2 {
+        let task = headers.get("task").and_then(Value::as_str).map(str::to_owned);
+        let id = headers.get("id").and_then(Value::as_str).map(str::to_owned);
+        Some((task, id))
+    } else {
+        None
+    };
+    let known = |reason, detail: String| Rejection {
+        reason,
+        detail,
+        task_id: ids.as_ref().and_then(|(_, id)| id.clone()),
+        task_name: ids.as_ref().and_then(|(t, _)| t.clone()),
+    };
+
+    let content_type = envelope.get("content-type").and_then(Value::as_str).unwrap_or("application/json");
+    if content_type != "application/json" {
+        return Err(known(
+            RejectReason::UnsupportedEncoding,
+            format!("content-type {content_type:?} is not supported; send JSON (task_serializer='json')"),
+        ));
+    }
+    let body_bytes = decode_body(&envelope, &properties, &headers).map_err(|(r, d)| known(r, d))?;
+    let body: Value = serde_json::from_slice(&body_bytes)
+        .map_err(|e| known(RejectReason::BadBody, format!("body is not JSON ({e})")))?;
+
+    let fields = if protocol == 2 {
+        V2Fields::from_headers(&headers, body).map_err(|(r, d)| known(r, d))?
+    } else {
+        V2Fields::from_v1_body(body).map_err(|(r, d)| known(r, d))?
+    };
+    let with_id = |reason, detail: String| Rejection {
+        reason,
+        detail,
+        task_id: Some(fields.id.clone()),
+        task_name: Some(fields.task.clone()),
+    };
+    let embed = fields.embed.map_err(|d| with_id(RejectReason::UnsupportedCanvas, d))?;
+
+    let priority = properties.get("priority").and_then(Value::as_i64).unwrap_or(0);
+    let redelivered = headers.get("redelivered").and_then(Value::as_bool).unwrap_or(false)
+        || properties
+            .get("delivery_info")
+            .and_then(|d| d.get("redelivered"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+    // kombu names the unacked entry after the delivery tag; a producer that did not set one
+    // (celery-rs) gets a fresh one so the message can still be tracked and restored.
+    let (delivery_tag, raw) = match properties.get("delivery_tag").and_then(Value::as_str) {
+        Some(tag) if !tag.is_empty() => (tag.to_owned(), Some(bytes.to_vec())),
+        _ => {
+            let tag = uuid::Uuid::new_v4().to_string();
+            if let Some(Value::Object(p)) = envelope.get_mut("properties") {
+                p.insert("delivery_tag".into(), Value::String(tag.clone()));
+            }
+            (tag, None)
+        }
+    };
+
+    Ok(TaskMessage {
+        envelope,
+        raw,
+        task: fields.task,
+        id: fields.id,
+        delivery_tag,
+        priority,
+        root_id: fields.root_id,
+        parent_id: fields.parent_id,
+        group: fields.group,
+        eta: fields.eta,
+        expires: fields.expires,
+        retries: fields.retries,
+        hard_time_limit: fields.hard,
+        soft_time_limit: fields.soft,
+        ignore_result: fields.ignore_result,
+        redelivered,
+        args: fields.args,
+        kwargs: fields.kwargs,
+        embed,
+        protocol,
+    })
+}
+
+fn decode_body(
+    envelope: &Map<String, Value>,
+    properties: &Map<String, Value>,
+    headers: &Map<String, Value>,
+) -> Result<Vec<u8>, (RejectReason, String)> {
+    let body = envelope.get("body").and_then(Value::as_str);
+    let body = body.ok_or((RejectReason::BadBody, "body is not a string".to_owned()))?;
+    let encoded = match properties.get("body_encoding").and_then(Value::as_str) {
+        Some("base64") => B64
+            .decode(body.trim())
+            .map_err(|e| (RejectReason::BadBody, format!("body is not valid base64 ({e})")))?,
+        None => body.as_bytes().to_vec(),
+        Some(other) => {
+            return Err((RejectReason::UnsupportedEncoding, format!("body_encoding {other:?} is not supported")));
+        }
+    };
+    match headers.get("compression").and_then(Value::as_str) {
+        None => Ok(encoded),
+        // kombu registers zlib under this MIME type (`compression='zlib'` or 'gzip').
+        Some("application/x-gzip" | "zlib") => {
+            let mut out = Vec::new();
+            flate2::read::ZlibDecoder::new(&encoded[..])
+                .take(MAX_INFLATED_BODY + 1)
+                .read_to_end(&mut out)
+                .map_err(|e| (RejectReason::BadBody, format!("compressed body does not inflate ({e})")))?;
+            if out.len() as u64 > MAX_INFLATED_BODY {
+                return Err((RejectReason::BadBody, format!("inflated body exceeds {MAX_INFLATED_BODY} bytes")));
+            }
+            Ok(out)
+        }
+        Some(other) => Err((
+            RejectReason::UnsupportedEncoding,
+            format!("compression {other:?} is not supported (zlib is)"),
+        )),
+    }
+}
+
+/// The fields both protocol versions provide, normalised.
+struct V2Fields {
+    task: String,
+    id: String,
+    root_id: Option<String>,
+    parent_id: Option<String>,
+    group: Option<String>,
+    eta: Option<DateTime<Utc>>,
+    expires: Option<DateTime<Utc>>,
+    retries: u32,
+    hard: Option<serde_json::Number>,
+    soft: Option<serde_json::Number>,
+    ignore_result: Option<bool>,
+    args: Vec<Value>,
+    kwargs: Map<String, Value>,
+    embed: Result<Embed, String>,
+}
+
+type FieldResult<T> = Result<T, (RejectReason, String)>;
+
+fn bad_header(detail: String) -> (RejectReason, String) {
+    (RejectReason::BadHeaders, detail)
+}
+
+impl V2Fields {
+    fn from_headers(h: &Map<String, Value>, body: Value) -> FieldResult<V2Fields> {
+        let task = required_str(h, "task")?;
+        let id = required_str(h, "id")?;
+        let (args, kwargs, embed) = split_v2_body(body)?;
+        let (hard, soft) = time_limits(h.get("timelimit"))?;
+        Ok(V2Fields {
+            task,
+            id,
+            root_id: opt_str(h, "root_id")?,
+            parent_id: opt_str(h, "parent_id")?,
+            group: opt_str(h, "group")?,
+            eta: opt_time(h, "eta")?,
+            expires: opt_time(h, "expires")?,
+            retries: retries(h.get("retries"))?,
+            hard,
+            soft,
+            ignore_result: opt_bool(h, "ignore_result")?,
+            args,
+            kwargs,
+            embed,
+        })
+    }
+
+    /// Protocol v1: `{"task", "id", "args", "kwargs", "eta", "expires", "retries", "timelimit",
+    /// "taskset", "callbacks", "errbacks", "chord", "utc"}` in the body, headers empty.
+    fn from_v1_body(body: Value) -> FieldResult<V2Fields> {
+        let Value::Object(b) = body else {
+            return Err((RejectReason::Malformed, "no task header and the body is not a protocol v1 dict".into()));
+        };
+        let task = required_str(&b, "task").map_err(|(_, d)| (RejectReason::Malformed, d))?;
+        let id = required_str(&b, "id")?;
+        let args = match b.get("args") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) => a.clone(),
+            Some(_) => return Err((RejectReason::BadBody, "args is not a list".into())),
+        };
+        let kwargs = opt_object(b.get("kwargs")).ok_or((RejectReason::BadBody, "kwargs is not a dict".to_owned()))?;
+        let (hard, soft) = time_limits(b.get("timelimit"))?;
+        let embed = (|| {
+            if !b.get("chord").is_none_or(Value::is_null) {
+                return Err("chords are not supported by this worker".to_owned());
+            }
+            Ok(Embed {
+                callbacks: signatures(b.get("callbacks"), "callbacks")?,
+                errbacks: signatures(b.get("errbacks"), "errbacks")?,
+                chain: Vec::new(),
+            })
+        })();
+        Ok(V2Fields {
+            task,
+            id,
+            root_id: None,
+            parent_id: None,
+            group: opt_str(&b, "taskset")?,
+            eta: opt_time(&b, "eta")?,
+            expires: opt_time(&b, "expires")?,
+            retries: retries(b.get("retries"))?,
+            hard,
+            soft,
+            ignore_result: None,
+            args,
+            kwargs,
+            embed,
+        })
+    }
+}
+
+fn split_v2_body(body: Value) -> FieldResult<(Vec<Value>, Map<String, Value>, Result<Embed, String>)> {
+    let Value::Array(mut parts) = body else {
+        return Err((RejectReason::BadBody, "body is not a [args, kwargs, embed] list".into()));
+    };
+    if !(2..=3).contains(&parts.len()) {
+        return Err((RejectReason::BadBody, format!("body has {} parts, expected [args, kwargs, embed]", parts.len())));
+    }
+    let embed = if parts.len() == 3 { parts.pop().unwrap_or(Value::Null) } else { Value::Null };
+    let kwargs = parts.pop().unwrap_or(Value::Null);
+    let args = parts.pop().unwrap_or(Value::Null);
+    let args = match args {
+        Value::Array(a) => a,
+        Value::Null => Vec::new(),
+        _ => return Err((RejectReason::BadBody, "args is not a list".into())),
+    };
+    let kwargs = match kwargs {
+        Value::Object(k) => k,
+        Value::Null => Map::new(),
+        _ => return Err((RejectReason::BadBody, "kwargs is not a dict".into())),
+    };
+    let embed = match embed {
+        Value::Null => Ok(Embed::default()),
+        Value::Object(e) => parse_embed(&e),
+        _ => return Err((RejectReason::BadBody, "embed is not a dict".into())),
+    };
+    Ok((args, kwargs, embed))
+}
+
+fn parse_embed(e: &Map<String, Value>) -> Result<Embed, String> {
+    if !e.get("chord").is_none_or(Value::is_null) {
+        return Err("chords are not supported by this worker; run chords on a Python worker queue".into());
+    }
+    Ok(Embed {
+        callbacks: signatures(e.get("callbacks"), "link")?,
+        errbacks: signatures(e.get("errbacks"), "link_error")?,
+        chain: signatures(e.get("chain"), "chain")?,
+    })
+}
+
+fn signatures(v: Option<&Value>, what: &str) -> Result<Vec<Signature>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Signature::from_value(s, &format!("{what}[{i}]")))
+            .collect(),
+        Some(_) => Err(format!("{what} is not a list of signatures")),
+    }
+}
+
+fn opt_object(v: Option<&Value>) -> Option<Map<String, Value>> {
+    match v {
+        None | Some(Value::Null) => Some(Map::new()),
+        Some(Value::Object(m)) => Some(m.clone()),
+        Some(_) => None,
+    }
+}
+
+fn required_str(h: &Map<String, Value>, key: &str) -> FieldResult<String> {
+    match h.get(key) {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+        Some(Value::String(_)) => Err(bad_header(format!("{key} is empty"))),
+        None | Some(Value::Null) => Err(bad_header(format!("{key} is missing"))),
+        Some(other) => Err(bad_header(format!("{key} is not a string: {other}"))),
+    }
+}
+
+fn opt_str(h: &Map<String, Value>, key: &str) -> FieldResult<Option<String>> {
+    match h.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(bad_header(format!("{key} is not a string: {other}"))),
+    }
+}
+
+fn opt_bool(h: &Map<String, Value>, key: &str) -> FieldResult<Option<bool>> {
+    match h.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(other) => Err(bad_header(format!("{key} is not a boolean: {other}"))),
+    }
+}
+
+fn opt_time(h: &Map<String, Value>, key: &str) -> FieldResult<Option<DateTime<Utc>>> {
+    match h.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => parse_iso8601(s).map(Some).map_err(|e| bad_header(format!("{key}: {e}"))),
+        Some(other) => Err(bad_header(format!("{key} is not an ISO-8601 string: {other}"))),
+    }
+}
+
+fn retries(v: Option<&Value>) -> FieldResult<u32> {
+    match v {
+        None | Some(Value::Null) => Ok(0),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .and_then(|r| u32::try_from(r).ok())
+            .ok_or_else(|| bad_header(format!("retries is not a small non-negative integer: {n}"))),
+        Some(other) => Err(bad_header(format!("retries is not an integer: {other}"))),
+    }
+}
+
+type Limits = (Option<serde_json::Number>, Option<serde_json::Number>);
+
+/// `timelimit` is `[hard, soft]` (the code, not the docs, decides the order), each a number or
+/// null; floats allowed.
+fn time_limits(v: Option<&Value>) -> FieldResult<Limits> {
+    let one = |x: &Value, which: &str| -> FieldResult<Option<serde_json::Number>> {
+        match x {
+            Value::Null => Ok(None),
+            Value::Number(n) if n.as_f64().is_some_and(|f| f.is_finite() && f >= 0.0) => Ok(Some(n.clone())),
+            other => Err(bad_header(format!("timelimit {which} is not a non-negative number: {other}"))),
+        }
+    };
+    match v {
+        None | Some(Value::Null) => Ok((None, None)),
+        Some(Value::Array(a)) if a.len() == 2 => Ok((one(&a[0], "hard")?, one(&a[1], "soft")?)),
+        Some(other) => Err(bad_header(format!("timelimit is not [hard, soft]: {other}"))),
+    }
+}
+
+/// Seconds from a JSON number (time limits, io_bound durations).
+pub fn number_seconds(n: &serde_json::Number) -> f64 {
+    n.as_f64().unwrap_or(f64::INFINITY)
+}

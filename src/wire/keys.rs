@@ -1,0 +1,158 @@
+//! Kombu's Redis key layout: queues, priority sub-lists, ack-emulation and result keys
+//! (docs: celery-wire.md §1.1, §1.4, §2.1). Every Redis key name the project uses lives here.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Separator kombu puts between a queue name and its priority bucket (`'\x06\x16'`).
+pub const PRIORITY_SEP: &str = "\x06\x16";
+/// HASH: delivery_tag → `[envelope, exchange, routing_key]`.
+pub const UNACKED: &str = "unacked";
+/// ZSET: delivery_tag → delivery time (unix seconds, float).
+pub const UNACKED_INDEX: &str = "unacked_index";
+/// STRING lock held while restoring `unacked` entries (redis-py Lock token).
+pub const UNACKED_MUTEX: &str = "unacked_mutex";
+/// kombu's `unacked_mutex_expire` (300 s), in milliseconds.
+pub const UNACKED_MUTEX_EXPIRE_MS: u64 = 300_000;
+/// Prefix of result keys in the backend DB (and of their PUBLISH channels).
+pub const RESULT_KEY_PREFIX: &str = "celery-task-meta-";
+/// Prefix of kombu's exchange binding sets.
+pub const BINDING_PREFIX: &str = "_kombu.binding.";
+/// Capped list where messages the worker cannot even identify (not JSON, no task id) are kept
+/// for inspection instead of being dropped. Not a kombu key; the name cannot clash with a queue
+/// that a Celery app would declare by accident.
+pub const DEAD_LETTER: &str = "celery-autoscale.rejected";
+/// How many rejected raw messages [`DEAD_LETTER`] keeps.
+pub const DEAD_LETTER_MAX: isize = 1000;
+/// Celery's default queue (`task_default_queue`).
+pub const DEFAULT_QUEUE: &str = "celery";
+
+/// The result key of a task id.
+pub fn result_key(task_id: &str) -> String {
+    format!("{RESULT_KEY_PREFIX}{task_id}")
+}
+
+/// Kombu's `priority_steps`: the buckets a queue is split into. Sorted, unique, within 0..=9,
+/// and starting at 0 (kombu maps priorities below the first step to the first step's key).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrioritySteps(Vec<u8>);
+
+impl Default for PrioritySteps {
+    /// kombu's `PRIORITY_STEPS = [0, 3, 6, 9]`.
+    fn default() -> Self {
+        PrioritySteps(vec![0, 3, 6, 9])
+    }
+}
+
+impl PrioritySteps {
+    pub fn new(mut steps: Vec<u8>) -> Result<Self, String> {
+        steps.sort_unstable();
+        steps.dedup();
+        if steps.first() != Some(&0) || steps.iter().any(|s| *s > 9) {
+            return Err(format!(
+                "priority steps {steps:?} must include 0 and stay within 0..=9 (kombu default: 0,3,6,9)"
+            ));
+        }
+        Ok(PrioritySteps(steps))
+    }
+
+    pub fn steps(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Kombu's `priority(n)`: `steps[bisect(steps, n) - 1]` after clamping `n` to 0..=9.
+    pub fn bucket(&self, priority: i64) -> u8 {
+        let p = priority.clamp(0, 9) as u8;
+        let idx = self.0.partition_point(|s| *s <= p);
+        self.0[idx.saturating_sub(1)]
+    }
+
+    /// The list a message with `priority` goes to (kombu's `_q_for_pri`).
+    pub fn key_for(&self, queue: &str, priority: i64) -> String {
+        bucket_key(queue, self.bucket(priority))
+    }
+
+    /// Every list of every queue, in the order kombu's BRPOP names them:
+    /// `for pri in steps: for queue in queues` — bucket 0 is the highest priority on Redis.
+    pub fn brpop_keys(&self, queues: &[String]) -> Vec<String> {
+        self.0
+            .iter()
+            .flat_map(|b| queues.iter().map(move |q| bucket_key(q, *b)))
+            .collect()
+    }
+
+    /// Every list of one queue (for depth: the sum of LLEN over these).
+    pub fn queue_keys(&self, queue: &str) -> Vec<String> {
+        self.0.iter().map(|b| bucket_key(queue, *b)).collect()
+    }
+}
+
+impl FromStr for PrioritySteps {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let steps = s
+            .split(',')
+            .map(|p| p.trim().parse::<u8>().map_err(|_| format!("priority step {p:?} is not an integer 0..=9")))
+            .collect::<Result<Vec<_>, _>>()?;
+        PrioritySteps::new(steps)
+    }
+}
+
+impl fmt::Display for PrioritySteps {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(u8::to_string).collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
+fn bucket_key(queue: &str, bucket: u8) -> String {
+    if bucket == 0 { queue.to_owned() } else { format!("{queue}{PRIORITY_SEP}{bucket}") }
+}
+
+/// The queue a list key belongs to (strips a priority suffix).
+pub fn queue_of_key(key: &str) -> &str {
+    match key.rsplit_once(PRIORITY_SEP) {
+        Some((queue, bucket)) if bucket.len() == 1 && bucket.as_bytes()[0].is_ascii_digit() => queue,
+        _ => key,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn captured_bucket_mapping() {
+        // celery-wire.md §1.1 table, captured from kombu 5.7.
+        let d = PrioritySteps::default();
+        assert_eq!(d.key_for("celery", 0), "celery");
+        assert_eq!(d.key_for("celery", 5), "celery\x06\x163");
+        assert_eq!(d.key_for("celery", 9), "celery\x06\x169");
+        assert_eq!(d.key_for("celery", 7), "celery\x06\x166");
+        let ten: PrioritySteps = "0,1,2,3,4,5,6,7,8,9".parse().unwrap();
+        assert_eq!(ten.key_for("celery", 5), "celery\x06\x165");
+        // out-of-range priorities clamp like kombu
+        assert_eq!(d.key_for("celery", -3), "celery");
+        assert_eq!(d.key_for("celery", 42), "celery\x06\x169");
+    }
+
+    #[test]
+    fn brpop_order_is_priority_major() {
+        let keys = PrioritySteps::default().brpop_keys(&["a".into(), "b".into()]);
+        assert_eq!(keys, ["a", "b", "a\x06\x163", "b\x06\x163", "a\x06\x166", "b\x06\x166", "a\x06\x169", "b\x06\x169"]);
+    }
+
+    #[test]
+    fn queue_of_key_strips_bucket() {
+        assert_eq!(queue_of_key("celery\x06\x166"), "celery");
+        assert_eq!(queue_of_key("celery"), "celery");
+        assert_eq!(queue_of_key("we\x06\x16ird\x06\x163"), "we\x06\x16ird");
+    }
+
+    #[test]
+    fn bad_steps_are_explained() {
+        assert!("3,6".parse::<PrioritySteps>().unwrap_err().contains("must include 0"));
+        assert!("0,x".parse::<PrioritySteps>().unwrap_err().contains("\"x\""));
+        assert!("0,10".parse::<PrioritySteps>().is_err());
+    }
+}
