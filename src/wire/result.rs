@@ -35,11 +35,19 @@ pub struct ExceptionInfo {
     pub exc_module: String,
     /// The exception's `args`.
     pub exc_message: Vec<Value>,
+    /// Whether the task raised it (a traceback is stored) or the worker decided it outside the
+    /// task (unknown task, hard time limit: Python stores `traceback: null`).
+    pub raised_by_task: bool,
 }
 
 impl ExceptionInfo {
     pub fn new(exc_module: &str, exc_type: &str, exc_message: Vec<Value>) -> Self {
-        ExceptionInfo { exc_type: exc_type.into(), exc_module: exc_module.into(), exc_message }
+        ExceptionInfo { exc_type: exc_type.into(), exc_module: exc_module.into(), exc_message, raised_by_task: true }
+    }
+
+    fn from_worker(mut self) -> Self {
+        self.raised_by_task = false;
+        self
     }
 
     /// A Python builtin exception with one message argument (`TypeError("...")`).
@@ -49,12 +57,12 @@ impl ExceptionInfo {
 
     /// What a Python worker stores for a task name it does not know (fixture r32).
     pub fn not_registered(task: &str) -> Self {
-        Self::new("celery.exceptions", "NotRegistered", vec![Value::String(task.into())])
+        Self::new("celery.exceptions", "NotRegistered", vec![Value::String(task.into())]).from_worker()
     }
 
     /// Hard time limit (fixture r31: `exc_message` is `[time_limit]`).
     pub fn time_limit_exceeded(limit: &serde_json::Number) -> Self {
-        Self::new("billiard.exceptions", "TimeLimitExceeded", vec![Value::Number(limit.clone())])
+        Self::new("billiard.exceptions", "TimeLimitExceeded", vec![Value::Number(limit.clone())]).from_worker()
     }
 
     /// Soft time limit reached inside a task that does not catch it.
@@ -64,7 +72,7 @@ impl ExceptionInfo {
 
     /// REVOKED for an `expires` in the past (fixture r30).
     pub fn revoked_expired() -> Self {
-        Self::new("celery.exceptions", "TaskRevokedError", vec![Value::String("expired".into())])
+        Self::new("celery.exceptions", "TaskRevokedError", vec![Value::String("expired".into())]).from_worker()
     }
 
     pub fn to_value(&self) -> Value {
@@ -120,7 +128,8 @@ impl ResultMeta {
     }
 
     pub fn failure(task_id: &str, task: &str, exc: &ExceptionInfo, now: DateTime<Utc>) -> Self {
-        Self::base(task_id, TaskState::Failure, exc.to_value(), Some(exc.traceback(task)), Some(now))
+        let traceback = exc.raised_by_task.then(|| exc.traceback(task));
+        Self::base(task_id, TaskState::Failure, exc.to_value(), traceback, Some(now))
     }
 
     pub fn revoked(task_id: &str, exc: &ExceptionInfo, now: DateTime<Utc>) -> Self {

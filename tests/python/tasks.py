@@ -1,0 +1,52 @@
+"""The project's task set in Python, for a real Celery worker in the tests and the benchmark.
+
+Same names and algorithms as src/tasks.rs, so a Python worker and a Rust worker are
+interchangeable on a queue and benchmarks compare like with like. Configured from the
+environment: BROKER_URL, BACKEND_URL, VISIBILITY_TIMEOUT (seconds), ACKS_LATE (1/0),
+PREFETCH_MULTIPLIER.
+"""
+import os
+import time
+
+from celery import Celery
+
+app = Celery(
+    "tasks",
+    broker=os.environ.get("BROKER_URL", "redis://127.0.0.1:6379/0"),
+    backend=os.environ.get("BACKEND_URL", "redis://127.0.0.1:6379/1"),
+)
+app.conf.update(
+    task_acks_late=os.environ.get("ACKS_LATE", "1") == "1",
+    worker_prefetch_multiplier=int(os.environ.get("PREFETCH_MULTIPLIER", "1")),
+    broker_transport_options={"visibility_timeout": float(os.environ.get("VISIBILITY_TIMEOUT", "3600"))},
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+)
+
+
+@app.task(name="tasks.cpu_bound")
+def cpu_bound(n):
+    """Number of primes <= n by trial division over odd divisors (as count_primes in Rust)."""
+    count = 0
+    for i in range(2, n + 1):
+        if i < 4:
+            count += 1
+            continue
+        if i % 2 == 0:
+            continue
+        d = 3
+        prime = True
+        while d * d <= i:
+            if i % d == 0:
+                prime = False
+                break
+            d += 2
+        if prime:
+            count += 1
+    return count
+
+
+@app.task(name="tasks.io_bound")
+def io_bound(seconds):
+    time.sleep(seconds)
+    return seconds
