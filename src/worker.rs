@@ -421,9 +421,7 @@ impl Worker {
                 self.metrics.duration.with_label_values(&[task]).observe(elapsed.as_secs_f64());
                 tracing::info!(task_id = %msg.id, task, "task failed: {}", exc.summary());
                 self.store(msg, ResultMeta::failure(&msg.id, task, &exc, now)).await;
-                for sig in &msg.embed.errbacks {
-                    self.send(NewTask::from_signature(sig, Some(Value::String(msg.id.clone())), msg, keys::DEFAULT_QUEUE)).await;
-                }
+                self.send_errbacks(msg).await;
             }
             Outcome::Retry { exc, countdown } => {
                 self.metrics.retried.with_label_values(&[task]).inc();
@@ -501,6 +499,16 @@ impl Worker {
             meta.parent_id = m.parent_id.clone();
         }
         self.redis_backend("store a result", || self.backend.store(&meta)).await;
+        // In Python a bad call raises TypeError inside the task, so its link_error runs.
+        if let (Some(m), RejectReason::BadArguments) = (msg, r.reason) {
+            self.send_errbacks(m).await;
+        }
+    }
+
+    async fn send_errbacks(&self, msg: &TaskMessage) {
+        for sig in &msg.embed.errbacks {
+            self.send(NewTask::from_signature(sig, Some(Value::String(msg.id.clone())), msg, keys::DEFAULT_QUEUE)).await;
+        }
     }
 
     async fn redis<T, F, Fut>(&self, what: &str, op: F) -> Option<T>
