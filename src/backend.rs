@@ -1,8 +1,8 @@
 //! Celery's Redis result backend (celery-wire.md §2): `SETEX celery-task-meta-<id>` and
 //! `PUBLISH` on the same name, atomically, never replacing a stored SUCCESS.
 
-use crate::wire::keys;
 use crate::wire::ResultMeta;
+use crate::wire::keys;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, RedisResult, Script};
 use serde_json::Value;
@@ -60,6 +60,8 @@ impl Backend {
     /// The stored status of a task, if any (used to skip redelivered tasks that already succeeded).
     pub async fn status(&self, task_id: &str) -> RedisResult<Option<String>> {
         let raw: Option<Vec<u8>> = self.conn.clone().get(keys::result_key(task_id)).await?;
-        Ok(raw.and_then(|r| serde_json::from_slice::<Value>(&r).ok()).and_then(|v| v.get("status")?.as_str().map(str::to_owned)))
+        Ok(raw
+            .and_then(|r| serde_json::from_slice::<Value>(&r).ok())
+            .and_then(|v| v.get("status")?.as_str().map(str::to_owned)))
     }
 }

@@ -3,8 +3,8 @@
 //! `unacked_mutex`, and putting messages back at the front of their queue. Python workers and
 //! ours share these keys, so each restores the other's orphans.
 
-use crate::wire::keys::{self, PrioritySteps};
 use crate::wire::UnackedEntry;
+use crate::wire::keys::{self, PrioritySteps};
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, RedisResult, Script};
 use std::time::Duration;
@@ -116,7 +116,14 @@ impl Broker {
         self.move_entry(tag, entry, &parsed, &queue, end).await
     }
 
-    async fn move_entry(&self, tag: &str, entry: &[u8], parsed: &UnackedEntry, queue: &str, end: End) -> RedisResult<bool> {
+    async fn move_entry(
+        &self,
+        tag: &str,
+        entry: &[u8],
+        parsed: &UnackedEntry,
+        queue: &str,
+        end: End,
+    ) -> RedisResult<bool> {
         let key = self.steps.key_for(queue, parsed.priority());
         let moved: i64 = self
             .move_back
@@ -140,7 +147,8 @@ impl Broker {
         if entry.exchange.is_empty() {
             return Ok(Some(entry.routing_key.clone()));
         }
-        let members: Vec<String> = self.conn.clone().smembers(format!("{}{}", keys::BINDING_PREFIX, entry.exchange)).await?;
+        let members: Vec<String> =
+            self.conn.clone().smembers(format!("{}{}", keys::BINDING_PREFIX, entry.exchange)).await?;
         for member in &members {
             let parts: Vec<&str> = member.split(keys::PRIORITY_SEP).collect();
             let [rk, pattern, queue] = parts[..] else { continue };
@@ -244,10 +252,6 @@ impl Fetcher {
     /// One `BRPOP k1 k2 … 1`: `Some((list key, message))`, or `None` after a quiet second.
     /// Never cancel this future: a message popped by Redis whose reply is dropped is lost.
     pub async fn fetch(&mut self) -> RedisResult<Option<(String, Vec<u8>)>> {
-        redis::cmd("BRPOP")
-            .arg(&self.keys)
-            .arg(BRPOP_TIMEOUT.as_secs())
-            .query_async(&mut self.conn)
-            .await
+        redis::cmd("BRPOP").arg(&self.keys).arg(BRPOP_TIMEOUT.as_secs()).query_async(&mut self.conn).await
     }
 }

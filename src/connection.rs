@@ -60,7 +60,11 @@ impl Health {
 
 /// Open a lazily connecting, self-reconnecting connection. `response_timeout` must exceed any
 /// blocking command sent on it (BRPOP).
-pub fn connect(setting: &'static str, url: &str, response_timeout: Duration) -> Result<ConnectionManager, ConnectError> {
+pub fn connect(
+    setting: &'static str,
+    url: &str,
+    response_timeout: Duration,
+) -> Result<ConnectionManager, ConnectError> {
     let bad = |source| ConnectError::BadUrl { setting, url: redact_url(url), source };
     let client = redis::Client::open(url).map_err(bad)?;
     let config = ConnectionManagerConfig::new()

@@ -41,9 +41,11 @@ pub async fn bind<S>(
 where
     S: Future<Output = ()> + Send + 'static,
 {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| HttpError::Bind { setting, addr: addr.to_owned(), source })?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| HttpError::Bind {
+        setting,
+        addr: addr.to_owned(),
+        source,
+    })?;
     let local = listener.local_addr().map_err(|source| HttpError::Bind { setting, addr: addr.to_owned(), source })?;
     let app = Router::new()
         .route("/metrics", get(metrics))

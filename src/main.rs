@@ -5,7 +5,11 @@ use celery_autoscale::worker;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "celery-autoscale", version, about = "Celery workers that scale on queue depth: worker, exporter, load generator, local autoscaler and HPA simulator")]
+#[command(
+    name = "celery-autoscale",
+    version,
+    about = "Celery workers that scale on queue depth: worker, exporter, load generator, local autoscaler and HPA simulator"
+)]
 struct Cli {
     /// Log format: text for terminals, json for Kubernetes.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]

@@ -74,18 +74,58 @@ impl WorkerMetrics {
         let m = WorkerMetrics {
             received: counter_vec(&r, "celery_task_received_total", "Task messages received.", "task_name"),
             success: counter_vec(&r, TASK_SUCCESS, "Tasks that finished with SUCCESS.", "task_name"),
-            failure: counter_vec(&r, TASK_FAILURE, "Tasks that finished with FAILURE (errors, time limits).", "task_name"),
-            retried: counter_vec(&r, "celery_task_retried_total", "Tasks that asked to be retried (RETRY stored, message re-sent).", "task_name"),
-            revoked: counter_vec(&r, "celery_task_revoked_total", "Tasks discarded because their expires time had passed.", "task_name"),
-            rejected: counter_vec(&r, TASK_REJECTED, "Messages rejected without running: malformed, unknown task, bad arguments...", "reason"),
+            failure: counter_vec(
+                &r,
+                TASK_FAILURE,
+                "Tasks that finished with FAILURE (errors, time limits).",
+                "task_name",
+            ),
+            retried: counter_vec(
+                &r,
+                "celery_task_retried_total",
+                "Tasks that asked to be retried (RETRY stored, message re-sent).",
+                "task_name",
+            ),
+            revoked: counter_vec(
+                &r,
+                "celery_task_revoked_total",
+                "Tasks discarded because their expires time had passed.",
+                "task_name",
+            ),
+            rejected: counter_vec(
+                &r,
+                TASK_REJECTED,
+                "Messages rejected without running: malformed, unknown task, bad arguments...",
+                "reason",
+            ),
             duration,
             active: int_gauge(&r, "celery_worker_active_tasks", "Tasks running now."),
-            reserved: int_gauge(&r, "celery_worker_reserved_tasks", "Messages held but not started (waiting for a slot or an ETA)."),
+            reserved: int_gauge(
+                &r,
+                "celery_worker_reserved_tasks",
+                "Messages held but not started (waiting for a slot or an ETA).",
+            ),
             concurrency: int_gauge(&r, "celery_worker_concurrency", "Tasks this worker runs at a time."),
-            redis_connected: int_gauge(&r, "celery_worker_redis_connected", "1 while the broker connection works."),
-            restored: int_counter(&r, "celery_worker_restored_total", "Orphaned messages this worker returned to their queue after the visibility timeout."),
-            requeued: int_counter(&r, "celery_worker_requeued_total", "Held messages put back at the front of their queue on shutdown."),
-            duplicates_skipped: int_counter(&r, "celery_worker_duplicates_skipped_total", "Redelivered messages whose task had already succeeded (acked, not run again)."),
+            redis_connected: int_gauge(
+                &r,
+                "celery_worker_redis_connected",
+                "1 while the broker and result backend connections work.",
+            ),
+            restored: int_counter(
+                &r,
+                "celery_worker_restored_total",
+                "Orphaned messages this worker returned to their queue after the visibility timeout.",
+            ),
+            requeued: int_counter(
+                &r,
+                "celery_worker_requeued_total",
+                "Held messages put back at the front of their queue on shutdown.",
+            ),
+            duplicates_skipped: int_counter(
+                &r,
+                "celery_worker_duplicates_skipped_total",
+                "Redelivered messages whose task had already succeeded (acked, not run again).",
+            ),
             registry: r,
         };
         // Create every series at zero so rate() works from the first scrape.
@@ -128,8 +168,14 @@ impl ExporterMetrics {
             r.register(Box::new(g.clone())).expect("metric registered once");
             g
         };
-        let depth = gauge_vec(QUEUE_DEPTH, "Messages waiting in the queue: the sum of LLEN over the queue and all its priority lists.");
-        let reserved = gauge_vec(QUEUE_RESERVED, "Messages taken from the queue by workers but not yet acknowledged (kombu's unacked hash).");
+        let depth = gauge_vec(
+            QUEUE_DEPTH,
+            "Messages waiting in the queue: the sum of LLEN over the queue and all its priority lists.",
+        );
+        let reserved = gauge_vec(
+            QUEUE_RESERVED,
+            "Messages taken from the queue by workers but not yet acknowledged (kombu's unacked hash).",
+        );
         let poll_duration = Histogram::with_opts(
             HistogramOpts::new("celery_queue_exporter_poll_duration_seconds", "Time one poll of Redis took.")
                 .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
@@ -139,9 +185,17 @@ impl ExporterMetrics {
         let m = ExporterMetrics {
             depth,
             reserved,
-            last_poll_ok: int_gauge(&r, EXPORTER_LAST_POLL_OK, "1 if the last poll of Redis succeeded, else 0 (and the queue series are withdrawn)."),
+            last_poll_ok: int_gauge(
+                &r,
+                EXPORTER_LAST_POLL_OK,
+                "1 if the last poll of Redis succeeded, else 0 (and the queue series are withdrawn).",
+            ),
             poll_duration,
-            last_success: gauge(&r, "celery_queue_exporter_last_success_timestamp_seconds", "Unix time of the last successful poll."),
+            last_success: gauge(
+                &r,
+                "celery_queue_exporter_last_success_timestamp_seconds",
+                "Unix time of the last successful poll.",
+            ),
             polls: counter_vec(&r, "celery_queue_exporter_polls_total", "Polls of Redis by outcome.", "outcome"),
             registry: r,
         };

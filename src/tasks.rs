@@ -138,7 +138,7 @@ fn seconds_arg(func: &str, name: &str, v: &Value) -> Result<Duration, BindError>
         )));
     };
     Duration::try_from_secs_f64(secs).map_err(|_| {
-        BindError::Arguments(format!("{func}() argument '{name}' must be a non-negative number of seconds, got {secs}"))
+        BindError::Arguments(format!("{func}() argument '{name}' must be a non-negative number of seconds, got {v}"))
     })
 }
 
@@ -184,7 +184,9 @@ impl Call {
                 Some(match counted {
                     Ok(Some(count)) => Outcome::Success(Value::from(count)),
                     Ok(None) => return None,
-                    Err(join) => Outcome::Failure(ExceptionInfo::builtin("RuntimeError", format!("task thread failed: {join}"))),
+                    Err(join) => {
+                        Outcome::Failure(ExceptionInfo::builtin("RuntimeError", format!("task thread failed: {join}")))
+                    }
                 })
             }
             Call::IoBound { seconds, echo } => tokio::select! {
@@ -229,12 +231,12 @@ fn is_prime(i: u64) -> bool {
     if i < 4 {
         return i >= 2;
     }
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         return false;
     }
     let mut d = 3u64;
     while d.saturating_mul(d) <= i {
-        if i % d == 0 {
+        if i.is_multiple_of(d) {
             return false;
         }
         d += 2;
@@ -254,7 +256,8 @@ mod tests {
     #[test]
     fn primes() {
         let no = AtomicBool::new(false);
-        let counts: Vec<u64> = [0, 1, 2, 3, 4, 10, 100, 1000, 10_000].iter().map(|n| count_primes(*n, &no).unwrap()).collect();
+        let counts: Vec<u64> =
+            [0, 1, 2, 3, 4, 10, 100, 1000, 10_000].iter().map(|n| count_primes(*n, &no).unwrap()).collect();
         assert_eq!(counts, [0, 0, 1, 2, 2, 4, 25, 168, 1229]);
         assert_eq!(count_primes(1 << 40, &AtomicBool::new(true)), None);
     }
@@ -269,17 +272,35 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!(e(bind(CPU_BOUND, &[], &Map::new())), "cpu_bound() missing 1 required positional argument: 'n'");
-        assert_eq!(e(bind(CPU_BOUND, &[json!(1), json!(2)], &Map::new())), "cpu_bound() takes 1 positional argument but 2 were given");
-        assert_eq!(e(bind(CPU_BOUND, &[json!(1)], &kw(json!({"n": 2})))), "cpu_bound() got multiple values for argument 'n'");
+        assert_eq!(
+            e(bind(CPU_BOUND, &[json!(1), json!(2)], &Map::new())),
+            "cpu_bound() takes 1 positional argument but 2 were given"
+        );
+        assert_eq!(
+            e(bind(CPU_BOUND, &[json!(1)], &kw(json!({"n": 2})))),
+            "cpu_bound() got multiple values for argument 'n'"
+        );
         assert_eq!(e(bind(CPU_BOUND, &[], &kw(json!({"m": 2})))), "cpu_bound() got an unexpected keyword argument 'm'");
         assert_eq!(e(bind(CPU_BOUND, &[json!("10")], &Map::new())), "cpu_bound() argument 'n' must be int, not str");
         assert_eq!(e(bind(CPU_BOUND, &[json!(1.5)], &Map::new())), "cpu_bound() argument 'n' must be int, not float");
-        assert_eq!(e(bind(IO_BOUND, &[json!(-1)], &Map::new())), "io_bound() argument 'seconds' must be a non-negative number of seconds, got -1");
-        assert_eq!(e(bind(IO_BOUND, &[json!(null)], &Map::new())), "io_bound() argument 'seconds' must be a real number, not NoneType");
-        assert_eq!(e(bind(IO_BOUND, &[json!(1e300)], &Map::new())), "io_bound() argument 'seconds' must be a non-negative number of seconds, got 1e300");
+        assert_eq!(
+            e(bind(IO_BOUND, &[json!(-1)], &Map::new())),
+            "io_bound() argument 'seconds' must be a non-negative number of seconds, got -1"
+        );
+        assert_eq!(
+            e(bind(IO_BOUND, &[json!(null)], &Map::new())),
+            "io_bound() argument 'seconds' must be a real number, not NoneType"
+        );
+        assert_eq!(
+            e(bind(IO_BOUND, &[json!(1e300)], &Map::new())),
+            "io_bound() argument 'seconds' must be a non-negative number of seconds, got 1e+300"
+        );
         assert_eq!(bind("tasks.nope", &[], &Map::new()), Err(BindError::NotRegistered));
         let dec = json!({"__type__": "decimal", "__value__": "0.25"});
-        assert_eq!(bind(IO_BOUND, &[dec.clone()], &Map::new()), Ok(Call::IoBound { seconds: Duration::from_millis(250), echo: dec }));
+        assert_eq!(
+            bind(IO_BOUND, std::slice::from_ref(&dec), &Map::new()),
+            Ok(Call::IoBound { seconds: Duration::from_millis(250), echo: dec })
+        );
         assert_eq!(
             bind(FLAKY, &[json!(2)], &Map::new()),
             Ok(Call::Flaky { fail_times: 2, countdown: Duration::from_secs(1) })

@@ -183,9 +183,14 @@ pub async fn run_with_shutdown(args: WorkerArgs, shutdown: Shutdown) -> Result<(
         let w = worker.clone();
         let refresh = Arc::new(move || w.refresh_gauges());
         let stop = shutdown.clone();
-        http::bind("--metrics-addr", &worker.args.metrics_addr, worker.metrics.registry.clone(), ready, refresh, async move {
-            stop.reached(Stage::Immediate).await
-        })
+        http::bind(
+            "--metrics-addr",
+            &worker.args.metrics_addr,
+            worker.metrics.registry.clone(),
+            ready,
+            refresh,
+            async move { stop.reached(Stage::Immediate).await },
+        )
         .await?
     };
     let server = tokio::spawn(server);
@@ -232,7 +237,8 @@ impl Worker {
         };
         self.metrics.active.set(running as i64);
         self.metrics.reserved.set(waiting as i64);
-        self.metrics.redis_connected.set(i64::from(self.broker_health.is_connected()));
+        let connected = self.broker_health.is_connected() && !self.backend_health.is_down();
+        self.metrics.redis_connected.set(i64::from(connected));
     }
 
     /// Take messages while there is a free prefetch slot, until the first shutdown signal.
@@ -285,10 +291,13 @@ impl Worker {
             Ok(call) => call,
             Err(e) => {
                 let (reason, detail) = match e {
-                    BindError::NotRegistered => (RejectReason::UnknownTask, format!("task {:?} is not registered", msg.task)),
+                    BindError::NotRegistered => {
+                        (RejectReason::UnknownTask, format!("task {:?} is not registered", msg.task))
+                    }
                     BindError::Arguments(m) => (RejectReason::BadArguments, m),
                 };
-                let rejection = Rejection { reason, detail, task_id: Some(msg.id.clone()), task_name: Some(msg.task.clone()) };
+                let rejection =
+                    Rejection { reason, detail, task_id: Some(msg.id.clone()), task_name: Some(msg.task.clone()) };
                 return self.reject(rejection, &bytes, Some(&msg)).await;
             }
         };
@@ -296,7 +305,9 @@ impl Worker {
         let entry = unacked_entry(&msg, &queue);
         let tag = msg.delivery_tag.clone();
         if self
-            .redis("record the delivery in unacked", || self.broker.record_unacked(&tag, &entry, unix_seconds(Utc::now())))
+            .redis("record the delivery in unacked", || {
+                self.broker.record_unacked(&tag, &entry, unix_seconds(Utc::now()))
+            })
             .await
             .is_none()
         {
@@ -488,7 +499,9 @@ impl Worker {
             RejectReason::UnknownTask => ExceptionInfo::not_registered(task),
             RejectReason::BadArguments => ExceptionInfo::builtin("TypeError", r.detail.clone()),
             RejectReason::UnsupportedCanvas => ExceptionInfo::builtin("NotImplementedError", r.detail.clone()),
-            RejectReason::UnsupportedEncoding => ExceptionInfo::new("kombu.exceptions", "ContentDisallowed", vec![r.detail.clone().into()]),
+            RejectReason::UnsupportedEncoding => {
+                ExceptionInfo::new("kombu.exceptions", "ContentDisallowed", vec![r.detail.clone().into()])
+            }
             RejectReason::Malformed | RejectReason::BadHeaders | RejectReason::BadBody => {
                 ExceptionInfo::new("kombu.exceptions", "DecodeError", vec![r.detail.clone().into()])
             }
@@ -507,7 +520,8 @@ impl Worker {
 
     async fn send_errbacks(&self, msg: &TaskMessage) {
         for sig in &msg.embed.errbacks {
-            self.send(NewTask::from_signature(sig, Some(Value::String(msg.id.clone())), msg, keys::DEFAULT_QUEUE)).await;
+            self.send(NewTask::from_signature(sig, Some(Value::String(msg.id.clone())), msg, keys::DEFAULT_QUEUE))
+                .await;
         }
     }
 
@@ -536,7 +550,11 @@ impl Worker {
             match self.broker.restore_visible(visibility, unix_seconds(Utc::now())).await {
                 Ok(r) if r.restored > 0 || r.unroutable > 0 => {
                     self.metrics.restored.inc_by(r.restored as u64);
-                    tracing::info!(restored = r.restored, unroutable = r.unroutable, "restored messages past the visibility timeout");
+                    tracing::info!(
+                        restored = r.restored,
+                        unroutable = r.unroutable,
+                        "restored messages past the visibility timeout"
+                    );
                 }
                 Ok(_) => {}
                 Err(e) => tracing::debug!(error = %e, "restore round skipped: Redis unavailable"),
@@ -557,7 +575,12 @@ impl Worker {
             self.put_back(tag, entry).await;
         }
         let running = self.held.lock().expect("held lock").len();
-        tracing::info!(put_back = waiting.len(), running, timeout_s = self.args.shutdown_timeout, "stopped fetching; waiting for running tasks");
+        tracing::info!(
+            put_back = waiting.len(),
+            running,
+            timeout_s = self.args.shutdown_timeout,
+            "stopped fetching; waiting for running tasks"
+        );
         let all_done = async { while deliveries.join_next().await.is_some() {} };
         tokio::select! {
             () = all_done => {}
@@ -568,7 +591,8 @@ impl Worker {
                 tracing::warn!("second signal; putting running tasks back");
             }
         }
-        let still: Vec<(String, Vec<u8>)> = self.held.lock().expect("held lock").iter().map(|(t, h)| (t.clone(), h.entry.clone())).collect();
+        let still: Vec<(String, Vec<u8>)> =
+            self.held.lock().expect("held lock").iter().map(|(t, h)| (t.clone(), h.entry.clone())).collect();
         if !still.is_empty() {
             let put_all = async {
                 for (tag, entry) in &still {

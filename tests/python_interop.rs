@@ -70,7 +70,8 @@ fn python_clients_get_values_and_exceptions_from_our_worker() {
 fn eta_expires_ignore_result_and_priorities_are_honoured() {
     let redis = Redis::start();
     let worker = Worker::start(&redis, &["--concurrency", "2"]);
-    let soon = (chrono::Utc::now() + chrono::Duration::seconds(2)).naive_utc().format("%Y-%m-%dT%H:%M:%S%.6f").to_string();
+    let soon =
+        (chrono::Utc::now() + chrono::Duration::seconds(2)).naive_utc().format("%Y-%m-%dT%H:%M:%S%.6f").to_string();
     let started = Instant::now();
     let out = run(
         &redis,
@@ -89,9 +90,16 @@ fn eta_expires_ignore_result_and_priorities_are_honoured() {
     assert_eq!(ok(&out[3]), &json!(4));
 
     // ignore_result: nothing stored; a later task still works.
-    let ids = python_client(&redis, "send", &json!([{"task": "tasks.cpu_bound", "args": [10], "options": {"ignore_result": true}}]), Duration::from_secs(30));
+    let ids = python_client(
+        &redis,
+        "send",
+        &json!([{"task": "tasks.cpu_bound", "args": [10], "options": {"ignore_result": true}}]),
+        Duration::from_secs(30),
+    );
     let id = ids[0].as_str().unwrap().to_owned();
-    common::wait_for("ignored task to run", Duration::from_secs(10), || (redis.unacked() == 0 && redis.depth("celery") == 0).then_some(()));
+    common::wait_for("ignored task to run", Duration::from_secs(10), || {
+        (redis.unacked() == 0 && redis.depth("celery") == 0).then_some(())
+    });
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(redis.result(&id), None, "ignore_result stores nothing");
 
@@ -161,7 +169,12 @@ fn links_errbacks_and_chains_are_sent_on_as_celery_does() {
 fn chords_are_rejected_with_a_clear_failure() {
     let redis = Redis::start();
     let worker = Worker::start(&redis, &[]);
-    let out = common::run_python("chord.py", &[], &[("BROKER_URL", redis.url(0)), ("BACKEND_URL", redis.url(1))], Duration::from_secs(60));
+    let out = common::run_python(
+        "chord.py",
+        &[],
+        &[("BROKER_URL", redis.url(0)), ("BACKEND_URL", redis.url(1))],
+        Duration::from_secs(60),
+    );
     let v: Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["header_states"], json!(["FAILURE", "FAILURE"]), "{v}");
     assert!(v["header_error"].as_str().unwrap().contains("chords are not supported"), "{v}");

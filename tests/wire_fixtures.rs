@@ -47,7 +47,11 @@ fn every_producer_fixture_parses_or_is_rejected_for_its_reason() {
                 // The only documented rejection among real Celery output: chord members.
                 assert!(name.starts_with("p27_chord"), "{name} rejected: {r}");
                 assert_eq!(r.reason, RejectReason::UnsupportedCanvas);
-                assert_eq!(r.task_id.as_deref(), envelope["headers"]["id"].as_str(), "chord rejection keeps the id for a FAILURE");
+                assert_eq!(
+                    r.task_id.as_deref(),
+                    envelope["headers"]["id"].as_str(),
+                    "chord rejection keeps the id for a FAILURE"
+                );
             }
         }
     }
@@ -72,7 +76,10 @@ fn headers_that_change_behaviour_are_read() {
     assert_eq!(parsed("p19_retries3.json").retries, 3);
     assert_eq!(parsed("p20_unicode.json").args, [json!("héllo wörld ☃ 日本語 🎉")]);
     let limits = parsed("p21_time_limits.json");
-    assert_eq!((limits.hard_time_limit.unwrap().to_string(), limits.soft_time_limit.unwrap().to_string()), ("30".into(), "20".into()));
+    assert_eq!(
+        (limits.hard_time_limit.unwrap().to_string(), limits.soft_time_limit.unwrap().to_string()),
+        ("30".into(), "20".into())
+    );
     let float_limits = parsed("p22_time_limits_float.json");
     assert_eq!(float_limits.hard_time_limit.unwrap().as_f64(), Some(1.5));
     assert_eq!(float_limits.soft_time_limit.unwrap().as_f64(), Some(0.5));
@@ -115,7 +122,8 @@ fn results_match_python_byte_for_byte_where_nothing_varies() {
     assert_eq!(ours, bytes, "ensure_ascii escapes, surrogate pairs");
 
     let (bytes, v) = result_fixture("r30_revoked_expired.json");
-    let ours = ResultMeta::revoked(v["task_id"].as_str().unwrap(), &ExceptionInfo::revoked_expired(), date_of(&v)).to_json();
+    let ours =
+        ResultMeta::revoked(v["task_id"].as_str().unwrap(), &ExceptionInfo::revoked_expired(), date_of(&v)).to_json();
     assert_eq!(ours, bytes);
 
     let (bytes, v) = result_fixture("r31_failure_time_limit.json");
@@ -153,13 +161,22 @@ fn same_shape(ours: &Value, theirs: &Value, path: &str) {
 #[test]
 fn failure_retry_and_extended_results_have_the_fixture_shape() {
     let (_, v) = result_fixture("r04_failure_valueerror.json");
-    let ours = ResultMeta::failure(v["task_id"].as_str().unwrap(), "tasks.fail", &ExceptionInfo::builtin("ValueError", "bad thing"), date_of(&v));
+    let ours = ResultMeta::failure(
+        v["task_id"].as_str().unwrap(),
+        "tasks.fail",
+        &ExceptionInfo::builtin("ValueError", "bad thing"),
+        date_of(&v),
+    );
     let ours: Value = serde_json::from_slice(&ours.to_json()).unwrap();
     same_shape(&ours, &v, "r04");
     assert_eq!(ours["result"], v["result"]);
 
     let (_, v) = result_fixture("r07_retry.json");
-    let ours = ResultMeta::retry(v["task_id"].as_str().unwrap(), "tasks.retry_me", &ExceptionInfo::builtin("ValueError", "transient 7"));
+    let ours = ResultMeta::retry(
+        v["task_id"].as_str().unwrap(),
+        "tasks.retry_me",
+        &ExceptionInfo::builtin("ValueError", "transient 7"),
+    );
     let ours: Value = serde_json::from_slice(&ours.to_json()).unwrap();
     same_shape(&ours, &v, "r07");
     assert_eq!((&ours["children"], &ours["result"]), (&v["children"], &v["result"]));

@@ -233,11 +233,7 @@ pub fn parse_message(bytes: &[u8]) -> Result<TaskMessage, Rejection> {
 
     let priority = properties.get("priority").and_then(Value::as_i64).unwrap_or(0);
     let redelivered = headers.get("redelivered").and_then(Value::as_bool).unwrap_or(false)
-        || properties
-            .get("delivery_info")
-            .and_then(|d| d.get("redelivered"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        || properties.get("delivery_info").and_then(|d| d.get("redelivered")).and_then(Value::as_bool).unwrap_or(false);
     // kombu names the unacked entry after the delivery tag; a producer that did not set one
     // (celery-rs) gets a fresh one so the message can still be tracked and restored.
     let (delivery_tag, raw) = match properties.get("delivery_tag").and_then(Value::as_str) {
@@ -283,9 +279,9 @@ fn decode_body(
     let body = envelope.get("body").and_then(Value::as_str);
     let body = body.ok_or((RejectReason::BadBody, "body is not a string".to_owned()))?;
     let encoded = match properties.get("body_encoding").and_then(Value::as_str) {
-        Some("base64") => B64
-            .decode(body.trim())
-            .map_err(|e| (RejectReason::BadBody, format!("body is not valid base64 ({e})")))?,
+        Some("base64") => {
+            B64.decode(body.trim()).map_err(|e| (RejectReason::BadBody, format!("body is not valid base64 ({e})")))?
+        }
         None => body.as_bytes().to_vec(),
         Some(other) => {
             return Err((RejectReason::UnsupportedEncoding, format!("body_encoding {other:?} is not supported")));
@@ -305,10 +301,9 @@ fn decode_body(
             }
             Ok(out)
         }
-        Some(other) => Err((
-            RejectReason::UnsupportedEncoding,
-            format!("compression {other:?} is not supported (zlib is)"),
-        )),
+        Some(other) => {
+            Err((RejectReason::UnsupportedEncoding, format!("compression {other:?} is not supported (zlib is)")))
+        }
     }
 }
 
@@ -404,7 +399,10 @@ impl V2Fields {
     }
 }
 
-fn split_v2_body(body: Value) -> FieldResult<(Vec<Value>, Map<String, Value>, Result<Embed, String>)> {
+/// `[args, kwargs, embed]`; the embed can still be refused on its own (canvas support).
+type V2Body = (Vec<Value>, Map<String, Value>, Result<Embed, String>);
+
+fn split_v2_body(body: Value) -> FieldResult<V2Body> {
     let Value::Array(mut parts) = body else {
         return Err((RejectReason::BadBody, "body is not a [args, kwargs, embed] list".into()));
     };
@@ -446,11 +444,9 @@ fn parse_embed(e: &Map<String, Value>) -> Result<Embed, String> {
 fn signatures(v: Option<&Value>, what: &str) -> Result<Vec<Signature>, String> {
     match v {
         None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::Array(items)) => items
-            .iter()
-            .enumerate()
-            .map(|(i, s)| Signature::from_value(s, &format!("{what}[{i}]")))
-            .collect(),
+        Some(Value::Array(items)) => {
+            items.iter().enumerate().map(|(i, s)| Signature::from_value(s, &format!("{what}[{i}]"))).collect()
+        }
         Some(_) => Err(format!("{what} is not a list of signatures")),
     }
 }

@@ -75,10 +75,7 @@ impl PrioritySteps {
     /// Every list of every queue, in the order kombu's BRPOP names them:
     /// `for pri in steps: for queue in queues` — bucket 0 is the highest priority on Redis.
     pub fn brpop_keys(&self, queues: &[String]) -> Vec<String> {
-        self.0
-            .iter()
-            .flat_map(|b| queues.iter().map(move |q| bucket_key(q, *b)))
-            .collect()
+        self.0.iter().flat_map(|b| queues.iter().map(move |q| bucket_key(q, *b))).collect()
     }
 
     /// Every list of one queue (for depth: the sum of LLEN over these).
@@ -139,7 +136,10 @@ mod tests {
     #[test]
     fn brpop_order_is_priority_major() {
         let keys = PrioritySteps::default().brpop_keys(&["a".into(), "b".into()]);
-        assert_eq!(keys, ["a", "b", "a\x06\x163", "b\x06\x163", "a\x06\x166", "b\x06\x166", "a\x06\x169", "b\x06\x169"]);
+        assert_eq!(
+            keys,
+            ["a", "b", "a\x06\x163", "b\x06\x163", "a\x06\x166", "b\x06\x166", "a\x06\x169", "b\x06\x169"]
+        );
     }
 
     #[test]

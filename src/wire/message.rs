@@ -68,7 +68,8 @@ impl NewTask {
             args.push(v);
         }
         args.extend(sig.args.iter().cloned());
-        let mut t = NewTask::new(&sig.task, args, sig.kwargs.clone(), sig.option_str("queue").unwrap_or(fallback_queue));
+        let mut t =
+            NewTask::new(&sig.task, args, sig.kwargs.clone(), sig.option_str("queue").unwrap_or(fallback_queue));
         if let Some(id) = sig.option_str("task_id") {
             t.id = id.into();
         }
@@ -198,7 +199,9 @@ impl UnackedEntry {
                     _ => None,
                 };
                 match (envelope, exchange, routing_key) {
-                    (Some(envelope), Some(exchange), Some(routing_key)) => Ok(UnackedEntry { envelope, exchange, routing_key }),
+                    (Some(envelope), Some(exchange), Some(routing_key)) => {
+                        Ok(UnackedEntry { envelope, exchange, routing_key })
+                    }
                     _ => Err("unacked entry is not [envelope, exchange, routing_key]".into()),
                 }
             }
@@ -225,9 +228,7 @@ impl UnackedEntry {
 pub fn mark_redelivered(envelope: &mut Map<String, Value>) {
     let Some(Value::Object(headers)) = envelope.get_mut("headers") else { return };
     headers.insert("redelivered".into(), Value::Bool(true));
-    if let Some(Value::Object(props)) = envelope.get_mut("properties") {
-        if let Some(Value::Object(info)) = props.get_mut("delivery_info") {
-            info.insert("redelivered".into(), Value::Bool(true));
-        }
+    if let Some(Value::Object(info)) = envelope.get_mut("properties").and_then(|p| p.get_mut("delivery_info")) {
+        info.insert("redelivered".into(), Value::Bool(true));
     }
 }

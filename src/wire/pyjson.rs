@@ -79,10 +79,7 @@ mod tests {
     fn separators_and_ascii_escapes_match_python() {
         let v = json!({"a": [1, 2.5, null, true], "s": "héllo ☃ 🎉\u{7f}\n\"/"});
         // python3 -c 'import json; print(json.dumps({"a": [1, 2.5, None, True], "s": "héllo ☃ 🎉\x7f\n\"/"}))'
-        assert_eq!(
-            to_string(&v),
-            r#"{"a": [1, 2.5, null, true], "s": "h\u00e9llo \u2603 \ud83c\udf89\u007f\n\"/"}"#
-        );
+        assert_eq!(to_string(&v), r#"{"a": [1, 2.5, null, true], "s": "h\u00e9llo \u2603 \ud83c\udf89\u007f\n\"/"}"#);
     }
 
     #[test]

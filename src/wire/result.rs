@@ -45,7 +45,7 @@ impl ExceptionInfo {
         ExceptionInfo { exc_type: exc_type.into(), exc_module: exc_module.into(), exc_message, raised_by_task: true }
     }
 
-    fn from_worker(mut self) -> Self {
+    fn decided_by_worker(mut self) -> Self {
         self.raised_by_task = false;
         self
     }
@@ -57,12 +57,12 @@ impl ExceptionInfo {
 
     /// What a Python worker stores for a task name it does not know (fixture r32).
     pub fn not_registered(task: &str) -> Self {
-        Self::new("celery.exceptions", "NotRegistered", vec![Value::String(task.into())]).from_worker()
+        Self::new("celery.exceptions", "NotRegistered", vec![Value::String(task.into())]).decided_by_worker()
     }
 
     /// Hard time limit (fixture r31: `exc_message` is `[time_limit]`).
     pub fn time_limit_exceeded(limit: &serde_json::Number) -> Self {
-        Self::new("billiard.exceptions", "TimeLimitExceeded", vec![Value::Number(limit.clone())]).from_worker()
+        Self::new("billiard.exceptions", "TimeLimitExceeded", vec![Value::Number(limit.clone())]).decided_by_worker()
     }
 
     /// Soft time limit reached inside a task that does not catch it.
@@ -72,7 +72,7 @@ impl ExceptionInfo {
 
     /// REVOKED for an `expires` in the past (fixture r30).
     pub fn revoked_expired() -> Self {
-        Self::new("celery.exceptions", "TaskRevokedError", vec![Value::String("expired".into())]).from_worker()
+        Self::new("celery.exceptions", "TaskRevokedError", vec![Value::String("expired".into())]).decided_by_worker()
     }
 
     pub fn to_value(&self) -> Value {
@@ -141,7 +141,13 @@ impl ResultMeta {
         Self::base(task_id, TaskState::Retry, exc.to_value(), Some(exc.traceback(task)), None)
     }
 
-    fn base(task_id: &str, status: TaskState, result: Value, traceback: Option<String>, date_done: Option<DateTime<Utc>>) -> Self {
+    fn base(
+        task_id: &str,
+        status: TaskState,
+        result: Value,
+        traceback: Option<String>,
+        date_done: Option<DateTime<Utc>>,
+    ) -> Self {
         ResultMeta {
             task_id: task_id.into(),
             status,

@@ -103,7 +103,9 @@ mod tests {
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        for bad in ["", "tomorrow", "2030-13-02T00:00:00", "2030-01-02T03:04:05+5:3x", "2030-01-02T03:04:05+99:00", "-", "T+"] {
+        for bad in
+            ["", "tomorrow", "2030-13-02T00:00:00", "2030-01-02T03:04:05+5:3x", "2030-01-02T03:04:05+99:00", "-", "T+"]
+        {
             assert!(parse_iso8601(bad).is_err(), "{bad:?}");
         }
     }

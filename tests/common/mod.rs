@@ -118,6 +118,18 @@ impl Redis {
     pub fn status(&self, task_id: &str) -> Option<String> {
         self.result(task_id).and_then(|r| r["status"].as_str().map(str::to_owned))
     }
+
+    /// Statuses of many tasks in one MGET.
+    pub fn statuses(&self, ids: &[String]) -> Vec<Option<String>> {
+        if ids.is_empty() {
+            return Vec::new();
+        }
+        let keys: Vec<String> = ids.iter().map(|i| format!("celery-task-meta-{i}")).collect();
+        let raw: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query(&mut self.conn(1)).unwrap();
+        raw.into_iter()
+            .map(|r| r.and_then(|r| serde_json::from_str::<Value>(&r).ok()?["status"].as_str().map(str::to_owned)))
+            .collect()
+    }
 }
 
 impl Drop for Redis {
@@ -179,7 +191,8 @@ impl Worker {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status().unwrap().success();
+        let ok =
+            Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status().unwrap().success();
         assert!(ok, "kill -{sig} failed");
     }
 
@@ -327,7 +340,18 @@ impl PythonWorker {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("python-worker.log");
         let child = Command::new(python())
-            .args(["-m", "celery", "-A", "tasks", "worker", "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"])
+            .args([
+                "-m",
+                "celery",
+                "-A",
+                "tasks",
+                "worker",
+                "--loglevel",
+                "INFO",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ])
             .args(celery_args)
             .current_dir(repo_root().join("tests/python"))
             .env("PYTHONPATH", repo_root().join("tests/python"))
@@ -365,4 +389,43 @@ impl Drop for PythonWorker {
 
 pub fn read(path: impl AsRef<Path>) -> Vec<u8> {
     std::fs::read(path.as_ref()).unwrap_or_else(|e| panic!("read {}: {e}", path.as_ref().display()))
+}
+
+/// Enqueue tasks the way a producer does (LPUSH of the Celery envelope); returns their ids.
+pub fn enqueue(redis: &Redis, tasks: &[celery_autoscale::wire::NewTask]) -> Vec<String> {
+    let steps = celery_autoscale::wire::PrioritySteps::default();
+    let mut pipe = redis::pipe();
+    for t in tasks {
+        let (bytes, _) = t.to_message("gen0@tests");
+        pipe.lpush(steps.key_for(&t.queue, i64::from(t.priority)), bytes).ignore();
+    }
+    let _: () = pipe.query(&mut redis.conn(0)).unwrap();
+    tasks.iter().map(|t| t.id.clone()).collect()
+}
+
+/// `name(args…)` on the default queue.
+pub fn task(name: &str, args: Vec<Value>) -> celery_autoscale::wire::NewTask {
+    celery_autoscale::wire::NewTask::new(name, args, serde_json::Map::new(), "celery")
+}
+
+/// Wait until every id has a stored result with `status`.
+pub fn wait_all(redis: &Redis, ids: &[String], status: &str, timeout: Duration) {
+    let start = Instant::now();
+    loop {
+        let statuses = redis.statuses(ids);
+        let pending: Vec<&String> =
+            ids.iter().zip(&statuses).filter(|(_, s)| s.as_deref() != Some(status)).map(|(i, _)| i).collect();
+        if pending.is_empty() {
+            return;
+        }
+        if start.elapsed() > timeout {
+            panic!(
+                "{} of {} tasks not {status} after {timeout:?}; first: {:?}",
+                pending.len(),
+                ids.len(),
+                pending.first()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
