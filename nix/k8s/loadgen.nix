@@ -1,0 +1,40 @@
+# An on-demand burst of 400 CPU-bound tasks (the seed's `generate_tasks.py burst --n 400`).
+# Not part of the base (default.nix): a Job's pod template is immutable, so it is applied on demand.
+# Rendered to k8s/jobs/loadgen-burst.yaml; run it again after the TTL below has removed it, or with
+#   kubectl -n celery-autoscale delete job loadgen-burst --ignore-not-found && kubectl apply -k k8s/jobs
+{ images, ... }:
+let
+  c = import ./constants.nix;
+  app = c.apps.loadgen;
+in
+{
+  imports = [ ./common.nix ];
+
+  kubernetes.resources.jobs.loadgen-burst.spec = {
+    backoffLimit = 2;
+    activeDeadlineSeconds = 600;
+    ttlSecondsAfterFinished = 600;
+    template = {
+      metadata.labels = c.podLabels app;
+      spec = {
+        restartPolicy = "Never";
+        automountServiceAccountToken = false;
+        securityContext = c.podSecurityContext c.users.app;
+        containers = [{
+          name = "loadgen";
+          image = images.worker; # the same image as the worker: one binary
+          imagePullPolicy = "IfNotPresent";
+          args = [ "loadgen" "burst" "--n" "400" "--task" "cpu" ];
+          env = c.appEnv;
+          resources = {
+            requests = { cpu = "50m"; memory = "32Mi"; };
+            limits = { cpu = "500m"; memory = "128Mi"; };
+          };
+          securityContext = c.containerSecurityContext c.users.app;
+          volumeMounts = [ c.tmpMount ];
+        }];
+        volumes = [ c.tmpVolume ];
+      };
+    };
+  };
+}

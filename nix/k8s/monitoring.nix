@@ -1,0 +1,80 @@
+# Prometheus: scrapes the exporter, the workers and kube-state-metrics (files/prometheus.yml) and
+# evaluates the alert rules (files/alerts.yml). prometheus-adapter queries it for the HPA.
+# Targets are found through cluster DNS, so Prometheus needs no ServiceAccount token or RBAC.
+# Its TSDB is an emptyDir: the HPA only needs recent samples; a restart starts an empty history.
+let
+  c = import ./constants.nix;
+  app = c.apps.prometheus;
+  prometheusConfig = builtins.readFile ./files/prometheus.yml;
+  alertRules = builtins.readFile ./files/alerts.yml;
+in
+{
+  imports = [ ./common.nix ];
+
+  kubernetes.resources = {
+    # The files as they are in the repository: promtool checks them there (scripts/check-k8s.sh).
+    configMaps.prometheus-config.data = {
+      "prometheus.yml" = prometheusConfig;
+      "alerts.yml" = alertRules;
+    };
+
+    deployments.prometheus.spec = {
+      replicas = 1;
+      # One TSDB writer at a time.
+      strategy.type = "Recreate";
+      selector.matchLabels = c.selectorLabels app;
+      template = {
+        metadata = {
+          labels = c.podLabels app;
+          # A changed configuration or rule file rolls the pod.
+          annotations."celery-autoscale/config-sha256" = builtins.hashString "sha256" (prometheusConfig + alertRules);
+        };
+        spec = {
+          automountServiceAccountToken = false;
+          securityContext = c.podSecurityContext c.users.nobody;
+          containers = [{
+            name = "prometheus";
+            image = c.pinnedImages.prometheus;
+            imagePullPolicy = "IfNotPresent";
+            args = [
+              "--config.file=/etc/prometheus/prometheus.yml"
+              "--storage.tsdb.path=/prometheus"
+              "--storage.tsdb.retention.time=2d"
+              "--storage.tsdb.retention.size=1GB"
+              "--web.listen-address=:${toString c.ports.prometheus}"
+            ];
+            ports = [{ name = "web"; containerPort = c.ports.prometheus; }];
+            readinessProbe = {
+              httpGet = { path = "/-/ready"; port = "web"; };
+              periodSeconds = 5;
+            };
+            livenessProbe = {
+              httpGet = { path = "/-/healthy"; port = "web"; };
+              initialDelaySeconds = 10;
+              periodSeconds = 15;
+              failureThreshold = 4;
+            };
+            resources = {
+              requests = { cpu = "100m"; memory = "256Mi"; };
+              limits = { cpu = "1"; memory = "1Gi"; };
+            };
+            securityContext = c.containerSecurityContext c.users.nobody;
+            volumeMounts = [
+              { name = "config"; mountPath = "/etc/prometheus"; readOnly = true; }
+              { name = "data"; mountPath = "/prometheus"; }
+            ];
+          }];
+          volumes = [
+            { name = "config"; configMap.name = "prometheus-config"; }
+            { name = "data"; emptyDir.sizeLimit = "2Gi"; }
+          ];
+        };
+      };
+    };
+
+    services.prometheus.spec = {
+      selector = c.selectorLabels app;
+      ports = [{ name = "web"; port = c.ports.prometheus; targetPort = "web"; }];
+    };
+  };
+}

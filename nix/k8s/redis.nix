@@ -1,0 +1,92 @@
+# Redis: a single-replica StatefulSet with an append-only file on a PersistentVolume (files/redis.conf),
+# a ClusterIP Service `redis` for clients and a headless Service governing the StatefulSet.
+#
+# The password lives in the Secret redis-auth (key `password`). It is created by the deploy step and
+# never committed, so it is not part of these manifests:
+#   kubectl -n celery-autoscale create secret generic redis-auth --from-literal=password=$(openssl rand -hex 24)
+# Use a hex password: it is passed to redis-server and embedded in redis:// URLs unescaped.
+let
+  c = import ./constants.nix;
+  app = c.apps.redis;
+  config = builtins.readFile ./files/redis.conf;
+  passwordFromSecret = name: { inherit name; valueFrom.secretKeyRef = c.redisSecret; };
+in
+{
+  imports = [ ./common.nix ];
+
+  kubernetes.resources = {
+    configMaps.redis-config.data."redis.conf" = config;
+
+    services.redis.spec = {
+      selector = c.selectorLabels app;
+      ports = [{ name = "redis"; port = c.ports.redis; targetPort = "redis"; }];
+    };
+    services.redis-headless.spec = {
+      clusterIP = "None";
+      selector = c.selectorLabels app;
+      ports = [{ name = "redis"; port = c.ports.redis; targetPort = "redis"; }];
+    };
+
+    statefulSets.redis.spec = {
+      serviceName = "redis-headless";
+      replicas = 1;
+      selector.matchLabels = c.selectorLabels app;
+      template = {
+        metadata = {
+          labels = c.podLabels app;
+          # A changed redis.conf rolls the pod.
+          annotations."celery-autoscale/config-sha256" = builtins.hashString "sha256" config;
+        };
+        spec = {
+          automountServiceAccountToken = false;
+          securityContext = c.podSecurityContext c.users.redis // { fsGroupChangePolicy = "OnRootMismatch"; };
+          # Time to finish the shutdown fsync of the append-only file.
+          terminationGracePeriodSeconds = 30;
+          containers = [{
+            name = "redis";
+            image = c.pinnedImages.redis;
+            imagePullPolicy = "IfNotPresent";
+            # No shell: redis-server is PID 1 and gets SIGTERM itself. The kubelet expands $(REDIS_PASSWORD).
+            command = [ "redis-server" ];
+            args = [ "/etc/redis/redis.conf" "--requirepass" "$(REDIS_PASSWORD)" ];
+            env = [
+              (passwordFromSecret "REDIS_PASSWORD")
+              (passwordFromSecret "REDISCLI_AUTH") # used by redis-cli in the readiness probe
+            ];
+            ports = [{ name = "redis"; containerPort = c.ports.redis; }];
+            # Ready only once the append-only file is loaded (PING answers LOADING until then).
+            readinessProbe = {
+              exec.command = [ "sh" "-c" "redis-cli ping | grep -qx PONG" ];
+              periodSeconds = 5;
+              timeoutSeconds = 3;
+            };
+            # TCP only: loading a large append-only file must not get the pod killed.
+            livenessProbe = {
+              tcpSocket.port = "redis";
+              initialDelaySeconds = 10;
+              periodSeconds = 10;
+              failureThreshold = 6;
+            };
+            resources = {
+              requests = { cpu = "50m"; memory = "64Mi"; };
+              limits = { cpu = "500m"; memory = "256Mi"; };
+            };
+            securityContext = c.containerSecurityContext c.users.redis;
+            volumeMounts = [
+              { name = "data"; mountPath = "/data"; }
+              { name = "config"; mountPath = "/etc/redis"; readOnly = true; }
+            ];
+          }];
+          volumes = [{ name = "config"; configMap.name = "redis-config"; }];
+        };
+      };
+      volumeClaimTemplates = [{
+        metadata.name = "data";
+        spec = {
+          accessModes = [ "ReadWriteOnce" ];
+          resources.requests.storage = "1Gi";
+        };
+      }];
+    };
+  };
+}

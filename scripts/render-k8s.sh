@@ -1,0 +1,206 @@
+#!/usr/bin/env bash
+# Render the kubenix modules in nix/k8s/ into the YAML under k8s/:
+#
+#   KUBENIX_SRC=<hall/kubenix tree> NIXPKGS_LIB_SRC=<nix-community/nixpkgs.lib tree> \
+#     scripts/render-k8s.sh [OUT_DIR]
+#   scripts/render-k8s.sh --from-json JSON_DIR [OUT_DIR]
+#
+# The first form evaluates each module offline, without flakes, with the project's kubenix-render
+# tool (render.sh + eval.nix, found beside this repository in shared/tools/kubenix-render, or at
+# $KUBENIX_RENDER). The second form only converts modules evaluated elsewhere (a Nix flake check):
+# JSON_DIR holds base-modules.json (the file names nix/k8s/default.nix imports, as a JSON list) and,
+# for each of those modules and for default.nix, loadgen.nix and keda.nix, <module>.json: the
+# module's config.kubernetes.generated.
+#
+# OUT_DIR (default k8s/) is replaced as a whole: everything in it is generated.
+#   k8s/<module>.yaml           one multi-document file per module imported by nix/k8s/default.nix
+#   k8s/kustomization.yaml      those files, plus `images:` entries for our two images
+#   k8s/jobs/                   the loadgen Job (nix/k8s/loadgen.nix), applied on demand
+#   k8s/components/keda/        the KEDA alternative (nix/k8s/keda.nix), a kustomize Component that
+#                               adds the ScaledObject and removes the adapter and the HPA
+# Output is deterministic: keys sorted, objects in a fixed kind order, so an unchanged module renders
+# to identical bytes. Needs python3 with PyYAML, and for the first form nix-instantiate (Debian: nix-bin).
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+python3 -c 'import yaml' 2>/dev/null || { echo "render-k8s.sh: needs python3 with PyYAML (pip install pyyaml)" >&2; exit 2; }
+
+if [ "${1:-}" = "--from-json" ]; then
+  if [ ! -f "${2:-}/base-modules.json" ]; then
+    echo "render-k8s.sh: --from-json needs a directory with base-modules.json" >&2
+    exit 2
+  fi
+  json=$(cd "$2" && pwd)
+  out=${3:-$repo/k8s}
+else
+  out=${1:-$repo/k8s}
+  if [ -z "${KUBENIX_SRC:-}" ] || [ -z "${NIXPKGS_LIB_SRC:-}" ]; then
+    cat >&2 <<'EOF'
+render-k8s.sh: KUBENIX_SRC and NIXPKGS_LIB_SRC must name source trees of hall/kubenix and
+nix-community/nixpkgs.lib, e.g. `git archive HEAD | tar -x -C <dir>` of each snapshot.
+They are inputs only: never commit them.
+EOF
+    exit 2
+  fi
+  for dir in "$KUBENIX_SRC/modules" "$NIXPKGS_LIB_SRC/lib"; do
+    [ -d "$dir" ] || { echo "render-k8s.sh: $dir not found: is that the right source tree?" >&2; exit 2; }
+  done
+  render_sh=${KUBENIX_RENDER:-}
+  if [ -z "$render_sh" ]; then
+    for candidate in "$repo/../shared/tools/kubenix-render/render.sh" /work/shared/tools/kubenix-render/render.sh; do
+      if [ -x "$candidate" ]; then render_sh=$candidate; break; fi
+    done
+  fi
+  if [ -z "$render_sh" ] || [ ! -x "$render_sh" ]; then
+    echo "render-k8s.sh: kubenix-render's render.sh not found; set KUBENIX_RENDER to its path" >&2
+    exit 2
+  fi
+  command -v nix-instantiate >/dev/null || { echo "render-k8s.sh: needs nix-instantiate (apt-get install nix-bin)" >&2; exit 2; }
+
+  json=$(mktemp -d)
+  trap 'rm -rf "$json"' EXIT
+  # The base modules, in the order nix/k8s/default.nix imports them (the one list of them).
+  nix-instantiate --eval --strict --json --argstr file "$repo/nix/k8s/default.nix" \
+    -E '{ file }: map (p: baseNameOf (toString p)) (import file).imports' >"$json/base-modules.json"
+  for module in $(python3 -c 'import json, sys; print(" ".join(json.load(open(sys.argv[1]))))' "$json/base-modules.json") \
+    default.nix loadgen.nix keda.nix; do
+    "$render_sh" "$repo/nix/k8s/$module" "$json/${module%.nix}.json"
+  done
+fi
+
+python3 - "$json" "$out" <<'PY'
+import json
+import os
+import shutil
+import sys
+
+import yaml
+
+json_dir, out = sys.argv[1], sys.argv[2]
+
+# Objects in each file follow this kind order (dependencies first), then namespace and name.
+KIND_ORDER = [
+    "Namespace", "NetworkPolicy", "ServiceAccount", "Secret", "ConfigMap", "PersistentVolumeClaim",
+    "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Service", "StatefulSet", "Deployment",
+    "Job", "PodDisruptionBudget", "HorizontalPodAutoscaler", "APIService", "ScaledObject",
+]
+# The base modules the KEDA overlay removes: KEDA owns the external metrics API and makes the HPA.
+REPLACED_BY_KEDA = ["adapter", "autoscaling"]
+OUR_DEPLOYMENTS = ["worker", "exporter"]  # their images are the `images` module arguments
+
+
+def items(module):
+    with open(os.path.join(json_dir, module + ".json")) as f:
+        return json.load(f)["items"]
+
+
+def key(obj):
+    meta = obj["metadata"]
+    return (obj["kind"], meta.get("namespace") or "", meta["name"])
+
+
+def order(obj):
+    kind = obj["kind"]
+    return (KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER),) + key(obj)
+
+
+class Dumper(yaml.SafeDumper):
+    pass
+
+
+def str_representer(dumper, value):
+    # Multi-line strings (ConfigMap files) as literal blocks, readable and diffable.
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+Dumper.add_representer(str, str_representer)
+
+
+def dump(documents, sort_keys=True):
+    return yaml.dump_all(documents, Dumper=Dumper, sort_keys=sort_keys, default_flow_style=False,
+                         allow_unicode=True, width=4096, explicit_start=True)
+
+
+def header(source):
+    return f"# Generated by scripts/render-k8s.sh from {source} — do not edit by hand.\n"
+
+
+def write(path, text):
+    full = os.path.join(out, path)
+    os.makedirs(os.path.dirname(full), exist_ok=True)
+    with open(full, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+with open(os.path.join(json_dir, "base-modules.json")) as f:
+    base = [name[: -len(".nix")] for name in json.load(f)]
+
+# The per-module files must add up to exactly what default.nix (what a flake would deploy) renders.
+seen = {}
+for module in base:
+    for obj in items(module):
+        if key(obj) in seen:
+            sys.exit(f"render-k8s.sh: {key(obj)} is declared by both {seen[key(obj)]}.nix and {module}.nix")
+        seen[key(obj)] = module
+canonical = lambda objs: sorted(json.dumps(o, sort_keys=True) for o in objs)
+union = [obj for module in base for obj in items(module)]
+if canonical(union) != canonical(items("default")):
+    missing = {key(o) for o in items("default")} ^ {key(o) for o in union}
+    sys.exit("render-k8s.sh: the modules rendered one by one differ from nix/k8s/default.nix rendered whole"
+             f" (objects only on one side: {sorted(missing) or 'none, but contents differ'})")
+
+deployments = {o["metadata"]["name"]: o for o in union if o["kind"] == "Deployment"}
+images = []
+for name in OUR_DEPLOYMENTS:
+    for container in deployments[name]["spec"]["template"]["spec"]["containers"]:
+        image_name, sep, tag = container["image"].rpartition(":")
+        if not sep or "/" in tag:
+            sys.exit(f"render-k8s.sh: image {container['image']!r} has no tag")
+        entry = {"name": image_name, "newTag": tag}
+        if entry not in images:
+            images.append(entry)
+
+if os.path.isdir(out):
+    shutil.rmtree(out)
+
+for module in base:
+    write(f"{module}.yaml", header(f"nix/k8s/{module}.nix") + dump(sorted(items(module), key=order)))
+write("kustomization.yaml", header("nix/k8s/default.nix (its module list) and the image arguments") + dump([{
+    "apiVersion": "kustomize.config.k8s.io/v1beta1",
+    "kind": "Kustomization",
+    "resources": [f"{module}.yaml" for module in base],
+    "images": images,
+}], sort_keys=False))
+
+write("jobs/loadgen-burst.yaml", header("nix/k8s/loadgen.nix") + dump(sorted(items("loadgen"), key=order)))
+write("jobs/kustomization.yaml", header("nix/k8s/loadgen.nix and the image arguments") + dump([{
+    "apiVersion": "kustomize.config.k8s.io/v1beta1",
+    "kind": "Kustomization",
+    "resources": ["loadgen-burst.yaml"],
+    "images": images,
+}], sort_keys=False))
+
+removed = sorted((obj for module in REPLACED_BY_KEDA for obj in items(module)), key=order)
+delete_patches = []
+for obj in removed:
+    metadata = {"name": obj["metadata"]["name"]}
+    if obj["metadata"].get("namespace"):
+        metadata["namespace"] = obj["metadata"]["namespace"]
+    patch = {"$patch": "delete", "apiVersion": obj["apiVersion"], "kind": obj["kind"], "metadata": metadata}
+    delete_patches.append({"patch": yaml.dump(patch, Dumper=Dumper, sort_keys=True, default_flow_style=False)})
+# A Component, not an overlay: an overlay cannot live below its base (kustomize refuses the cycle),
+# and k8s/ itself must stay the base. Enable it in k8s/kustomization.yaml:
+#   cd k8s && kustomize edit add component components/keda
+write("components/keda/keda.yaml", header("nix/k8s/keda.nix") + dump(sorted(items("keda"), key=order)))
+write("components/keda/kustomization.yaml", header(
+    "nix/k8s/keda.nix; the patches delete every object of nix/k8s/"
+    + ".nix and nix/k8s/".join(REPLACED_BY_KEDA) + ".nix") + dump([{
+        "apiVersion": "kustomize.config.k8s.io/v1alpha1",
+        "kind": "Component",
+        "resources": ["keda.yaml"],
+        "patches": delete_patches,
+    }], sort_keys=False))
+
+print(f"render-k8s.sh: wrote {len(base)} module files, kustomization.yaml, jobs/ and components/keda/ to {out}")
+PY
