@@ -84,7 +84,7 @@ KIND_ORDER = [
     "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Service", "StatefulSet", "Deployment",
     "Job", "PodDisruptionBudget", "HorizontalPodAutoscaler", "APIService", "ScaledObject",
 ]
-# The base modules the KEDA overlay removes: KEDA owns the external metrics API and makes the HPA.
+# The base modules the KEDA component removes: KEDA owns the external metrics API and makes the HPA.
 REPLACED_BY_KEDA = ["adapter", "autoscaling"]
 OUR_DEPLOYMENTS = ["worker", "exporter"]  # their images are the `images` module arguments
 

@@ -13,13 +13,15 @@ let
     kubeStateMetricsTelemetry = 8081;
   };
   redisUrl = db: "redis://:$(REDIS_PASSWORD)@${redisHost}:${toString ports.redis}/${toString db}";
+  # Created by the deploy step, never committed (see redis.nix).
+  redisSecret = { name = "redis-auth"; key = "password"; };
 in
 {
-  inherit namespace ports;
+  inherit namespace ports redisSecret;
   queue = "celery";
 
-  # app.kubernetes.io/name of each workload. Pod selectors, the NetworkPolicies and the
-  # Prometheus scrape config (files/prometheus.yml: keep regex "<name>;<port name>") key on these.
+  # app.kubernetes.io/name of each workload: the key of pod selectors, Service selectors (among them
+  # the Services Prometheus scrapes, files/prometheus.yml) and NetworkPolicies.
   apps = {
     redis = "redis";
     worker = "worker";
@@ -67,10 +69,8 @@ in
 
   # Redis client environment for the worker, the exporter and the loadgen Job. A list, not an
   # attribute set: $(REDIS_PASSWORD) only expands variables defined earlier in the list.
-  # The Secret redis-auth is created by the deploy step, never committed (see redis.nix).
-  redisSecret = { name = "redis-auth"; key = "password"; };
   appEnv = [
-    { name = "REDIS_PASSWORD"; valueFrom.secretKeyRef = { name = "redis-auth"; key = "password"; }; }
+    { name = "REDIS_PASSWORD"; valueFrom.secretKeyRef = redisSecret; }
     { name = "BROKER_URL"; value = redisUrl 0; }
     { name = "BACKEND_URL"; value = redisUrl 1; }
     { name = "LOG_FORMAT"; value = "json"; }
