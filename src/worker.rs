@@ -138,6 +138,8 @@ struct Worker {
     /// Set at the immediate stage: Redis retry loops stop waiting for Redis.
     give_up: AtomicBool,
     run_slots: Arc<Semaphore>,
+    /// Finished tasks whose results are being stored.
+    finishing: Arc<Semaphore>,
     hostname: String,
     origin: String,
 }
@@ -171,6 +173,7 @@ pub async fn run_with_shutdown(args: WorkerArgs, shutdown: Shutdown) -> Result<(
         draining: AtomicBool::new(false),
         give_up: AtomicBool::new(false),
         run_slots: Arc::new(Semaphore::new(args.concurrency as usize)),
+        finishing: Arc::new(Semaphore::new(2 * args.concurrency as usize)),
         origin: format!("gen{}@{hostname}", std::process::id()),
         hostname,
         args,
@@ -344,10 +347,18 @@ impl Worker {
         if !self.start(&tag) {
             return; // the drain took it back before it could start
         }
-        self.execute(&msg, call, &queue).await;
-        self.ack(&tag).await;
+        let Some((outcome, elapsed)) = self.execute(&msg, call).await else {
+            return self.ack(&tag).await;
+        };
+        // The slot is free once the task has run: store and ack off the critical path, so the
+        // next message is fetched while this result travels. Bounded by `finishing` so a stalled
+        // result backend stops fetching instead of piling up finished tasks in memory.
+        let finishing = self.finishing.clone().acquire_owned().await.expect("semaphore never closed");
         drop(run_slot);
         drop(fetch_slot);
+        self.finish(&msg, outcome, &queue, elapsed).await;
+        self.ack(&tag).await;
+        drop(finishing);
     }
 
     /// Register a taken message; false if the drain has started (the caller puts it back).
@@ -375,13 +386,14 @@ impl Worker {
         }
     }
 
-    async fn execute(&self, msg: &TaskMessage, call: Call, queue: &str) {
+    /// Run the task; `None` when a redelivered task had already succeeded (nothing to do).
+    async fn execute(&self, msg: &TaskMessage, call: Call) -> Option<(Outcome, Duration)> {
         if msg.redelivered {
             let status = self.redis_backend("read a stored result", || self.backend.status(&msg.id)).await.flatten();
             if status.as_deref() == Some("SUCCESS") {
                 tracing::info!(task_id = %msg.id, task = %msg.task, "redelivered task already succeeded; acknowledging without running it again");
                 self.metrics.duplicates_skipped.inc();
-                return;
+                return None;
             }
         }
         let (limit, limit_exc) = self.time_limit(msg);
@@ -391,8 +403,7 @@ impl Worker {
             .run(Context { retries: msg.retries }, limit)
             .await
             .unwrap_or_else(|| Outcome::Failure(limit_exc.unwrap_or_else(ExceptionInfo::soft_time_limit_exceeded)));
-        let elapsed = started.elapsed();
-        self.finish(msg, outcome, queue, elapsed).await;
+        Some((outcome, started.elapsed()))
     }
 
     /// The effective limit: the earlier of soft and hard, with the exception it raises.
