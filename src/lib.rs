@@ -9,9 +9,13 @@
 pub mod backend;
 pub mod broker;
 pub mod connection;
+pub mod hpa;
 pub mod http;
 pub mod metrics;
+pub mod pattern;
+pub mod plot;
 pub mod shutdown;
+pub mod simulate;
 pub mod tasks;
 pub mod telemetry;
 pub mod wire;

@@ -1,7 +1,7 @@
 //! The `celery-autoscale` command line: parse arguments, call into the library.
 
 use celery_autoscale::telemetry::{self, LogFormat};
-use celery_autoscale::worker;
+use celery_autoscale::{simulate, worker};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -22,6 +22,8 @@ struct Cli {
 enum Command {
     /// Consume Celery tasks from Redis, run them, store results, serve /metrics.
     Worker(worker::WorkerArgs),
+    /// Replay a metric trace (open loop) or a workload model (closed loop) through the HPA algorithm.
+    Simulate(simulate::SimulateArgs),
 }
 
 fn main() {
@@ -31,6 +33,7 @@ fn main() {
     let result: anyhow::Result<()> = runtime.block_on(async {
         match cli.command {
             Command::Worker(args) => worker::run(args).await?,
+            Command::Simulate(args) => simulate::run(&args)?,
         }
         Ok(())
     });

@@ -1,0 +1,261 @@
+//! `celery-autoscale simulate`: drive the HPA replica ([`crate::hpa`]) without a cluster.
+//!
+//! **Open loop** (`--trace`): replay a metric trace — CSV `t,metric`, one row per sync instant —
+//! and print `t,metric,replicas`, the replica count the HPA holds after each sync. Pods appear
+//! immediately (status replicas = spec replicas at every sync). An empty metric cell means the
+//! metric was missing at that sync.
+//!
+//! **Closed loop** (no `--trace`): a time-stepped model of the whole system, driven through the
+//! same [`Autoscaler::sync`]:
+//! - tasks arrive following a [`LoadPattern`] into one FIFO queue;
+//! - each pod runs up to `concurrency` tasks at a time, each taking `service_time`; it takes a
+//!   task only when a slot is free (prefetch multiplier 1, late ack), so "reserved" = running;
+//! - a new pod starts consuming `pod_startup` after the HPA created it;
+//! - the HPA sees the queue depth (waiting tasks only, like `celery_queue_depth`) as it was
+//!   `scrape_delay` earlier (exporter interval + Prometheus scrape + adapter), 0 before t = 0;
+//!   every metric of the HPA is fed that value;
+//! - scale-down picks victims like the ReplicaSet controller (pods not yet ready first, then the
+//!   most recently started); a victim stops taking tasks, finishes what it runs (the shutdown
+//!   timeout is assumed long enough) and then disappears;
+//! - time advances in fixed `step`s (integer milliseconds) so the sync ticks are exact; work
+//!   finishes at the first step at or after its finish time.
+//!
+//! It reports pod-seconds (every existing pod, starting and draining ones included), the peak
+//! backlog, the time to drain (first arrival until the queue is empty and nothing runs), the p95
+//! queue wait (FIFO, nearest rank), the most replicas asked for and the number of scale events.
+
+mod closed_loop;
+mod trace;
+
+use std::fmt::Write as _;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::hpa::{Autoscaler, ControllerConfig, DeadBand, HpaSpec, load_hpa_file};
+use crate::pattern::LoadPattern;
+use crate::plot::{TimelinePoint, write_svg};
+
+pub use closed_loop::{ClosedLoopRun, Sample, Summary, Workload, WorkloadError, closed_loop, timeline_csv};
+pub use trace::{Trace, TraceError, TraceRow, parse_trace, read_trace, replay_trace};
+use trace::{trace_points, write_trace_result};
+
+/// Options of `celery-autoscale simulate`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    about = "Replay a metric trace (open loop) or a modelled workload (closed loop) through the HPA algorithm",
+    after_help = "Open loop:   simulate --hpa k8s/autoscaling.yaml --trace trace.csv\n\
+                  Closed loop: simulate --hpa k8s/autoscaling.yaml --load ramp:1:20:120 --plot run.svg\n\
+                  Compare:     simulate --compare a.yaml b.yaml --load burst:400"
+)]
+pub struct SimulateArgs {
+    /// HPA manifest: YAML (multi-document is fine) or a JSON `kind: List`; the
+    /// autoscaling/v2 HorizontalPodAutoscaler in it is used.
+    #[arg(long, value_name = "FILE", required_unless_present = "compare")]
+    pub hpa: Option<PathBuf>,
+    /// Which HPA to use when a file holds several.
+    #[arg(long, value_name = "NAME")]
+    pub hpa_name: Option<String>,
+    /// Open loop: CSV with header `t,metric` (seconds, total metric value; an empty value means
+    /// the metric was missing), one row per sync. Prints `t,metric,replicas`.
+    #[arg(long, value_name = "CSV", conflicts_with = "compare")]
+    pub trace: Option<PathBuf>,
+    /// Replicas before the first sync [default: the HPA's minReplicas].
+    #[arg(long, value_name = "N")]
+    pub initial_replicas: Option<i32>,
+
+    /// Closed loop: arrival pattern, `burst:N`, `ramp:FROM:TO:SECONDS` or
+    /// `oscillate:MEAN:AMPLITUDE:PERIOD:SECONDS` (rates in tasks/s).
+    #[arg(long, value_name = "PATTERN", default_value = "burst:400")]
+    pub load: LoadPattern,
+    /// Closed loop: seconds one task takes.
+    #[arg(long, value_name = "SECONDS", default_value_t = 0.5)]
+    pub service_time: f64,
+    /// Closed loop: tasks one worker pod runs at once.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub concurrency: u32,
+    /// Closed loop: seconds from pod creation until it consumes.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    pub pod_startup: f64,
+    /// Closed loop: age of the queue depth the HPA sees (exporter interval + scrape + adapter).
+    #[arg(long, value_name = "SECONDS", default_value_t = 15.0)]
+    pub scrape_delay: f64,
+    /// Closed loop: seconds between HPA syncs (--horizontal-pod-autoscaler-sync-period); the
+    /// open loop syncs at the trace rows.
+    #[arg(long, value_name = "SECONDS", default_value_t = 15.0)]
+    pub sync_period: f64,
+    /// Closed loop: simulated time [default: until drained and back at minReplicas, at most
+    /// --max-duration].
+    #[arg(long, value_name = "SECONDS")]
+    pub duration: Option<f64>,
+    /// Closed loop: upper bound when --duration is not given.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600.0)]
+    pub max_duration: f64,
+    /// Closed loop: time step of the model, in seconds (whole milliseconds).
+    #[arg(long, value_name = "SECONDS", default_value_t = 0.1)]
+    pub step: f64,
+    /// Closed loop: run each HPA file on the same workload and print one table row per file.
+    #[arg(long, value_name = "FILE", num_args = 1..)]
+    pub compare: Vec<PathBuf>,
+    /// Closed loop: write the timeline as CSV (with --compare: one file per HPA, suffixed).
+    #[arg(long, value_name = "FILE")]
+    pub csv: Option<PathBuf>,
+    /// Draw queue depth and replicas over time as SVG (with --compare: one file per HPA).
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
+
+    /// --horizontal-pod-autoscaler-tolerance of the modelled controller.
+    #[arg(long, value_name = "RATIO", default_value_t = 0.1)]
+    pub tolerance: f64,
+    /// --horizontal-pod-autoscaler-downscale-stabilization of the modelled controller, seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub downscale_stabilization: i32,
+    /// What an AverageValue metric proposes inside the tolerance band: `status` replicas as
+    /// upstream today (kubernetes#138505), or `spec` replicas as the proposed fix.
+    #[arg(long, value_name = "WHICH", default_value = "status")]
+    pub dead_band: DeadBandArg,
+}
+
+/// `--dead-band` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeadBandArg {
+    Status,
+    Spec,
+}
+
+/// Runs the subcommand, writing results to stdout.
+pub fn run(args: &SimulateArgs) -> anyhow::Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    run_to(args, &mut out)
+}
+
+/// Runs the subcommand, writing results to `out`.
+pub fn run_to(args: &SimulateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let config = ControllerConfig {
+        tolerance: args.tolerance,
+        downscale_stabilization_seconds: args.downscale_stabilization,
+        dead_band: match args.dead_band {
+            DeadBandArg::Status => DeadBand::StatusReplicas,
+            DeadBandArg::Spec => DeadBand::SpecReplicas,
+        },
+        ..ControllerConfig::default()
+    };
+    let load = |path: &Path| -> anyhow::Result<HpaSpec> { Ok(load_hpa_file(path, args.hpa_name.as_deref())?) };
+
+    if let Some(trace_path) = &args.trace {
+        let hpa_path = args.hpa.as_deref().context("--trace needs --hpa FILE")?;
+        let spec = load(hpa_path)?;
+        let trace = read_trace(trace_path)?;
+        let initial = args.initial_replicas.unwrap_or(spec.min_replicas);
+        let mut autoscaler = Autoscaler::with_config(spec, config);
+        let decisions = replay_trace(&mut autoscaler, &trace, initial)?;
+        write_trace_result(out, &trace, &decisions)?;
+        if let Some(plot) = &args.plot {
+            let title = format!("{} — trace {}", autoscaler.spec.name, file_label(trace_path));
+            write_svg(plot, &title, &trace_points(&trace, &decisions))?;
+        }
+        return Ok(());
+    }
+
+    let workload = Workload {
+        load: args.load.clone(),
+        service_time: seconds("--service-time", args.service_time)?,
+        concurrency: args.concurrency,
+        pod_startup: seconds("--pod-startup", args.pod_startup)?,
+        scrape_delay: seconds("--scrape-delay", args.scrape_delay)?,
+        sync_period: seconds("--sync-period", args.sync_period)?,
+        step: seconds("--step", args.step)?,
+        duration: args.duration.map(|d| seconds("--duration", d)).transpose()?,
+        max_duration: seconds("--max-duration", args.max_duration)?,
+        initial_replicas: args.initial_replicas,
+    };
+    workload.validate()?;
+
+    let files: Vec<&PathBuf> = args.hpa.iter().chain(&args.compare).collect();
+    let several = files.len() > 1;
+    let mut rows = Vec::new();
+    for path in files {
+        let spec = load(path)?;
+        let name = spec.name.clone();
+        let run = closed_loop(Autoscaler::with_config(spec, config), &workload);
+        let label = file_label(path);
+        if let Some(csv) = &args.csv {
+            let target = if several { suffixed(csv, &label) } else { csv.clone() };
+            std::fs::write(&target, timeline_csv(&run.timeline))
+                .with_context(|| format!("cannot write {}", target.display()))?;
+        }
+        if let Some(plot) = &args.plot {
+            let target = if several { suffixed(plot, &label) } else { plot.clone() };
+            let title = format!("HPA {name} ({label}) — load {}", workload.load);
+            let points: Vec<TimelinePoint> = run.timeline.iter().map(TimelinePoint::from).collect();
+            write_svg(&target, &title, &points)?;
+        }
+        rows.push((label, run.summary));
+    }
+    writeln!(out, "# workload: {}", workload.describe())?;
+    out.write_all(summary_table(&rows).as_bytes())?;
+    Ok(())
+}
+
+fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(value)
+        .map_err(|_| anyhow::anyhow!("{flag} {value} is not a valid number of seconds (use a value ≥ 0)"))
+}
+
+fn file_label(path: &Path) -> String {
+    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string())
+}
+
+/// `out.svg` + `fast` → `out-fast.svg`.
+fn suffixed(path: &Path, label: &str) -> PathBuf {
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = match path.extension() {
+        Some(ext) => format!("{stem}-{label}.{}", ext.to_string_lossy()),
+        None => format!("{stem}-{label}"),
+    };
+    path.with_file_name(name)
+}
+
+/// An aligned table, one row per HPA.
+pub fn summary_table(rows: &[(String, Summary)]) -> String {
+    let header =
+        ["hpa", "replica-s", "peak backlog", "drain s", "p95 wait s", "max replicas", "scale events", "done/tasks"];
+    let optional = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
+    let cells: Vec<[String; 8]> = rows
+        .iter()
+        .map(|(name, s)| {
+            [
+                name.clone(),
+                format!("{:.0}", s.replica_seconds),
+                s.peak_backlog.to_string(),
+                optional(s.time_to_drain),
+                optional(s.p95_wait),
+                s.max_replicas.to_string(),
+                s.scale_events.to_string(),
+                format!("{}/{}", s.completed, s.tasks),
+            ]
+        })
+        .collect();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| cells.iter().map(|r| r[c].len()).chain([header[c].len()]).max().unwrap_or(0))
+        .collect();
+    let line = |values: &[&str]| {
+        let mut text = String::new();
+        for (c, value) in values.iter().enumerate() {
+            if c == 0 {
+                let _ = write!(text, "{value:<w$}", w = widths[c]);
+            } else {
+                let _ = write!(text, "  {value:>w$}", w = widths[c]);
+            }
+        }
+        text.trim_end().to_owned() + "\n"
+    };
+    let mut table = line(&header);
+    for row in &cells {
+        table += &line(&row.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    table
+}

@@ -1,0 +1,387 @@
+//! Closed loop: the time-stepped workload model (see the parent module for what it models).
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::hpa::{Autoscaler, MetricReading, Observation, Timestamp};
+use crate::pattern::LoadPattern;
+use crate::plot::TimelinePoint;
+
+/// The modelled workload and system timings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Workload {
+    pub load: LoadPattern,
+    pub service_time: Duration,
+    pub concurrency: u32,
+    pub pod_startup: Duration,
+    pub scrape_delay: Duration,
+    pub sync_period: Duration,
+    pub step: Duration,
+    /// Fixed length; `None` runs until drained and back at minReplicas (or `max_duration`).
+    pub duration: Option<Duration>,
+    pub max_duration: Duration,
+    /// Replicas at t = 0, all ready; `None` = the HPA's minReplicas.
+    pub initial_replicas: Option<i32>,
+}
+
+/// Workload parameters the model cannot run with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct WorkloadError(String);
+
+impl Workload {
+    pub fn validate(&self) -> Result<(), WorkloadError> {
+        let err = |m: &str| Err(WorkloadError(m.to_owned()));
+        let whole_ms = |d: Duration| d.as_nanos().is_multiple_of(1_000_000);
+        if self.step.is_zero() || !whole_ms(self.step) {
+            return err("--step must be a whole number of milliseconds, at least 0.001");
+        }
+        if self.sync_period.is_zero() || !self.sync_period.as_nanos().is_multiple_of(self.step.as_nanos()) {
+            return err("--sync-period must be positive and a multiple of --step");
+        }
+        if self.concurrency == 0 {
+            return err("--concurrency must be at least 1");
+        }
+        if self.service_time.is_zero() {
+            return err("--service-time must be greater than 0");
+        }
+        Ok(())
+    }
+
+    pub(super) fn describe(&self) -> String {
+        let s = |d: Duration| d.as_secs_f64();
+        format!(
+            "load={} service-time={}s concurrency={} pod-startup={}s scrape-delay={}s sync-period={}s step={}s",
+            self.load,
+            s(self.service_time),
+            self.concurrency,
+            s(self.pod_startup),
+            s(self.scrape_delay),
+            s(self.sync_period),
+            s(self.step)
+        )
+    }
+}
+
+/// One row of the closed-loop timeline.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    pub t: f64,
+    /// Tasks sent so far.
+    pub arrived: u64,
+    /// Tasks waiting in the queue.
+    pub queue_depth: usize,
+    /// Tasks held (running) by workers.
+    pub reserved: usize,
+    /// The metric value the HPA saw at its last sync.
+    pub metric_seen: Option<f64>,
+    pub desired_replicas: i32,
+    /// Pods not shutting down (`status.replicas`).
+    pub current_replicas: i32,
+    pub ready_replicas: i32,
+    pub terminating: i32,
+}
+
+impl From<&Sample> for TimelinePoint {
+    fn from(s: &Sample) -> Self {
+        TimelinePoint {
+            t: s.t,
+            queue_depth: s.queue_depth as f64,
+            reserved: s.reserved as f64,
+            desired_replicas: s.desired_replicas,
+            current_replicas: s.current_replicas,
+            ready_replicas: Some(s.ready_replicas),
+        }
+    }
+}
+
+/// The figures of merit of one closed-loop run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    /// ∫ existing pods dt, starting and draining pods included.
+    pub replica_seconds: f64,
+    /// Most tasks waiting at once.
+    pub peak_backlog: usize,
+    /// First arrival until the queue was empty and nothing ran, after the last arrival.
+    pub time_to_drain: Option<f64>,
+    /// 95th percentile of the wait between arrival and start (tasks that started).
+    pub p95_wait: Option<f64>,
+    pub max_replicas: i32,
+    pub scale_events: u32,
+    pub tasks: u64,
+    pub completed: u64,
+    pub simulated: f64,
+}
+
+/// A closed-loop run: the timeline (about one sample per second) and its summary.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClosedLoopRun {
+    pub timeline: Vec<Sample>,
+    pub summary: Summary,
+}
+
+#[derive(Debug)]
+struct Pod {
+    created_at: i64,
+    ready_at: i64,
+    terminating: bool,
+    /// Finish times of the tasks it runs.
+    running: Vec<i64>,
+}
+
+impl Pod {
+    fn ready(&self, t: i64) -> bool {
+        self.ready_at <= t
+    }
+}
+
+/// Runs the workload model against `autoscaler` (see the module docs for the model).
+/// `workload` must have passed [`Workload::validate`].
+pub fn closed_loop(mut autoscaler: Autoscaler, workload: &Workload) -> ClosedLoopRun {
+    let ms = |d: Duration| d.as_millis() as i64;
+    let step = ms(workload.step).max(1);
+    let sync_period = ms(workload.sync_period).max(step);
+    let service = ms(workload.service_time);
+    let startup = ms(workload.pod_startup);
+    let delay = ms(workload.scrape_delay);
+    let load_end = ms(workload.load.duration());
+    let end = ms(workload.duration.unwrap_or(workload.max_duration));
+    let record_every = if 1000 % step == 0 { 1000 } else { step };
+    let concurrency = workload.concurrency as usize;
+    let min_replicas = autoscaler.spec.min_replicas;
+    let total = workload.load.total();
+
+    let mut spec_replicas = workload.initial_replicas.unwrap_or(min_replicas);
+    let mut pods: Vec<Pod> = (0..spec_replicas.max(0))
+        .map(|_| Pod { created_at: 0, ready_at: 0, terminating: false, running: Vec::new() })
+        .collect();
+    let mut queue: VecDeque<i64> = VecDeque::new();
+    let mut depth_history: Vec<usize> = Vec::new();
+    let mut waits: Vec<i64> = Vec::new();
+    let (mut sent, mut completed) = (0u64, 0u64);
+    let mut first_arrival: Option<i64> = None;
+    let mut drained_at: Option<i64> = None;
+    let mut metric_seen: Option<f64> = None;
+    let (mut pod_ms, mut peak_backlog, mut max_replicas, mut scale_events) = (0i64, 0usize, spec_replicas, 0u32);
+    let mut timeline = Vec::new();
+
+    let mut t = 0i64;
+    loop {
+        let due = (workload.load.cumulative(Duration::from_millis(t as u64)).round() as u64).min(total);
+        while sent < due {
+            queue.push_back(t);
+            sent += 1;
+            first_arrival.get_or_insert(t);
+        }
+        for pod in &mut pods {
+            let before = pod.running.len();
+            pod.running.retain(|&finish| finish > t);
+            completed += (before - pod.running.len()) as u64;
+        }
+        pods.retain(|p| !(p.terminating && p.running.is_empty()));
+        for pod in pods.iter_mut().filter(|p| !p.terminating && p.ready(t)) {
+            while pod.running.len() < concurrency {
+                let Some(arrival) = queue.pop_front() else {
+                    break;
+                };
+                waits.push(t - arrival);
+                pod.running.push(t + service);
+            }
+        }
+        depth_history.push(queue.len());
+        peak_backlog = peak_backlog.max(queue.len());
+
+        let is_sync = t % sync_period == 0;
+        if is_sync {
+            let seen_at = t - delay;
+            let depth = if seen_at < 0 { 0 } else { depth_history[(seen_at / step) as usize] };
+            metric_seen = Some(depth as f64);
+            let live = pods.iter().filter(|p| !p.terminating).count() as i32;
+            let ready = pods.iter().filter(|p| !p.terminating && p.ready(t)).count() as i32;
+            let observation = Observation {
+                spec_replicas,
+                status_replicas: live,
+                ready_pods: (!pods.is_empty()).then_some(ready),
+                metrics: vec![MetricReading::total(Some(depth as i64 * 1000)); autoscaler.spec.metrics.len()],
+            };
+            let decision = autoscaler.sync(Timestamp::from_millis(t), &observation);
+            if decision.rescaled {
+                scale_events += 1;
+            }
+            spec_replicas = decision.replicas;
+            max_replicas = max_replicas.max(spec_replicas);
+            resize(&mut pods, spec_replicas, t, startup);
+            pods.retain(|p| !(p.terminating && p.running.is_empty()));
+        }
+
+        let running: usize = pods.iter().map(|p| p.running.len()).sum();
+        let all_sent = sent == total && t >= load_end;
+        let drained = all_sent && queue.is_empty() && running == 0;
+        if drained && drained_at.is_none() && first_arrival.is_some() {
+            drained_at = Some(t);
+        }
+        let settled = drained && spec_replicas <= min_replicas && pods.iter().all(|p| !p.terminating);
+        let finished = t >= end || (workload.duration.is_none() && settled);
+        if t % record_every == 0 || is_sync || finished {
+            timeline.push(Sample {
+                t: t as f64 / 1000.0,
+                arrived: sent,
+                queue_depth: queue.len(),
+                reserved: running,
+                metric_seen,
+                desired_replicas: spec_replicas,
+                current_replicas: pods.iter().filter(|p| !p.terminating).count() as i32,
+                ready_replicas: pods.iter().filter(|p| !p.terminating && p.ready(t)).count() as i32,
+                terminating: pods.iter().filter(|p| p.terminating).count() as i32,
+            });
+        }
+        if finished {
+            break;
+        }
+        pod_ms += pods.len() as i64 * step;
+        t += step;
+    }
+
+    waits.sort_unstable();
+    let p95_wait = (!waits.is_empty()).then(|| {
+        let rank = ((waits.len() as f64) * 0.95).ceil() as usize;
+        waits[rank.clamp(1, waits.len()) - 1] as f64 / 1000.0
+    });
+    ClosedLoopRun {
+        timeline,
+        summary: Summary {
+            replica_seconds: pod_ms as f64 / 1000.0,
+            peak_backlog,
+            time_to_drain: drained_at.zip(first_arrival).map(|(d, f)| (d - f) as f64 / 1000.0),
+            p95_wait,
+            max_replicas,
+            scale_events,
+            tasks: total,
+            completed,
+            simulated: t as f64 / 1000.0,
+        },
+    }
+}
+
+/// Brings the number of live pods to `target`: new pods start now and become ready after
+/// `startup`; victims are chosen like the ReplicaSet controller (not-ready before ready, then
+/// the newest first).
+fn resize(pods: &mut Vec<Pod>, target: i32, t: i64, startup: i64) {
+    let live = pods.iter().filter(|p| !p.terminating).count() as i32;
+    if target > live {
+        for _ in live..target {
+            pods.push(Pod { created_at: t, ready_at: t + startup, terminating: false, running: Vec::new() });
+        }
+    } else if target < live {
+        let mut victims: Vec<usize> = (0..pods.len()).filter(|&i| !pods[i].terminating).collect();
+        victims.sort_by_key(|&i| (pods[i].ready(t), std::cmp::Reverse(pods[i].created_at)));
+        for &i in victims.iter().take((live - target) as usize) {
+            pods[i].terminating = true;
+        }
+    }
+}
+
+/// The timeline as CSV.
+pub fn timeline_csv(timeline: &[Sample]) -> String {
+    let mut csv = String::from(
+        "t,arrived,queue_depth,reserved,metric_seen,desired_replicas,current_replicas,ready_replicas,terminating\n",
+    );
+    for s in timeline {
+        let metric = s.metric_seen.map(|m| m.to_string()).unwrap_or_default();
+        let _ = writeln!(
+            csv,
+            "{},{},{},{},{},{},{},{},{}",
+            s.t,
+            s.arrived,
+            s.queue_depth,
+            s.reserved,
+            metric,
+            s.desired_replicas,
+            s.current_replicas,
+            s.ready_replicas,
+            s.terminating
+        );
+    }
+    csv
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hpa::{ExternalMetric, HpaSpec, MetricTarget};
+
+    fn fixed(replicas: i32) -> Autoscaler {
+        Autoscaler::new(HpaSpec {
+            name: "fixed".into(),
+            min_replicas: replicas,
+            max_replicas: replicas,
+            metrics: vec![ExternalMetric {
+                name: "celery_queue_depth".into(),
+                target: MetricTarget::AverageValue(10_000),
+            }],
+            behavior: None,
+        })
+    }
+
+    fn workload(load: &str) -> Workload {
+        Workload {
+            load: load.parse().unwrap(),
+            service_time: Duration::from_secs(1),
+            concurrency: 2,
+            pod_startup: Duration::from_secs(10),
+            scrape_delay: Duration::from_secs(15),
+            sync_period: Duration::from_secs(15),
+            step: Duration::from_millis(100),
+            duration: None,
+            max_duration: Duration::from_secs(600),
+            initial_replicas: None,
+        }
+    }
+
+    #[test]
+    fn fixed_pool_drains_a_burst_in_waves() {
+        // 2 pods × 2 slots, 1 s per task: 8 tasks run in two waves.
+        let run = closed_loop(fixed(2), &workload("burst:8"));
+        let s = &run.summary;
+        assert_eq!(s.time_to_drain, Some(2.0));
+        assert_eq!(s.peak_backlog, 4, "four wait for the second wave");
+        assert_eq!(s.p95_wait, Some(1.0));
+        assert_eq!((s.completed, s.tasks, s.scale_events, s.max_replicas), (8, 8, 0, 2));
+        assert_eq!(s.replica_seconds, 2.0 * s.simulated);
+    }
+
+    #[test]
+    fn steady_ramp_below_capacity_never_queues() {
+        // 2 tasks/s against 4 tasks/s of capacity.
+        let run = closed_loop(fixed(2), &workload("ramp:2:2:30"));
+        assert_eq!(run.summary.tasks, 60);
+        assert_eq!(run.summary.completed, 60);
+        assert!(run.summary.p95_wait.unwrap() < 0.2);
+    }
+
+    #[test]
+    fn scale_down_lets_victims_finish_their_tasks() {
+        let mut pods: Vec<Pod> =
+            (0..3).map(|i| Pod { created_at: i, ready_at: i, terminating: false, running: vec![100] }).collect();
+        // A pod still starting goes first, then the newest ready one.
+        pods.push(Pod { created_at: 50, ready_at: 200, terminating: false, running: Vec::new() });
+        resize(&mut pods, 2, 60, 10);
+        let terminating: Vec<i64> = pods.iter().filter(|p| p.terminating).map(|p| p.created_at).collect();
+        assert_eq!(terminating, [2, 50]);
+        assert_eq!(pods[2].running, [100], "a victim keeps its task until it finishes");
+        resize(&mut pods, 4, 70, 10);
+        assert_eq!(pods.len(), 6);
+        assert_eq!(pods[5].ready_at, 80);
+    }
+
+    #[test]
+    fn rejects_steps_that_break_exact_ticks() {
+        let mut w = workload("burst:1");
+        w.step = Duration::from_millis(400);
+        assert!(w.validate().unwrap_err().to_string().contains("multiple of --step"));
+        w.step = Duration::from_micros(1500);
+        assert!(w.validate().is_err());
+        assert!(workload("burst:1").validate().is_ok());
+    }
+}

@@ -1,0 +1,198 @@
+//! `celery-autoscale simulate` end to end: the example vectors through the binary, agreement
+//! with the library, the closed loop, and error messages.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use celery_autoscale::hpa::{Autoscaler, load_hpa_file};
+use celery_autoscale::simulate::{read_trace, replay_trace};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hpa").join(name)
+}
+
+fn simulate(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_celery-autoscale")).arg("simulate").args(args).output().expect("the binary runs")
+}
+
+fn stdout_of(args: &[&str]) -> String {
+    let output = simulate(args);
+    assert!(output.status.success(), "simulate {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).expect("UTF-8 output")
+}
+
+fn stderr_of_failure(args: &[&str]) -> String {
+    let output = simulate(args);
+    assert!(!output.status.success(), "simulate {args:?} should fail");
+    String::from_utf8(output.stderr).expect("UTF-8 output")
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+/// The replica column of `t,metric,replicas` output.
+fn replicas_column(csv: &str) -> Vec<i32> {
+    csv.lines().skip(1).map(|l| l.rsplit(',').next().unwrap().parse().unwrap()).collect()
+}
+
+#[test]
+fn tv2_through_the_binary() {
+    let hpa = fixture("seed-hpa.yaml");
+    let trace = fixture("tv2.csv");
+    let out = stdout_of(&["--hpa", path(&hpa), "--trace", path(&trace), "--initial-replicas", "20"]);
+    assert_eq!(
+        out,
+        "t,metric,replicas\n0,200,20\n15,600,20\n30,600,20\n45,150,20\n60,150,20\n75,150,20\n90,150,15\n105,150,15\n"
+    );
+}
+
+#[test]
+fn tv3_through_the_binary() {
+    let hpa = fixture("seed-hpa.yaml");
+    let trace = fixture("tv3.csv");
+    let out = stdout_of(&["--hpa", path(&hpa), "--trace", path(&trace), "--initial-replicas", "10"]);
+    assert_eq!(replicas_column(&out), [10, 10, 10, 10, 10, 10, 5, 5, 4, 4]);
+}
+
+#[test]
+fn tv5_through_the_binary_echoes_missing_cells() {
+    let hpa = fixture("seed-hpa.yaml");
+    let trace = fixture("tv5.csv");
+    let out = stdout_of(&["--hpa", path(&hpa), "--trace", path(&trace), "--initial-replicas", "5"]);
+    assert_eq!(out, "t,metric,replicas\n0,50,5\n15,,5\n30,,5\n45,50,5\n");
+}
+
+#[test]
+fn json_list_manifest_gives_the_same_result() {
+    let trace = fixture("tv2.csv");
+    let yaml =
+        stdout_of(&["--hpa", path(&fixture("seed-hpa.yaml")), "--trace", path(&trace), "--initial-replicas", "20"]);
+    let json = stdout_of(&[
+        "--hpa",
+        path(&fixture("seed-hpa-list.json")),
+        "--trace",
+        path(&trace),
+        "--initial-replicas",
+        "20",
+    ]);
+    assert_eq!(yaml, json);
+}
+
+#[test]
+fn initial_replicas_default_to_min() {
+    let out = stdout_of(&["--hpa", path(&fixture("seed-hpa.yaml")), "--trace", path(&fixture("tv3.csv"))]);
+    // From 1: 100 → 10 proposals limited by Percent 200 to 3, then 9, ...
+    assert_eq!(replicas_column(&out)[0], 3);
+}
+
+/// The shape of the test the real crate runs on k8s/autoscaling.yaml: the binary's answers
+/// equal the library's decisions on the same trace.
+#[test]
+fn binary_equals_library_on_a_long_trace() {
+    let dir = std::env::temp_dir().join(format!("simulate-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let trace_path = dir.join("long.csv");
+    let mut csv = String::from("t,metric\n");
+    for i in 0..120 {
+        let value = match i % 37 {
+            0..=5 => format!("{}", 400 - i),
+            6 => String::new(),
+            7..=20 => format!("{}.5", (i * 7) % 90),
+            _ => "0".into(),
+        };
+        csv += &format!("{},{value}\n", i * 15);
+    }
+    std::fs::write(&trace_path, csv).unwrap();
+    for manifest in ["seed-hpa.yaml", "legacy-hpa.yaml", "default-behavior-hpa.yaml"] {
+        let hpa = fixture(manifest);
+        let out = stdout_of(&["--hpa", path(&hpa), "--trace", path(&trace_path)]);
+        let spec = load_hpa_file(&hpa, None).unwrap();
+        let initial = spec.min_replicas;
+        let decisions = replay_trace(&mut Autoscaler::new(spec), &read_trace(&trace_path).unwrap(), initial).unwrap();
+        let expected: Vec<i32> = decisions.iter().map(|d| d.replicas).collect();
+        assert_eq!(replicas_column(&out), expected, "{manifest}");
+        assert!(expected.iter().any(|&r| r > 1), "{manifest}: the trace exercises scaling");
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn closed_loop_prints_a_summary_and_writes_csv_and_svg() {
+    let dir = std::env::temp_dir().join(format!("simulate-closed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (csv, svg) = (dir.join("run.csv"), dir.join("run.svg"));
+    let out = stdout_of(&[
+        "--hpa",
+        path(&fixture("seed-hpa.yaml")),
+        "--load",
+        "burst:400",
+        "--csv",
+        path(&csv),
+        "--plot",
+        path(&svg),
+    ]);
+    let mut lines = out.lines();
+    assert!(lines.next().unwrap().starts_with("# workload: load=burst:400 service-time=0.5s"));
+    assert!(lines.next().unwrap().starts_with("hpa  "));
+    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(row[0], "seed-hpa");
+    assert_eq!(row[2], "398", "peak backlog: 400 minus the first pod's two tasks");
+    assert_eq!(row[5], "20", "the burst reaches maxReplicas");
+    assert_eq!(row[7], "400/400");
+
+    let timeline = std::fs::read_to_string(&csv).unwrap();
+    assert!(timeline.starts_with("t,arrived,queue_depth,reserved,metric_seen,desired_replicas"));
+    let last = timeline.lines().last().unwrap();
+    assert!(last.ends_with(",1,1,1,0"), "ends drained and back at min: {last}");
+
+    let picture = std::fs::read_to_string(&svg).unwrap();
+    assert!(picture.starts_with("<svg"));
+    for label in ["queue depth (waiting)", "desired (HPA spec)", "current (live workers)", "time (s)", "replicas"] {
+        assert!(picture.contains(label), "SVG lacks {label:?}");
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn compare_prints_one_row_per_file() {
+    let out = stdout_of(&[
+        "--compare",
+        path(&fixture("seed-hpa.yaml")),
+        path(&fixture("legacy-hpa.yaml")),
+        path(&fixture("default-behavior-hpa.yaml")),
+        "--load",
+        "ramp:1:10:60",
+    ]);
+    let rows: Vec<&str> = out.lines().skip(2).collect();
+    assert_eq!(rows.len(), 3, "{out}");
+    for (row, name) in rows.iter().zip(["seed-hpa", "legacy-hpa", "default-behavior-hpa"]) {
+        assert!(row.starts_with(name), "{row}");
+    }
+    // Aligned: every row as wide as the header once trailing spaces are trimmed per column.
+    let header = out.lines().nth(1).unwrap();
+    assert!(rows.iter().all(|r| r.len() == header.len()), "{out}");
+}
+
+#[test]
+fn errors_explain_what_to_do() {
+    let no_hpa = fixture("tv2.csv"); // a file without an HPA (and not YAML objects)
+    let err = stderr_of_failure(&["--hpa", path(&no_hpa), "--trace", path(&no_hpa)]);
+    assert!(err.contains("no autoscaling/v2 HorizontalPodAutoscaler found"), "{err}");
+
+    let dir = std::env::temp_dir().join(format!("simulate-err-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad_trace = dir.join("bad.csv");
+    std::fs::write(&bad_trace, "t,metric\n0,10\n15,ten\n").unwrap();
+    let err = stderr_of_failure(&["--hpa", path(&fixture("seed-hpa.yaml")), "--trace", path(&bad_trace)]);
+    assert!(err.contains("trace line 3") && err.contains("leave it empty"), "{err}");
+    std::fs::write(&bad_trace, "t,metric\n15,10\n0,10\n").unwrap();
+    let err = stderr_of_failure(&["--hpa", path(&fixture("seed-hpa.yaml")), "--trace", path(&bad_trace)]);
+    assert!(err.contains("sync order"), "{err}");
+    std::fs::remove_dir_all(dir).ok();
+
+    let err = stderr_of_failure(&["--hpa", path(&fixture("seed-hpa.yaml")), "--load", "storm:3"]);
+    assert!(err.contains("burst:N"), "{err}");
+    let err = stderr_of_failure(&["--hpa", path(&fixture("seed-hpa.yaml")), "--step", "0.4", "--sync-period", "15"]);
+    assert!(err.contains("multiple of --step"), "{err}");
+}
