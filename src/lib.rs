@@ -9,8 +9,10 @@
 pub mod backend;
 pub mod broker;
 pub mod connection;
+pub mod exporter;
 pub mod hpa;
 pub mod http;
+pub mod loadgen;
 pub mod metrics;
 pub mod pattern;
 pub mod plot;

@@ -1,7 +1,7 @@
 //! The `celery-autoscale` command line: parse arguments, call into the library.
 
 use celery_autoscale::telemetry::{self, LogFormat};
-use celery_autoscale::{simulate, worker};
+use celery_autoscale::{exporter, loadgen, simulate, worker};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -22,6 +22,10 @@ struct Cli {
 enum Command {
     /// Consume Celery tasks from Redis, run them, store results, serve /metrics.
     Worker(worker::WorkerArgs),
+    /// Poll queue depth (all priority lists) and reserved messages; serve them on /metrics.
+    Exporter(exporter::ExporterArgs),
+    /// Enqueue tasks as Python's send_task would: burst, ramp or oscillate.
+    Loadgen(loadgen::LoadgenArgs),
     /// Replay a metric trace (open loop) or a workload model (closed loop) through the HPA algorithm.
     Simulate(simulate::SimulateArgs),
 }
@@ -33,6 +37,12 @@ fn main() {
     let result: anyhow::Result<()> = runtime.block_on(async {
         match cli.command {
             Command::Worker(args) => worker::run(args).await?,
+            Command::Exporter(args) => exporter::run(args).await?,
+            Command::Loadgen(args) => {
+                if !loadgen::run(args).await? {
+                    anyhow::bail!("not every task succeeded");
+                }
+            }
             Command::Simulate(args) => simulate::run(&args)?,
         }
         Ok(())

@@ -1,0 +1,475 @@
+//! The load generator: enqueue Celery tasks in a burst, a ramp or an oscillation, exactly as
+//! Python's `send_task` would (so Python and Rust workers both run them), and optionally wait
+//! for their results and report latency.
+
+use crate::connection::{self, redact_url};
+use crate::pattern::LoadPattern;
+use crate::tasks;
+use crate::wire::keys::{self, PrioritySteps};
+use crate::wire::message::origin;
+use crate::wire::{NewTask, TaskState};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use redis::aio::ConnectionManager;
+use serde_json::{Map, Value, json};
+use std::fmt;
+use std::io::IsTerminal;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+/// `celery-autoscale loadgen <pattern>`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct LoadgenArgs {
+    #[command(subcommand)]
+    pub pattern: PatternArgs,
+    #[command(flatten)]
+    pub options: LoadOptions,
+}
+
+/// The arrival pattern, with its parameters.
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum PatternArgs {
+    /// N tasks at once.
+    Burst {
+        /// How many tasks.
+        #[arg(long, default_value_t = 400)]
+        n: u64,
+    },
+    /// A rate that changes linearly.
+    Ramp {
+        /// Starting rate, tasks/s.
+        #[arg(long, default_value_t = 1.0)]
+        from: f64,
+        /// Final rate, tasks/s.
+        #[arg(long, default_value_t = 20.0)]
+        to: f64,
+        /// Seconds from the first rate to the last.
+        #[arg(long, default_value_t = 120.0)]
+        duration: f64,
+    },
+    /// A rate that swings: mean + amplitude·sin(2πt/period), never below 0.
+    Oscillate {
+        /// Mean rate, tasks/s.
+        #[arg(long, default_value_t = 10.0)]
+        mean: f64,
+        /// Swing above and below the mean, tasks/s.
+        #[arg(long, default_value_t = 8.0)]
+        amplitude: f64,
+        /// Seconds per full swing.
+        #[arg(long, default_value_t = 60.0)]
+        period: f64,
+        /// Seconds to keep sending.
+        #[arg(long, default_value_t = 300.0)]
+        duration: f64,
+    },
+}
+
+impl PatternArgs {
+    pub fn to_pattern(&self) -> Result<LoadPattern, LoadgenError> {
+        let secs = |name: &'static str, v: f64| {
+            Duration::try_from_secs_f64(v).map_err(|_| LoadgenError::Config(format!("--{name} {v} is not a number of seconds ≥ 0")))
+        };
+        let rate = |name: &'static str, v: f64| {
+            if v.is_finite() && v >= 0.0 { Ok(v) } else { Err(LoadgenError::Config(format!("--{name} {v} is not a rate ≥ 0"))) }
+        };
+        Ok(match *self {
+            PatternArgs::Burst { n } => LoadPattern::Burst { n },
+            PatternArgs::Ramp { from, to, duration } => {
+                LoadPattern::Ramp { from_rate: rate("from", from)?, to_rate: rate("to", to)?, duration: secs("duration", duration)? }
+            }
+            PatternArgs::Oscillate { mean, amplitude, period, duration } => LoadPattern::Oscillate {
+                mean_rate: rate("mean", mean)?,
+                amplitude: rate("amplitude", amplitude)?,
+                period: secs("period", period).and_then(|p| {
+                    if p.is_zero() { Err(LoadgenError::Config("--period must be > 0".into())) } else { Ok(p) }
+                })?,
+                duration: secs("duration", duration)?,
+            },
+        })
+    }
+}
+
+/// Which task to send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TaskKind {
+    /// `tasks.cpu_bound(n)`.
+    Cpu,
+    /// `tasks.io_bound(seconds)`.
+    Io,
+    /// Alternating cpu and io.
+    Mix,
+}
+
+/// An inclusive range written `A:B` (or one value `A`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Span<T>(pub T, pub T);
+
+impl<T: FromStr + PartialOrd + Copy + fmt::Display> FromStr for Span<T> {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parse = |p: &str| p.trim().parse::<T>().map_err(|_| format!("{p:?} is not a number"));
+        let (a, b) = match s.split_once(':') {
+            Some((a, b)) => (parse(a)?, parse(b)?),
+            None => (parse(s)?, parse(s)?),
+        };
+        if a > b {
+            return Err(format!("range {a}:{b} is empty; write LOW:HIGH"));
+        }
+        Ok(Span(a, b))
+    }
+}
+
+impl<T: fmt::Display> fmt::Display for Span<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.0, self.1)
+    }
+}
+
+/// What every pattern shares.
+#[derive(Clone, Debug, clap::Args)]
+pub struct LoadOptions {
+    /// Broker (queues) Redis URL.
+    #[arg(long, env = "BROKER_URL", default_value = connection::DEFAULT_BROKER_URL, global = true)]
+    pub broker_url: String,
+    /// Result backend Redis URL (read with --wait).
+    #[arg(long, env = "BACKEND_URL", default_value = connection::DEFAULT_BACKEND_URL, global = true)]
+    pub backend_url: String,
+    /// Task to send.
+    #[arg(long, value_enum, default_value_t = TaskKind::Mix, global = true)]
+    pub task: TaskKind,
+    /// Queue (routing key) to send to.
+    #[arg(long, default_value = keys::DEFAULT_QUEUE, global = true)]
+    pub queue: String,
+    /// Message priority 0..=9 (on Redis, 0 is served first).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=9), global = true)]
+    pub priority: u8,
+    /// Priority buckets, as kombu's priority_steps (must match the workers').
+    #[arg(long, default_value_t = PrioritySteps::default(), global = true)]
+    pub priority_steps: PrioritySteps,
+    /// cpu_bound's n, drawn uniformly from LOW:HIGH (2M..4M ≈ 0.4–0.8 s of one core).
+    #[arg(long, default_value = "2000000:4000000", global = true)]
+    pub cpu_n: Span<u64>,
+    /// io_bound's seconds, drawn uniformly from LOW:HIGH.
+    #[arg(long, default_value = "0.5:1.5", global = true)]
+    pub io_seconds: Span<f64>,
+    /// Random seed for the task arguments (default: random).
+    #[arg(long, global = true)]
+    pub seed: Option<u64>,
+    /// Messages per LPUSH.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000), global = true)]
+    pub batch: u32,
+    /// Wait for every result, then report outcomes and latency; exit 1 unless all succeeded.
+    #[arg(long, global = true)]
+    pub wait: bool,
+    /// Give up waiting after this many seconds.
+    #[arg(long, default_value_t = 900.0, global = true)]
+    pub wait_timeout: f64,
+}
+
+/// Errors a user can cause or meet.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadgenError {
+    #[error(transparent)]
+    Connect(#[from] connection::ConnectError),
+    #[error("{0}")]
+    Config(String),
+    #[error(
+        "Redis at {url} failed after {sent} of {total} tasks were confirmed in queue {queue:?}{}: {source}",
+        if *unconfirmed > 0 { format!(" ({unconfirmed} more were in flight and may or may not have arrived)") } else { String::new() }
+    )]
+    Send { url: String, queue: String, sent: u64, unconfirmed: u64, total: u64, source: redis::RedisError },
+    #[error("cannot read results from {url}: {source}")]
+    Results { url: String, source: redis::RedisError },
+}
+
+/// What was sent.
+#[derive(Clone, Debug)]
+pub struct SendReport {
+    pub sent: u64,
+    pub elapsed: Duration,
+    /// Task id → when it was sent.
+    pub sent_at: Vec<(String, DateTime<Utc>)>,
+}
+
+impl SendReport {
+    pub fn rate(&self) -> f64 {
+        self.sent as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// What came back (with `--wait`).
+#[derive(Clone, Debug, Default)]
+pub struct WaitReport {
+    pub succeeded: u64,
+    pub failed: u64,
+    pub pending: u64,
+    /// Seconds from send to `date_done`, sorted.
+    pub latencies: Vec<f64>,
+    /// First send to last `date_done`.
+    pub makespan: Duration,
+}
+
+impl WaitReport {
+    pub fn percentile(&self, p: f64) -> Option<f64> {
+        if self.latencies.is_empty() {
+            return None;
+        }
+        let idx = ((p / 100.0) * (self.latencies.len() - 1) as f64).round() as usize;
+        self.latencies.get(idx).copied()
+    }
+}
+
+/// Builds the task messages: arguments drawn from the configured ranges.
+pub struct TaskFactory {
+    kind: TaskKind,
+    cpu_n: Span<u64>,
+    io_seconds: Span<f64>,
+    queue: String,
+    priority: u8,
+    rng: StdRng,
+    origin: String,
+    count: u64,
+}
+
+impl TaskFactory {
+    pub fn new(o: &LoadOptions) -> Self {
+        let rng = o.seed.map_or_else(StdRng::from_os_rng, StdRng::seed_from_u64);
+        TaskFactory {
+            kind: o.task,
+            cpu_n: o.cpu_n,
+            io_seconds: o.io_seconds,
+            queue: o.queue.clone(),
+            priority: o.priority,
+            rng,
+            origin: origin(),
+            count: 0,
+        }
+    }
+
+    /// The next task and its envelope bytes.
+    pub fn next_task(&mut self) -> (NewTask, Vec<u8>) {
+        let cpu = match self.kind {
+            TaskKind::Cpu => true,
+            TaskKind::Io => false,
+            TaskKind::Mix => self.count.is_multiple_of(2),
+        };
+        self.count += 1;
+        let (name, arg) = if cpu {
+            (tasks::CPU_BOUND, json!(self.rng.random_range(self.cpu_n.0..=self.cpu_n.1)))
+        } else {
+            let s = self.rng.random_range(self.io_seconds.0..=self.io_seconds.1);
+            (tasks::IO_BOUND, json!((s * 1000.0).round() / 1000.0))
+        };
+        let mut t = NewTask::new(name, vec![arg], Map::new(), &self.queue);
+        t.priority = self.priority;
+        let (bytes, _) = t.to_message(&self.origin);
+        (t, bytes)
+    }
+}
+
+/// How many LPUSH commands may be in flight at once (pipelining on one connection).
+const IN_FLIGHT: usize = 8;
+
+/// Send `pattern`'s tasks, paced by its rate, `progress` called after every confirmed batch.
+pub async fn send(
+    conn: &ConnectionManager,
+    pattern: &LoadPattern,
+    options: &LoadOptions,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<SendReport, LoadgenError> {
+    let total = pattern.total();
+    let key = options.priority_steps.key_for(&options.queue, i64::from(options.priority));
+    let mut factory = TaskFactory::new(options);
+    let start = Instant::now();
+    let mut sent_at = Vec::with_capacity(total as usize);
+    let (mut queued, mut confirmed) = (0u64, 0u64);
+    let mut in_flight = FuturesUnordered::new();
+    let fail = |confirmed: u64, unconfirmed: u64, source| LoadgenError::Send {
+        url: redact_url(&options.broker_url),
+        queue: options.queue.clone(),
+        sent: confirmed,
+        unconfirmed,
+        total,
+        source,
+    };
+    while confirmed < total {
+        let due = (pattern.cumulative(start.elapsed()).floor() as u64).min(total);
+        while queued < due && in_flight.len() < IN_FLIGHT {
+            let n = (due - queued).min(u64::from(options.batch));
+            let mut batch = Vec::with_capacity(n as usize);
+            let now = Utc::now();
+            for _ in 0..n {
+                let (task, bytes) = factory.next_task();
+                sent_at.push((task.id, now));
+                batch.push(bytes);
+            }
+            queued += n;
+            let mut c = conn.clone();
+            let key = key.clone();
+            in_flight.push(async move {
+                let r: redis::RedisResult<i64> = redis::cmd("LPUSH").arg(&key).arg(&batch).query_async(&mut c).await;
+                (n, r)
+            });
+        }
+        if in_flight.is_empty() {
+            // Nothing due yet: wait for the pattern's next task.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        if let Some((n, r)) = in_flight.next().await {
+            if let Err(e) = r {
+                // A refused connection delivered nothing; any other failure may have landed.
+                let unconfirmed = if e.is_connection_refusal() { 0 } else { queued - confirmed };
+                return Err(fail(confirmed, unconfirmed, e));
+            }
+            confirmed += n;
+            progress(confirmed, total);
+        }
+    }
+    Ok(SendReport { sent: confirmed, elapsed: start.elapsed(), sent_at })
+}
+
+/// Poll the result backend until every task has a final state or `timeout` passes.
+pub async fn wait_results(
+    backend: &ConnectionManager,
+    url: &str,
+    sent_at: &[(String, DateTime<Utc>)],
+    timeout: Duration,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<WaitReport, LoadgenError> {
+    let deadline = Instant::now() + timeout;
+    let mut pending: Vec<usize> = (0..sent_at.len()).collect();
+    let mut report = WaitReport::default();
+    let mut last_done: Option<DateTime<Utc>> = None;
+    let first_sent = sent_at.iter().map(|(_, t)| *t).min();
+    let mut conn = backend.clone();
+    loop {
+        let mut still = Vec::new();
+        for chunk in pending.chunks(1000) {
+            let keys: Vec<String> = chunk.iter().map(|i| keys::result_key(&sent_at[*i].0)).collect();
+            let values: Vec<Option<String>> = redis::cmd("MGET")
+                .arg(&keys)
+                .query_async(&mut conn)
+                .await
+                .map_err(|source| LoadgenError::Results { url: redact_url(url), source })?;
+            for (i, v) in chunk.iter().zip(values) {
+                let meta: Option<Value> = v.and_then(|v| serde_json::from_str(&v).ok());
+                let status = meta.as_ref().and_then(|m| m["status"].as_str());
+                let done = meta.as_ref().and_then(|m| m["date_done"].as_str()).and_then(|d| crate::wire::time::parse_iso8601(d).ok());
+                match status {
+                    Some(s) if s == TaskState::Success.as_str() => report.succeeded += 1,
+                    Some(s) if s == TaskState::Failure.as_str() || s == TaskState::Revoked.as_str() => report.failed += 1,
+                    _ => {
+                        still.push(*i);
+                        continue;
+                    }
+                }
+                if let Some(d) = done {
+                    report.latencies.push((d - sent_at[*i].1).num_microseconds().unwrap_or(0) as f64 / 1e6);
+                    last_done = last_done.max(Some(d));
+                }
+            }
+        }
+        pending = still;
+        progress(sent_at.len() as u64 - pending.len() as u64, sent_at.len() as u64);
+        if pending.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    report.pending = pending.len() as u64;
+    report.latencies.sort_by(f64::total_cmp);
+    if let (Some(first), Some(last)) = (first_sent, last_done) {
+        report.makespan = (last - first).to_std().unwrap_or_default();
+    }
+    Ok(report)
+}
+
+/// Progress: a bar on a terminal, a log line every few seconds otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    what: &'static str,
+    last_log: Instant,
+}
+
+impl Progress {
+    fn new(what: &'static str, total: u64) -> Self {
+        let bar = std::io::stdout().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{msg:>8} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            bar.set_message(what);
+            bar
+        });
+        Progress { bar, what, last_log: Instant::now() }
+    }
+
+    fn update(&mut self, done: u64, total: u64) {
+        match &self.bar {
+            Some(bar) => bar.set_position(done),
+            None if done == total || self.last_log.elapsed() >= Duration::from_secs(5) => {
+                tracing::info!("{}: {done}/{total}", self.what);
+                self.last_log = Instant::now();
+            }
+            None => {}
+        }
+    }
+
+    fn finish(self) {
+        if let Some(bar) = self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// The CLI: send, optionally wait, print the report. `Ok(true)` when everything succeeded.
+pub async fn run(args: LoadgenArgs) -> Result<bool, LoadgenError> {
+    let o = &args.options;
+    let pattern = args.pattern.to_pattern()?;
+    let timeout = Duration::from_secs(10);
+    let broker = connection::connect("BROKER_URL", &o.broker_url, timeout)?;
+    let total = pattern.total();
+    let mut progress = Progress::new("sent", total);
+    let sent = send(&broker, &pattern, o, |d, t| progress.update(d, t)).await?;
+    progress.finish();
+    let tasks = match o.task {
+        TaskKind::Cpu => "tasks.cpu_bound",
+        TaskKind::Io => "tasks.io_bound",
+        TaskKind::Mix => "tasks.cpu_bound and tasks.io_bound alternating",
+    };
+    println!(
+        "sent {} tasks ({tasks}) to queue {:?} in {:.3} s: {:.0} tasks/s (pattern {pattern})",
+        sent.sent,
+        o.queue,
+        sent.elapsed.as_secs_f64(),
+        sent.rate()
+    );
+    if !o.wait {
+        return Ok(true);
+    }
+    let backend = connection::connect("BACKEND_URL", &o.backend_url, timeout)?;
+    let mut progress = Progress::new("done", sent.sent);
+    let waited = wait_results(&backend, &o.backend_url, &sent.sent_at, Duration::from_secs_f64(o.wait_timeout), |d, t| {
+        progress.update(d, t)
+    })
+    .await?;
+    progress.finish();
+    let pct = |p| waited.percentile(p).map_or("-".to_owned(), |v| format!("{v:.3} s"));
+    let pending = if waited.pending > 0 { format!(", {} still pending after {:.0} s", waited.pending, o.wait_timeout) } else { String::new() };
+    println!(
+        "results: {} succeeded, {} failed{pending}; latency p50 {} p95 {} p99 {}; makespan {:.3} s",
+        waited.succeeded,
+        waited.failed,
+        pct(50.0),
+        pct(95.0),
+        pct(99.0),
+        waited.makespan.as_secs_f64()
+    );
+    Ok(waited.failed == 0 && waited.pending == 0)
+}
