@@ -24,14 +24,29 @@ use std::time::{Duration, Instant};
 
 /// Count `unacked` entries per routing key, one bounded HSCAN batch per call, inside Redis: the
 /// ~1 kB payloads never cross the network and Redis is never blocked for long. An entry ends
-/// with `, "<exchange>", "<routing_key>"]`, so the routing key is the last JSON string.
+/// with `, "<exchange>", "<routing_key>"]`, so the routing key is the last JSON string (a
+/// routing key containing an escaped quote is not recognised).
 const COUNT_UNACKED: &str = r#"
 local res = redis.call('HSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
 local vals = res[2]
 local counts = {}
+local byte = string.byte
 for i = 2, #vals, 2 do
-  local rk = string.match(vals[i], '"([^"\\]*)"%]%s*$')
-  if rk then counts[rk] = (counts[rk] or 0) + 1 end
+  -- Read backwards from the closing bracket: the work per entry is the routing key's length,
+  -- not the payload's.
+  local v = vals[i]
+  local e = #v
+  while e > 0 and byte(v, e) ~= 93 do e = e - 1 end
+  e = e - 1
+  while e > 0 and byte(v, e) == 32 do e = e - 1 end
+  if e > 0 and byte(v, e) == 34 then
+    local s = e - 1
+    while s > 0 and byte(v, s) ~= 34 do s = s - 1 end
+    if s > 0 then
+      local rk = string.sub(v, s + 1, e - 1)
+      counts[rk] = (counts[rk] or 0) + 1
+    end
+  end
 end
 local out = {res[1]}
 for k, v in pairs(counts) do
@@ -128,13 +143,8 @@ impl DepthReader {
         let mut cursor = "0".to_owned();
         let mut totals: HashMap<String, u64> = HashMap::new();
         loop {
-            let reply: Vec<redis::Value> = self
-                .count_unacked
-                .key(keys::UNACKED)
-                .arg(&cursor)
-                .arg(self.batch)
-                .invoke_async(&mut conn)
-                .await?;
+            let reply: Vec<redis::Value> =
+                self.count_unacked.key(keys::UNACKED).arg(&cursor).arg(self.batch).invoke_async(&mut conn).await?;
             let mut it = reply.into_iter();
             cursor = it.next().map(|v| redis::from_redis_value(v)).transpose()?.unwrap_or_else(|| "0".into());
             while let (Some(k), Some(n)) = (it.next(), it.next()) {
@@ -175,8 +185,8 @@ pub async fn run_with_shutdown(args: ExporterArgs, shutdown: Shutdown) -> Result
         return Err(ExporterError::NoQueues);
     }
     let interval = Duration::from_secs_f64(args.interval);
-    // A poll slower than the interval is as bad as a failed one: its numbers are already old.
-    let timeout = interval.clamp(Duration::from_millis(500), Duration::from_secs(10));
+    // A poll that takes longer than this is treated as failed: its numbers would be old.
+    let timeout = interval.clamp(Duration::from_secs(2), Duration::from_secs(10));
     let conn = connection::connect("BROKER_URL", &args.broker_url, timeout)?;
     let reader = DepthReader::new(conn, queues.clone(), args.priority_steps.clone(), args.reserved_batch);
     let metrics = ExporterMetrics::new();
@@ -216,7 +226,10 @@ pub async fn run_with_shutdown(args: ExporterArgs, shutdown: Shutdown) -> Result
                 metrics.polls.with_label_values(&["ok"]).inc();
                 healthy.store(true, Ordering::Relaxed);
                 if let Some(since) = failing_since.take() {
-                    tracing::info!(outage_s = since.elapsed().as_secs_f64(), "Redis polls work again; queue series restored");
+                    tracing::info!(
+                        outage_s = since.elapsed().as_secs_f64(),
+                        "Redis polls work again; queue series restored"
+                    );
                 }
             }
             failure => {
@@ -245,7 +258,9 @@ pub async fn run_with_shutdown(args: ExporterArgs, shutdown: Shutdown) -> Result
 /// Name the likely fix for the errors users hit.
 fn explain(e: &redis::RedisError) -> String {
     let text = e.to_string();
-    if text.contains("NOAUTH") || text.contains("WRONGPASS") || text.contains("invalid password") {
+    let auth =
+        e.kind() == redis::ErrorKind::AuthenticationFailed || text.contains("NOAUTH") || text.contains("WRONGPASS");
+    if auth {
         format!("{text} — check the password in BROKER_URL")
     } else if e.is_connection_refusal() {
         format!("{text} — is Redis running at that address?")

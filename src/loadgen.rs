@@ -70,16 +70,23 @@ pub enum PatternArgs {
 impl PatternArgs {
     pub fn to_pattern(&self) -> Result<LoadPattern, LoadgenError> {
         let secs = |name: &'static str, v: f64| {
-            Duration::try_from_secs_f64(v).map_err(|_| LoadgenError::Config(format!("--{name} {v} is not a number of seconds ≥ 0")))
+            Duration::try_from_secs_f64(v)
+                .map_err(|_| LoadgenError::Config(format!("--{name} {v} is not a number of seconds ≥ 0")))
         };
         let rate = |name: &'static str, v: f64| {
-            if v.is_finite() && v >= 0.0 { Ok(v) } else { Err(LoadgenError::Config(format!("--{name} {v} is not a rate ≥ 0"))) }
+            if v.is_finite() && v >= 0.0 {
+                Ok(v)
+            } else {
+                Err(LoadgenError::Config(format!("--{name} {v} is not a rate ≥ 0")))
+            }
         };
         Ok(match *self {
             PatternArgs::Burst { n } => LoadPattern::Burst { n },
-            PatternArgs::Ramp { from, to, duration } => {
-                LoadPattern::Ramp { from_rate: rate("from", from)?, to_rate: rate("to", to)?, duration: secs("duration", duration)? }
-            }
+            PatternArgs::Ramp { from, to, duration } => LoadPattern::Ramp {
+                from_rate: rate("from", from)?,
+                to_rate: rate("to", to)?,
+                duration: secs("duration", duration)?,
+            },
             PatternArgs::Oscillate { mean, amplitude, period, duration } => LoadPattern::Oscillate {
                 mean_rate: rate("mean", mean)?,
                 amplitude: rate("amplitude", amplitude)?,
@@ -358,10 +365,15 @@ pub async fn wait_results(
             for (i, v) in chunk.iter().zip(values) {
                 let meta: Option<Value> = v.and_then(|v| serde_json::from_str(&v).ok());
                 let status = meta.as_ref().and_then(|m| m["status"].as_str());
-                let done = meta.as_ref().and_then(|m| m["date_done"].as_str()).and_then(|d| crate::wire::time::parse_iso8601(d).ok());
+                let done = meta
+                    .as_ref()
+                    .and_then(|m| m["date_done"].as_str())
+                    .and_then(|d| crate::wire::time::parse_iso8601(d).ok());
                 match status {
                     Some(s) if s == TaskState::Success.as_str() => report.succeeded += 1,
-                    Some(s) if s == TaskState::Failure.as_str() || s == TaskState::Revoked.as_str() => report.failed += 1,
+                    Some(s) if s == TaskState::Failure.as_str() || s == TaskState::Revoked.as_str() => {
+                        report.failed += 1
+                    }
                     _ => {
                         still.push(*i);
                         continue;
@@ -455,13 +467,18 @@ pub async fn run(args: LoadgenArgs) -> Result<bool, LoadgenError> {
     }
     let backend = connection::connect("BACKEND_URL", &o.backend_url, timeout)?;
     let mut progress = Progress::new("done", sent.sent);
-    let waited = wait_results(&backend, &o.backend_url, &sent.sent_at, Duration::from_secs_f64(o.wait_timeout), |d, t| {
-        progress.update(d, t)
-    })
-    .await?;
+    let waited =
+        wait_results(&backend, &o.backend_url, &sent.sent_at, Duration::from_secs_f64(o.wait_timeout), |d, t| {
+            progress.update(d, t)
+        })
+        .await?;
     progress.finish();
     let pct = |p| waited.percentile(p).map_or("-".to_owned(), |v| format!("{v:.3} s"));
-    let pending = if waited.pending > 0 { format!(", {} still pending after {:.0} s", waited.pending, o.wait_timeout) } else { String::new() };
+    let pending = if waited.pending > 0 {
+        format!(", {} still pending after {:.0} s", waited.pending, o.wait_timeout)
+    } else {
+        String::new()
+    };
     println!(
         "results: {} succeeded, {} failed{pending}; latency p50 {} p95 {} p99 {}; makespan {:.3} s",
         waited.succeeded,

@@ -155,9 +155,12 @@ impl Worker {
     }
 
     pub fn spawn(redis: &Redis, extra: &[&str]) -> Worker {
+        Worker::spawn_with_metrics_port(redis, free_port(), extra)
+    }
+
+    pub fn spawn_with_metrics_port(redis: &Redis, metrics_port: u16, extra: &[&str]) -> Worker {
         let logdir = tempfile::tempdir().unwrap();
         let log = logdir.path().join("worker.log");
-        let metrics_port = free_port();
         let child = Command::new(BIN)
             .arg("worker")
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])

@@ -1,0 +1,318 @@
+//! The exporter against a real Redis, and the whole metrics path against a real Prometheus
+//! running the project's shipped scrape config (targets pointed at loopback), queried with the
+//! exact PromQL the prometheus-adapter rule will send. Also: loadgen messages run on a real
+//! Python Celery worker, and loadgen fails clearly when Redis is unreachable.
+
+mod common;
+
+use common::{BIN, PythonWorker, Redis, Worker, enqueue, free_port, http_get, metric_value, repo_root, task, wait_for};
+use redis::Commands;
+use serde_json::{Value, json};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A `celery-autoscale exporter` process.
+struct Exporter {
+    child: Child,
+    port: u16,
+    log: tempfile::NamedTempFile,
+}
+
+impl Exporter {
+    fn start(broker_url: &str, queues: &str, extra: &[&str]) -> Exporter {
+        let port = free_port();
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = Command::new(BIN)
+            .args(["exporter", "--queues", queues, "--interval", "0.5", "--listen", &format!("127.0.0.1:{port}")])
+            .args(extra)
+            .env("BROKER_URL", broker_url)
+            .stdout(Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .unwrap();
+        let e = Exporter { child, port, log };
+        wait_for("exporter /healthz", Duration::from_secs(10), || http_get(e.port, "/healthz").map(|_| ()));
+        e
+    }
+
+    fn metrics(&self) -> String {
+        http_get(self.port, "/metrics").expect("exporter /metrics").1
+    }
+
+    fn value(&self, name: &str, labels: &str) -> Option<f64> {
+        let body = self.metrics();
+        let present = body.lines().any(|l| l.starts_with(name) && l.contains(labels));
+        present.then(|| metric_value(&body, name, labels))
+    }
+
+    /// Wait until `name{labels}` reads `want` (None: the series is absent).
+    fn wait_value(&self, name: &str, labels: &str, want: Option<f64>) {
+        wait_for(&format!("{name}{{{labels}}} = {want:?}"), Duration::from_secs(15), || {
+            (self.value(name, labels) == want).then_some(())
+        });
+    }
+}
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn depth_sums_every_priority_list_and_queue_and_reserved_counts_held_work() {
+    let redis = Redis::start();
+    let exporter = Exporter::start(&redis.url(0), "celery,other,empty", &[]);
+    let mut batch = Vec::new();
+    for p in [0u8, 0, 2, 3, 5, 6, 7, 9, 9, 9] {
+        let mut t = task("tasks.io_bound", vec![json!(5)]);
+        t.priority = p;
+        batch.push(t);
+    }
+    for _ in 0..4 {
+        let mut t = task("tasks.io_bound", vec![json!(5)]);
+        t.queue = "other".into();
+        batch.push(t);
+    }
+    enqueue(&redis, &batch);
+    let llen_celery: usize = redis.conn(0).llen("celery").unwrap();
+    assert_eq!(llen_celery, 3, "a bare LLEN sees only bucket 0 (priorities 0, 0, 2)");
+    exporter.wait_value("celery_queue_depth", "queue=\"celery\"", Some(10.0));
+    exporter.wait_value("celery_queue_depth", "queue=\"other\"", Some(4.0));
+    exporter.wait_value("celery_queue_depth", "queue=\"empty\"", Some(0.0));
+    assert_eq!(exporter.value("celery_queue_reserved", "queue=\"celery\""), Some(0.0));
+
+    // A worker on `celery` with 3 slots holds 3 messages (taken, running, unacknowledged).
+    let _w = Worker::start(&redis, &["--concurrency", "3"]);
+    exporter.wait_value("celery_queue_reserved", "queue=\"celery\"", Some(3.0));
+    exporter.wait_value("celery_queue_depth", "queue=\"celery\"", Some(7.0));
+    assert_eq!(exporter.value("celery_queue_reserved", "queue=\"other\""), Some(0.0));
+    assert_eq!(exporter.value("celery_queue_exporter_last_poll_ok", ""), Some(1.0));
+}
+
+#[test]
+fn redis_outage_withdraws_the_series_and_recovery_restores_them() {
+    let mut redis = Redis::start();
+    enqueue(&redis, &[task("tasks.io_bound", vec![json!(1)]), task("tasks.io_bound", vec![json!(1)])]);
+    let exporter = Exporter::start(&redis.url(0), "celery", &[]);
+    exporter.wait_value("celery_queue_depth", "queue=\"celery\"", Some(2.0));
+    redis.stop();
+    exporter.wait_value("celery_queue_exporter_last_poll_ok", "", Some(0.0));
+    assert_eq!(exporter.value("celery_queue_depth", "queue=\"celery\""), None, "no stale depth while Redis is down");
+    assert!(http_get(exporter.port, "/readyz").is_some_and(|(s, _)| s == 503));
+    redis.restart();
+    exporter.wait_value("celery_queue_exporter_last_poll_ok", "", Some(1.0));
+    exporter.wait_value("celery_queue_depth", "queue=\"celery\"", Some(2.0));
+    let log = std::fs::read_to_string(exporter.log.path()).unwrap();
+    assert!(log.contains("cannot poll Redis") && log.contains("work again"), "{log}");
+}
+
+#[test]
+fn a_wrong_password_is_reported_and_no_depth_is_served() {
+    let redis = Redis::start();
+    let _: () = redis::cmd("CONFIG").arg("SET").arg("requirepass").arg("s3cret").query(&mut redis.conn(0)).unwrap();
+    let exporter = Exporter::start(&format!("redis://:wrong@127.0.0.1:{}/0", redis.port), "celery", &[]);
+    exporter.wait_value("celery_queue_exporter_last_poll_ok", "", Some(0.0));
+    assert_eq!(exporter.value("celery_queue_depth", "queue=\"celery\""), None);
+    wait_for("a log line naming the password", Duration::from_secs(10), || {
+        let log = std::fs::read_to_string(exporter.log.path()).unwrap();
+        (log.contains("check the password in BROKER_URL") && !log.contains("wrong@")).then_some(())
+    });
+}
+
+#[test]
+fn reserved_counting_stays_bounded_with_100k_unacked_entries() {
+    let redis = Redis::start();
+    let (bytes, _) = task("tasks.io_bound", vec![json!(1)]).to_message("gen0@tests");
+    let entry = {
+        let mut e = b"[".to_vec();
+        e.extend_from_slice(&bytes);
+        e.extend_from_slice(b", \"\", \"celery\"]");
+        e
+    };
+    let mut c = redis.conn(0);
+    for chunk in 0..100 {
+        let mut pipe = redis::pipe();
+        for i in 0..1000 {
+            pipe.hset("unacked", format!("tag-{chunk}-{i}"), &entry).ignore();
+        }
+        let _: () = pipe.query(&mut c).unwrap();
+    }
+    let exporter = Exporter::start(&redis.url(0), "celery", &[]);
+    exporter.wait_value("celery_queue_reserved", "queue=\"celery\"", Some(100_000.0));
+    let body = exporter.metrics();
+    let polls = metric_value(&body, "celery_queue_exporter_poll_duration_seconds_count", "");
+    let total = metric_value(&body, "celery_queue_exporter_poll_duration_seconds_sum", "");
+    println!("100k unacked entries: mean poll {:.1} ms over {polls} polls", 1000.0 * total / polls);
+    assert!(polls >= 1.0);
+}
+
+/// The shipped Prometheus config with its targets pointed at loopback; everything else (the
+/// namespace relabelling, scrape intervals, the alert rules) as shipped.
+fn prometheus_config(dir: &Path, exporter_port: u16, worker_port: u16) -> std::path::PathBuf {
+    let shipped = repo_root().join("nix/k8s/files/prometheus.yml");
+    let mut cfg: serde_norway::Value = serde_norway::from_str(&std::fs::read_to_string(&shipped).unwrap()).unwrap();
+    cfg["global"]["scrape_interval"] = "1s".into();
+    cfg["global"]["evaluation_interval"] = "1s".into();
+    cfg["global"]["scrape_timeout"] = "1s".into();
+    let rules = repo_root().join("nix/k8s/files/alerts.yml");
+    cfg["rule_files"] = serde_norway::Value::Sequence(vec![rules.to_str().unwrap().into()]);
+    let jobs = cfg["scrape_configs"].as_sequence_mut().unwrap();
+    jobs.retain(|j| ["celery-queue-exporter", "celery-worker"].contains(&j["job_name"].as_str().unwrap()));
+    assert_eq!(jobs.len(), 2, "the shipped config scrapes the exporter and the workers");
+    for job in jobs.iter_mut() {
+        let port = if job["job_name"] == "celery-queue-exporter" { exporter_port } else { worker_port };
+        let m = job.as_mapping_mut().unwrap();
+        m.remove("dns_sd_configs");
+        m.insert("scrape_interval".into(), "1s".into());
+        m.insert("scrape_timeout".into(), "1s".into());
+        let targets: serde_norway::Value =
+            serde_norway::from_str(&format!("[{{targets: ['127.0.0.1:{port}']}}]")).unwrap();
+        m.insert("static_configs".into(), targets);
+    }
+    let path = dir.join("prometheus.yml");
+    std::fs::write(&path, serde_norway::to_string(&cfg).unwrap()).unwrap();
+    path
+}
+
+struct Prometheus {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(exporter_port: u16, worker_port: u16) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let config = prometheus_config(dir.path(), exporter_port, worker_port);
+        let check = Command::new("promtool")
+            .arg("check")
+            .arg("config")
+            .arg(&config)
+            .output()
+            .expect("promtool (apt-get install prometheus)");
+        assert!(
+            check.status.success(),
+            "promtool rejects the test config: {}{}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let port = free_port();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus (apt-get install prometheus)");
+        let p = Prometheus { child, port, _dir: dir };
+        wait_for("prometheus ready", Duration::from_secs(30), || {
+            http_get(p.port, "/-/ready").and_then(|(s, _)| (s == 200).then_some(()))
+        });
+        p
+    }
+
+    /// An instant query; the result vector.
+    fn query(&self, promql: &str) -> Vec<Value> {
+        let q: String = promql
+            .bytes()
+            .map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") })
+            .collect();
+        let (status, body) = http_get(self.port, &format!("/api/v1/query?query={q}")).expect("prometheus API");
+        assert_eq!(status, 200, "query {promql}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        v["data"]["result"].as_array().unwrap().clone()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The adapter's metricsQuery as the adapter fills it for the HPA's selector `queue=celery`
+/// in namespace celery-autoscale.
+fn adapter_query() -> String {
+    let cfg: serde_norway::Value = serde_norway::from_str(
+        &std::fs::read_to_string(repo_root().join("nix/k8s/files/adapter-config.yaml")).unwrap(),
+    )
+    .unwrap();
+    let template = cfg["externalRules"][0]["metricsQuery"].as_str().unwrap();
+    template
+        .replace("<<.Series>>", "celery_queue_depth")
+        .replace("<<.LabelMatchers>>", "queue=\"celery\",namespace=\"celery-autoscale\"")
+}
+
+#[test]
+fn prometheus_scrapes_the_exporter_and_a_worker_and_the_adapter_query_returns_one_series() {
+    let redis = Redis::start();
+    let exporter = Exporter::start(&redis.url(0), "celery", &[]);
+    let worker_port = free_port();
+    let prom = Prometheus::start(exporter.port, worker_port);
+    let out = Command::new(BIN)
+        .args(["loadgen", "burst", "--n", "120", "--task", "io", "--io-seconds", "0.05:0.1"])
+        .env("BROKER_URL", redis.url(0))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("sent 120 tasks"));
+
+    wait_for("Prometheus sees depth 120", Duration::from_secs(30), || {
+        let r = prom.query("celery_queue_depth{queue=\"celery\"}");
+        (r.len() == 1 && r[0]["value"][1] == "120").then_some(())
+    });
+    let series = prom.query("celery_queue_depth{queue=\"celery\"}");
+    assert_eq!(series[0]["metric"]["namespace"], "celery-autoscale", "the shipped relabelling adds the namespace");
+    let q = adapter_query();
+    let filled = prom.query(&q);
+    assert_eq!(filled.len(), 1, "the adapter query {q} returns exactly one series: {filled:?}");
+    assert_eq!(filled[0]["value"][1], "120");
+
+    // A worker on the port Prometheus scrapes drains the queue; the task rate turns positive.
+    let _w = Worker::spawn_with_metrics_port(&redis, worker_port, &["--concurrency", "8"]);
+    wait_for("rate(celery_task_success_total[1m]) > 0", Duration::from_secs(60), || {
+        let r = prom.query("sum(rate(celery_task_success_total[1m]))");
+        r.first().and_then(|s| s["value"][1].as_str()?.parse::<f64>().ok()).filter(|v| *v > 0.0).map(|_| ())
+    });
+    wait_for("depth 0 in Prometheus", Duration::from_secs(60), || {
+        prom.query(&q).first().and_then(|s| (s["value"][1] == "0").then_some(()))
+    });
+    let up = prom.query("up{job=\"celery-worker\",namespace=\"celery-autoscale\"}");
+    assert_eq!(up.len(), 1);
+    assert_eq!(up[0]["value"][1], "1");
+}
+
+#[test]
+fn a_python_celery_worker_runs_what_loadgen_sends() {
+    let redis = Redis::start();
+    let _py = PythonWorker::start(&redis, &["--concurrency", "2", "--pool", "threads"], &[]);
+    let out = Command::new(BIN)
+        .args(["loadgen", "burst", "--n", "30", "--task", "mix", "--cpu-n", "1000:20000", "--io-seconds", "0.01:0.05"])
+        .args(["--wait", "--wait-timeout", "60"])
+        .env("BROKER_URL", redis.url(0))
+        .env("BACKEND_URL", redis.url(1))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "loadgen --wait failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("results: 30 succeeded, 0 failed"), "{stdout}");
+}
+
+#[test]
+fn loadgen_says_which_redis_it_could_not_reach_and_exits_nonzero() {
+    let port = free_port();
+    let out = Command::new(BIN)
+        .args(["loadgen", "burst", "--n", "10"])
+        .env("BROKER_URL", format!("redis://:pw@127.0.0.1:{port}/0"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("redis://:***@127.0.0.1:{port}/0")) && err.contains("0 of 10 tasks"), "{err}");
+    assert!(!err.contains(":pw@"), "password not printed");
+}
