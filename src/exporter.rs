@@ -146,7 +146,7 @@ impl DepthReader {
             let reply: Vec<redis::Value> =
                 self.count_unacked.key(keys::UNACKED).arg(&cursor).arg(self.batch).invoke_async(&mut conn).await?;
             let mut it = reply.into_iter();
-            cursor = it.next().map(|v| redis::from_redis_value(v)).transpose()?.unwrap_or_else(|| "0".into());
+            cursor = it.next().map(redis::from_redis_value).transpose()?.unwrap_or_else(|| "0".into());
             while let (Some(k), Some(n)) = (it.next(), it.next()) {
                 let k: String = redis::from_redis_value(k)?;
                 let n: u64 = redis::from_redis_value(n)?;
