@@ -289,7 +289,23 @@ pub async fn send(
 ) -> Result<SendReport, LoadgenError> {
     let total = pattern.total();
     let key = options.priority_steps.key_for(&options.queue, i64::from(options.priority));
+    let batch_size = u64::from(options.batch);
+    // Messages are built on a thread of their own, a few batches ahead, while this task keeps
+    // Redis busy: building (JSON, base64, ids) and sending then use both cores.
+    let (tx, mut prepared) = tokio::sync::mpsc::channel::<Vec<(String, Vec<u8>)>>(4);
     let mut factory = TaskFactory::new(options);
+    std::thread::spawn(move || {
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(batch_size);
+            let chunk = (0..n).map(|_| factory.next_task()).map(|(t, bytes)| (t.id, bytes)).collect();
+            if tx.blocking_send(chunk).is_err() {
+                return; // the sender stopped (an error); nothing more is needed
+            }
+            left -= n;
+        }
+    });
+    let mut ready: std::collections::VecDeque<(String, Vec<u8>)> = Default::default();
     let start = Instant::now();
     let mut sent_at = Vec::with_capacity(total as usize);
     let (mut queued, mut confirmed) = (0u64, 0u64);
@@ -305,20 +321,24 @@ pub async fn send(
     while confirmed < total {
         let due = (pattern.cumulative(start.elapsed()).floor() as u64).min(total);
         while queued < due && in_flight.len() < IN_FLIGHT {
-            let n = (due - queued).min(u64::from(options.batch));
-            let mut batch = Vec::with_capacity(n as usize);
-            let now = Utc::now();
-            for _ in 0..n {
-                let (task, bytes) = factory.next_task();
-                sent_at.push((task.id, now));
-                batch.push(bytes);
+            let n = (due - queued).min(batch_size) as usize;
+            while ready.len() < n {
+                ready.extend(prepared.recv().await.expect("the builder thread makes every message"));
             }
-            queued += n;
+            let now = Utc::now();
+            let batch: Vec<Vec<u8>> = ready
+                .drain(..n)
+                .map(|(id, bytes)| {
+                    sent_at.push((id, now));
+                    bytes
+                })
+                .collect();
+            queued += n as u64;
             let mut c = conn.clone();
             let key = key.clone();
             in_flight.push(async move {
                 let r: redis::RedisResult<i64> = redis::cmd("LPUSH").arg(&key).arg(&batch).query_async(&mut c).await;
-                (n, r)
+                (n as u64, r)
             });
         }
         if in_flight.is_empty() {

@@ -239,7 +239,7 @@ pub fn parse_message(bytes: &[u8]) -> Result<TaskMessage, Rejection> {
     let (delivery_tag, raw) = match properties.get("delivery_tag").and_then(Value::as_str) {
         Some(tag) if !tag.is_empty() => (tag.to_owned(), Some(bytes.to_vec())),
         _ => {
-            let tag = uuid::Uuid::new_v4().to_string();
+            let tag = super::message::new_uuid();
             if let Some(Value::Object(p)) = envelope.get_mut("properties") {
                 p.insert("delivery_tag".into(), Value::String(tag.clone()));
             }

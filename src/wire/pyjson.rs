@@ -25,6 +25,9 @@ impl Formatter for PythonFormatter {
     fn write_string_fragment<W: ?Sized + io::Write>(&mut self, w: &mut W, fragment: &str) -> io::Result<()> {
         // Python's ESCAPE_ASCII escapes everything that is not in ' '..='~'; serde_json has
         // already escaped quotes, backslashes and C0 controls before calling us.
+        if fragment.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+            return w.write_all(fragment.as_bytes());
+        }
         let mut start = 0;
         for (i, c) in fragment.char_indices() {
             if (' '..='~').contains(&c) {
