@@ -13,6 +13,7 @@ pub mod exporter;
 pub mod hpa;
 pub mod http;
 pub mod loadgen;
+pub mod local;
 pub mod metrics;
 pub mod pattern;
 pub mod plot;

@@ -1,7 +1,7 @@
 //! The `celery-autoscale` command line: parse arguments, call into the library.
 
 use celery_autoscale::telemetry::{self, LogFormat};
-use celery_autoscale::{exporter, loadgen, simulate, worker};
+use celery_autoscale::{exporter, loadgen, local, simulate, worker};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -26,6 +26,8 @@ enum Command {
     Exporter(exporter::ExporterArgs),
     /// Enqueue tasks as Python's send_task would: burst, ramp or oscillate.
     Loadgen(loadgen::LoadgenArgs),
+    /// The whole system on one machine: Redis, exporter, and workers scaled by the HPA algorithm.
+    Local(local::LocalArgs),
     /// Replay a metric trace (open loop) or a workload model (closed loop) through the HPA algorithm.
     Simulate(simulate::SimulateArgs),
 }
@@ -43,6 +45,7 @@ fn main() {
                     anyhow::bail!("not every task succeeded");
                 }
             }
+            Command::Local(args) => local::run(args).await?,
             Command::Simulate(args) => simulate::run(&args)?,
         }
         Ok(())

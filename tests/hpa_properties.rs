@@ -56,6 +56,7 @@ fn spec(select: fn() -> BoxedStrategy<SelectPolicy>) -> impl Strategy<Value = Hp
             min_replicas: min,
             max_replicas: min + extra,
             metrics: vec![ExternalMetric {
+                match_labels: Default::default(),
                 name: "celery_queue_depth".into(),
                 target: if value_target {
                     MetricTarget::Value(TARGET_MILLI)

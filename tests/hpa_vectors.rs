@@ -50,7 +50,11 @@ fn seed_fixture_is_defaulted_like_the_api_server() {
     assert_eq!((spec.min_replicas, spec.max_replicas), (1, 20));
     assert_eq!(
         spec.metrics,
-        vec![ExternalMetric { name: "celery_queue_depth".into(), target: MetricTarget::AverageValue(10_000) }]
+        vec![ExternalMetric {
+            name: "celery_queue_depth".into(),
+            match_labels: Default::default(),
+            target: MetricTarget::AverageValue(10_000)
+        }]
     );
     let behavior = spec.behavior.expect("behavior");
     // policies replace the default list as a whole: no "4 pods" policy survives.
@@ -167,7 +171,7 @@ fn percent_artefacts_exhaustive_count() {
 }
 
 fn external(target: MetricTarget) -> Vec<ExternalMetric> {
-    vec![ExternalMetric { name: "celery_queue_depth".into(), target }]
+    vec![ExternalMetric { name: "celery_queue_depth".into(), match_labels: Default::default(), target }]
 }
 
 fn spec_with(behavior: Option<Behavior>) -> HpaSpec {
@@ -318,7 +322,11 @@ fn out_of_range_clamps_before_metrics() {
 #[test]
 fn several_metrics_take_the_maximum_and_partial_failures_only_scale_up() {
     let mut spec = seed();
-    spec.metrics.push(ExternalMetric { name: "other".into(), target: MetricTarget::AverageValue(5_000) });
+    spec.metrics.push(ExternalMetric {
+        name: "other".into(),
+        match_labels: Default::default(),
+        target: MetricTarget::AverageValue(5_000),
+    });
     let mut autoscaler = Autoscaler::new(spec);
     let sync = |a: &mut Autoscaler, readings| a.sync(Timestamp::from_secs(0), &Observation::settled(4, readings));
     let d = sync(&mut autoscaler, vec![MetricReading::total(Some(40_000)), MetricReading::total(Some(60_000))]);

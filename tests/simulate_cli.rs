@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use celery_autoscale::hpa::{Autoscaler, load_hpa_file};
+use celery_autoscale::hpa::{
+    Autoscaler, Behavior, MetricTarget, PolicyKind, ScalingPolicy, ScalingRules, SelectPolicy, load_hpa_file,
+};
 use celery_autoscale::simulate::{read_trace, replay_trace};
 
 fn fixture(name: &str) -> PathBuf {
@@ -104,8 +106,11 @@ fn binary_equals_library_on_a_long_trace() {
         csv += &format!("{},{value}\n", i * 15);
     }
     std::fs::write(&trace_path, csv).unwrap();
-    for manifest in ["seed-hpa.yaml", "legacy-hpa.yaml", "default-behavior-hpa.yaml"] {
-        let hpa = fixture(manifest);
+    let project = Path::new(env!("CARGO_MANIFEST_DIR")).join("k8s/autoscaling.yaml");
+    for hpa in
+        ["seed-hpa.yaml", "legacy-hpa.yaml", "default-behavior-hpa.yaml"].map(fixture).into_iter().chain([project])
+    {
+        let manifest = hpa.file_name().unwrap().to_str().unwrap().to_owned();
         let out = stdout_of(&["--hpa", path(&hpa), "--trace", path(&trace_path)]);
         let spec = load_hpa_file(&hpa, None).unwrap();
         let initial = spec.min_replicas;
@@ -195,4 +200,34 @@ fn errors_explain_what_to_do() {
     assert!(err.contains("burst:N"), "{err}");
     let err = stderr_of_failure(&["--hpa", path(&fixture("seed-hpa.yaml")), "--step", "0.4", "--sync-period", "15"]);
     assert!(err.contains("multiple of --step"), "{err}");
+}
+
+/// The rendered manifest the cluster gets (k8s/autoscaling.yaml, generated from
+/// nix/k8s/autoscaling.nix) carries exactly the seed's numbers.
+#[test]
+fn the_project_hpa_is_the_seeds() {
+    let spec = load_hpa_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("k8s/autoscaling.yaml"), None).unwrap();
+    assert_eq!((spec.name.as_str(), spec.min_replicas, spec.max_replicas), ("worker", 1, 20));
+    assert_eq!(spec.metrics.len(), 1);
+    assert_eq!(spec.metrics[0].name, "celery_queue_depth");
+    assert_eq!(spec.metrics[0].match_labels.get("queue").map(String::as_str), Some("celery"));
+    assert_eq!(spec.metrics[0].target, MetricTarget::AverageValue(10_000), "AverageValue \"10\" per pod");
+    let policy = |kind, value, period_seconds| ScalingPolicy { kind, value, period_seconds };
+    assert_eq!(
+        spec.behavior,
+        Some(Behavior {
+            scale_up: ScalingRules {
+                stabilization_window_seconds: Some(0),
+                select_policy: SelectPolicy::Max,
+                policies: vec![policy(PolicyKind::Percent, 200, 15)],
+                tolerance: None,
+            },
+            scale_down: ScalingRules {
+                stabilization_window_seconds: Some(60),
+                select_policy: SelectPolicy::Max,
+                policies: vec![policy(PolicyKind::Percent, 50, 30)],
+                tolerance: None,
+            },
+        })
+    );
 }

@@ -7,6 +7,7 @@
 //! into milli-units with `MilliValue()` / tolerances with `AsApproximateFloat64()`.
 
 use k8s_openapi::api::autoscaling::v2 as k8s;
+use std::collections::BTreeMap;
 
 use super::HpaError;
 use super::quantity::Quantity;
@@ -34,6 +35,8 @@ pub struct HpaSpec {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExternalMetric {
     pub name: String,
+    /// `metric.selector.matchLabels` (which series the adapter sums; `queue` for this project).
+    pub match_labels: BTreeMap<String, String>,
     pub target: MetricTarget,
 }
 
@@ -214,7 +217,8 @@ fn external_metric(index: usize, metric: &k8s::MetricSpec) -> Result<ExternalMet
         (None, Some(value)) => MetricTarget::Value(milli("value", value)?),
         (None, None) => unreachable!("checked above"),
     };
-    Ok(ExternalMetric { name, target })
+    let match_labels = external.metric.selector.as_ref().and_then(|s| s.match_labels.clone()).unwrap_or_default();
+    Ok(ExternalMetric { name, match_labels, target })
 }
 
 /// `copyHPAScalingRules(user, default)` followed by `validateScalingRules`.

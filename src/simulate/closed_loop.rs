@@ -317,6 +317,7 @@ mod tests {
             min_replicas: replicas,
             max_replicas: replicas,
             metrics: vec![ExternalMetric {
+                match_labels: Default::default(),
                 name: "celery_queue_depth".into(),
                 target: MetricTarget::AverageValue(10_000),
             }],

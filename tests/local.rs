@@ -1,0 +1,197 @@
+//! `celery-autoscale local` end to end: real Redis, the real exporter, real worker processes
+//! scaled by the HPA algorithm, a real load. The HPA is the project's with its durations cut
+//! (tests/fixtures/hpa/fast-local-hpa.yaml) so a whole scale-up and scale-down fits in a minute.
+
+mod common;
+
+use common::{BIN, Redis, free_port, repo_root, wait_for};
+use redis::Commands;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+fn fast_hpa() -> String {
+    repo_root().join("tests/fixtures/hpa/fast-local-hpa.yaml").display().to_string()
+}
+
+struct Run {
+    dir: tempfile::TempDir,
+}
+
+impl Run {
+    fn new() -> Run {
+        Run { dir: tempfile::tempdir().unwrap() }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    fn command(&self, broker: Option<&Redis>, extra: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("local")
+            .args(["--hpa", &fast_hpa(), "--sync-period", "2", "--worker-shutdown-timeout", "10"])
+            .args(["--exporter-listen", &format!("127.0.0.1:{}", free_port())])
+            .args([
+                "--data-dir",
+                &self.path("data"),
+                "--timeline",
+                &self.path("timeline.csv"),
+                "--plot",
+                &self.path("plot.svg"),
+            ])
+            .args(extra)
+            .env_remove("BROKER_URL")
+            .env_remove("BACKEND_URL")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(r) = broker {
+            c.env("BROKER_URL", r.url(0)).env("BACKEND_URL", r.url(1));
+        }
+        c
+    }
+
+    fn timeline(&self) -> Vec<Vec<String>> {
+        let text = std::fs::read_to_string(self.path("timeline.csv")).expect("timeline written");
+        let mut lines = text.lines();
+        assert!(lines.next().unwrap().starts_with("t,queue_depth,reserved,desired_replicas,running_workers"));
+        lines.map(|l| l.split(',').map(str::to_owned).collect()).collect()
+    }
+}
+
+fn column(rows: &[Vec<String>], i: usize) -> Vec<f64> {
+    rows.iter().map(|r| r[i].parse::<f64>().unwrap_or(f64::NAN)).collect()
+}
+
+fn text(out: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn a_burst_scales_workers_up_and_back_down_and_every_task_succeeds() {
+    let redis = Redis::start();
+    let run = Run::new();
+    let out = run
+        .command(
+            Some(&redis),
+            &["--load", "burst:150", "--task", "io", "--io-seconds", "0.3:0.5", "--max-duration", "150"],
+        )
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "local failed\n{stdout}\n{stderr}");
+    assert!(stdout.contains("done: 150 tasks succeeded, 0 failed"), "{stdout}");
+
+    // Every task ended SUCCESS in the result backend; nothing queued or held.
+    let keys: Vec<String> = redis.conn(1).keys("celery-task-meta-*").unwrap();
+    assert_eq!(keys.len(), 150);
+    let ids: Vec<String> = keys.iter().map(|k| k.trim_start_matches("celery-task-meta-").to_owned()).collect();
+    assert!(redis.statuses(&ids).iter().all(|s| s.as_deref() == Some("SUCCESS")));
+    assert_eq!((redis.depth("celery"), redis.unacked()), (0, 0));
+
+    // The timeline agrees with what happened.
+    let rows = run.timeline();
+    let desired = column(&rows, 3);
+    let running = column(&rows, 4);
+    let succeeded = column(&rows, 7);
+    let peak = desired.iter().cloned().fold(0.0, f64::max);
+    assert!(peak > 1.0, "scaled above one worker: {desired:?}");
+    assert_eq!(*desired.last().unwrap(), 1.0, "back at the minimum");
+    assert_eq!(running.iter().cloned().fold(0.0, f64::max), peak, "as many processes ran as were desired");
+    assert_eq!(*succeeded.last().unwrap(), 150.0);
+    assert!(succeeded.windows(2).all(|w| w[1] >= w[0]), "the success count never goes back");
+    // Each scale event in the CSV is one the summary reports, in order.
+    let csv_events: Vec<String> =
+        rows.iter().filter_map(|r| r[10].split_whitespace().find(|e| e.contains("->")).map(str::to_owned)).collect();
+    let printed: Vec<String> =
+        stdout.lines().filter_map(|l| l.trim().split(':').next()?.split(' ').nth(2).map(str::to_owned)).collect();
+    assert_eq!(csv_events, printed, "{stdout}");
+    // One log file per worker process started.
+    let started: usize = stdout.split(" started,").next().unwrap().rsplit('(').next().unwrap().parse().unwrap();
+    let logs = std::fs::read_dir(run.dir.path().join("data/logs")).unwrap().count();
+    assert_eq!(logs, started);
+    assert!(std::fs::read_to_string(run.path("plot.svg")).unwrap().contains("<svg"));
+}
+
+#[test]
+fn the_embedded_redis_is_started_and_keeps_what_is_left_for_the_next_run() {
+    let run = Run::new();
+    let out = run
+        .command(None, &["--load", "burst:20", "--task", "io", "--io-seconds", "0.05:0.1", "--max-duration", "90"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("(embedded)") && stdout.contains("done: 20 tasks succeeded"), "{stdout}");
+    assert!(run.dir.path().join("data/redis/appendonlydir").exists(), "append-only data kept in the data dir");
+}
+
+#[test]
+fn without_redis_server_the_error_says_how_to_get_it() {
+    let run = Run::new();
+    let out = run.command(None, &["--max-duration", "5"]).env("PATH", "/nonexistent").output().unwrap();
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("redis-server was not found")
+            && stderr.contains("apt-get install redis-server")
+            && stderr.contains("BROKER_URL"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn ctrl_c_stops_everything_cleanly_and_a_dead_worker_is_replaced() {
+    let redis = Redis::start();
+    let run = Run::new();
+    let mut child = run
+        .command(
+            Some(&redis),
+            &["--load", "burst:300", "--task", "io", "--io-seconds", "0.4:0.6", "--max-duration", "120"],
+        )
+        .spawn()
+        .unwrap();
+    // Wait until at least two workers run, then kill one outright.
+    let local_pid = child.id().to_string();
+    let pids = wait_for("two local workers", Duration::from_secs(30), || {
+        let pids = children(&local_pid);
+        (pids.len() >= 2).then_some(pids)
+    });
+    assert!(Command::new("kill").args(["-KILL", &pids[0]]).status().unwrap().success());
+    let mut seen = pids.clone();
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_millis(100));
+        seen.extend(children(&local_pid));
+    }
+    // Ctrl-C: SIGINT to local alone (its workers are in their own process groups).
+    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    wait_for("local to exit", Duration::from_secs(60), || child.try_wait().unwrap().map(|_| ()));
+    let output = child.wait_with_output().unwrap();
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("1 replaced after dying"), "{stdout}");
+    assert!(stderr.contains("worker died; it will be replaced"), "{stderr}");
+    let rows = run.timeline();
+    assert!(rows.iter().any(|r| r[10].contains("replaced 1")), "the timeline records the replacement");
+    // Nothing lost: every task is either done, still queued, or held by the killed worker (it
+    // comes back after the visibility timeout, as with a real node loss).
+    let done: Vec<String> = redis.conn(1).keys("celery-task-meta-*").unwrap();
+    let queued = redis.depth("celery");
+    let held = redis.unacked();
+    assert_eq!(
+        done.len() + queued + held,
+        300,
+        "done {} + queued {queued} + held by the killed worker {held}",
+        done.len()
+    );
+    assert!(held <= 2, "only the SIGKILLed worker's messages (concurrency 2) wait for the visibility timeout");
+    let alive: Vec<&String> =
+        seen.iter().filter(|p| Command::new("kill").args(["-0", p.as_str()]).status().unwrap().success()).collect();
+    assert!(alive.is_empty(), "no worker left running: {alive:?}");
+}
+
+/// The worker processes a `local` run has started (its children other than redis-server).
+fn children(pid: &str) -> Vec<String> {
+    let out = Command::new("pgrep").args(["-P", pid, "-f", "celery-autoscale worker"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned).collect()
+}
