@@ -82,7 +82,8 @@
           type = "app";
           program = lib.getExe (pkgs.writeShellApplication {
             name = "celery-autoscale-${subcommand}";
-            runtimeInputs = [ celery-autoscale ];
+            # redis: `local` starts its own redis-server when BROKER_URL is not set.
+            runtimeInputs = [ celery-autoscale pkgs.redis ];
             text = ''exec celery-autoscale ${subcommand} "$@"'';
           });
           meta = { inherit description; };
