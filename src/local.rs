@@ -626,6 +626,9 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
     });
     let total_load = args.load.as_ref().map(LoadPattern::total);
     let mut load_done = load_task.is_none();
+    // Tasks the load confirmed in Redis, and when (unix time) it finished sending them.
+    let mut load_sent = 0u64;
+    let mut load_sent_at = 0.0f64;
     let mut load_note = String::new();
     let view = std::io::stdout().is_terminal();
     println!(
@@ -654,7 +657,11 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
 
         if let Some(task) = load_task.as_mut().filter(|t| t.is_finished()) {
             match task.await {
-                Ok(Ok(report)) => load_note = format!("load sent: {} tasks at {:.0}/s", report.sent, report.rate()),
+                Ok(Ok(report)) => {
+                    load_note = format!("load sent: {} tasks at {:.0}/s", report.sent, report.rate());
+                    load_sent = report.sent;
+                    load_sent_at = crate::wire::time::unix_seconds(chrono::Utc::now());
+                }
                 Ok(Err(e)) => load_note = format!("load failed: {e}"),
                 Err(e) => load_note = format!("load task failed: {e}"),
             }
@@ -711,8 +718,15 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
         }
         rows.push(row);
 
-        let drained = depth == Some(0.0) && reserved == Some(0.0);
-        let story_over = args.load.is_some() && load_done && drained && commanded == spec.min_replicas && stopping == 0;
+        // The story is over when every task the load sent has finished, the exporter has seen an
+        // empty queue since the load was sent (not a stale zero from before), and the workers are
+        // back at the minimum.
+        let polled_at =
+            metrics.as_deref().and_then(|m| sample(m, "celery_queue_exporter_last_success_timestamp_seconds", ""));
+        let drained = depth == Some(0.0) && reserved == Some(0.0) && polled_at.is_some_and(|p| p > load_sent_at);
+        let all_done = succeeded + failed >= load_sent as f64;
+        let story_over =
+            args.load.is_some() && load_done && all_done && drained && commanded == spec.min_replicas && stopping == 0;
         if story_over {
             tracing::info!("load done, queue empty, workers back at the minimum: stopping");
             break;
