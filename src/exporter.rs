@@ -10,6 +10,7 @@
 //! drops to 0 and the queue series disappear, so nothing downstream acts on a stale number: the
 //! HPA then holds its replica count instead of scaling in on old data.
 
+use crate::args::{StartError, positive_seconds};
 use crate::connection::{self, redact_url};
 use crate::http;
 use crate::metrics::ExporterMetrics;
@@ -77,13 +78,6 @@ pub struct ExporterArgs {
     /// `unacked` entries examined per Redis call when counting reserved messages.
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(10..=100_000))]
     pub reserved_batch: u32,
-}
-
-fn positive_seconds(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
-        _ => Err(format!("{s:?} is not a positive number of seconds")),
-    }
 }
 
 /// One poll's result for one queue.
@@ -159,30 +153,17 @@ impl DepthReader {
     }
 }
 
-/// Errors that stop the exporter from starting.
-#[derive(Debug, thiserror::Error)]
-pub enum ExporterError {
-    #[error(transparent)]
-    Connect(#[from] connection::ConnectError),
-    #[error(transparent)]
-    Http(#[from] http::HttpError),
-    #[error("--queues is empty; name at least one queue (default: celery)")]
-    NoQueues,
-    #[error("cannot install signal handlers: {0}")]
-    Signals(std::io::Error),
-}
-
 /// Run until SIGTERM/SIGINT.
-pub async fn run(args: ExporterArgs) -> Result<(), ExporterError> {
-    let shutdown = Shutdown::from_signals().map_err(ExporterError::Signals)?;
+pub async fn run(args: ExporterArgs) -> Result<(), StartError> {
+    let shutdown = Shutdown::from_signals().map_err(StartError::Signals)?;
     run_with_shutdown(args, shutdown).await
 }
 
 /// [`run`] with an externally driven [`Shutdown`] (the local supervisor embeds the exporter).
-pub async fn run_with_shutdown(args: ExporterArgs, shutdown: Shutdown) -> Result<(), ExporterError> {
+pub async fn run_with_shutdown(args: ExporterArgs, shutdown: Shutdown) -> Result<(), StartError> {
     let queues: Vec<String> = args.queues.iter().map(|q| q.trim().to_owned()).filter(|q| !q.is_empty()).collect();
     if queues.is_empty() {
-        return Err(ExporterError::NoQueues);
+        return Err(StartError::NoQueues);
     }
     let interval = Duration::from_secs_f64(args.interval);
     // A poll that takes longer than this is treated as failed: its numbers would be old.

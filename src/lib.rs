@@ -6,6 +6,7 @@
 //! prometheus-adapter serves to a Kubernetes HPA; [`hpa`] is the same decision algorithm run
 //! locally by [`local`] and [`simulate`]. [`loadgen`] drives it all.
 
+pub mod args;
 pub mod backend;
 pub mod broker;
 pub mod connection;

@@ -13,6 +13,7 @@
 //! is the last decision, "status replicas" the worker processes not stopping, "ready" those
 //! whose `/readyz` answers 200. The controller's memory is kept for the whole run.
 
+use crate::args::positive_seconds;
 use crate::connection::{self, redact_url};
 use crate::exporter::{self, ExporterArgs};
 use crate::hpa::{self, Autoscaler, ConditionType, Decision, HpaSpec, MetricReading, Observation, Timestamp};
@@ -92,13 +93,6 @@ pub struct LocalArgs {
     pub max_duration: Option<f64>,
 }
 
-fn positive_seconds(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
-        _ => Err(format!("{s:?} is not a positive number of seconds")),
-    }
-}
-
 /// What can stop `local` from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
@@ -125,7 +119,7 @@ pub enum LocalError {
     #[error(transparent)]
     Connect(#[from] connection::ConnectError),
     #[error(transparent)]
-    Exporter(#[from] exporter::ExporterError),
+    Exporter(#[from] crate::args::StartError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }

@@ -12,6 +12,7 @@
 //! wait in Redis where the exporter counts them, rather than in a worker's memory where
 //! nobody sees them. Queue depth stays an honest autoscaling signal.
 
+use crate::args::{StartError, non_negative_seconds, positive_seconds};
 use crate::backend::{Backend, DEFAULT_RESULT_EXPIRES, Stored};
 use crate::broker::{BRPOP_TIMEOUT, Broker, End, Fetcher};
 use crate::connection::{self, Backoff, Health, redact_url};
@@ -89,33 +90,6 @@ pub struct WorkerArgs {
     pub hostname: Option<String>,
 }
 
-fn positive_seconds(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
-        _ => Err(format!("{s:?} is not a positive number of seconds")),
-    }
-}
-
-fn non_negative_seconds(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
-        _ => Err(format!("{s:?} is not a number of seconds ≥ 0")),
-    }
-}
-
-/// Errors that stop a worker from starting.
-#[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
-    #[error(transparent)]
-    Connect(#[from] connection::ConnectError),
-    #[error(transparent)]
-    Http(#[from] http::HttpError),
-    #[error("--queues is empty; name at least one queue (default: celery)")]
-    NoQueues,
-    #[error("cannot install signal handlers: {0}")]
-    Signals(std::io::Error),
-}
-
 /// A message the worker has taken and not yet acknowledged.
 struct Held {
     entry: Vec<u8>,
@@ -145,15 +119,15 @@ struct Worker {
 }
 
 /// Run a worker until it is told to stop. Returns after a clean shutdown.
-pub async fn run(args: WorkerArgs) -> Result<(), WorkerError> {
-    let shutdown = Shutdown::from_signals().map_err(WorkerError::Signals)?;
+pub async fn run(args: WorkerArgs) -> Result<(), StartError> {
+    let shutdown = Shutdown::from_signals().map_err(StartError::Signals)?;
     run_with_shutdown(args, shutdown).await
 }
 
 /// [`run`] with an externally driven [`Shutdown`] (tests, the local supervisor).
-pub async fn run_with_shutdown(args: WorkerArgs, shutdown: Shutdown) -> Result<(), WorkerError> {
+pub async fn run_with_shutdown(args: WorkerArgs, shutdown: Shutdown) -> Result<(), StartError> {
     if args.queues.iter().all(|q| q.trim().is_empty()) {
-        return Err(WorkerError::NoQueues);
+        return Err(StartError::NoQueues);
     }
     // Replies may queue behind a busy Redis; a BRPOP needs its block time on top.
     let op_timeout = Duration::from_secs(10);
