@@ -8,7 +8,7 @@
 //!
 //! Restated from kubernetes/kubernetes `pkg/controller/podautoscaler/horizontal.go`,
 //! `replica_calculator.go` and `pkg/apis/autoscaling/v2/defaults.go`; docs/hpa-algorithm.md
-//! explains it in prose, and HPA-FINDINGS.md lists where that document and the source differ
+//! explains it in prose, and docs/HPA-findings.md lists where that document and the source differ
 //! (the source wins).
 //!
 //! - [`spec`]: the defaulted HPA the algorithm reads, converted from the real k8s-openapi type.

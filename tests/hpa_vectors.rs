@@ -144,7 +144,7 @@ fn percent_artefacts_match_go() {
 /// docs/hpa-algorithm.md §1.8 claims 116 up and 119 down cases over percent 1..300 and
 /// periodStart 1..200 differ from exact rational arithmetic. The Go-order computation gives 116
 /// up but 463 down over 1..300; 119 is the down count over percent 1..100 (above 100 % the
-/// product is negative and more truncations differ). See HPA-FINDINGS.md.
+/// product is negative and more truncations differ). See docs/HPA-findings.md.
 fn percent_artefact_counts(percents: std::ops::RangeInclusive<i64>) -> (usize, usize) {
     let (mut up, mut down) = (0, 0);
     for percent in percents {

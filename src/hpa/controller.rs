@@ -157,7 +157,7 @@ impl Sync<'_> {
     }
 
     /// The flag, replaced per direction by `behavior.*.tolerance` when the feature gate is on
-    /// (KEP-4951; `tolerancesForHpa` itself was not in the source read, HPA-FINDINGS.md item 6).
+    /// (KEP-4951; `tolerancesForHpa` itself was not in the source read, docs/HPA-findings.md item 6).
     fn tolerances(&self) -> Tolerances {
         let flag = self.config.tolerance;
         let mut tolerances = Tolerances { down: flag, up: flag };
@@ -420,7 +420,7 @@ impl Sync<'_> {
     /// `storeScaleEvent` + `markScaleEventsOutdated`: the last outdated slot is overwritten.
     /// "Outdated" uses the longest period of this direction's policies, while the limits read
     /// both directions' events over their own periods, so with different up/down periods an
-    /// event can be recycled while still relevant (HPA-FINDINGS.md, item 7); kept as upstream.
+    /// event can be recycled while still relevant (docs/HPA-findings.md, item 7); kept as upstream.
     fn store_scale_event(&mut self, previous: i32, new: i32) {
         let Some(behavior) = &self.spec.behavior else {
             return; // the legacy path keeps no events

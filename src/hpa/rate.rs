@@ -105,7 +105,7 @@ pub fn percent_scale_up(period_start: i32, percent: i32) -> i32 {
 /// `int32(62.99999999999999) = 62`.
 ///
 /// Over percent 1..300 × start 1..200 this differs from exact arithmetic in 463 cases (119 of
-/// them with percent ≤ 100); the up formula in 116 (HPA-FINDINGS.md, item 1).
+/// them with percent ≤ 100); the up formula in 116 (docs/HPA-findings.md, item 1).
 pub fn percent_scale_down(period_start: i32, percent: i32) -> i32 {
     (f64::from(period_start) * (1.0 - f64::from(percent) / 100.0)) as i32
 }
