@@ -246,3 +246,34 @@ fn a_python_worker_restores_what_we_held_when_killed() {
     assert!(py.log_text().contains("tasks.io_bound"), "the Python worker ran them");
     wait_for("unacked empty", Duration::from_secs(10), || (redis.unacked() == 0).then_some(()));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stored_success_is_never_overwritten_and_every_store_is_published() {
+    use celery_autoscale::backend::{Backend, Stored};
+    use celery_autoscale::wire::{ExceptionInfo, ResultMeta};
+    let redis = Redis::start();
+    let conn = celery_autoscale::connection::connect("BACKEND_URL", &redis.url(1), Duration::from_secs(5)).unwrap();
+    let backend = Backend::new(conn, Duration::from_secs(120));
+    let id = "00000000-0000-4000-8000-00000000c0de";
+    let channel = format!("celery-task-meta-{id}");
+    let mut sub = redis::Client::open(redis.url(1)).unwrap().get_connection().unwrap();
+    let mut pubsub = sub.as_pubsub();
+    pubsub.subscribe(&channel).unwrap();
+    pubsub.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+
+    let now = chrono::Utc::now();
+    let retry = ResultMeta::retry(id, "tasks.flaky", &ExceptionInfo::builtin("RuntimeError", "once"));
+    assert_eq!(backend.store(&retry).await.unwrap(), Stored::Written, "RETRY may be replaced");
+    assert_eq!(backend.store(&ResultMeta::success(id, json!(42), now)).await.unwrap(), Stored::Written);
+    let late_failure = ResultMeta::failure(id, "tasks.flaky", &ExceptionInfo::builtin("RuntimeError", "late"), now);
+    assert_eq!(backend.store(&late_failure).await.unwrap(), Stored::KeptSuccess);
+    let stored = redis.result(id).unwrap();
+    assert_eq!((&stored["status"], &stored["result"]), (&json!("SUCCESS"), &json!(42)));
+    let ttl: i64 = redis.conn(1).ttl(&channel).unwrap();
+    assert!((100..=120).contains(&ttl), "SETEX with result_expires: {ttl}");
+    // RETRY and SUCCESS were published on the key's channel, the refused FAILURE was not.
+    let published: Vec<String> =
+        std::iter::from_fn(|| pubsub.get_message().ok()).map(|m| m.get_payload::<String>().unwrap()).collect();
+    assert_eq!(published.len(), 2, "{published:?}");
+    assert!(published[0].contains("\"RETRY\"") && published[1].contains("\"SUCCESS\""));
+}

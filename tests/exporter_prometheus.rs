@@ -316,3 +316,32 @@ fn loadgen_says_which_redis_it_could_not_reach_and_exits_nonzero() {
     assert!(err.contains(&format!("redis://:***@127.0.0.1:{port}/0")) && err.contains("0 of 10 tasks"), "{err}");
     assert!(!err.contains(":pw@"), "password not printed");
 }
+
+#[test]
+fn ramp_and_oscillate_send_at_their_rate() {
+    let redis = Redis::start();
+    for (args, total) in [
+        // 20 → 60 tasks/s over 2 s: 20·2 + 40·2/2 = 80 tasks
+        (vec!["ramp", "--from", "20", "--to", "60", "--duration", "2"], 80usize),
+        // 30 ± 30 tasks/s, period 1 s, for 2 s: two whole periods = 60 tasks
+        (vec!["oscillate", "--mean", "30", "--amplitude", "30", "--period", "1", "--duration", "2"], 60),
+    ] {
+        let _: () = redis::cmd("FLUSHDB").query(&mut redis.conn(0)).unwrap();
+        let started = std::time::Instant::now();
+        let out = Command::new(BIN)
+            .arg("loadgen")
+            .args(&args)
+            .args(["--task", "io"])
+            .env("BROKER_URL", redis.url(0))
+            .output()
+            .unwrap();
+        let elapsed = started.elapsed();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(redis.depth("celery"), total, "{args:?}");
+        assert!(
+            elapsed >= Duration::from_millis(1800) && elapsed < Duration::from_secs(6),
+            "{args:?} took {elapsed:?}"
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("sent {total} tasks")));
+    }
+}
