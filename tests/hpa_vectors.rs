@@ -52,7 +52,7 @@ fn seed_fixture_is_defaulted_like_the_api_server() {
         spec.metrics,
         vec![ExternalMetric {
             name: "celery_queue_depth".into(),
-            match_labels: Default::default(),
+            match_labels: [("queue".to_owned(), "celery".to_owned())].into(),
             target: MetricTarget::AverageValue(10_000)
         }]
     );
