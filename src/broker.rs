@@ -1,5 +1,5 @@
-//! The kombu Redis transport, byte for byte (celery-wire.md §1): BRPOP over every queue and
-//! priority list, `unacked`/`unacked_index` bookkeeping, visibility-timeout restore under
+//! The kombu Redis transport, byte for byte (celery-wire.md §1): every queue and priority list in
+//! kombu's BRPOP order, `unacked`/`unacked_index` bookkeeping, visibility-timeout restore under
 //! `unacked_mutex`, and putting messages back at the front of their queue. Python workers and
 //! ours share these keys, so each restores the other's orphans.
 
@@ -232,26 +232,159 @@ impl Broker {
     }
 }
 
-/// The consuming end: BRPOP on a connection of its own, so a blocked read never delays acks
-/// and results.
+/// Take the next message and record it in `unacked` in one atomic step: the first non-empty
+/// list in kombu's BRPOP order is popped, and if the message carries a delivery tag it is
+/// written to `unacked`/`unacked_index` exactly as kombu's QoS.append writes it
+/// (`[<envelope>, "", "<queue>"]`, score = now) before the script returns. kombu's BRPOP then
+/// MULTI leaves an instant where a killed consumer loses the message; this does not.
+/// A message without a readable tag (garbage, some non-Python producers) comes back unrecorded.
+/// KEYS: the lists in order, then `unacked`, `unacked_index`. ARGV: now, then each list's queue
+/// name as a JSON string.
+const TAKE: &str = r#"
+local n = #KEYS - 2
+for i = 1, n do
+  local m = redis.call('RPOP', KEYS[i])
+  if m then
+    local ok, env = pcall(cjson.decode, m)
+    local tag = nil
+    if ok and type(env) == 'table' and type(env['properties']) == 'table' then
+      tag = env['properties']['delivery_tag']
+    end
+    if type(tag) == 'string' and #tag > 0 then
+      redis.call('ZADD', KEYS[n + 2], ARGV[1], tag)
+      redis.call('HSET', KEYS[n + 1], tag, '[' .. m .. ', "", ' .. ARGV[i + 1] .. ']')
+      return {KEYS[i], m, 1}
+    end
+    return {KEYS[i], m, 0}
+  end
+end
+return false
+"#;
+
+/// One message taken from a queue.
+#[derive(Debug)]
+pub struct Taken {
+    /// The list it came from (the queue, or one of its priority lists).
+    pub key: String,
+    pub bytes: Vec<u8>,
+    /// Already in `unacked` (the caller must not record it again, and must ack it).
+    pub recorded: bool,
+}
+
+/// How the fetcher waits for work.
+enum Wait {
+    /// `BLMOVE k k RIGHT RIGHT` on every list, each on its own connection: blocks until a list
+    /// is non-empty and moves nothing (the tail goes back to the tail), so waiting can never lose
+    /// a message. Redis ≥ 6.2.
+    Rotate(Vec<ConnectionManager>),
+    /// Older Redis: kombu's BRPOP (on a wait connection), with kombu's instant of risk between
+    /// pop and record.
+    Brpop(ConnectionManager),
+}
+
+/// The consuming end. Work is taken with the atomic [`TAKE`] script; when every list is empty
+/// the fetcher blocks (never polls) until one is not.
 pub struct Fetcher {
-    conn: ConnectionManager,
+    take_conn: ConnectionManager,
+    wait: Wait,
     keys: Vec<String>,
+    /// The queue name of each key, as a JSON string (the tail of its `unacked` entries).
+    queue_json: Vec<String>,
+    take: Script,
 }
 
 impl Fetcher {
-    /// `conn` must have a response timeout longer than [`BRPOP_TIMEOUT`].
-    pub fn new(conn: ConnectionManager, queues: &[String], steps: &PrioritySteps) -> Self {
-        Fetcher { conn, keys: steps.brpop_keys(queues) }
+    /// `wait_conns`: one connection per list (see [`Fetcher::keys`]), each with a response
+    /// timeout longer than [`BRPOP_TIMEOUT`].
+    pub fn new(
+        take_conn: ConnectionManager,
+        wait_conns: Vec<ConnectionManager>,
+        queues: &[String],
+        steps: &PrioritySteps,
+    ) -> Self {
+        let keys = steps.brpop_keys(queues);
+        let queue_json = keys.iter().map(|k| crate::wire::pyjson::to_string(keys::queue_of_key(k))).collect();
+        Fetcher { take_conn, wait: Wait::Rotate(wait_conns), keys, queue_json, take: Script::new(TAKE) }
+    }
+
+    /// How many wait connections [`Fetcher::new`] needs.
+    pub fn lists(queues: &[String], steps: &PrioritySteps) -> usize {
+        steps.brpop_keys(queues).len()
     }
 
     pub fn keys(&self) -> &[String] {
         &self.keys
     }
 
-    /// One `BRPOP k1 k2 … 1`: `Some((list key, message))`, or `None` after a quiet second.
-    /// Never cancel this future: a message popped by Redis whose reply is dropped is lost.
-    pub async fn fetch(&mut self) -> RedisResult<Option<(String, Vec<u8>)>> {
-        redis::cmd("BRPOP").arg(&self.keys).arg(BRPOP_TIMEOUT.as_secs()).query_async(&mut self.conn).await
+    /// The next message, or `None` after about a quiet second.
+    pub async fn fetch(&mut self) -> RedisResult<Option<Taken>> {
+        if let Some(t) = self.try_take().await? {
+            return Ok(Some(t));
+        }
+        match &mut self.wait {
+            Wait::Rotate(conns) => {
+                let first = conns[0].clone();
+                let mut waits: futures::stream::FuturesUnordered<_> = conns
+                    .iter()
+                    .zip(&self.keys)
+                    .map(|(c, k)| {
+                        let mut c = c.clone();
+                        async move {
+                            redis::cmd("BLMOVE")
+                                .arg(k)
+                                .arg(k)
+                                .arg("RIGHT")
+                                .arg("RIGHT")
+                                .arg(BRPOP_TIMEOUT.as_secs())
+                                .query_async::<Option<Vec<u8>>>(&mut c)
+                                .await
+                        }
+                    })
+                    .collect();
+                // The first list that has something wakes us; the other waits may be dropped:
+                // BLMOVE onto the same list moves nothing, whoever gets the reply.
+                let (mut woken, mut fallback) = (false, false);
+                while let Some(r) = futures::StreamExt::next(&mut waits).await {
+                    match r {
+                        Ok(Some(_)) => {
+                            woken = true;
+                            break;
+                        }
+                        Ok(None) => {}
+                        Err(e) if e.to_string().contains("unknown command") => {
+                            tracing::warn!(error = %e, "this Redis has no BLMOVE (needs 6.2+); waiting with BRPOP as kombu does");
+                            fallback = true;
+                            break;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                drop(waits);
+                if fallback {
+                    self.wait = Wait::Brpop(first);
+                }
+                if woken { self.try_take().await } else { Ok(None) }
+            }
+            Wait::Brpop(conn) => {
+                let popped: Option<(String, Vec<u8>)> =
+                    redis::cmd("BRPOP").arg(&self.keys).arg(BRPOP_TIMEOUT.as_secs()).query_async(conn).await?;
+                Ok(popped.map(|(key, bytes)| Taken { key, bytes, recorded: false }))
+            }
+        }
+    }
+
+    /// One atomic take; `None` when every list is empty.
+    pub async fn try_take(&mut self) -> RedisResult<Option<Taken>> {
+        let mut invocation = self.take.prepare_invoke();
+        for k in &self.keys {
+            invocation.key(k);
+        }
+        invocation.key(keys::UNACKED).key(keys::UNACKED_INDEX);
+        invocation.arg(crate::wire::time::unix_seconds(chrono::Utc::now()));
+        for q in &self.queue_json {
+            invocation.arg(q);
+        }
+        let reply: Option<(String, Vec<u8>, i64)> = invocation.invoke_async(&mut self.take_conn).await?;
+        Ok(reply.map(|(key, bytes, recorded)| Taken { key, bytes, recorded: recorded == 1 }))
     }
 }

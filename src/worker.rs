@@ -14,7 +14,7 @@
 
 use crate::args::{StartError, non_negative_seconds, positive_seconds};
 use crate::backend::{Backend, DEFAULT_RESULT_EXPIRES, Stored};
-use crate::broker::{BRPOP_TIMEOUT, Broker, End, Fetcher};
+use crate::broker::{BRPOP_TIMEOUT, Broker, End, Fetcher, Taken};
 use crate::connection::{self, Backoff, Health, redact_url};
 use crate::http;
 use crate::metrics::WorkerMetrics;
@@ -132,7 +132,10 @@ pub async fn run_with_shutdown(args: WorkerArgs, shutdown: Shutdown) -> Result<(
     // Replies may queue behind a busy Redis; a BRPOP needs its block time on top.
     let op_timeout = Duration::from_secs(10);
     let broker_conn = connection::connect("BROKER_URL", &args.broker_url, op_timeout)?;
-    let fetch_conn = connection::connect("BROKER_URL", &args.broker_url, op_timeout + BRPOP_TIMEOUT)?;
+    // One connection per list for the blocking wait, so a wait on one list never delays another.
+    let wait_conns = (0..Fetcher::lists(&args.queues, &args.priority_steps))
+        .map(|_| connection::connect("BROKER_URL", &args.broker_url, op_timeout + BRPOP_TIMEOUT))
+        .collect::<Result<Vec<_>, _>>()?;
     let backend_conn = connection::connect("BACKEND_URL", &args.backend_url, op_timeout)?;
     let steps = args.priority_steps.clone();
     let hostname = args.hostname.clone().unwrap_or_else(message::hostname);
@@ -182,7 +185,7 @@ pub async fn run_with_shutdown(args: WorkerArgs, shutdown: Shutdown) -> Result<(
     );
 
     let restorer = tokio::spawn(worker.clone().restore_loop());
-    let mut fetcher = Fetcher::new(fetch_conn, &worker.args.queues, &steps);
+    let mut fetcher = Fetcher::new(worker.broker.connection(), wait_conns, &worker.args.queues, &steps);
     let mut deliveries = worker.clone().fetch_loop(&mut fetcher).await;
     worker.drain(&mut deliveries).await;
     restorer.abort();
@@ -234,10 +237,10 @@ impl Worker {
                 break;
             }
             match fetcher.fetch().await {
-                Ok(Some((key, bytes))) => {
+                Ok(Some(taken)) => {
                     self.broker_health.set_connected();
                     backoff = Backoff::default();
-                    deliveries.spawn(self.clone().deliver(key, bytes, permit));
+                    deliveries.spawn(self.clone().deliver(taken, permit));
                 }
                 Ok(None) => {
                     self.broker_health.set_connected();
@@ -258,11 +261,19 @@ impl Worker {
     }
 
     /// Handle one message from `key`, from parsing to acknowledgement.
-    async fn deliver(self: Arc<Self>, key: String, bytes: Vec<u8>, fetch_slot: OwnedSemaphorePermit) {
+    async fn deliver(self: Arc<Self>, taken: Taken, fetch_slot: OwnedSemaphorePermit) {
+        let Taken { key, bytes, recorded } = taken;
         let queue = keys::queue_of_key(&key).to_owned();
         let msg = match parse_message(&bytes) {
             Ok(m) => m,
-            Err(rejection) => return self.reject(rejection, &bytes, None).await,
+            Err(rejection) => {
+                self.reject(rejection, &bytes, None).await;
+                if recorded {
+                    // Taken with a readable tag but unusable otherwise: done with it.
+                    self.ack_tag_of(&bytes).await;
+                }
+                return;
+            }
         };
         let call = match tasks::bind(&msg.task, &msg.args, &msg.kwargs) {
             Ok(call) => call,
@@ -275,18 +286,24 @@ impl Worker {
                 };
                 let rejection =
                     Rejection { reason, detail, task_id: Some(msg.id.clone()), task_name: Some(msg.task.clone()) };
-                return self.reject(rejection, &bytes, Some(&msg)).await;
+                self.reject(rejection, &bytes, Some(&msg)).await;
+                if recorded {
+                    self.ack(&msg.delivery_tag).await;
+                }
+                return;
             }
         };
         self.metrics.received.with_label_values(&[&msg.task]).inc();
+        // The same bytes the take script wrote when it recorded the message itself.
         let entry = unacked_entry(&msg, &queue);
         let tag = msg.delivery_tag.clone();
-        if self
-            .redis("record the delivery in unacked", || {
-                self.broker.record_unacked(&tag, &entry, unix_seconds(Utc::now()))
-            })
-            .await
-            .is_none()
+        if !recorded
+            && self
+                .redis("record the delivery in unacked", || {
+                    self.broker.record_unacked(&tag, &entry, unix_seconds(Utc::now()))
+                })
+                .await
+                .is_none()
         {
             tracing::error!(task_id = %msg.id, message = %String::from_utf8_lossy(&bytes), "exiting with a message Redis never took back; it is logged here in full");
             return;
@@ -459,6 +476,17 @@ impl Worker {
     async fn ack(&self, tag: &str) {
         self.redis("acknowledge", || self.broker.ack(tag)).await;
         self.held.lock().expect("held lock").remove(tag);
+    }
+
+    /// Ack a message the take script recorded but that did not parse as a task: its tag is
+    /// `properties.delivery_tag`, as the script read it.
+    async fn ack_tag_of(&self, bytes: &[u8]) {
+        let tag = serde_json::from_slice::<Value>(bytes)
+            .ok()
+            .and_then(|v| v.get("properties")?.get("delivery_tag")?.as_str().map(str::to_owned));
+        if let Some(tag) = tag {
+            self.redis("acknowledge", || self.broker.ack(&tag)).await;
+        }
     }
 
     async fn put_back(&self, tag: &str, entry: &[u8]) {

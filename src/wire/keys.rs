@@ -12,8 +12,11 @@ pub const UNACKED: &str = "unacked";
 pub const UNACKED_INDEX: &str = "unacked_index";
 /// STRING lock held while restoring `unacked` entries (redis-py Lock token).
 pub const UNACKED_MUTEX: &str = "unacked_mutex";
-/// kombu's `unacked_mutex_expire` (300 s), in milliseconds.
-pub const UNACKED_MUTEX_EXPIRE_MS: u64 = 300_000;
+/// How long our hold on `unacked_mutex` lasts if we die holding it, in milliseconds. kombu uses
+/// 300 s (`unacked_mutex_expire`): a consumer killed mid-restore then blocks every restore for
+/// five minutes. Ours is 10 s: each entry moves with an atomic compare-and-move, so a restore
+/// that outlives the lock and overlaps another (ours or kombu's WATCH transaction) is still safe.
+pub const UNACKED_MUTEX_EXPIRE_MS: u64 = 10_000;
 /// Prefix of result keys in the backend DB (and of their PUBLISH channels).
 pub const RESULT_KEY_PREFIX: &str = "celery-task-meta-";
 /// Prefix of kombu's exchange binding sets.

@@ -119,6 +119,31 @@ impl Redis {
         self.result(task_id).and_then(|r| r["status"].as_str().map(str::to_owned))
     }
 
+    /// Where a task's message is: in a queue list, in `unacked`, or nowhere (lost).
+    pub fn whereabouts(&self, task_id: &str) -> String {
+        let mut c = self.conn(0);
+        let keys: Vec<String> = c.keys("*").unwrap();
+        let mut found = Vec::new();
+        for k in keys {
+            let kind: String = redis::cmd("TYPE").arg(&k).query(&mut c).unwrap();
+            let values: Vec<String> = match kind.as_str() {
+                "list" => c.lrange(&k, 0, -1).unwrap(),
+                "hash" => c.hvals(&k).unwrap(),
+                _ => continue,
+            };
+            let n = values.iter().filter(|v| v.contains(task_id)).count();
+            if n > 0 {
+                found.push(format!("{n} in {k:?}"));
+            }
+        }
+        let status = self.status(task_id);
+        if found.is_empty() {
+            format!("message nowhere in Redis, result {status:?}")
+        } else {
+            format!("{}, result {status:?}", found.join(", "))
+        }
+    }
+
     /// Statuses of many tasks in one MGET.
     pub fn statuses(&self, ids: &[String]) -> Vec<Option<String>> {
         if ids.is_empty() {
@@ -422,11 +447,12 @@ pub fn wait_all(redis: &Redis, ids: &[String], status: &str, timeout: Duration) 
             return;
         }
         if start.elapsed() > timeout {
+            let first = pending.first().map(|s| s.as_str()).unwrap_or_default();
             panic!(
-                "{} of {} tasks not {status} after {timeout:?}; first: {:?}",
+                "{} of {} tasks not {status} after {timeout:?}; first: {first} ({})",
                 pending.len(),
                 ids.len(),
-                pending.first()
+                redis.whereabouts(first)
             );
         }
         std::thread::sleep(Duration::from_millis(100));
