@@ -9,7 +9,7 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, RedisResult, Script};
 use std::time::Duration;
 
-/// kombu's `brpop_timeout`: how long one BRPOP blocks before the loop looks around again.
+/// kombu's `brpop_timeout`: how long one blocking wait lasts before the loop looks around again.
 pub const BRPOP_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Move one `unacked` entry back to a queue if it is still the value we read — the same effect

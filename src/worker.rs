@@ -45,7 +45,7 @@ pub struct WorkerArgs {
     #[arg(long, env = "BACKEND_URL", default_value = connection::DEFAULT_BACKEND_URL)]
     pub backend_url: String,
     /// Queues to consume, comma-separated; earlier queues are not preferred (kombu reads all of
-    /// them in one BRPOP, priority bucket first).
+    /// them in kombu's BRPOP order, priority bucket first).
     #[arg(long, value_delimiter = ',', default_value = keys::DEFAULT_QUEUE)]
     pub queues: Vec<String>,
     /// Tasks run at a time.
@@ -129,7 +129,7 @@ pub async fn run_with_shutdown(args: WorkerArgs, shutdown: Shutdown) -> Result<(
     if args.queues.iter().all(|q| q.trim().is_empty()) {
         return Err(StartError::NoQueues);
     }
-    // Replies may queue behind a busy Redis; a BRPOP needs its block time on top.
+    // Replies may queue behind a busy Redis; a blocking wait needs its block time on top.
     let op_timeout = Duration::from_secs(10);
     let broker_conn = connection::connect("BROKER_URL", &args.broker_url, op_timeout)?;
     // One connection per list for the blocking wait, so a wait on one list never delays another.
@@ -222,7 +222,8 @@ impl Worker {
     }
 
     /// Take messages while there is a free prefetch slot, until the first shutdown signal.
-    /// An in-flight BRPOP is never abandoned (its message would be lost); it lasts ≤ 1 s.
+    /// A fetch in flight is never abandoned (with the BRPOP fallback its message would be lost);
+    /// it lasts ≤ 1 s.
     async fn fetch_loop(self: Arc<Self>, fetcher: &mut Fetcher) -> JoinSet<()> {
         let slots = Arc::new(Semaphore::new((self.args.concurrency * self.args.prefetch_multiplier) as usize));
         let mut deliveries = JoinSet::new();
