@@ -253,9 +253,9 @@ for i = 1, n do
     if type(tag) == 'string' and #tag > 0 then
       redis.call('ZADD', KEYS[n + 2], ARGV[1], tag)
       redis.call('HSET', KEYS[n + 1], tag, '[' .. m .. ', "", ' .. ARGV[i + 1] .. ']')
-      return {KEYS[i], m, 1}
+      return {KEYS[i], m, tag}
     end
-    return {KEYS[i], m, 0}
+    return {KEYS[i], m, ''}
   end
 end
 return false
@@ -267,8 +267,9 @@ pub struct Taken {
     /// The list it came from (the queue, or one of its priority lists).
     pub key: String,
     pub bytes: Vec<u8>,
-    /// Already in `unacked` (the caller must not record it again, and must ack it).
-    pub recorded: bool,
+    /// The delivery tag it was recorded under in `unacked` by the take itself (the caller must
+    /// not record it again, and must ack it); `None` when it was taken unrecorded.
+    pub recorded_as: Option<String>,
 }
 
 /// How the fetcher waits for work.
@@ -368,7 +369,7 @@ impl Fetcher {
             Wait::Brpop(conn) => {
                 let popped: Option<(String, Vec<u8>)> =
                     redis::cmd("BRPOP").arg(&self.keys).arg(BRPOP_TIMEOUT.as_secs()).query_async(conn).await?;
-                Ok(popped.map(|(key, bytes)| Taken { key, bytes, recorded: false }))
+                Ok(popped.map(|(key, bytes)| Taken { key, bytes, recorded_as: None }))
             }
         }
     }
@@ -384,7 +385,7 @@ impl Fetcher {
         for q in &self.queue_json {
             invocation.arg(q);
         }
-        let reply: Option<(String, Vec<u8>, i64)> = invocation.invoke_async(&mut self.take_conn).await?;
-        Ok(reply.map(|(key, bytes, recorded)| Taken { key, bytes, recorded: recorded == 1 }))
+        let reply: Option<(String, Vec<u8>, String)> = invocation.invoke_async(&mut self.take_conn).await?;
+        Ok(reply.map(|(key, bytes, tag)| Taken { key, bytes, recorded_as: (!tag.is_empty()).then_some(tag) }))
     }
 }

@@ -18,7 +18,9 @@ use crate::connection::{self, redact_url};
 use crate::exporter::{self, ExporterArgs};
 use crate::hpa::{self, Autoscaler, ConditionType, Decision, HpaSpec, MetricReading, Observation, Timestamp};
 use crate::loadgen::{self, LoadOptions, Span, TaskKind};
-use crate::metrics::{QUEUE_DEPTH, QUEUE_RESERVED, TASK_FAILURE, TASK_SUCCESS};
+use crate::metrics::{
+    EXPORTER_LAST_SUCCESS, QUEUE_DEPTH, QUEUE_RESERVED, TASK_FAILURE, TASK_SUCCESS, WORKER_ACTIVE, WORKER_RESERVED,
+};
 use crate::pattern::LoadPattern;
 use crate::plot::{self, TimelinePoint};
 use crate::shutdown::{Shutdown, Stage};
@@ -284,8 +286,7 @@ impl Fleet {
         let mut candidates = Vec::new();
         for (i, w) in self.workers.iter().enumerate().filter(|(_, w)| !w.stopping) {
             let busy = scrape(w.metrics_port).await.map_or(0.0, |m| {
-                sample(&m, "celery_worker_active_tasks", "").unwrap_or(0.0)
-                    + sample(&m, "celery_worker_reserved_tasks", "").unwrap_or(0.0)
+                sample(&m, WORKER_ACTIVE, "").unwrap_or(0.0) + sample(&m, WORKER_RESERVED, "").unwrap_or(0.0)
             });
             candidates.push((busy, std::cmp::Reverse(w.number), i));
         }
@@ -359,7 +360,7 @@ impl Fleet {
                 w.succeeded = w.succeeded.max(sample(&m, TASK_SUCCESS, "").unwrap_or(0.0));
                 w.failed = w.failed.max(sample(&m, TASK_FAILURE, "").unwrap_or(0.0));
             }
-            if !w.stopping && crate::local::get(w.metrics_port, "/readyz").await.is_some_and(|(s, _)| s == 200) {
+            if !w.stopping && get(w.metrics_port, "/readyz").await.is_some_and(|(s, _)| s == 200) {
                 ready += 1;
             }
         }
@@ -715,8 +716,7 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
         // The story is over when every task the load sent has finished, the exporter has seen an
         // empty queue since the load was sent (not a stale zero from before), and the workers are
         // back at the minimum.
-        let polled_at =
-            metrics.as_deref().and_then(|m| sample(m, "celery_queue_exporter_last_success_timestamp_seconds", ""));
+        let polled_at = metrics.as_deref().and_then(|m| sample(m, EXPORTER_LAST_SUCCESS, ""));
         let drained = depth == Some(0.0) && reserved == Some(0.0) && polled_at.is_some_and(|p| p > load_sent_at);
         let all_done = succeeded + failed >= load_sent as f64;
         let story_over =

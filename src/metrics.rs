@@ -12,6 +12,9 @@ pub const TASK_REJECTED: &str = "celery_task_rejected_total";
 pub const QUEUE_DEPTH: &str = "celery_queue_depth";
 pub const QUEUE_RESERVED: &str = "celery_queue_reserved";
 pub const EXPORTER_LAST_POLL_OK: &str = "celery_queue_exporter_last_poll_ok";
+pub const EXPORTER_LAST_SUCCESS: &str = "celery_queue_exporter_last_success_timestamp_seconds";
+pub const WORKER_ACTIVE: &str = "celery_worker_active_tasks";
+pub const WORKER_RESERVED: &str = "celery_worker_reserved_tasks";
 
 /// Task durations from sub-millisecond CPU work to ten-minute jobs.
 const DURATION_BUCKETS: [f64; 16] =
@@ -99,7 +102,7 @@ impl WorkerMetrics {
                 "reason",
             ),
             duration,
-            active: int_gauge(&r, "celery_worker_active_tasks", "Tasks running now."),
+            active: int_gauge(&r, WORKER_ACTIVE, "Tasks running now."),
             reserved: int_gauge(
                 &r,
                 "celery_worker_reserved_tasks",

@@ -263,15 +263,15 @@ impl Worker {
 
     /// Handle one message from `key`, from parsing to acknowledgement.
     async fn deliver(self: Arc<Self>, taken: Taken, fetch_slot: OwnedSemaphorePermit) {
-        let Taken { key, bytes, recorded } = taken;
+        let Taken { key, bytes, recorded_as } = taken;
         let queue = keys::queue_of_key(&key).to_owned();
         let msg = match parse_message(&bytes) {
             Ok(m) => m,
             Err(rejection) => {
                 self.reject(rejection, &bytes, None).await;
-                if recorded {
+                if let Some(tag) = &recorded_as {
                     // Taken with a readable tag but unusable otherwise: done with it.
-                    self.ack_tag_of(&bytes).await;
+                    self.ack(tag).await;
                 }
                 return;
             }
@@ -288,8 +288,8 @@ impl Worker {
                 let rejection =
                     Rejection { reason, detail, task_id: Some(msg.id.clone()), task_name: Some(msg.task.clone()) };
                 self.reject(rejection, &bytes, Some(&msg)).await;
-                if recorded {
-                    self.ack(&msg.delivery_tag).await;
+                if let Some(tag) = &recorded_as {
+                    self.ack(tag).await;
                 }
                 return;
             }
@@ -298,7 +298,7 @@ impl Worker {
         // The same bytes the take script wrote when it recorded the message itself.
         let entry = unacked_entry(&msg, &queue);
         let tag = msg.delivery_tag.clone();
-        if !recorded
+        if recorded_as.is_none()
             && self
                 .redis("record the delivery in unacked", || {
                     self.broker.record_unacked(&tag, &entry, unix_seconds(Utc::now()))
@@ -477,17 +477,6 @@ impl Worker {
     async fn ack(&self, tag: &str) {
         self.redis("acknowledge", || self.broker.ack(tag)).await;
         self.held.lock().expect("held lock").remove(tag);
-    }
-
-    /// Ack a message the take script recorded but that did not parse as a task: its tag is
-    /// `properties.delivery_tag`, as the script read it.
-    async fn ack_tag_of(&self, bytes: &[u8]) {
-        let tag = serde_json::from_slice::<Value>(bytes)
-            .ok()
-            .and_then(|v| v.get("properties")?.get("delivery_tag")?.as_str().map(str::to_owned));
-        if let Some(tag) = tag {
-            self.redis("acknowledge", || self.broker.ack(&tag)).await;
-        }
     }
 
     async fn put_back(&self, tag: &str, entry: &[u8]) {

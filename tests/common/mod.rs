@@ -279,7 +279,7 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     s.read_to_string(&mut buf).ok()?;
     let status = buf.split_whitespace().nth(1)?.parse().ok()?;
     let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    // axum answers small bodies without chunking; strip chunk framing if present.
+    // axum sends these small bodies with Content-Length, never chunked.
     Some((status, body))
 }
 
