@@ -5,9 +5,8 @@
 #     scripts/render-k8s.sh [OUT_DIR]
 #   scripts/render-k8s.sh --from-json JSON_DIR [OUT_DIR]
 #
-# The first form evaluates each module offline, without flakes, with the project's kubenix-render
-# tool (render.sh + eval.nix, found beside this repository in shared/tools/kubenix-render, or at
-# $KUBENIX_RENDER). The second form only converts modules evaluated elsewhere (a Nix flake check):
+# The first form evaluates each module offline, without flakes, through nix/render/eval.nix (kubenix
+# and nixpkgs.lib source trees as inputs only: never commit them). The second form only converts modules evaluated elsewhere (a Nix flake check):
 # JSON_DIR holds base-modules.json (the file names nix/k8s/default.nix imports, as a JSON list) and,
 # for each of those modules and for default.nix, loadgen.nix and keda.nix, <module>.json: the
 # module's config.kubernetes.generated.
@@ -45,18 +44,10 @@ EOF
   for dir in "$KUBENIX_SRC/modules" "$NIXPKGS_LIB_SRC/lib"; do
     [ -d "$dir" ] || { echo "render-k8s.sh: $dir not found: is that the right source tree?" >&2; exit 2; }
   done
-  render_sh=${KUBENIX_RENDER:-}
-  if [ -z "$render_sh" ]; then
-    for candidate in "$repo/../shared/tools/kubenix-render/render.sh" /work/shared/tools/kubenix-render/render.sh; do
-      if [ -x "$candidate" ]; then render_sh=$candidate; break; fi
-    done
-  fi
-  if [ -z "$render_sh" ] || [ ! -x "$render_sh" ]; then
-    echo "render-k8s.sh: kubenix-render's render.sh not found; set KUBENIX_RENDER to its path" >&2
-    exit 2
-  fi
   command -v nix-instantiate >/dev/null || { echo "render-k8s.sh: needs nix-instantiate (apt-get install nix-bin)" >&2; exit 2; }
 
+  # The image references k8s/ is rendered with; kustomization.yaml's `images:` replaces them.
+  images='{ images = { worker = "celery-autoscale-app:dev"; exporter = "celery-queue-exporter:dev"; }; }'
   json=$(mktemp -d)
   trap 'rm -rf "$json"' EXIT
   # The base modules, in the order nix/k8s/default.nix imports them (the one list of them).
@@ -64,7 +55,10 @@ EOF
     -E '{ file }: map (p: baseNameOf (toString p)) (import file).imports' >"$json/base-modules.json"
   for module in $(python3 -c 'import json, sys; print(" ".join(json.load(open(sys.argv[1]))))' "$json/base-modules.json") \
     default.nix loadgen.nix keda.nix; do
-    "$render_sh" "$repo/nix/k8s/$module" "$json/${module%.nix}.json"
+    nix-instantiate --eval --strict --json \
+      --arg libSrc "$(realpath "$NIXPKGS_LIB_SRC")" --arg kubenixSrc "$(realpath "$KUBENIX_SRC")" \
+      --arg module "$repo/nix/k8s/$module" --arg moduleArgs "$images" \
+      "$repo/nix/render/eval.nix" >"$json/${module%.nix}.json"
   done
 fi
 
