@@ -7,6 +7,7 @@
 # Use a hex password: it is passed to redis-server and embedded in redis:// URLs unescaped.
 let
   c = import ./constants.nix;
+  w = import ./workload.nix;
   app = c.apps.redis;
   config = builtins.readFile ./files/redis.conf;
   passwordFromSecret = name: { inherit name; valueFrom.secretKeyRef = c.redisSecret; };
@@ -37,15 +38,12 @@ in
           # A changed redis.conf rolls the pod.
           annotations."celery-autoscale/config-sha256" = builtins.hashString "sha256" config;
         };
-        spec = {
-          automountServiceAccountToken = false;
+        spec = w.pod { user = c.users.redis; tmp = false; volumes = [{ name = "config"; configMap.name = "redis-config"; }]; } // {
           securityContext = c.podSecurityContext c.users.redis // { fsGroupChangePolicy = "OnRootMismatch"; };
           # Time to finish the shutdown fsync of the append-only file.
           terminationGracePeriodSeconds = 30;
-          containers = [{
-            name = "redis";
+          containers.redis = {
             image = c.pinnedImages.redis;
-            imagePullPolicy = "IfNotPresent";
             # No shell: redis-server is PID 1 and gets SIGTERM itself. The kubelet expands $(REDIS_PASSWORD).
             command = [ "redis-server" ];
             args = [ "/etc/redis/redis.conf" "--requirepass" "$(REDIS_PASSWORD)" ];
@@ -61,23 +59,16 @@ in
               timeoutSeconds = 3;
             };
             # TCP only: loading a large append-only file must not get the pod killed.
-            livenessProbe = {
-              tcpSocket.port = "redis";
-              initialDelaySeconds = 10;
-              periodSeconds = 10;
-              failureThreshold = 6;
-            };
-            resources = {
-              requests = { cpu = "50m"; memory = "64Mi"; };
-              limits = { cpu = "500m"; memory = "256Mi"; };
-            };
-            securityContext = c.containerSecurityContext c.users.redis;
-            volumeMounts = [
+            livenessProbe = { tcpSocket.port = "redis"; initialDelaySeconds = 10; periodSeconds = 10; failureThreshold = 6; };
+          } // w.container {
+            user = c.users.redis;
+            tmp = false;
+            mounts = [
               { name = "data"; mountPath = "/data"; }
               { name = "config"; mountPath = "/etc/redis"; readOnly = true; }
             ];
-          }];
-          volumes = [{ name = "config"; configMap.name = "redis-config"; }];
+            resources = w.resources { cpu = "50m"; memory = "64Mi"; maxCpu = "500m"; maxMemory = "256Mi"; };
+          };
         };
       };
       volumeClaimTemplates = [{
