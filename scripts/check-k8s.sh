@@ -10,7 +10,8 @@
 # 5. promtool: check config and check rules on the shipped Prometheus files, test rules on the alerts
 # 6. policy checks of the rendered objects (python): hardening, images, the HPA's numbers, the adapter
 #    rule and APIService, the KEDA trigger, scrape targets vs Services, NetworkPolicy paths, dashboard,
-#    ConfigMaps carrying the repository files byte for byte
+#    ConfigMaps carrying the repository files byte for byte (scripts/k8s_policy.py), after its own
+#    tests (scripts/test_k8s_policy.py: each check passes on the render and fails on a defect)
 # 7. promtool parses every dashboard expression and the adapter query as the adapter fills it
 #
 # Needs on PATH: python3 with PyYAML, kubernetes-validate (PyPI), kubectl with built-in kustomize,
@@ -106,6 +107,8 @@ check "promtool check rules $files/alerts.yml" promtool check rules "$files/aler
 check "promtool test rules $files/alerts_test.yml" promtool test rules "$files/alerts_test.yml"
 
 echo "== 6. policy checks of the rendered objects"
+check "the policy checks' own tests (scripts/test_k8s_policy.py)" \
+  python3 -m unittest discover -s scripts -p test_k8s_policy.py
 python3 scripts/k8s_policy.py "$repo" "$tmp" || failures=$((failures + 1))
 
 echo "== 7. promtool parses the dashboard expressions and the adapter query"

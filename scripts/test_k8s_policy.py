@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""Tests of scripts/k8s_policy.py: every check passes on the committed render (the good objects) and
+reports a failure on a copy with one defect (a bad object). Run from scripts/check-k8s.sh:
+
+    python3 -m unittest discover -s scripts -p 'test_k8s_policy.py'
+
+The kustomize builds of check-k8s.sh step 4 are modelled from the manifests here (the real builds are
+checked against the render by check_builds in check-k8s.sh itself), so these tests need only PyYAML.
+A new check in k8s_policy.CHECKS needs a bad case in BAD_CASES: test_every_check_has_a_bad_case says so.
+"""
+import copy
+import json
+import os
+import sys
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import k8s_policy as policy  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ADAPTER_ONLY = {("HorizontalPodAutoscaler", "worker"), ("APIService", "v1beta1.external.metrics.k8s.io"),
+                ("Deployment", "prometheus-adapter")}
+
+
+def load_good():
+    repo = policy.load_repo(REPO)
+    base = copy.deepcopy(repo.base)
+    repo.built = {
+        "base.yaml": base,
+        "jobs.yaml": copy.deepcopy(repo.job_objects),
+        "keda.yaml": [o for o in base if (o["kind"], o["metadata"]["name"]) not in ADAPTER_ONLY]
+        + copy.deepcopy(repo.keda_objects),
+    }
+    return repo
+
+
+GOOD = load_good()
+
+
+def obj(repo, kind, name):
+    (found,) = [o for o in repo.everything if o["kind"] == kind and o["metadata"]["name"] == name]
+    return found
+
+
+def first_container(repo, kind, name):
+    return obj(repo, kind, name)["spec"]["template"]["spec"]["containers"][0]
+
+
+# --- one defect per check: (check, what the defect is, how to make it, a word of the expected message) ---
+def header_removed(r):
+    r.texts["k8s/worker.yaml"] = r.texts["k8s/worker.yaml"].split("\n", 1)[1]
+
+
+def secret_committed(r):
+    r.manifests["k8s/redis.yaml"].append({"apiVersion": "v1", "kind": "Secret", "metadata": {
+        "name": "redis-auth", "namespace": policy.NAMESPACE, "annotations": {"kubenix/k8s-version": "1.34"}}})
+
+
+def worker_runs_as_root(r):
+    first_container(r, "Deployment", "worker").setdefault("securityContext", {})["runAsNonRoot"] = False
+
+
+def third_party_image_unpinned(r):
+    first_container(r, "StatefulSet", "redis")["image"] = "docker.io/library/redis:latest"
+
+
+def redis_conf_drifted(r):
+    r.files["redis.conf"] += "\n# edited after the render\n"
+
+
+def worker_replicas_fixed(r):
+    obj(r, "Deployment", "worker")["spec"]["replicas"] = 3
+
+
+def exporter_scaled_out(r):
+    obj(r, "Deployment", "exporter")["spec"]["replicas"] = 2
+
+
+def loadgen_does_not_wait(r):
+    c = first_container(r, "Job", "loadgen-burst")
+    c["args"] = [a for a in c["args"] if a != "--wait"]
+
+
+def hpa_max_changed(r):
+    obj(r, "HorizontalPodAutoscaler", "worker")["spec"]["maxReplicas"] = 30
+
+
+def apiservice_wrong_port(r):
+    obj(r, "APIService", "v1beta1.external.metrics.k8s.io")["spec"]["service"]["port"] = 444
+
+
+def auth_delegator_unbound(r):
+    for o in r.everything:
+        if o["kind"] == "ClusterRoleBinding" and o["roleRef"]["name"] == "system:auth-delegator":
+            o["subjects"] = []
+
+
+def keda_build_keeps_hpa(r):
+    r.built["keda.yaml"].append(copy.deepcopy(obj(r, "HorizontalPodAutoscaler", "worker")))
+
+
+def base_build_lost_object(r):
+    r.built["base.yaml"].pop()
+
+
+def worker_service_hides_unready(r):
+    for o in r.base:
+        if o["kind"] == "Service" and o["spec"].get("clusterIP") == "None":
+            o["spec"].pop("publishNotReadyAddresses", None)
+
+
+def allow_all_policy(r):
+    r.manifests["k8s/network-policy.yaml"].append({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "allow-all", "namespace": policy.NAMESPACE, "annotations": {"kubenix/k8s-version": "1.34"}},
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"], "ingress": [{}], "egress": [{}]}})
+
+
+def dashboard_duplicate_panel_id(r):
+    dashboard = json.loads(r.files["grafana-dashboard.json"])
+    dashboard["panels"][1]["id"] = dashboard["panels"][0]["id"]
+    r.files["grafana-dashboard.json"] = json.dumps(dashboard)
+
+
+BAD_CASES = [
+    (policy.check_generated_headers, header_removed, "missing the generated-file header"),
+    (policy.check_namespaces, secret_committed, "Secrets are created by the deploy step"),
+    (policy.check_pods, worker_runs_as_root, "runAsNonRoot"),
+    (policy.check_pods, third_party_image_unpinned, "is not pinned by tag"),
+    (policy.check_redis, redis_conf_drifted, "does not carry nix/k8s/files/redis.conf"),
+    (policy.check_worker, worker_replicas_fixed, "spec.replicas is owned by the HPA"),
+    (policy.check_exporter, exporter_scaled_out, "exactly one replica"),
+    (policy.check_loadgen_job, loadgen_does_not_wait, "waits for results"),
+    (policy.check_hpa, hpa_max_changed, "HPA min 1 max 20"),
+    (policy.check_adapter, apiservice_wrong_port, "APIService does not point at the adapter Service"),
+    (policy.check_rbac, auth_delegator_unbound, "system:auth-delegator"),
+    (policy.check_keda, keda_build_keeps_hpa, "still has the adapter or the HPA"),
+    (policy.check_builds, base_build_lost_object, "does not give the rendered objects"),
+    (policy.check_prometheus, worker_service_hides_unready, "not-ready workers would not be scraped"),
+    (policy.check_network_policies, allow_all_policy, "NetworkPolicy allows"),
+    (policy.check_dashboard, dashboard_duplicate_panel_id, "panel ids are not unique"),
+]
+
+
+class PolicyChecks(unittest.TestCase):
+    def test_each_check_passes_on_the_render(self):
+        for fn in policy.CHECKS:
+            with self.subTest(check=fn.__name__):
+                report = policy.run(copy.deepcopy(GOOD), [fn])
+                self.assertGreater(report.count, 0, "a check that checks nothing")
+                self.assertEqual(report.problems, [])
+
+    def test_each_check_fails_on_a_defect(self):
+        for fn, defect, expected in BAD_CASES:
+            with self.subTest(check=fn.__name__, defect=defect.__name__):
+                bad = copy.deepcopy(GOOD)
+                defect(bad)
+                problems = policy.run(bad, [fn]).problems
+                self.assertTrue(any(expected in p for p in problems),
+                                f"{defect.__name__}: expected a problem with {expected!r}, got {problems}")
+
+    def test_every_check_has_a_bad_case(self):
+        covered = {fn for fn, _, _ in BAD_CASES}
+        missing = [fn.__name__ for fn in policy.CHECKS if fn not in covered]
+        self.assertEqual(missing, [], "add a defect for each new check to BAD_CASES")
+
+    def test_expressions_include_the_filled_adapter_query(self):
+        exprs = policy.expressions(GOOD)
+        self.assertEqual(exprs[-1], policy.filled_query(GOOD))
+        self.assertIn('queue="celery"', exprs[-1])
+        self.assertFalse(any("$namespace" in e or "<<." in e for e in exprs))
+
+
+class NetworkPolicySemantics(unittest.TestCase):
+    def test_selector_match_expressions(self):
+        sel = {"matchLabels": {"a": "1"}, "matchExpressions": [{"key": "b", "operator": "In", "values": ["x"]}]}
+        self.assertTrue(policy.selects(sel, {"a": "1", "b": "x"}))
+        self.assertFalse(policy.selects(sel, {"a": "1", "b": "y"}))
+        self.assertFalse(policy.selects(sel, {"b": "x"}))
+        self.assertTrue(policy.selects({}, {}))
+
+    def test_ip_block_except(self):
+        peer = {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}}
+        self.assertTrue(policy.peer_matches(peer, {"ip": "10.2.3.4"}))
+        self.assertFalse(policy.peer_matches(peer, {"ip": "10.1.3.4"}))
+        self.assertFalse(policy.peer_matches(peer, {"namespace": policy.NAMESPACE, "labels": {}}))
+
+    def test_default_deny_closes_and_a_rule_opens(self):
+        labels = {"a": {"app": "a"}, "b": {"app": "b"}}
+        deny = {"spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}}
+        self.assertFalse(policy.path_open([deny], labels, "a", "b", 80))
+        allow = {"spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"],
+                          "ingress": [{"ports": [{"port": 80}]}], "egress": [{"ports": [{"port": 80}]}]}}
+        self.assertTrue(policy.path_open([deny, allow], labels, "a", "b", 80))
+        self.assertFalse(policy.path_open([deny, allow], labels, "a", "b", 81))
+
+
+if __name__ == "__main__":
+    unittest.main()
