@@ -2,8 +2,7 @@
 # There is one renderer, scripts/render-k8s.sh: its --from-json form takes base-modules.json (the
 # file names nix/k8s/default.nix imports) and, for each of those modules and for default.nix,
 # loadgen.nix, keda.nix and every example-*.nix, <module>.json: that module's
-# config.kubernetes.generated. Here kubenix's
-# own evalModules (its flake output) produces those files.
+# config.kubernetes.generated. Here kubenix's own evalModules (its flake output) produces those files.
 # passthru.json is that directory of JSON, e.g. `nix build .#manifests.json`.
 { lib, runCommand, writeText, linkFarm, python3, evalModules, images }:
 let

@@ -292,6 +292,9 @@ def check_worker(repo, check):
         args = wc["args"]
         check(args[0] == "worker" and args[args.index("--queues") + 1] == "celery"
               and args[args.index("--metrics-addr") + 1] == "0.0.0.0:9191", f"worker args {args}")
+        check(args[args.index("--visibility-timeout") + 1] == "60" if "--visibility-timeout" in args else False,
+              "worker: --visibility-timeout 60 (our workers renew leases; Kubernetes' default)")
+        check("--events" not in args, "worker: events are off by default, as in Celery")
         shutdown = int(args[args.index("--shutdown-timeout") + 1])
         check(worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > shutdown,
               "worker: terminationGracePeriodSeconds must exceed --shutdown-timeout")
@@ -628,11 +631,35 @@ def check_pool_wiring(objects, check, where):
                       f"{where}: the selector of pool {name} also selects the pods of pool {other}")
 
 
+def check_redis_tls(names, check, where):
+    """Redis serves TLS only; every client trusts a CA mounted read-only from a Secret; events on."""
+    redis = names.get(("StatefulSet", "redis"), {"spec": {"template": {"spec": {"containers": [{}]}}}})
+    args = redis["spec"]["template"]["spec"]["containers"][0].get("args", [])
+    check(arg_value(args, "--port") == "0" and arg_value(args, "--tls-port") == "6379",
+          f"{where}: redis does not serve TLS only on 6379: {args}")
+    clients = [o for o in names.values() if o["kind"] == "Deployment"
+               and any(e["name"] == "BROKER_URL" for c in o["spec"]["template"]["spec"]["containers"] for e in c.get("env", []))]
+    check({o["metadata"]["name"] for o in clients} == {"worker", "exporter"}, f"{where}: Redis clients {sorted(o['metadata']['name'] for o in clients)}")
+    for o in clients:
+        pod = o["spec"]["template"]["spec"]
+        secrets = {v["name"] for v in pod.get("volumes", []) if "secret" in v}
+        for c in pod["containers"]:
+            for e in c.get("env", []):
+                if e["name"] in ("BROKER_URL", "BACKEND_URL"):
+                    m = re.fullmatch(r"rediss://[^?]*\?ssl_cert_reqs=required&ssl_ca_certs=(/[^&]+)/ca\.crt", e["value"])
+                    mounted = m and any(v["mountPath"] == m.group(1) and v.get("readOnly") and v["name"] in secrets
+                                        for v in c.get("volumeMounts", []))
+                    check(bool(mounted), f"{where}: {o['metadata']['name']} {e['name']} is not rediss:// with a CA "
+                                         "mounted read-only from a Secret")
+    worker = names.get(("Deployment", "worker"), {"spec": {"template": {"spec": {"containers": [{}]}}}})
+    check("--events" in worker["spec"]["template"]["spec"]["containers"][0].get("args", []), f"{where}: the worker sends no events")
+
+
 def check_examples(repo, check):
     """Each example Component builds over the base (step 4) into a hardened, correctly wired fleet."""
     kustomize_images = {e["name"]: e["newTag"] for e in repo.kustomization["images"]}
     check_pool_wiring(repo.base, check, "k8s")
-    check(repo.examples == ["per-queue", "python-worker"], f"examples are {repo.examples}")
+    check(repo.examples == ["per-queue", "python-worker", "redis-tls"], f"examples are {repo.examples}")
     base_hpa = next((o for o in repo.base if o["kind"] == "HorizontalPodAutoscaler"), None)
     for example in repo.examples:
         objects = repo.built.get(f"example-{example}.yaml")
@@ -652,6 +679,8 @@ def check_examples(repo, check):
             check(names.get(("HorizontalPodAutoscaler", "worker")) == base_hpa, f"{where}: the HPA differs from the base's")
             check(any(e["name"] == "VISIBILITY_TIMEOUT" and int(e["value"]) >= 3600 for e in wc.get("env", [])),
                   f"{where}: Python workers do not renew leases: their visibility timeout must stay >= 3600 s")
+        elif example == "redis-tls":
+            check_redis_tls(names, check, where)
         elif example == "per-queue":
             check(("Deployment", "worker") not in names, f"{where}: the base pool `worker` is still there")
             check({n for k, n in names if k == "HorizontalPodAutoscaler"} == {"worker-cpu", "worker-io"},

@@ -172,6 +172,16 @@ def per_queue_selector_overlaps(r):
     d["spec"]["selector"]["matchLabels"].pop("celery-autoscale/pool")
 
 
+def redis_tls_exporter_without_ca(r):
+    d = built_object(r, "example-redis-tls.yaml", "Deployment", "exporter")
+    c = d["spec"]["template"]["spec"]["containers"][0]
+    c["volumeMounts"] = [m for m in c["volumeMounts"] if m["mountPath"] != "/etc/redis-ca"]
+
+
+def worker_events_on_in_base(r):
+    first_container(r, "Deployment", "worker")["args"].append("--events")
+
+
 BAD_CASES = [
     (policy.check_generated_headers, header_removed, "missing the generated-file header"),
     (policy.check_namespaces, secret_committed, "Secrets are created by the deploy step"),
@@ -192,6 +202,8 @@ BAD_CASES = [
     (policy.check_examples, per_queue_hpa_on_other_queue, "HPA worker-io scales on queues ['cpu']"),
     (policy.check_examples, python_worker_short_visibility, "must stay >= 3600 s"),
     (policy.check_examples, per_queue_selector_overlaps, "also selects the pods of pool worker-io"),
+    (policy.check_examples, redis_tls_exporter_without_ca, "exporter BROKER_URL is not rediss:// with a CA"),
+    (policy.check_worker, worker_events_on_in_base, "events are off by default"),
 ]
 
 

@@ -2,7 +2,8 @@
 # Imported by worker.nix, autoscaling.nix, exporter.nix and loadgen.nix (the module system imports
 # it once however many modules name it). The defaults render the base deployment k8s/.
 #
-#   celeryAutoscale.redis    where the Redis is and how to trust it (TLS CA from a Secret)
+#   celeryAutoscale.redis    where the Redis is, whether the in-cluster one serves TLS, and how
+#                            clients trust it (a CA from a Secret, rediss:// URLs)
 #   celeryAutoscale.workers  one entry per worker pool: a Deployment, a PodDisruptionBudget and an
 #                            HPA named after the entry, scaling on the depth of the pool's queues
 #
@@ -184,6 +185,16 @@ in
           every client mounts it read-only at ${caDir} and connects with
           rediss://:$(REDIS_PASSWORD)@host:port/db?ssl_cert_reqs=required&ssl_ca_certs=${caDir}/ca.crt.
           The in-cluster Redis serves plain TCP: use this with a Redis that serves TLS.
+        '';
+      };
+      serverTlsSecret = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "redis-tls";
+        description = ''
+          The in-cluster Redis serves TLS only (no plain port), with this Secret's tls.crt and tls.key
+          (the shape cert-manager writes; the certificate must name the host `redis`). Clients need
+          caSecret too (it may be the same Secret: cert-manager adds ca.crt).
         '';
       };
       env = mkOption {
