@@ -14,6 +14,7 @@ everything into a `Repo`; each check is a function `check_x(repo, check)` over t
 calls `check(condition, message)`; `CHECKS` lists them in order; `run` applies them all. To add a
 check for a new manifest, write one more function and append it to `CHECKS`.
 """
+import hashlib
 import ipaddress
 import json
 import os
@@ -655,6 +656,11 @@ def check_redis_tls(names, check, where):
     check("--events" in worker["spec"]["template"]["spec"]["containers"][0].get("args", []), f"{where}: the worker sends no events")
 
 
+def digest(objects):
+    """As scripts/render-k8s.sh records it: sha256 of the objects, independent of order and formatting."""
+    return hashlib.sha256(json.dumps(sorted(json.dumps(o, sort_keys=True) for o in objects)).encode()).hexdigest()
+
+
 def check_examples(repo, check):
     """Each example Component builds over the base (step 4) into a hardened, correctly wired fleet."""
     kustomize_images = {e["name"]: e["newTag"] for e in repo.kustomization["images"]}
@@ -666,6 +672,9 @@ def check_examples(repo, check):
         where = f"k8s + examples/{example}"
         if not check(objects is not None, f"{where}: no kustomize build (step 4 failed)"):
             continue
+        recorded = re.search(r"(?m)^# render-sha256: ([0-9a-f]{64})$", repo.texts[f"k8s/examples/{example}/kustomization.yaml"])
+        check(recorded is not None and digest(objects) == recorded.group(1),
+              f"{where}: the kustomize build differs from the render of nix/k8s/example-{example}.nix")
         for w in [o for o in objects if o["kind"] in ("Deployment", "StatefulSet", "Job")]:
             check_workload(w, check, kustomize_images)
         check_pool_wiring(objects, check, where)

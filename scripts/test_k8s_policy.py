@@ -182,6 +182,10 @@ def worker_events_on_in_base(r):
     first_container(r, "Deployment", "worker")["args"].append("--events")
 
 
+def per_queue_build_drifted(r):
+    built_object(r, "example-per-queue.yaml", "Deployment", "worker-io")["metadata"]["labels"]["extra"] = "x"
+
+
 BAD_CASES = [
     (policy.check_generated_headers, header_removed, "missing the generated-file header"),
     (policy.check_namespaces, secret_committed, "Secrets are created by the deploy step"),
@@ -199,6 +203,7 @@ BAD_CASES = [
     (policy.check_prometheus, worker_service_hides_unready, "not-ready workers would not be scraped"),
     (policy.check_network_policies, allow_all_policy, "NetworkPolicy allows"),
     (policy.check_dashboard, dashboard_duplicate_panel_id, "panel ids are not unique"),
+    (policy.check_examples, per_queue_build_drifted, "the kustomize build differs from the render"),
     (policy.check_examples, per_queue_hpa_on_other_queue, "HPA worker-io scales on queues ['cpu']"),
     (policy.check_examples, python_worker_short_visibility, "must stay >= 3600 s"),
     (policy.check_examples, per_queue_selector_overlaps, "also selects the pods of pool worker-io"),
