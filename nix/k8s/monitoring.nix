@@ -8,6 +8,10 @@ let
   app = c.apps.prometheus;
   prometheusConfig = builtins.readFile ./files/prometheus.yml;
   alertRules = builtins.readFile ./files/alerts.yml;
+  volumes = [
+    { name = "config"; configMap.name = "prometheus-config"; }
+    { name = "data"; emptyDir.sizeLimit = "2Gi"; }
+  ];
 in
 {
   imports = [ ./common.nix ];
@@ -30,14 +34,7 @@ in
           # A changed configuration or rule file rolls the pod.
           annotations."celery-autoscale/config-sha256" = builtins.hashString "sha256" (prometheusConfig + alertRules);
         };
-        spec = w.pod {
-          user = c.users.nobody;
-          tmp = false;
-          volumes = [
-            { name = "config"; configMap.name = "prometheus-config"; }
-            { name = "data"; emptyDir.sizeLimit = "2Gi"; }
-          ];
-        } // {
+        spec = w.pod { user = c.users.nobody; tmp = false; inherit volumes; } // {
           containers.prometheus = {
             image = c.pinnedImages.prometheus;
             args = [
