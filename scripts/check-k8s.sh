@@ -6,7 +6,8 @@
 # 1. nix/k8s/*.nix parse (nix-instantiate --parse); nixpkgs-fmt --check and deadnix --fail when installed
 # 2. k8s/ is exactly a fresh render of nix/k8s (needs KUBENIX_SRC and NIXPKGS_LIB_SRC; skipped without)
 # 3. kubernetes-validate --strict of every rendered object for Kubernetes 1.33 and 1.34 (Minikube's)
-# 4. kustomize builds: k8s/, k8s/jobs/, and k8s/ with the KEDA component
+# 4. kustomize builds: k8s/, k8s/jobs/, k8s/ with the KEDA component and with each k8s/examples/*
+#    component (those builds also kubernetes-validate --strict)
 # 5. promtool: check config and check rules on the shipped Prometheus files, test rules on the alerts
 # 6. policy checks of the rendered objects (python): hardening, images, the HPA's numbers, the adapter
 #    rule and APIService, the KEDA trigger, scrape targets vs Services, NetworkPolicy paths, dashboard,
@@ -100,6 +101,16 @@ check "kubectl kustomize k8s/jobs" kubectl kustomize k8s/jobs -o "$tmp/jobs.yaml
 cp -r k8s "$tmp/with-keda"
 printf 'components:\n- components/keda\n' >>"$tmp/with-keda/kustomization.yaml"
 check "kubectl kustomize k8s + components/keda" kubectl kustomize "$tmp/with-keda" -o "$tmp/keda.yaml"
+# Each example Component over the base; its build is validated too (its patches are not in the files
+# step 3 validates), and step 6 checks it.
+for dir in k8s/examples/*/; do
+  example=$(basename "$dir")
+  cp -r k8s "$tmp/with-$example"
+  printf 'components:\n- examples/%s\n' "$example" >>"$tmp/with-$example/kustomization.yaml"
+  check "kubectl kustomize k8s + examples/$example" kubectl kustomize "$tmp/with-$example" -o "$tmp/example-$example.yaml"
+  check "kubernetes-validate --strict the build of k8s + examples/$example" \
+    kubernetes-validate --strict --quiet -k "${versions[-1]}" "$tmp/example-$example.yaml"
+done
 
 echo "== 5. promtool"
 files=nix/k8s/files

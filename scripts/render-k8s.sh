@@ -8,8 +8,8 @@
 # The first form evaluates each module offline, without flakes, through nix/render/eval.nix (kubenix
 # and nixpkgs.lib source trees as inputs only: never commit them). The second form only converts modules evaluated elsewhere (a Nix flake check):
 # JSON_DIR holds base-modules.json (the file names nix/k8s/default.nix imports, as a JSON list) and,
-# for each of those modules and for default.nix, loadgen.nix and keda.nix, <module>.json: the
-# module's config.kubernetes.generated.
+# for each of those modules and for default.nix, loadgen.nix, keda.nix and every example-*.nix,
+# <module>.json: the module's config.kubernetes.generated.
 #
 # OUT_DIR (default k8s/) is replaced as a whole: everything in it is generated.
 #   k8s/<module>.yaml           one multi-document file per module imported by nix/k8s/default.nix
@@ -17,6 +17,11 @@
 #   k8s/jobs/                   the loadgen Job (nix/k8s/loadgen.nix), applied on demand
 #   k8s/components/keda/        the KEDA alternative (nix/k8s/keda.nix), a kustomize Component that
 #                               adds the ScaledObject and removes the adapter and the HPA
+#   k8s/examples/<name>/        each nix/k8s/example-<name>.nix (the base with other module options),
+#                               a kustomize Component that turns the base into that render: new
+#                               objects as resources, removed ones as delete patches, changed ones as
+#                               JSON patches; its kustomization.yaml records the render's digest,
+#                               which the kustomize build must match (scripts/k8s_policy.py)
 # Output is deterministic: keys sorted, objects in a fixed kind order, so an unchanged module renders
 # to identical bytes. Needs python3 with PyYAML, and for the first form nix-instantiate (Debian: nix-bin).
 set -euo pipefail
@@ -54,7 +59,7 @@ EOF
   nix-instantiate --eval --strict --json --argstr file "$repo/nix/k8s/default.nix" \
     -E '{ file }: map (p: baseNameOf (toString p)) (import file).imports' >"$json/base-modules.json"
   for module in $(python3 -c 'import json, sys; print(" ".join(json.load(open(sys.argv[1]))))' "$json/base-modules.json") \
-    default.nix loadgen.nix keda.nix; do
+    default.nix loadgen.nix keda.nix $(cd "$repo/nix/k8s" && echo example-*.nix); do
     nix-instantiate --eval --strict --json \
       --arg libSrc "$(realpath "$NIXPKGS_LIB_SRC")" --arg kubenixSrc "$(realpath "$KUBENIX_SRC")" \
       --arg module "$repo/nix/k8s/$module" --arg moduleArgs "$images" \
@@ -63,6 +68,8 @@ EOF
 fi
 
 python3 - "$json" "$out" <<'PY'
+import glob
+import hashlib
 import json
 import os
 import shutil
@@ -196,5 +203,72 @@ write("components/keda/kustomization.yaml", header(
         "patches": delete_patches,
     }], sort_keys=False))
 
-print(f"render-k8s.sh: wrote {len(base)} module files, kustomization.yaml, jobs/ and components/keda/ to {out}")
+
+
+# --- examples: each a Component turning the base into the example module's render -------------------
+def pointer(path):
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
+
+
+def json_patch(old, new, path=()):
+    """RFC 6902 operations turning `old` into `new`: maps key by key, lists of maps of the same length
+    item by item (containers, ports), anything else replaced whole (args, env: order matters)."""
+    if old == new:
+        return []
+    if isinstance(old, dict) and isinstance(new, dict):
+        ops = [{"op": "remove", "path": pointer(path + (k,))} for k in sorted(old) if k not in new]
+        for k in sorted(new):
+            ops += json_patch(old[k], new[k], path + (k,)) if k in old else \
+                [{"op": "add", "path": pointer(path + (k,)), "value": new[k]}]
+        return ops
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) \
+            and all(isinstance(x, dict) for x in old + new):
+        return [op for i, (a, b) in enumerate(zip(old, new)) for op in json_patch(a, b, path + (i,))]
+    return [{"op": "replace", "path": pointer(path), "value": new}]
+
+
+def digest(objects):
+    """sha256 of the objects independent of order and formatting: scripts/k8s_policy.py compares the
+    kustomize build of the base with a Component against the render it was made from."""
+    return hashlib.sha256(json.dumps(sorted(json.dumps(o, sort_keys=True) for o in objects)).encode()).hexdigest()
+
+
+def target(obj):
+    group, _, version = obj["apiVersion"].rpartition("/")
+    t = {"group": group, "version": version, "kind": obj["kind"], "name": obj["metadata"]["name"]}
+    if obj["metadata"].get("namespace"):
+        t["namespace"] = obj["metadata"]["namespace"]
+    return {k: v for k, v in t.items() if v}
+
+
+def delete_patch(obj):
+    metadata = {"name": obj["metadata"]["name"]}
+    if obj["metadata"].get("namespace"):
+        metadata["namespace"] = obj["metadata"]["namespace"]
+    patch = {"$patch": "delete", "apiVersion": obj["apiVersion"], "kind": obj["kind"], "metadata": metadata}
+    return {"patch": yaml.dump(patch, Dumper=Dumper, sort_keys=True, default_flow_style=False)}
+
+
+examples = sorted(os.path.basename(p)[len("example-"):-len(".json")] for p in glob.glob(os.path.join(json_dir, "example-*.json")))
+base_by_key = {key(o): o for o in union}
+for example in examples:
+    module = f"example-{example}"
+    wanted = {key(o): o for o in items(module)}
+    added = sorted((o for k, o in wanted.items() if k not in base_by_key), key=order)
+    removed = sorted((o for k, o in base_by_key.items() if k not in wanted), key=order)
+    changed = sorted((o for k, o in wanted.items() if k in base_by_key and o != base_by_key[k]), key=order)
+    patches = [delete_patch(o) for o in removed]
+    for obj in changed:
+        ops = json_patch(base_by_key[key(obj)], obj)
+        patches.append({"target": target(obj), "patch": yaml.dump(ops, Dumper=Dumper, sort_keys=True, default_flow_style=False)})
+    component = {"apiVersion": "kustomize.config.k8s.io/v1alpha1", "kind": "Component"}
+    if added:
+        write(f"examples/{example}/{example}.yaml", header(f"nix/k8s/{module}.nix") + dump(added))
+        component["resources"] = [f"{example}.yaml"]
+    component["patches"] = patches
+    write(f"examples/{example}/kustomization.yaml", header(
+        f"nix/k8s/{module}.nix: the base (nix/k8s/default.nix) turned into that module's render")
+        + f"# render-sha256: {digest(items(module))}\n" + dump([component], sort_keys=False))
+
+print(f"render-k8s.sh: wrote {len(base)} module files, kustomization.yaml, jobs/, components/keda/ and {len(examples)} examples/ to {out}")
 PY

@@ -22,6 +22,32 @@ ADAPTER_ONLY = {("HorizontalPodAutoscaler", "worker"), ("APIService", "v1beta1.e
                 ("Deployment", "prometheus-adapter")}
 
 
+def with_component(repo, base, example):
+    """A model of `kustomize build` of k8s/ with k8s/examples/<example>: its resources added, delete
+    patches removing objects, JSON patches (add/remove/replace, the ops render-k8s.sh writes) applied."""
+    component = policy.parse_yaml(repo.texts[f"k8s/examples/{example}/kustomization.yaml"])[0]
+    objects = copy.deepcopy(base)
+    for f in component.get("resources", []):
+        objects += copy.deepcopy(repo.manifests[f"k8s/examples/{example}/{f}"])
+    for entry in component["patches"]:
+        patch = policy.parse_yaml(entry["patch"])[0]
+        if isinstance(patch, dict):  # $patch: delete
+            objects = [o for o in objects if (o["kind"], o["metadata"]["name"]) != (patch["kind"], patch["metadata"]["name"])]
+            continue
+        (target,) = [o for o in objects if (o["kind"], o["metadata"]["name"]) == (entry["target"]["kind"], entry["target"]["name"])]
+        for op in patch:
+            keys = [k.replace("~1", "/").replace("~0", "~") for k in op["path"].split("/")[1:]]
+            parent = target
+            for k in keys[:-1]:
+                parent = parent[int(k)] if isinstance(parent, list) else parent[k]
+            last = int(keys[-1]) if isinstance(parent, list) else keys[-1]
+            if op["op"] == "remove":
+                del parent[last]
+            else:
+                parent[last] = op["value"]
+    return objects
+
+
 def load_good():
     repo = policy.load_repo(REPO)
     base = copy.deepcopy(repo.base)
@@ -31,6 +57,8 @@ def load_good():
         "keda.yaml": [o for o in base if (o["kind"], o["metadata"]["name"]) not in ADAPTER_ONLY]
         + copy.deepcopy(repo.keda_objects),
     }
+    for example in repo.examples:
+        repo.built[f"example-{example}.yaml"] = with_component(repo, base, example)
     return repo
 
 
@@ -122,6 +150,42 @@ def dashboard_duplicate_panel_id(r):
     r.files["grafana-dashboard.json"] = json.dumps(dashboard)
 
 
+def built_object(r, build, kind, name):
+    (found,) = [o for o in r.built[build] if o["kind"] == kind and o["metadata"]["name"] == name]
+    return found
+
+
+def per_queue_hpa_on_other_queue(r):
+    metric = built_object(r, "example-per-queue.yaml", "HorizontalPodAutoscaler", "worker-io")["spec"]["metrics"][0]
+    metric["external"]["metric"]["selector"]["matchLabels"]["queue"] = "cpu"
+
+
+def python_worker_short_visibility(r):
+    c = built_object(r, "example-python-worker.yaml", "Deployment", "worker")["spec"]["template"]["spec"]["containers"][0]
+    for e in c["env"]:
+        if e["name"] == "VISIBILITY_TIMEOUT":
+            e["value"] = "60"
+
+
+def per_queue_selector_overlaps(r):
+    d = built_object(r, "example-per-queue.yaml", "Deployment", "worker-cpu")
+    d["spec"]["selector"]["matchLabels"].pop("celery-autoscale/pool")
+
+
+def redis_tls_exporter_without_ca(r):
+    d = built_object(r, "example-redis-tls.yaml", "Deployment", "exporter")
+    c = d["spec"]["template"]["spec"]["containers"][0]
+    c["volumeMounts"] = [m for m in c["volumeMounts"] if m["mountPath"] != "/etc/redis-ca"]
+
+
+def worker_events_on_in_base(r):
+    first_container(r, "Deployment", "worker")["args"].append("--events")
+
+
+def per_queue_build_drifted(r):
+    built_object(r, "example-per-queue.yaml", "Deployment", "worker-io")["metadata"]["labels"]["extra"] = "x"
+
+
 BAD_CASES = [
     (policy.check_generated_headers, header_removed, "missing the generated-file header"),
     (policy.check_namespaces, secret_committed, "Secrets are created by the deploy step"),
@@ -139,6 +203,12 @@ BAD_CASES = [
     (policy.check_prometheus, worker_service_hides_unready, "not-ready workers would not be scraped"),
     (policy.check_network_policies, allow_all_policy, "NetworkPolicy allows"),
     (policy.check_dashboard, dashboard_duplicate_panel_id, "panel ids are not unique"),
+    (policy.check_examples, per_queue_build_drifted, "the kustomize build differs from the render"),
+    (policy.check_examples, per_queue_hpa_on_other_queue, "HPA worker-io scales on queues ['cpu']"),
+    (policy.check_examples, python_worker_short_visibility, "must stay >= 3600 s"),
+    (policy.check_examples, per_queue_selector_overlaps, "also selects the pods of pool worker-io"),
+    (policy.check_examples, redis_tls_exporter_without_ca, "exporter BROKER_URL is not rediss:// with a CA"),
+    (policy.check_worker, worker_events_on_in_base, "events are off by default"),
 ]
 
 

@@ -9,6 +9,7 @@
 { lib, ... }:
 let
   c = import ./constants.nix;
+  w = import ./workload.nix;
   app = c.apps.adapter;
   name = "prometheus-adapter";
   # Cluster-scoped RBAC objects carry the namespace in their names, so that they cannot clash with
@@ -79,14 +80,10 @@ in
           # A changed rule file rolls the pod.
           annotations."celery-autoscale/config-sha256" = builtins.hashString "sha256" adapterConfig;
         };
-        spec = {
-          serviceAccountName = name;
-          automountServiceAccountToken = true; # it is an API server and reads the API
-          securityContext = c.podSecurityContext c.users.nobody;
-          containers = [{
-            name = "prometheus-adapter";
+        spec = w.pod { user = c.users.nobody; token = true; volumes = [{ name = "config"; configMap.name = "adapter-config"; }]; } // {
+          serviceAccountName = name; # it is an API server and reads the API
+          containers.prometheus-adapter = {
             image = c.pinnedImages.adapter;
-            imagePullPolicy = "IfNotPresent";
             args = [
               # Self-signed serving certificate, written to the writable emptyDir (read-only root FS);
               # the APIService skips TLS verification accordingly.
@@ -98,32 +95,15 @@ in
               "--metrics-relist-interval=1m"
             ];
             ports = [{ name = "https"; containerPort = c.ports.adapter; }];
-            readinessProbe = {
-              httpGet = { path = "/readyz"; port = "https"; scheme = "HTTPS"; };
-              initialDelaySeconds = 10;
-              periodSeconds = 5;
-              failureThreshold = 5;
+          } // w.container {
+            user = c.users.nobody;
+            mounts = [{ name = "config"; mountPath = "/etc/adapter"; readOnly = true; }];
+            resources = w.resources { cpu = "50m"; memory = "64Mi"; maxCpu = "250m"; maxMemory = "256Mi"; };
+            probes = w.httpProbes "https" {
+              ready = { path = "/readyz"; scheme = "HTTPS"; initialDelaySeconds = 10; periodSeconds = 5; failureThreshold = 5; };
+              live = { path = "/livez"; scheme = "HTTPS"; initialDelaySeconds = 30; periodSeconds = 10; failureThreshold = 5; };
             };
-            livenessProbe = {
-              httpGet = { path = "/livez"; port = "https"; scheme = "HTTPS"; };
-              initialDelaySeconds = 30;
-              periodSeconds = 10;
-              failureThreshold = 5;
-            };
-            resources = {
-              requests = { cpu = "50m"; memory = "64Mi"; };
-              limits = { cpu = "250m"; memory = "256Mi"; };
-            };
-            securityContext = c.containerSecurityContext c.users.nobody;
-            volumeMounts = [
-              c.tmpMount
-              { name = "config"; mountPath = "/etc/adapter"; readOnly = true; }
-            ];
-          }];
-          volumes = [
-            c.tmpVolume
-            { name = "config"; configMap.name = "adapter-config"; }
-          ];
+          };
         };
       };
     };

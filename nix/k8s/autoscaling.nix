@@ -1,26 +1,33 @@
-# The worker HPA (autoscaling/v2): an External metric, the queue depth that prometheus-adapter
-# serves (adapter.nix), with the seed's policy from scaling-policy.nix (which also says why its
-# 15/30/60 s periods are kept although 14/29/59 s would make the real controller deterministic).
+# One HPA (autoscaling/v2) per worker pool (options.nix: celeryAutoscale.workers), named after it:
+# an External metric, the depth of the pool's queues that prometheus-adapter serves (adapter.nix),
+# with the pool's hpa options, by default the seed's policy from scaling-policy.nix (which also says
+# why its 15/30/60 s periods are kept although 14/29/59 s would make the real controller deterministic).
 # Rendered alone into k8s/autoscaling.yaml, which the simulator (`celery-autoscale simulate --hpa`)
 # and the local supervisor read.
+{ lib, config, ... }:
 let
   policy = import ./scaling-policy.nix;
+  # One queue: that series. Several: each queue's series, which the HPA adds up for an External metric.
+  selector = queues:
+    if lib.length queues == 1 then { matchLabels.queue = lib.head queues; }
+    else { matchExpressions = [{ key = "queue"; operator = "In"; values = queues; }]; };
 in
 {
-  imports = [ ./common.nix ];
+  imports = [ ./common.nix ./options.nix ];
 
-  kubernetes.resources.horizontalPodAutoscalers.worker.spec = {
-    scaleTargetRef = { apiVersion = "apps/v1"; kind = "Deployment"; name = "worker"; };
-    inherit (policy) minReplicas maxReplicas behavior;
-    metrics = [{
-      type = "External";
-      external = {
-        metric = {
-          name = policy.metricName;
-          selector.matchLabels.queue = policy.queue;
-        };
-        target = { type = "AverageValue"; inherit (policy) averageValue; };
+  kubernetes.resources.horizontalPodAutoscalers = lib.mapAttrs
+    (name: p: {
+      spec = {
+        scaleTargetRef = { apiVersion = "apps/v1"; kind = "Deployment"; inherit name; };
+        inherit (p.hpa) minReplicas maxReplicas behavior;
+        metrics = [{
+          type = "External";
+          external = {
+            metric = { name = policy.metricName; selector = selector p.queues; };
+            target = { type = "AverageValue"; inherit (p.hpa) averageValue; };
+          };
+        }];
       };
-    }];
-  };
+    })
+    config.celeryAutoscale.workers;
 }

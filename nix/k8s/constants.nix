@@ -2,7 +2,6 @@
 # A plain attribute set (not a module), imported with `import ./constants.nix`.
 let
   namespace = "celery-autoscale";
-  redisHost = "redis";
   ports = {
     redis = 6379;
     worker = 9191; # worker --metrics-addr: /metrics, /healthz, /readyz
@@ -12,7 +11,6 @@ let
     kubeStateMetrics = 8080;
     kubeStateMetricsTelemetry = 8081;
   };
-  redisUrl = db: "redis://:$(REDIS_PASSWORD)@${redisHost}:${toString ports.redis}/${toString db}";
   # Created by the deploy step, never committed (see redis.nix).
   redisSecret = { name = "redis-auth"; key = "password"; };
 in
@@ -66,15 +64,6 @@ in
     fsGroup = gid;
     seccompProfile.type = "RuntimeDefault";
   };
-
-  # Redis client environment for the worker, the exporter and the loadgen Job. A list, not an
-  # attribute set: $(REDIS_PASSWORD) only expands variables defined earlier in the list.
-  appEnv = [
-    { name = "REDIS_PASSWORD"; valueFrom.secretKeyRef = redisSecret; }
-    { name = "BROKER_URL"; value = redisUrl 0; }
-    { name = "BACKEND_URL"; value = redisUrl 1; }
-    { name = "LOG_FORMAT"; value = "json"; }
-  ];
 
   # A small writable /tmp for containers with a read-only root filesystem.
   tmpVolume = { name = "tmp"; emptyDir.sizeLimit = "16Mi"; };

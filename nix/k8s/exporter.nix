@@ -3,13 +3,16 @@
 # Exactly one replica with the Recreate strategy, so that no two exporters report the same queue at
 # once (not even during a rollout). Two would double a `sum`; the adapter query uses `max by (queue)`
 # (files/adapter-config.yaml), which would also tolerate an overlap.
-{ images, ... }:
+# --queues follows the worker pools (options.nix: celeryAutoscale.queues).
+{ lib, config, images, ... }:
 let
   c = import ./constants.nix;
+  w = import ./workload.nix;
+  cfg = config.celeryAutoscale;
   app = c.apps.exporter;
 in
 {
-  imports = [ ./common.nix ];
+  imports = [ ./common.nix ./options.nix ];
 
   kubernetes.resources = {
     deployments.exporter.spec = {
@@ -18,42 +21,29 @@ in
       selector.matchLabels = c.selectorLabels app;
       template = {
         metadata.labels = c.podLabels app;
-        spec = {
-          automountServiceAccountToken = false;
-          securityContext = c.podSecurityContext c.users.app;
-          containers = [{
-            name = "exporter";
+        spec = w.pod { user = c.users.app; volumes = cfg.redis.volumes; } // {
+          containers.exporter = {
             image = images.exporter;
-            imagePullPolicy = "IfNotPresent";
             args = [
               "exporter"
               "--queues"
-              c.queue
+              (lib.concatStringsSep "," cfg.queues)
               "--interval"
               "5"
               "--listen"
               "0.0.0.0:${toString c.ports.exporter}"
             ];
-            env = c.appEnv;
+            env = cfg.redis.env;
             ports = [{ name = "metrics"; containerPort = c.ports.exporter; }];
-            readinessProbe = {
-              httpGet = { path = "/healthz"; port = "metrics"; };
-              periodSeconds = 5;
+          } // w.container {
+            user = c.users.app;
+            mounts = cfg.redis.mounts;
+            resources = w.resources { cpu = "20m"; memory = "32Mi"; maxCpu = "200m"; maxMemory = "128Mi"; };
+            probes = w.httpProbes "metrics" {
+              ready = { path = "/healthz"; periodSeconds = 5; };
+              live = { path = "/healthz"; initialDelaySeconds = 5; periodSeconds = 10; failureThreshold = 3; };
             };
-            livenessProbe = {
-              httpGet = { path = "/healthz"; port = "metrics"; };
-              initialDelaySeconds = 5;
-              periodSeconds = 10;
-              failureThreshold = 3;
-            };
-            resources = {
-              requests = { cpu = "20m"; memory = "32Mi"; };
-              limits = { cpu = "200m"; memory = "128Mi"; };
-            };
-            securityContext = c.containerSecurityContext c.users.app;
-            volumeMounts = [ c.tmpMount ];
-          }];
-          volumes = [ c.tmpVolume ];
+          };
         };
       };
     };

@@ -6,6 +6,8 @@
 #   cd k8s && kustomize edit add component components/keda
 # Needs KEDA 2.x installed, in the namespace `keda`.
 # Not part of the base (default.nix): rendered on its own to k8s/components/keda/keda.yaml.
+# One ScaledObject per worker pool (options.nix: celeryAutoscale.workers), with the pool's hpa options.
+{ lib, config, ... }:
 let
   c = import ./constants.nix;
   policy = import ./scaling-policy.nix;
@@ -15,13 +17,47 @@ let
   adapterQuery = builtins.head (builtins.match
     ".*\n    metricsQuery: '([^'\n]*)'\n.*"
     (builtins.readFile ./files/adapter-config.yaml));
-  query = builtins.replaceStrings
+  fill = matcher: builtins.replaceStrings
     [ "<<.Series>>" "<<.LabelMatchers>>" ]
-    [ policy.metricName ''queue="${policy.queue}",namespace="${c.namespace}"'' ]
+    [ policy.metricName ''${matcher},namespace="${c.namespace}"'' ]
     adapterQuery;
+  # One queue: the adapter's query as the adapter fills it for the HPA. Several: their sum, as the HPA
+  # adds them up (KEDA's trigger needs a single value).
+  query = queues:
+    if lib.length queues == 1 then fill ''queue="${lib.head queues}"''
+    else "sum(${fill ''queue=~"${lib.concatStringsSep "|" queues}"''})";
+
+  scaledObject = name: p: {
+    spec = {
+      scaleTargetRef.name = name;
+      # Scale to zero when the queue is empty: the reason to choose KEDA. 0 -> 1 is KEDA's own
+      # activation check every pollingInterval; 1 <-> N is the HPA KEDA creates, with our behavior.
+      minReplicaCount = 0;
+      maxReplicaCount = p.hpa.maxReplicas;
+      pollingInterval = 15;
+      cooldownPeriod = 300;
+      advanced.horizontalPodAutoscalerConfig = {
+        # The same name as the adapter path's HPA: dashboards and alerts keep working.
+        inherit name;
+        inherit (p.hpa) behavior;
+      };
+      triggers = [{
+        type = "prometheus";
+        metricType = "AverageValue";
+        metadata = {
+          serverAddress = "http://prometheus.${c.namespace}.svc:${toString c.ports.prometheus}";
+          query = query p.queues;
+          threshold = p.hpa.averageValue;
+          activationThreshold = "0";
+          # An empty result is an error (the HPA holds its count), as on the adapter path, not a 0.
+          ignoreNullValues = "false";
+        };
+      }];
+    };
+  };
 in
 {
-  imports = [ ./common.nix ];
+  imports = [ ./common.nix ./options.nix ];
 
   kubernetes.customTypes = [{
     group = "keda.sh";
@@ -31,32 +67,7 @@ in
   }];
 
   kubernetes.resources = {
-    scaledObjects.worker.spec = {
-      scaleTargetRef.name = "worker";
-      # Scale to zero when the queue is empty: the reason to choose KEDA. 0 -> 1 is KEDA's own
-      # activation check every pollingInterval; 1 <-> N is the HPA KEDA creates, with our behavior.
-      minReplicaCount = 0;
-      maxReplicaCount = policy.maxReplicas;
-      pollingInterval = 15;
-      cooldownPeriod = 300;
-      advanced.horizontalPodAutoscalerConfig = {
-        # The same name as the adapter path's HPA: dashboards and alerts keep working.
-        name = "worker";
-        inherit (policy) behavior;
-      };
-      triggers = [{
-        type = "prometheus";
-        metricType = "AverageValue";
-        metadata = {
-          serverAddress = "http://prometheus.${c.namespace}.svc:${toString c.ports.prometheus}";
-          inherit query;
-          threshold = policy.averageValue;
-          activationThreshold = "0";
-          # An empty result is an error (the HPA holds its count), as on the adapter path, not a 0.
-          ignoreNullValues = "false";
-        };
-      }];
-    };
+    scaledObjects = lib.mapAttrs scaledObject config.celeryAutoscale.workers;
 
     # KEDA's operator and metrics server query Prometheus from the keda namespace.
     networkPolicies.prometheus-from-keda.spec = {

@@ -4,6 +4,7 @@
 # celery-autoscale, so a Role suffices (no cluster-wide read access).
 let
   c = import ./constants.nix;
+  w = import ./workload.nix;
   app = c.apps.kubeStateMetrics;
 in
 {
@@ -26,14 +27,10 @@ in
       selector.matchLabels = c.selectorLabels app;
       template = {
         metadata.labels = c.podLabels app;
-        spec = {
-          serviceAccountName = "kube-state-metrics";
-          automountServiceAccountToken = true; # it reads the API
-          securityContext = c.podSecurityContext c.users.nobody;
-          containers = [{
-            name = "kube-state-metrics";
+        spec = w.pod { user = c.users.nobody; token = true; tmp = false; } // {
+          serviceAccountName = "kube-state-metrics"; # it reads the API
+          containers.kube-state-metrics = {
             image = c.pinnedImages.kubeStateMetrics;
-            imagePullPolicy = "IfNotPresent";
             args = [
               "--namespaces=${c.namespace}"
               "--resources=deployments,horizontalpodautoscalers"
@@ -44,22 +41,14 @@ in
               { name = "http-metrics"; containerPort = c.ports.kubeStateMetrics; }
               { name = "telemetry"; containerPort = c.ports.kubeStateMetricsTelemetry; }
             ];
-            livenessProbe = {
-              httpGet = { path = "/livez"; port = "http-metrics"; };
-              initialDelaySeconds = 5;
-              periodSeconds = 10;
-            };
-            readinessProbe = {
-              httpGet = { path = "/readyz"; port = "telemetry"; };
-              initialDelaySeconds = 5;
-              periodSeconds = 10;
-            };
-            resources = {
-              requests = { cpu = "10m"; memory = "32Mi"; };
-              limits = { cpu = "100m"; memory = "128Mi"; };
-            };
-            securityContext = c.containerSecurityContext c.users.nobody;
-          }];
+            # Liveness on the metrics port, readiness on the telemetry port (kube-state-metrics' own layout).
+            livenessProbe = { httpGet = { path = "/livez"; port = "http-metrics"; }; initialDelaySeconds = 5; periodSeconds = 10; };
+            readinessProbe = { httpGet = { path = "/readyz"; port = "telemetry"; }; initialDelaySeconds = 5; periodSeconds = 10; };
+          } // w.container {
+            user = c.users.nobody;
+            tmp = false;
+            resources = w.resources { cpu = "10m"; memory = "32Mi"; maxCpu = "100m"; maxMemory = "128Mi"; };
+          };
         };
       };
     };

@@ -4,9 +4,14 @@
 # Its TSDB is an emptyDir: the HPA only needs recent samples; a restart starts an empty history.
 let
   c = import ./constants.nix;
+  w = import ./workload.nix;
   app = c.apps.prometheus;
   prometheusConfig = builtins.readFile ./files/prometheus.yml;
   alertRules = builtins.readFile ./files/alerts.yml;
+  volumes = [
+    { name = "config"; configMap.name = "prometheus-config"; }
+    { name = "data"; emptyDir.sizeLimit = "2Gi"; }
+  ];
 in
 {
   imports = [ ./common.nix ];
@@ -29,13 +34,9 @@ in
           # A changed configuration or rule file rolls the pod.
           annotations."celery-autoscale/config-sha256" = builtins.hashString "sha256" (prometheusConfig + alertRules);
         };
-        spec = {
-          automountServiceAccountToken = false;
-          securityContext = c.podSecurityContext c.users.nobody;
-          containers = [{
-            name = "prometheus";
+        spec = w.pod { user = c.users.nobody; tmp = false; inherit volumes; } // {
+          containers.prometheus = {
             image = c.pinnedImages.prometheus;
-            imagePullPolicy = "IfNotPresent";
             args = [
               "--config.file=/etc/prometheus/prometheus.yml"
               "--storage.tsdb.path=/prometheus"
@@ -44,30 +45,19 @@ in
               "--web.listen-address=:${toString c.ports.prometheus}"
             ];
             ports = [{ name = "web"; containerPort = c.ports.prometheus; }];
-            readinessProbe = {
-              httpGet = { path = "/-/ready"; port = "web"; };
-              periodSeconds = 5;
-            };
-            livenessProbe = {
-              httpGet = { path = "/-/healthy"; port = "web"; };
-              initialDelaySeconds = 10;
-              periodSeconds = 15;
-              failureThreshold = 4;
-            };
-            resources = {
-              requests = { cpu = "100m"; memory = "256Mi"; };
-              limits = { cpu = "1"; memory = "1Gi"; };
-            };
-            securityContext = c.containerSecurityContext c.users.nobody;
-            volumeMounts = [
+          } // w.container {
+            user = c.users.nobody;
+            tmp = false;
+            mounts = [
               { name = "config"; mountPath = "/etc/prometheus"; readOnly = true; }
               { name = "data"; mountPath = "/prometheus"; }
             ];
-          }];
-          volumes = [
-            { name = "config"; configMap.name = "prometheus-config"; }
-            { name = "data"; emptyDir.sizeLimit = "2Gi"; }
-          ];
+            resources = w.resources { cpu = "100m"; memory = "256Mi"; maxCpu = "1"; maxMemory = "1Gi"; };
+            probes = w.httpProbes "web" {
+              ready = { path = "/-/ready"; periodSeconds = 5; };
+              live = { path = "/-/healthy"; initialDelaySeconds = 10; periodSeconds = 15; failureThreshold = 4; };
+            };
+          };
         };
       };
     };
