@@ -95,12 +95,13 @@
         ];
 
         # The Nix formatter of this repository is nixpkgs-fmt (scripts/check-nix.sh runs the same
-        # 1.3.0 from crates.io). Upstream archived it and nixpkgs may turn the attribute into a
-        # throwing alias; tryEval keeps `nix flake check` and the devShell evaluating either way,
-        # and checks.nix-format then fails with what to do instead of silently passing.
+        # 1.3.0 from crates.io). Upstream archived it, so nixpkgs may drop the attribute or turn it
+        # into a throwing alias (tryEval catches a throw, not a missing attribute: hence `?` first).
+        # Either way `nix flake check` and the devShell still evaluate, and checks.nix-format then
+        # fails with what to do instead of silently passing (docs/CI.md "The Nix formatter").
         nixpkgsFmt =
           let try = builtins.tryEval pkgs.nixpkgs-fmt;
-          in if try.success then try.value else null;
+          in if pkgs ? nixpkgs-fmt && try.success then try.value else null;
 
         # A check that runs COMMAND in a copy of the repository files, with TOOLS on PATH.
         repoCheck = name: tools: command: pkgs.runCommand name { nativeBuildInputs = tools; } ''
