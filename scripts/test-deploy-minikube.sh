@@ -18,7 +18,8 @@ failures=0
 fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
 ok() { echo "ok: $*"; }
 
-# The stand-ins append their arguments, one call per line, to $CALLS. `minikube status` says "not
+# The stand-ins append their arguments, one call per line, to $CALLS (openssl only hands out a fixed
+# password, so the test needs no openssl binary). `minikube status` says "not
 # running"; `kubectl wait hpa/...` fails when HPA_NEVER_ACTIVE is set; everything else succeeds.
 mkdir -p "$tmp/bin" "$tmp/manifests"
 # stub NAME < BODY: an executable run by this very bash (the Nix build sandbox has no /usr/bin/env).
@@ -39,9 +40,13 @@ EOF
 stub copy-to <<'EOF'
 echo "copy-to $*" >>"$CALLS"
 EOF
+stub openssl <<'EOF'
+echo 00112233445566778899aabbccddeeff0011223344556677
+EOF
 chmod +x "$tmp/bin/"*
 
-# run NAME [ENV=VALUE…] -- [ARGS…]: run the script as the Nix wrapper does; output in $tmp/NAME.out
+# run NAME [ENV=VALUE…] -- [ARGS…]: run the script as the Nix wrapper (writeShellApplication) does,
+# with errexit, nounset and pipefail; output in $tmp/NAME.out
 run() {
   local name=$1
   shift
@@ -52,7 +57,7 @@ run() {
   env PATH="$tmp/bin:$PATH" CALLS="$tmp/$name.calls" MANIFESTS="$tmp/manifests" \
     APP_IMAGE=celery-autoscale-app:abc APP_COPY_TO="$tmp/bin/copy-to" \
     EXPORTER_IMAGE=celery-queue-exporter:abc EXPORTER_COPY_TO="$tmp/bin/copy-to" "${env[@]}" \
-    bash "$repo/nix/deploy-minikube.sh" "$@" >"$tmp/$name.out" 2>&1
+    bash -o errexit -o nounset -o pipefail "$repo/nix/deploy-minikube.sh" "$@" >"$tmp/$name.out" 2>&1
 }
 
 # 1, 2 and the order of 4

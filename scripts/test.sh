@@ -48,9 +48,10 @@ export PATH="$PWD/.venv/bin:$TOOLS_DIR/bin:$PATH"
 extra=()
 if [[ "${1:-}" == "--" ]]; then shift; extra=("$@"); fi
 
-echo "== cargo fmt / clippy"
+echo "== cargo fmt / clippy / doc"
 cargo fmt --check
 cargo clippy --locked --all-targets --quiet -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --quiet
 
 echo "== cargo test"
 cargo test --locked "${extra[@]}"
