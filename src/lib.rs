@@ -20,7 +20,7 @@ pub mod pattern;
 pub mod plot;
 pub mod shutdown;
 pub mod simulate;
-pub mod tasks;
+pub mod task;
 pub mod telemetry;
 pub mod wire;
 pub mod worker;
