@@ -264,7 +264,9 @@ impl Call {
                 }
             }
             Body::Blocking(body) => {
-                let cancel = ctx.cancel.clone();
+                // Also when this future is dropped (the worker abandons a task at the end of
+                // its shutdown timeout): the thread is told to stop, so the process can exit.
+                let cancel = CancelOnDrop(ctx.cancel.clone());
                 let mut handle = tokio::task::spawn_blocking(move || body(&ctx));
                 tokio::select! {
                     joined = &mut handle => Some(joined.unwrap_or_else(|e| match e.try_into_panic() {
@@ -272,13 +274,21 @@ impl Call {
                         Err(e) => Err(TaskError::runtime_error(format!("task thread failed: {e}"))),
                     })),
                     () = deadline => {
-                        cancel.store(true, Ordering::Relaxed);
+                        drop(cancel);
                         let _ = handle.await;
                         None
                     }
                 }
             }
         }
+    }
+}
+
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 
