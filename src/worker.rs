@@ -19,7 +19,7 @@ use crate::connection::{self, Backoff, Health, redact_url};
 use crate::http;
 use crate::metrics::WorkerMetrics;
 use crate::shutdown::{Shutdown, Stage};
-use crate::task::{Call, Context, Registry, Task, TaskError, TaskResult};
+use crate::task::{Call, Context, Registry, Task, TaskError, TaskOptions, TaskResult};
 use crate::wire::envelope::number_seconds;
 use crate::wire::keys::{self, PrioritySteps};
 use crate::wire::message::{self, NewTask, unacked_entry};
@@ -358,7 +358,7 @@ impl Worker {
                 return None;
             }
         }
-        let (limit, limit_exc) = self.time_limit(msg, task);
+        let (limit, limit_exc) = time_limit(msg, task.options(), &self.args);
         tracing::debug!(task_id = %msg.id, task = %msg.task, retries = msg.retries, "task started");
         let started = Instant::now();
         let ctx = Context::new(msg.id.clone(), msg.retries, task.options());
@@ -366,24 +366,6 @@ impl Worker {
             Err(TaskError::Raise(limit_exc.unwrap_or_else(ExceptionInfo::soft_time_limit_exceeded)))
         });
         Some((outcome, started.elapsed()))
-    }
-
-    /// The effective limit: the earlier of soft and hard, with the exception it raises. Each
-    /// comes from the message, else the task's options, else the worker's flags (as Celery).
-    fn time_limit(&self, msg: &TaskMessage, task: &dyn Task) -> (Option<Duration>, Option<ExceptionInfo>) {
-        let opts = task.options();
-        let default = |task: Option<Duration>, worker: Option<f64>| {
-            task.map(|d| d.as_secs_f64()).or(worker).and_then(Number::from_f64)
-        };
-        let hard = msg.hard_time_limit.clone().or_else(|| default(opts.time_limit, self.args.time_limit));
-        let soft = msg.soft_time_limit.clone().or_else(|| default(opts.soft_time_limit, self.args.soft_time_limit));
-        let secs = |n: &Number| Duration::try_from_secs_f64(number_seconds(n)).ok();
-        match (hard.as_ref().and_then(secs), soft.as_ref().and_then(secs)) {
-            (Some(h), Some(s)) if s < h => (Some(s), None),
-            (Some(h), _) => (Some(h), hard.as_ref().map(ExceptionInfo::time_limit_exceeded)),
-            (None, Some(s)) => (Some(s), None),
-            (None, None) => (None, None),
-        }
     }
 
     async fn finish(&self, msg: &TaskMessage, t: &dyn Task, outcome: TaskResult, queue: &str, elapsed: Duration) {
@@ -581,8 +563,75 @@ impl Worker {
     }
 }
 
+/// The effective limit: the earlier of soft and hard, with the exception it raises. Each
+/// comes from the message, else the task's options, else the worker's flags (as Celery).
+fn time_limit(msg: &TaskMessage, task: &TaskOptions, args: &WorkerArgs) -> (Option<Duration>, Option<ExceptionInfo>) {
+    let default = |task: Option<Duration>, worker: Option<f64>| {
+        task.map(|d| d.as_secs_f64()).or(worker).and_then(Number::from_f64)
+    };
+    let hard = msg.hard_time_limit.clone().or_else(|| default(task.time_limit, args.time_limit));
+    let soft = msg.soft_time_limit.clone().or_else(|| default(task.soft_time_limit, args.soft_time_limit));
+    let secs = |n: &Number| Duration::try_from_secs_f64(number_seconds(n)).ok();
+    match (hard.as_ref().and_then(secs), soft.as_ref().and_then(secs)) {
+        (Some(h), Some(s)) if s < h => (Some(s), None),
+        (Some(h), _) => (Some(h), hard.as_ref().map(ExceptionInfo::time_limit_exceeded)),
+        (None, Some(s)) => (Some(s), None),
+        (None, None) => (None, None),
+    }
+}
+
 /// The message's `ignore_result` header if it sets one (Python's `send_task` sends `null`),
 /// else the task's option.
 fn ignores_result(msg: &TaskMessage, task: Option<&dyn Task>) -> bool {
     msg.ignore_result.unwrap_or_else(|| task.is_some_and(|t| t.options().ignore_result))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::parse_message;
+    use clap::Parser;
+    use serde_json::Map;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        worker: WorkerArgs,
+    }
+
+    fn message(limits: (Option<f64>, Option<f64>), ignore_result: Option<bool>) -> TaskMessage {
+        let mut t = NewTask::new("t.x", vec![], Map::new(), "celery");
+        t.time_limit = (limits.0.and_then(Number::from_f64), limits.1.and_then(Number::from_f64));
+        t.ignore_result = ignore_result;
+        parse_message(&t.to_message("gen1@test").0).unwrap()
+    }
+
+    #[test]
+    fn limits_come_from_the_message_then_the_task_then_the_worker() {
+        let worker = Cli::parse_from(["w", "--time-limit", "60", "--soft-time-limit", "50"]).worker;
+        let plain = TaskOptions::new("t.x");
+        let hard = |s: f64| Some(ExceptionInfo::time_limit_exceeded(&Number::from_f64(s).unwrap()));
+        let secs = Duration::from_secs_f64;
+        assert_eq!(time_limit(&message((None, None), None), &plain, &worker), (Some(secs(50.0)), None), "soft first");
+        let task = TaskOptions::new("t.x").time_limit(secs(2.0));
+        assert_eq!(time_limit(&message((None, None), None), &task, &worker), (Some(secs(2.0)), hard(2.0)));
+        assert_eq!(time_limit(&message((Some(1.5), None), None), &task, &worker), (Some(secs(1.5)), hard(1.5)));
+        let soft = TaskOptions::new("t.x").soft_time_limit(secs(0.5));
+        assert_eq!(time_limit(&message((None, None), None), &soft, &worker), (Some(secs(0.5)), None));
+        let none = Cli::parse_from(["w"]).worker;
+        assert_eq!(time_limit(&message((None, None), None), &plain, &none), (None, None));
+    }
+
+    #[test]
+    fn ignore_result_is_the_messages_else_the_tasks() {
+        let ignoring =
+            Registry::new().add_async(TaskOptions::new("t.x").ignore_result(true), ["a"], |(_,): (Value,), _| async {
+                Ok::<_, TaskError>(())
+            });
+        let task = ignoring.get("t.x").map(|t| &**t);
+        assert!(ignores_result(&message((None, None), None), task));
+        assert!(!ignores_result(&message((None, None), Some(false)), task), "the message says store it");
+        assert!(ignores_result(&message((None, None), Some(true)), None));
+        assert!(!ignores_result(&message((None, None), None), None));
+    }
 }

@@ -118,6 +118,11 @@ impl InFlight {
         self.lock().held.iter().map(|(t, h)| (t.clone(), h.clone())).collect()
     }
 
+    /// The delivery tags of every held message.
+    pub fn tags(&self) -> Vec<String> {
+        self.lock().held.keys().cloned().collect()
+    }
+
     /// Tasks started by this worker, by name (Celery's `inspect stats` `total`).
     pub fn started_counts(&self) -> BTreeMap<String, u64> {
         self.lock().started.clone()
@@ -154,6 +159,7 @@ mod tests {
         assert!(f.hold("d", held("t.a")).is_err(), "nothing new is held while draining");
         assert!(!f.start("c"), "a message taken back does not start");
         assert_eq!(f.counts(), (1, 0));
+        assert_eq!(f.tags(), ["a"]);
         assert_eq!(f.finish("a").map(|h| h.msg.task.clone()), Some("t.a".into()));
         assert_eq!(f.counts(), (0, 0));
         assert_eq!(f.started_counts(), BTreeMap::from([("t.a".to_owned(), 1)]));
