@@ -1,4 +1,5 @@
-//! The worker: take messages from the queues, run them, store results, acknowledge.
+//! The worker: take messages from the queues, run them, store results, acknowledge. It runs
+//! the tasks of a [`Registry`] (see [`crate::task`]); what it holds is an [`InFlight`].
 //!
 //! Delivery is at-least-once, like Celery with `acks_late`: a message stays in kombu's
 //! `unacked` hash from the moment it is taken until its result is stored. On the first

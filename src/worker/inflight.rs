@@ -80,7 +80,12 @@ impl InFlight {
         match held.get_mut(tag) {
             Some(h) => {
                 h.started = Some(Utc::now());
-                *started.entry(h.msg.task.clone()).or_default() += 1;
+                match started.get_mut(&h.msg.task) {
+                    Some(n) => *n += 1,
+                    None => {
+                        started.insert(h.msg.task.clone(), 1);
+                    }
+                }
                 true
             }
             None => false,
