@@ -2,9 +2,10 @@
 //!
 //! A Redis list is the queue; [`worker`] speaks Celery's wire protocol ([`wire`]) over kombu's
 //! Redis layout ([`broker`]) and writes Celery results ([`backend`]), so Python producers and
-//! clients work unchanged. [`exporter`] publishes the queue depth for Prometheus, which
-//! prometheus-adapter serves to a Kubernetes HPA; [`hpa`] is the same decision algorithm run
-//! locally by [`local`] and [`simulate`]. [`loadgen`] drives it all.
+//! clients work unchanged; it runs the tasks of a [`task::Registry`] (the built-ins, or your
+//! own). [`exporter`] publishes the queue depth for Prometheus, which prometheus-adapter serves
+//! to a Kubernetes HPA; [`hpa`] is the same decision algorithm run locally by [`local`] and
+//! [`simulate`]. [`loadgen`] drives it all.
 
 pub mod args;
 pub mod backend;
@@ -20,7 +21,7 @@ pub mod pattern;
 pub mod plot;
 pub mod shutdown;
 pub mod simulate;
-pub mod tasks;
+pub mod task;
 pub mod telemetry;
 pub mod wire;
 pub mod worker;

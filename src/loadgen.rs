@@ -4,7 +4,7 @@
 
 use crate::connection::{self, redact_url};
 use crate::pattern::LoadPattern;
-use crate::tasks;
+use crate::task::builtin as tasks;
 use crate::wire::keys::{self, PrioritySteps};
 use crate::wire::message::origin;
 use crate::wire::{NewTask, TaskState};

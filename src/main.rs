@@ -1,5 +1,6 @@
 //! The `celery-autoscale` command line: parse arguments, call into the library.
 
+use celery_autoscale::task::Registry;
 use celery_autoscale::telemetry::{self, LogFormat};
 use celery_autoscale::{exporter, loadgen, local, simulate, worker};
 use clap::{Parser, Subcommand};
@@ -38,7 +39,7 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result: anyhow::Result<()> = runtime.block_on(async {
         match cli.command {
-            Command::Worker(args) => worker::run(args).await?,
+            Command::Worker(args) => worker::run(args, Registry::with_builtins()).await?,
             Command::Exporter(args) => exporter::run(args).await?,
             Command::Loadgen(args) => {
                 if !loadgen::run(args).await? {

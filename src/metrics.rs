@@ -1,7 +1,6 @@
 //! Prometheus metrics: one struct per role, registered once in its own registry and passed to
 //! the code that updates it. Names are the contract with dashboards, alerts and the HPA.
 
-use crate::tasks;
 use crate::wire::RejectReason;
 use prometheus::{Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
@@ -65,7 +64,8 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
 }
 
 impl WorkerMetrics {
-    pub fn new() -> Self {
+    /// The worker's metrics, with the per-task series of `task_names` created at zero.
+    pub fn new<'a>(task_names: impl IntoIterator<Item = &'a str>) -> Self {
         let r = Registry::new();
         let duration = HistogramVec::new(
             HistogramOpts::new(TASK_DURATION, "Task run time in seconds, from start to result stored.")
@@ -132,7 +132,7 @@ impl WorkerMetrics {
             registry: r,
         };
         // Create every series at zero so rate() works from the first scrape.
-        for task in tasks::REGISTERED {
+        for task in task_names {
             for c in [&m.received, &m.success, &m.failure, &m.retried, &m.revoked] {
                 c.with_label_values(&[task]);
             }
@@ -142,12 +142,6 @@ impl WorkerMetrics {
             m.rejected.with_label_values(&[reason.label()]);
         }
         m
-    }
-}
-
-impl Default for WorkerMetrics {
-    fn default() -> Self {
-        Self::new()
     }
 }
 

@@ -1,4 +1,5 @@
-//! The worker: take messages from the queues, run them, store results, acknowledge.
+//! The worker: take messages from the queues, run them, store results, acknowledge. It runs
+//! the tasks of a [`Registry`] (see [`crate::task`]); what it holds is an [`InFlight`].
 //!
 //! Delivery is at-least-once, like Celery with `acks_late`: a message stays in kombu's
 //! `unacked` hash from the moment it is taken until its result is stored. On the first
@@ -19,7 +20,7 @@ use crate::connection::{self, Backoff, Health, redact_url};
 use crate::http;
 use crate::metrics::WorkerMetrics;
 use crate::shutdown::{Shutdown, Stage};
-use crate::tasks::{self, BindError, Call, Context, Outcome};
+use crate::task::{Call, Context, Registry, Task, TaskError, TaskOptions, TaskResult};
 use crate::wire::envelope::number_seconds;
 use crate::wire::keys::{self, PrioritySteps};
 use crate::wire::message::{self, NewTask, unacked_entry};
@@ -28,9 +29,8 @@ use crate::wire::time::unix_seconds;
 use crate::wire::{ExceptionInfo, RejectReason, Rejection, ResultMeta, TaskMessage, parse_message};
 use chrono::Utc;
 use serde_json::{Number, Value};
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -90,11 +90,9 @@ pub struct WorkerArgs {
     pub hostname: Option<String>,
 }
 
-/// A message the worker has taken and not yet acknowledged.
-struct Held {
-    entry: Vec<u8>,
-    running: bool,
-}
+pub mod inflight;
+
+pub use inflight::{Held, InFlight};
 
 struct Worker {
     args: WorkerArgs,
@@ -104,11 +102,9 @@ struct Worker {
     broker_health: Arc<Health>,
     backend_health: Arc<Health>,
     shutdown: Shutdown,
-    /// Keyed by delivery tag. Guarded by a plain mutex: every critical section is a map update.
-    held: Mutex<HashMap<String, Held>>,
-    /// Set (under `held`'s lock) when the graceful drain starts: from then on a newly taken
-    /// message goes straight back.
-    draining: AtomicBool,
+    registry: Registry,
+    /// Messages taken and not yet acknowledged, and whether the drain has begun.
+    in_flight: InFlight,
     /// Set at the immediate stage: Redis retry loops stop waiting for Redis.
     give_up: AtomicBool,
     run_slots: Arc<Semaphore>,
@@ -118,14 +114,15 @@ struct Worker {
     origin: String,
 }
 
-/// Run a worker until it is told to stop. Returns after a clean shutdown.
-pub async fn run(args: WorkerArgs) -> Result<(), StartError> {
+/// Run a worker serving `registry`'s tasks until SIGTERM/SIGINT. Returns after a clean
+/// shutdown.
+pub async fn run(args: WorkerArgs, registry: Registry) -> Result<(), StartError> {
     let shutdown = Shutdown::from_signals().map_err(StartError::Signals)?;
-    run_with_shutdown(args, shutdown).await
+    run_with_shutdown(args, registry, shutdown).await
 }
 
 /// [`run`] with an externally driven [`Shutdown`] (tests, the local supervisor).
-pub async fn run_with_shutdown(args: WorkerArgs, shutdown: Shutdown) -> Result<(), StartError> {
+pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: Shutdown) -> Result<(), StartError> {
     if args.queues.iter().all(|q| q.trim().is_empty()) {
         return Err(StartError::NoQueues);
     }
@@ -142,12 +139,12 @@ pub async fn run_with_shutdown(args: WorkerArgs, shutdown: Shutdown) -> Result<(
     let worker = Arc::new(Worker {
         broker: Broker::new(broker_conn, steps.clone()),
         backend: Backend::new(backend_conn, Duration::from_secs(args.result_expires)),
-        metrics: WorkerMetrics::new(),
+        metrics: WorkerMetrics::new(registry.names()),
         broker_health: Health::new("broker"),
         backend_health: Health::new("backend"),
         shutdown: shutdown.clone(),
-        held: Mutex::new(HashMap::new()),
-        draining: AtomicBool::new(false),
+        registry,
+        in_flight: InFlight::new(),
         give_up: AtomicBool::new(false),
         run_slots: Arc::new(Semaphore::new(args.concurrency as usize)),
         finishing: Arc::new(Semaphore::new(2 * args.concurrency as usize)),
@@ -178,6 +175,7 @@ pub async fn run_with_shutdown(args: WorkerArgs, shutdown: Shutdown) -> Result<(
         broker = %redact_url(&worker.args.broker_url),
         backend = %redact_url(&worker.args.backend_url),
         queues = ?worker.args.queues,
+        tasks = ?worker.registry,
         concurrency = worker.args.concurrency,
         prefetch = worker.args.concurrency * worker.args.prefetch_multiplier,
         metrics = %addr,
@@ -210,11 +208,7 @@ impl Worker {
     }
 
     fn refresh_gauges(&self) {
-        let (running, waiting) = {
-            let held = self.held.lock().expect("held lock");
-            let running = held.values().filter(|h| h.running).count();
-            (running, held.len() - running)
-        };
+        let (running, waiting) = self.in_flight.counts();
         self.metrics.active.set(running as i64);
         self.metrics.reserved.set(waiting as i64);
         let connected = self.broker_health.is_connected() && !self.backend_health.is_down();
@@ -268,7 +262,7 @@ impl Worker {
         let msg = match parse_message(&bytes) {
             Ok(m) => m,
             Err(rejection) => {
-                self.reject(rejection, &bytes, None).await;
+                self.reject(rejection, &bytes, None, None).await;
                 if let Some(tag) = &recorded_as {
                     // Taken with a readable tag but unusable otherwise: done with it.
                     self.ack(tag).await;
@@ -276,18 +270,19 @@ impl Worker {
                 return;
             }
         };
-        let call = match tasks::bind(&msg.task, &msg.args, &msg.kwargs) {
-            Ok(call) => call,
-            Err(e) => {
-                let (reason, detail) = match e {
-                    BindError::NotRegistered => {
-                        (RejectReason::UnknownTask, format!("task {:?} is not registered", msg.task))
-                    }
-                    BindError::Arguments(m) => (RejectReason::BadArguments, m),
-                };
+        let bound = match self.registry.get(&msg.task) {
+            None => Err((RejectReason::UnknownTask, format!("task {:?} is not registered", msg.task), None)),
+            Some(t) => match t.bind(&msg.args, &msg.kwargs) {
+                Ok(call) => Ok((t.clone(), call)),
+                Err(m) => Err((RejectReason::BadArguments, m, Some(t.clone()))),
+            },
+        };
+        let (task, call) = match bound {
+            Ok(bound) => bound,
+            Err((reason, detail, task)) => {
                 let rejection =
                     Rejection { reason, detail, task_id: Some(msg.id.clone()), task_name: Some(msg.task.clone()) };
-                self.reject(rejection, &bytes, Some(&msg)).await;
+                self.reject(rejection, &bytes, Some(&msg), task.as_deref()).await;
                 if let Some(tag) = &recorded_as {
                     self.ack(tag).await;
                 }
@@ -309,16 +304,17 @@ impl Worker {
             tracing::error!(task_id = %msg.id, message = %String::from_utf8_lossy(&bytes), "exiting with a message Redis never took back; it is logged here in full");
             return;
         }
-        if !self.hold(&tag, entry.clone()) {
+        let msg = Arc::new(msg);
+        if let Err(held) = self.in_flight.hold(&tag, Held::new(msg.clone(), queue.clone(), entry)) {
             // Shutdown began while we were recording it: it goes straight back.
-            self.put_back(&tag, &entry).await;
+            self.put_back(&tag, &held.entry).await;
             return;
         }
 
         if let Some(expires) = msg.expires.filter(|e| *e <= Utc::now()) {
             tracing::info!(task_id = %msg.id, task = %msg.task, %expires, "task expired before it could run; storing REVOKED");
             self.metrics.revoked.with_label_values(&[&msg.task]).inc();
-            self.store(&msg, ResultMeta::revoked(&msg.id, &ExceptionInfo::revoked_expired(), Utc::now())).await;
+            self.store(&msg, &*task, ResultMeta::revoked(&msg.id, &ExceptionInfo::revoked_expired(), Utc::now())).await;
             return self.ack(&tag).await;
         }
         let mut fetch_slot = Some(fetch_slot);
@@ -336,10 +332,10 @@ impl Worker {
             p = self.run_slots.clone().acquire_owned() => p.expect("semaphore never closed"),
             () = self.shutdown.reached(Stage::Graceful) => return,
         };
-        if !self.start(&tag) {
+        if !self.in_flight.start(&tag) {
             return; // the drain took it back before it could start
         }
-        let Some((outcome, elapsed)) = self.execute(&msg, call).await else {
+        let Some((outcome, elapsed)) = self.execute(&msg, &*task, call).await else {
             return self.ack(&tag).await;
         };
         // The slot is free once the task has run: store and ack off the critical path, so the
@@ -348,38 +344,13 @@ impl Worker {
         let finishing = self.finishing.clone().acquire_owned().await.expect("semaphore never closed");
         drop(run_slot);
         drop(fetch_slot);
-        self.finish(&msg, outcome, &queue, elapsed).await;
+        self.finish(&msg, &*task, outcome, &queue, elapsed).await;
         self.ack(&tag).await;
         drop(finishing);
     }
 
-    /// Register a taken message; false if the drain has started (the caller puts it back).
-    fn hold(&self, tag: &str, entry: Vec<u8>) -> bool {
-        let mut held = self.held.lock().expect("held lock");
-        if self.draining.load(Ordering::SeqCst) {
-            return false;
-        }
-        held.insert(tag.to_owned(), Held { entry, running: false });
-        true
-    }
-
-    /// Mark a held message as started; false if the drain already put it back.
-    fn start(&self, tag: &str) -> bool {
-        let mut held = self.held.lock().expect("held lock");
-        if self.draining.load(Ordering::SeqCst) {
-            return false;
-        }
-        match held.get_mut(tag) {
-            Some(h) => {
-                h.running = true;
-                true
-            }
-            None => false,
-        }
-    }
-
     /// Run the task; `None` when a redelivered task had already succeeded (nothing to do).
-    async fn execute(&self, msg: &TaskMessage, call: Call) -> Option<(Outcome, Duration)> {
+    async fn execute(&self, msg: &TaskMessage, task: &dyn Task, call: Call) -> Option<(TaskResult, Duration)> {
         if msg.redelivered {
             let status = self.redis_backend("read a stored result", || self.backend.status(&msg.id)).await.flatten();
             if status.as_deref() == Some("SUCCESS") {
@@ -388,39 +359,25 @@ impl Worker {
                 return None;
             }
         }
-        let (limit, limit_exc) = self.time_limit(msg);
+        let (limit, limit_exc) = time_limit(msg, task.options(), &self.args);
         tracing::debug!(task_id = %msg.id, task = %msg.task, retries = msg.retries, "task started");
         let started = Instant::now();
-        let outcome = call
-            .run(Context { retries: msg.retries }, limit)
-            .await
-            .unwrap_or_else(|| Outcome::Failure(limit_exc.unwrap_or_else(ExceptionInfo::soft_time_limit_exceeded)));
+        let ctx = Context::new(msg.id.clone(), msg.retries, task.options());
+        let outcome = call.run(ctx, limit).await.unwrap_or_else(|| {
+            Err(TaskError::Raise(limit_exc.unwrap_or_else(ExceptionInfo::soft_time_limit_exceeded)))
+        });
         Some((outcome, started.elapsed()))
     }
 
-    /// The effective limit: the earlier of soft and hard, with the exception it raises.
-    fn time_limit(&self, msg: &TaskMessage) -> (Option<Duration>, Option<ExceptionInfo>) {
-        let default = |v: Option<f64>| v.and_then(Number::from_f64);
-        let hard = msg.hard_time_limit.clone().or_else(|| default(self.args.time_limit));
-        let soft = msg.soft_time_limit.clone().or_else(|| default(self.args.soft_time_limit));
-        let secs = |n: &Number| Duration::try_from_secs_f64(number_seconds(n)).ok();
-        match (hard.as_ref().and_then(secs), soft.as_ref().and_then(secs)) {
-            (Some(h), Some(s)) if s < h => (Some(s), None),
-            (Some(h), _) => (Some(h), hard.as_ref().map(ExceptionInfo::time_limit_exceeded)),
-            (None, Some(s)) => (Some(s), None),
-            (None, None) => (None, None),
-        }
-    }
-
-    async fn finish(&self, msg: &TaskMessage, outcome: Outcome, queue: &str, elapsed: Duration) {
+    async fn finish(&self, msg: &TaskMessage, t: &dyn Task, outcome: TaskResult, queue: &str, elapsed: Duration) {
         let now = Utc::now();
         let task = msg.task.as_str();
         match outcome {
-            Outcome::Success(value) => {
+            Ok(value) => {
                 self.metrics.success.with_label_values(&[task]).inc();
                 self.metrics.duration.with_label_values(&[task]).observe(elapsed.as_secs_f64());
                 tracing::debug!(task_id = %msg.id, task, seconds = elapsed.as_secs_f64(), "task succeeded");
-                self.store(msg, ResultMeta::success(&msg.id, value.clone(), now)).await;
+                self.store(msg, t, ResultMeta::success(&msg.id, value.clone(), now)).await;
                 for sig in &msg.embed.callbacks {
                     self.send(NewTask::from_signature(sig, Some(value.clone()), msg, keys::DEFAULT_QUEUE)).await;
                 }
@@ -430,25 +387,25 @@ impl Worker {
                     self.send(t).await;
                 }
             }
-            Outcome::Failure(exc) => {
+            Err(TaskError::Raise(exc)) => {
                 self.metrics.failure.with_label_values(&[task]).inc();
                 self.metrics.duration.with_label_values(&[task]).observe(elapsed.as_secs_f64());
                 tracing::info!(task_id = %msg.id, task, "task failed: {}", exc.summary());
-                self.store(msg, ResultMeta::failure(&msg.id, task, &exc, now)).await;
+                self.store(msg, t, ResultMeta::failure(&msg.id, task, &exc, now)).await;
                 self.send_errbacks(msg).await;
             }
-            Outcome::Retry { exc, countdown } => {
+            Err(TaskError::Retry { exc, countdown }) => {
                 self.metrics.retried.with_label_values(&[task]).inc();
                 tracing::info!(task_id = %msg.id, task, retries = msg.retries + 1, ?countdown, "task retry: {}", exc.summary());
-                self.store(msg, ResultMeta::retry(&msg.id, task, &exc)).await;
-                self.send(retry_message(msg, queue, countdown)).await;
+                self.store(msg, t, ResultMeta::retry(&msg.id, task, &exc)).await;
+                self.send(NewTask::retry_of(msg, queue, countdown)).await;
             }
         }
     }
 
-    /// Store a result unless the message asked not to.
-    async fn store(&self, msg: &TaskMessage, mut meta: ResultMeta) {
-        if msg.ignore_result == Some(true) {
+    /// Store a result unless the message (or, if it does not say, the task) ignores results.
+    async fn store(&self, msg: &TaskMessage, task: &dyn Task, mut meta: ResultMeta) {
+        if ignores_result(msg, Some(task)) {
             return;
         }
         meta.group_id = msg.group.clone();
@@ -476,7 +433,7 @@ impl Worker {
 
     async fn ack(&self, tag: &str) {
         self.redis("acknowledge", || self.broker.ack(tag)).await;
-        self.held.lock().expect("held lock").remove(tag);
+        self.in_flight.finish(tag);
     }
 
     async fn put_back(&self, tag: &str, entry: &[u8]) {
@@ -486,7 +443,7 @@ impl Worker {
     }
 
     /// Log, count, keep what cannot be read, and tell the caller through a FAILURE result.
-    async fn reject(&self, r: Rejection, raw: &[u8], msg: Option<&TaskMessage>) {
+    async fn reject(&self, r: Rejection, raw: &[u8], msg: Option<&TaskMessage>, task: Option<&dyn Task>) {
         self.metrics.rejected.with_label_values(&[r.reason.label()]).inc();
         tracing::warn!(reason = %r.reason, task_id = r.task_id.as_deref(), task = r.task_name.as_deref(), "message rejected: {}", r.detail);
         let keep_raw = !matches!(r.reason, RejectReason::UnknownTask | RejectReason::BadArguments);
@@ -494,7 +451,7 @@ impl Worker {
             self.redis("keep a rejected message", || self.broker.dead_letter(raw)).await;
         }
         let Some(task_id) = &r.task_id else { return };
-        if msg.is_some_and(|m| m.ignore_result == Some(true)) {
+        if msg.is_some_and(|m| ignores_result(m, task)) {
             return;
         }
         let task = r.task_name.as_deref().unwrap_or("unknown");
@@ -568,16 +525,11 @@ impl Worker {
     /// Graceful stop: put back what has not started, wait for what runs (up to the shutdown
     /// timeout or a second signal), then put back what still runs.
     async fn drain(&self, deliveries: &mut JoinSet<()>) {
-        let waiting: Vec<(String, Vec<u8>)> = {
-            let mut held = self.held.lock().expect("held lock");
-            self.draining.store(true, Ordering::SeqCst);
-            let tags: Vec<String> = held.iter().filter(|(_, h)| !h.running).map(|(t, _)| t.clone()).collect();
-            tags.into_iter().filter_map(|t| held.remove(&t).map(|h| (t, h.entry))).collect()
-        };
-        for (tag, entry) in &waiting {
-            self.put_back(tag, entry).await;
+        let waiting = self.in_flight.begin_drain();
+        for (tag, held) in &waiting {
+            self.put_back(tag, &held.entry).await;
         }
-        let running = self.held.lock().expect("held lock").len();
+        let (running, _) = self.in_flight.counts();
         tracing::info!(
             put_back = waiting.len(),
             running,
@@ -594,12 +546,11 @@ impl Worker {
                 tracing::warn!("second signal; putting running tasks back");
             }
         }
-        let still: Vec<(String, Vec<u8>)> =
-            self.held.lock().expect("held lock").iter().map(|(t, h)| (t.clone(), h.entry.clone())).collect();
+        let still = self.in_flight.snapshot();
         if !still.is_empty() {
             let put_all = async {
-                for (tag, entry) in &still {
-                    self.put_back(tag, entry).await;
+                for (tag, held) in &still {
+                    self.put_back(tag, &held.entry).await;
                 }
             };
             // Redis may be gone: bound the wait; the visibility timeout covers the rest.
@@ -613,22 +564,75 @@ impl Worker {
     }
 }
 
-/// The message Celery's `Task.retry` sends (fixture w01): same id and arguments,
-/// `retries + 1`, an ETA `countdown` from now, the workflow root kept, `parent_id` = this task.
-fn retry_message(msg: &TaskMessage, queue: &str, countdown: Duration) -> NewTask {
-    let mut t = NewTask::new(&msg.task, msg.args.clone(), msg.kwargs.clone(), queue);
-    t.id = msg.id.clone();
-    t.priority = msg.priority.clamp(0, 9) as u8;
-    t.root_id = Some(msg.root_id().to_owned());
-    t.parent_id = Some(msg.id.clone());
-    t.group = msg.group.clone();
-    t.retries = msg.retries + 1;
-    t.eta = chrono::Duration::from_std(countdown).ok().map(|c| Utc::now() + c);
-    t.expires = msg.expires;
-    t.time_limit = (msg.hard_time_limit.clone(), msg.soft_time_limit.clone());
-    t.ignore_result = msg.ignore_result;
-    t.callbacks = msg.embed.callbacks.clone();
-    t.errbacks = msg.embed.errbacks.clone();
-    t.chain = msg.embed.chain.clone();
-    t
+/// The effective limit: the earlier of soft and hard, with the exception it raises. Each
+/// comes from the message, else the task's options, else the worker's flags (as Celery).
+fn time_limit(msg: &TaskMessage, task: &TaskOptions, args: &WorkerArgs) -> (Option<Duration>, Option<ExceptionInfo>) {
+    let default = |task: Option<Duration>, worker: Option<f64>| {
+        task.map(|d| d.as_secs_f64()).or(worker).and_then(Number::from_f64)
+    };
+    let hard = msg.hard_time_limit.clone().or_else(|| default(task.time_limit, args.time_limit));
+    let soft = msg.soft_time_limit.clone().or_else(|| default(task.soft_time_limit, args.soft_time_limit));
+    let secs = |n: &Number| Duration::try_from_secs_f64(number_seconds(n)).ok();
+    match (hard.as_ref().and_then(secs), soft.as_ref().and_then(secs)) {
+        (Some(h), Some(s)) if s < h => (Some(s), None),
+        (Some(h), _) => (Some(h), hard.as_ref().map(ExceptionInfo::time_limit_exceeded)),
+        (None, Some(s)) => (Some(s), None),
+        (None, None) => (None, None),
+    }
+}
+
+/// The message's `ignore_result` header if it sets one (Python's `send_task` sends `null`),
+/// else the task's option.
+fn ignores_result(msg: &TaskMessage, task: Option<&dyn Task>) -> bool {
+    msg.ignore_result.unwrap_or_else(|| task.is_some_and(|t| t.options().ignore_result))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::parse_message;
+    use clap::Parser;
+    use serde_json::Map;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        worker: WorkerArgs,
+    }
+
+    fn message(limits: (Option<f64>, Option<f64>), ignore_result: Option<bool>) -> TaskMessage {
+        let mut t = NewTask::new("t.x", vec![], Map::new(), "celery");
+        t.time_limit = (limits.0.and_then(Number::from_f64), limits.1.and_then(Number::from_f64));
+        t.ignore_result = ignore_result;
+        parse_message(&t.to_message("gen1@test").0).unwrap()
+    }
+
+    #[test]
+    fn limits_come_from_the_message_then_the_task_then_the_worker() {
+        let worker = Cli::parse_from(["w", "--time-limit", "60", "--soft-time-limit", "50"]).worker;
+        let plain = TaskOptions::new("t.x");
+        let hard = |s: f64| Some(ExceptionInfo::time_limit_exceeded(&Number::from_f64(s).unwrap()));
+        let secs = Duration::from_secs_f64;
+        assert_eq!(time_limit(&message((None, None), None), &plain, &worker), (Some(secs(50.0)), None), "soft first");
+        let task = TaskOptions::new("t.x").time_limit(secs(2.0));
+        assert_eq!(time_limit(&message((None, None), None), &task, &worker), (Some(secs(2.0)), hard(2.0)));
+        assert_eq!(time_limit(&message((Some(1.5), None), None), &task, &worker), (Some(secs(1.5)), hard(1.5)));
+        let soft = TaskOptions::new("t.x").soft_time_limit(secs(0.5));
+        assert_eq!(time_limit(&message((None, None), None), &soft, &worker), (Some(secs(0.5)), None));
+        let none = Cli::parse_from(["w"]).worker;
+        assert_eq!(time_limit(&message((None, None), None), &plain, &none), (None, None));
+    }
+
+    #[test]
+    fn ignore_result_is_the_messages_else_the_tasks() {
+        let ignoring =
+            Registry::new().add_async(TaskOptions::new("t.x").ignore_result(true), ["a"], |(_,): (Value,), _| async {
+                Ok::<_, TaskError>(())
+            });
+        let task = ignoring.get("t.x").map(|t| &**t);
+        assert!(ignores_result(&message((None, None), None), task));
+        assert!(!ignores_result(&message((None, None), Some(false)), task), "the message says store it");
+        assert!(ignores_result(&message((None, None), Some(true)), None));
+        assert!(!ignores_result(&message((None, None), None), None));
+    }
 }

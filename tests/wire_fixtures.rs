@@ -221,6 +221,30 @@ fn messages_we_send_are_what_python_sends() {
 }
 
 #[test]
+fn a_retry_is_the_message_celery_republishes() {
+    // The worker's retry of w01 (itself a retry) is w01 one step on: same id, args, root and
+    // headers; retries + 1; parent = the task itself; an ETA `countdown` from now.
+    let theirs = parsed("w01_worker_retry_republish.json");
+    let before = chrono::Utc::now();
+    let retry = NewTask::retry_of(&theirs, "retry_capture", std::time::Duration::from_secs(3600));
+    let (bytes, _) = retry.to_message("gen1@test");
+    let ours = parse_message(&bytes).unwrap();
+    assert_eq!((ours.retries, ours.id.as_str(), ours.task.as_str()), (2, theirs.id.as_str(), "tasks.retry_me"));
+    assert_eq!((ours.root_id(), ours.parent_id.as_deref()), (theirs.root_id(), Some(theirs.id.as_str())));
+    assert_eq!((&ours.args, &ours.kwargs, ours.ignore_result), (&theirs.args, &theirs.kwargs, theirs.ignore_result));
+    assert_eq!(ours.routing_key(), Some("retry_capture"));
+    let eta = ours.eta.expect("an ETA");
+    assert!(
+        eta >= before + chrono::Duration::seconds(3600) && eta <= chrono::Utc::now() + chrono::Duration::seconds(3600)
+    );
+    let (a, b): (Value, Value) = (
+        serde_json::from_slice(&bytes).unwrap(),
+        serde_json::from_slice(&producer("w01_worker_retry_republish.json")).unwrap(),
+    );
+    same_shape(&a["headers"], &b["headers"], "headers");
+}
+
+#[test]
 fn unacked_entries_and_restored_payloads_are_kombus() {
     // Our entry for a message taken from `celery` is `[<bytes as received>, "", "celery"]`.
     let msg = parsed("p31_default_call.json");

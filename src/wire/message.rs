@@ -81,6 +81,46 @@ impl NewTask {
         t
     }
 
+    /// The message Celery's `Task.retry` sends (fixture w01): the same task, id, arguments,
+    /// headers and workflow (links, chain) as `msg`, with `retries + 1`, an ETA `countdown`
+    /// from now, and `parent_id` = the task itself.
+    pub fn retry_of(msg: &TaskMessage, queue: &str, countdown: std::time::Duration) -> Self {
+        let TaskMessage {
+            task,
+            id,
+            priority,
+            group,
+            expires,
+            retries,
+            hard_time_limit,
+            soft_time_limit,
+            ignore_result,
+            args,
+            kwargs,
+            embed,
+            ..
+        } = msg;
+        NewTask {
+            task: task.clone(),
+            id: id.clone(),
+            args: args.clone(),
+            kwargs: kwargs.clone(),
+            queue: queue.into(),
+            priority: (*priority).clamp(0, 9) as u8,
+            root_id: Some(msg.root_id().to_owned()),
+            parent_id: Some(id.clone()),
+            group: group.clone(),
+            eta: chrono::Duration::from_std(countdown).ok().and_then(|c| Utc::now().checked_add_signed(c)),
+            expires: *expires,
+            retries: retries.saturating_add(1),
+            time_limit: (hard_time_limit.clone(), soft_time_limit.clone()),
+            ignore_result: *ignore_result,
+            chain: embed.chain.clone(),
+            callbacks: embed.callbacks.clone(),
+            errbacks: embed.errbacks.clone(),
+        }
+    }
+
     /// Serialise: the envelope bytes to LPUSH and the delivery tag it carries.
     pub fn to_message(&self, origin: &str) -> (Vec<u8>, String) {
         let delivery_tag = new_uuid();

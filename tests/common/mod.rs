@@ -184,10 +184,16 @@ impl Worker {
     }
 
     pub fn spawn_with_metrics_port(redis: &Redis, metrics_port: u16, extra: &[&str]) -> Worker {
+        let mut worker = Command::new(BIN);
+        worker.arg("worker");
+        Worker::spawn_command(worker, redis, metrics_port, extra)
+    }
+
+    /// Any program that takes `celery-autoscale worker`'s flags (e.g. an example binary).
+    pub fn spawn_command(mut command: Command, redis: &Redis, metrics_port: u16, extra: &[&str]) -> Worker {
         let logdir = tempfile::tempdir().unwrap();
         let log = logdir.path().join("worker.log");
-        let child = Command::new(BIN)
-            .arg("worker")
+        let child = command
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
             .args(extra)
             .env("BROKER_URL", redis.url(0))

@@ -1,6 +1,6 @@
 """The project's task set in Python, for a real Celery worker in the tests and the benchmark.
 
-Same names and algorithms as src/tasks.rs, so a Python worker and a Rust worker are
+Same names and algorithms as src/task/builtin.rs, so a Python worker and a Rust worker are
 interchangeable on a queue and benchmarks compare like with like. Configured from the
 environment: BROKER_URL, BACKEND_URL, VISIBILITY_TIMEOUT (seconds), ACKS_LATE (1/0),
 PREFETCH_MULTIPLIER.
