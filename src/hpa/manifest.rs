@@ -13,7 +13,7 @@ use super::spec::HpaSpec;
 /// when the file holds several.
 pub fn load_hpa_file(path: &Path, name: Option<&str>) -> Result<HpaSpec, HpaError> {
     let text =
-        std::fs::read_to_string(path).map_err(|source| HpaError::Read { path: path.display().to_string(), source })?;
+        std::fs::read_to_string(path).map_err(|cause| HpaError::Read { path: path.display().to_string(), cause })?;
     parse_hpa_manifest(&text, name).map_err(|e| e.in_file(path))
 }
 
