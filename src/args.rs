@@ -50,7 +50,7 @@ pub fn rate(s: &str) -> Result<f64, String> {
 
 /// The range check of [`rate`], for rates that arrive as numbers (pattern strings).
 pub fn check_rate(v: f64) -> Result<f64, String> {
-    if v >= 0.0 && v <= MAX_RATE {
+    if (0.0..=MAX_RATE).contains(&v) {
         Ok(v)
     } else {
         Err(format!("is out of range: a rate must be a number of tasks/s from 0 to {MAX_RATE}"))
@@ -91,8 +91,7 @@ pub struct QueueArgs {
 impl QueueArgs {
     /// The queue names, trimmed, blanks dropped; at least one.
     pub fn names(&self) -> Result<Vec<String>, StartError> {
-        let names: Vec<String> =
-            self.queues.iter().map(|q| q.trim().to_owned()).filter(|q| !q.is_empty()).collect();
+        let names: Vec<String> = self.queues.iter().map(|q| q.trim().to_owned()).filter(|q| !q.is_empty()).collect();
         if names.is_empty() { Err(StartError::NoQueues) } else { Ok(names) }
     }
 }
@@ -143,11 +142,9 @@ mod tests {
         // added to now and slept on.
         #[test]
         fn duration_parsers_never_panic(s in "\\PC{0,12}|[-+]?[0-9.eE]{1,12}|[-+]?(inf|NaN|infinity)") {
-            for parsed in [duration(&s), non_negative_duration(&s)] {
-                if let Ok(d) = parsed {
-                    prop_assert!(d <= MAX_DURATION);
-                    prop_assert!(std::time::Instant::now().checked_add(d).is_some());
-                }
+            for d in [duration(&s), non_negative_duration(&s)].into_iter().flatten() {
+                prop_assert!(d <= MAX_DURATION);
+                prop_assert!(std::time::Instant::now().checked_add(d).is_some());
             }
             if let Ok(r) = rate(&s) {
                 prop_assert!(r.is_finite() && (0.0..=MAX_RATE).contains(&r));

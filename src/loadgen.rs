@@ -213,11 +213,11 @@ pub enum LoadgenError {
     // The Redis error is part of the sentence, not a `source`: a RedisError's own source repeats
     // its text, so a printed chain would say "Connection refused" three times.
     #[error(
-        "Redis at {url} failed after {sent} of {total} tasks were confirmed in queue {queue:?}{}: {cause}",
+        "Redis at BROKER_URL={url} failed after {sent} of {total} tasks were confirmed in queue {queue:?}{}: {cause}",
         if *unconfirmed > 0 { format!(" ({unconfirmed} more were in flight and may or may not have arrived)") } else { String::new() }
     )]
     Send { url: String, queue: String, sent: u64, unconfirmed: u64, total: u64, cause: redis::RedisError },
-    #[error("cannot read results from {url}: {cause}")]
+    #[error("cannot read results from BACKEND_URL={url}: {cause}")]
     Results { url: String, cause: redis::RedisError },
 }
 
@@ -544,4 +544,36 @@ pub async fn run(args: LoadgenArgs) -> Result<bool, LoadgenError> {
         waited.makespan.as_secs_f64()
     );
     Ok(waited.failed == 0 && waited.pending == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use rand::Rng;
+
+    #[test]
+    fn spans() {
+        assert_eq!("0.5:1.5".parse::<Span<f64>>(), Ok(Span(0.5, 1.5)));
+        assert_eq!("3".parse::<Span<u64>>(), Ok(Span(3, 3)));
+        for bad in ["NaN:NaN", "0:inf", "-1:-0.5", "2:1", "x", "1e300:1e301"] {
+            assert!(bad.parse::<Span<f64>>().is_err(), "{bad}");
+        }
+        assert!("-1:2".parse::<Span<u64>>().is_err());
+    }
+
+    proptest! {
+        // Any text: a span is refused or can be drawn from (what TaskFactory does).
+        #[test]
+        fn spans_are_usable_or_refused(s in "[-+]?([0-9.eE]{1,8}|NaN|inf)(:[-+]?([0-9.eE]{1,8}|NaN|inf))?|\\PC{0,12}") {
+            let mut rng = StdRng::seed_from_u64(1);
+            if let Ok(Span(a, b)) = s.parse::<Span<f64>>() {
+                let v = rng.random_range(a..=b);
+                prop_assert!(v.is_finite() && v >= 0.0);
+            }
+            if let Ok(Span(a, b)) = s.parse::<Span<u64>>() {
+                let _ = rng.random_range(a..=b);
+            }
+        }
+    }
 }

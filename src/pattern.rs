@@ -133,7 +133,8 @@ impl LoadPattern {
             return Err(format!("SECONDS is above the limit of {} s (30 days)", args::MAX_DURATION.as_secs()));
         }
         let total = self.cumulative(self.duration()).round();
-        if !(total <= MAX_TASKS as f64) {
+        // NaN cannot arise (rates and durations are finite), but would be refused too.
+        if total.is_nan() || total > MAX_TASKS as f64 {
             return Err(format!(
                 "the pattern sends {total:.0} tasks in all, more than the limit of {MAX_TASKS}; lower the count, \
                  the rates or the duration"

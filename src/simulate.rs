@@ -39,8 +39,8 @@ use crate::hpa::{Autoscaler, ControllerConfig, DeadBand, HpaSpec, load_hpa_file}
 use crate::pattern::LoadPattern;
 use crate::plot::{TimelinePoint, write_svg};
 
-pub use closed_loop::{MAX_PODS, MAX_SIMULATED_TASKS, MAX_STEPS};
 pub use closed_loop::{ClosedLoopRun, Sample, Summary, Workload, WorkloadError, closed_loop, timeline_csv};
+pub use closed_loop::{MAX_PODS, MAX_SIMULATED_TASKS, MAX_STEPS};
 pub use trace::{Trace, TraceError, TraceRow, parse_trace, read_trace, replay_trace};
 use trace::{trace_points, write_trace_result};
 
@@ -48,9 +48,9 @@ use trace::{trace_points, write_trace_result};
 #[derive(Debug, Clone, clap::Args)]
 #[command(
     about = "Replay a metric trace (open loop) or a modelled workload (closed loop) through the HPA algorithm",
-    after_help = "Open loop:   simulate --hpa k8s/autoscaling.yaml --trace trace.csv\n\
+    after_help = "Open loop:   simulate --hpa k8s/autoscaling.yaml --trace examples/trace.csv\n\
                   Closed loop: simulate --hpa k8s/autoscaling.yaml --load ramp:1:20:120 --plot run.svg\n\
-                  Compare:     simulate --compare a.yaml b.yaml --load burst:400"
+                  Compare:     simulate --compare k8s/autoscaling.yaml examples/hpa-faster.yaml --load burst:400"
 )]
 pub struct SimulateArgs {
     /// HPA manifest: YAML (multi-document is fine) or a JSON `kind: List`; the

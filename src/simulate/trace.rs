@@ -39,8 +39,8 @@ pub struct TraceRow {
 
 /// Reads a trace CSV (`t,metric` header; no quoting; blank lines and `#` comments skipped).
 pub fn read_trace(path: &Path) -> Result<Trace, TraceError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|cause| TraceError::Read { path: path.display().to_string(), cause })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|cause| TraceError::Read { path: path.display().to_string(), cause })?;
     parse_trace(&text)
 }
 
