@@ -20,12 +20,15 @@ use crate::http;
 use crate::metrics::WorkerMetrics;
 use crate::shutdown::{Shutdown, Stage};
 use crate::tasks::{self, BindError, Call, Context, Outcome};
+use crate::wire::envelope::DEFAULT_MAX_MESSAGE_BYTES;
 use crate::wire::envelope::number_seconds;
 use crate::wire::keys;
 use crate::wire::message::{self, NewTask, unacked_entry};
 use crate::wire::result::Extended;
 use crate::wire::time::unix_seconds;
-use crate::wire::{ExceptionInfo, RejectReason, Rejection, ResultMeta, TaskMessage, parse_message};
+use crate::wire::{
+    ExceptionInfo, RejectReason, Rejection, ResultMeta, TaskMessage, dead_letter_entry, parse_message_within,
+};
 use chrono::Utc;
 use serde_json::{Number, Value};
 use std::collections::HashMap;
@@ -73,12 +76,29 @@ pub struct WorkerArgs {
     /// Default soft time limit in seconds (task_soft_time_limit).
     #[arg(long, value_parser = args::duration)]
     pub soft_time_limit: Option<Duration>,
+    /// Largest message accepted, in bytes; a larger one is rejected before it is decoded (its
+    /// caller gets a FAILURE when the id is readable), and no compressed body inflates beyond it.
+    #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE_BYTES as u64,
+          value_parser = clap::value_parser!(u64).range(1024..=512 * 1024 * 1024))]
+    pub max_message_bytes: u64,
     /// Where /metrics, /healthz and /readyz are served.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9191")]
     pub metrics_addr: String,
     /// Worker name in logs and extended results (default: the host name, i.e. the pod name).
     #[arg(long)]
     pub hostname: Option<String>,
+}
+
+/// A rejected message this large has just been freed, with its decoding buffers: hand the
+/// memory back to the system rather than keep it (a poison burst left glibc holding ~100 MB).
+const RELEASE_AFTER_BYTES: usize = 1024 * 1024;
+
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel; it touches no live memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// A message the worker has taken and not yet acknowledged.
@@ -254,7 +274,7 @@ impl Worker {
     async fn deliver(self: Arc<Self>, taken: Taken, fetch_slot: OwnedSemaphorePermit) {
         let Taken { key, bytes, recorded_as } = taken;
         let queue = keys::queue_of_key(&key).to_owned();
-        let msg = match parse_message(&bytes) {
+        let msg = match parse_message_within(&bytes, self.args.max_message_bytes as usize) {
             Ok(m) => m,
             Err(rejection) => {
                 self.reject(rejection, &bytes, None).await;
@@ -480,7 +500,11 @@ impl Worker {
         tracing::warn!(reason = %r.reason, task_id = r.task_id.as_deref(), task = r.task_name.as_deref(), "message rejected: {}", r.detail);
         let keep_raw = !matches!(r.reason, RejectReason::UnknownTask | RejectReason::BadArguments);
         if keep_raw {
-            self.redis("keep a rejected message", || self.broker.dead_letter(raw)).await;
+            let entry = dead_letter_entry(raw, &r, unix_seconds(Utc::now()));
+            self.redis("keep a rejected message", || self.broker.dead_letter(&entry)).await;
+        }
+        if raw.len() > RELEASE_AFTER_BYTES {
+            release_free_memory();
         }
         let Some(task_id) = &r.task_id else { return };
         if msg.is_some_and(|m| m.ignore_result == Some(true)) {
@@ -494,7 +518,7 @@ impl Worker {
             RejectReason::UnsupportedEncoding => {
                 ExceptionInfo::new("kombu.exceptions", "ContentDisallowed", vec![r.detail.clone().into()])
             }
-            RejectReason::Malformed | RejectReason::BadHeaders | RejectReason::BadBody => {
+            RejectReason::Malformed | RejectReason::BadHeaders | RejectReason::BadBody | RejectReason::TooLarge => {
                 ExceptionInfo::new("kombu.exceptions", "DecodeError", vec![r.detail.clone().into()])
             }
         };
