@@ -50,7 +50,9 @@ pub fn find_hpa(text: &str, name: Option<&str>) -> Result<HorizontalPodAutoscale
             })?;
             candidates.push(hpa);
         } else {
-            kinds_seen.push(format!("{api_version} {kind}"));
+            // A missing apiVersion or kind is said as such, not as a blank.
+            let shown = |v: &str, what: &str| if v.is_empty() { format!("<no {what}>") } else { v.to_owned() };
+            kinds_seen.push(format!("{} {}", shown(api_version, "apiVersion"), shown(kind, "kind")));
         }
     }
 
