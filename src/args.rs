@@ -81,7 +81,7 @@ pub struct QueueArgs {
     /// Queues, comma-separated: the worker consumes them (kombu's BRPOP order, no queue
     /// preferred), the exporter reports them, loadgen sends to the one given (also spelt
     /// --queue).
-    #[arg(long, alias = "queue", value_delimiter = ',', default_value = keys::DEFAULT_QUEUE, global = true)]
+    #[arg(long, visible_alias = "queue", value_delimiter = ',', default_value = keys::DEFAULT_QUEUE, global = true)]
     pub queues: Vec<String>,
     /// Priority buckets, as kombu's priority_steps; producers and consumers must agree.
     #[arg(long, default_value_t = PrioritySteps::default(), global = true)]
