@@ -1,19 +1,98 @@
-//! Command-line value parsers shared by the subcommands, so every duration flag rejects bad
-//! input with the same message.
+//! Command-line pieces shared by the subcommands: the value parsers every duration and rate flag
+//! goes through (so bad input is refused the same way everywhere, before anything runs), and the
+//! option groups several roles flatten ([`RedisArgs`], [`QueueArgs`]).
+//!
+//! Durations are written in seconds (`0.5`, `30`, `1e3`). NaN, infinities, negatives and values
+//! above [`MAX_DURATION`] are refused: 30 days is longer than any sensible timeout, interval or
+//! simulated run, and far below where `Duration` arithmetic or tokio's timer wheel could overflow
+//! (`Instant::now() + d` must never panic).
 
-/// A finite number of seconds > 0.
-pub fn positive_seconds(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
-        _ => Err(format!("{s:?} is not a positive number of seconds")),
+use crate::connection;
+use crate::wire::keys::{self, PrioritySteps};
+use std::time::Duration;
+
+/// The longest duration any flag accepts: 30 days.
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The highest task rate a load pattern accepts, tasks/s (one Redis takes ~10⁵/s at best).
+pub const MAX_RATE: f64 = 1_000_000.0;
+
+/// A number of seconds > 0 and ≤ [`MAX_DURATION`], as a clap value parser.
+pub fn duration(s: &str) -> Result<Duration, String> {
+    seconds(s, false)
+}
+
+/// A number of seconds ≥ 0 and ≤ [`MAX_DURATION`], as a clap value parser.
+pub fn non_negative_duration(s: &str) -> Result<Duration, String> {
+    seconds(s, true)
+}
+
+fn seconds(s: &str, zero_ok: bool) -> Result<Duration, String> {
+    let ceiling = MAX_DURATION.as_secs();
+    let range = if zero_ok { "from 0" } else { "greater than 0 and" };
+    let refuse = || format!("{s:?} is not a usable number of seconds: use a number {range} up to {ceiling} (30 days)");
+    let v: f64 = s.trim().parse().map_err(|_| refuse())?;
+    // `!(v >= 0)` also catches NaN.
+    if !(v >= 0.0 && v <= ceiling as f64) {
+        return Err(refuse());
+    }
+    match Duration::try_from_secs_f64(v) {
+        Ok(d) if zero_ok || !d.is_zero() => Ok(d),
+        _ => Err(refuse()),
     }
 }
 
-/// A finite number of seconds ≥ 0.
-pub fn non_negative_seconds(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
-        _ => Err(format!("{s:?} is not a number of seconds ≥ 0")),
+/// A rate in tasks/s: ≥ 0 and ≤ [`MAX_RATE`], as a clap value parser.
+pub fn rate(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a rate in tasks/s (e.g. 0.5, 20)"))?;
+    check_rate(v).map_err(|problem| format!("{s:?} {problem}"))
+}
+
+/// The range check of [`rate`], for rates that arrive as numbers (pattern strings).
+pub fn check_rate(v: f64) -> Result<f64, String> {
+    if (0.0..=MAX_RATE).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("is out of range: a rate must be a number of tasks/s from 0 to {MAX_RATE}"))
+    }
+}
+
+/// Kept for `local`'s flags until they take [`duration`]: the same check, in seconds.
+pub fn positive_seconds(s: &str) -> Result<f64, String> {
+    duration(s).map(|d| d.as_secs_f64())
+}
+
+/// Where the queues and results live; worker, exporter and loadgen flatten this.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RedisArgs {
+    /// Broker (queues) Redis URL.
+    #[arg(long, env = "BROKER_URL", default_value = connection::DEFAULT_BROKER_URL, global = true)]
+    pub broker_url: String,
+    /// Result backend Redis URL (the worker writes results there, `loadgen --wait` reads them;
+    /// the exporter does not use it).
+    #[arg(long, env = "BACKEND_URL", default_value = connection::DEFAULT_BACKEND_URL, global = true)]
+    pub backend_url: String,
+}
+
+/// Which queues, and how kombu splits them into priority lists; worker, exporter and loadgen
+/// flatten this.
+#[derive(Clone, Debug, clap::Args)]
+pub struct QueueArgs {
+    /// Queues, comma-separated: the worker consumes them (kombu's BRPOP order, no queue
+    /// preferred), the exporter reports them, loadgen sends to the one given (also spelt
+    /// --queue).
+    #[arg(long, visible_alias = "queue", value_delimiter = ',', default_value = keys::DEFAULT_QUEUE, global = true)]
+    pub queues: Vec<String>,
+    /// Priority buckets, as kombu's priority_steps; producers and consumers must agree.
+    #[arg(long, default_value_t = PrioritySteps::default(), global = true)]
+    pub priority_steps: PrioritySteps,
+}
+
+impl QueueArgs {
+    /// The queue names, trimmed, blanks dropped; at least one.
+    pub fn names(&self) -> Result<Vec<String>, StartError> {
+        let names: Vec<String> = self.queues.iter().map(|q| q.trim().to_owned()).filter(|q| !q.is_empty()).collect();
+        if names.is_empty() { Err(StartError::NoQueues) } else { Ok(names) }
     }
 }
 
@@ -33,14 +112,55 @@ pub enum StartError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn durations() {
-        assert_eq!(positive_seconds("1.5"), Ok(1.5));
+        assert_eq!(duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(duration(" 30 "), Ok(Duration::from_secs(30)));
+        assert_eq!(duration("2592000"), Ok(MAX_DURATION));
+        assert_eq!(non_negative_duration("0"), Ok(Duration::ZERO));
+        for bad in ["0", "-1", "-0.5", "NaN", "nan", "inf", "-inf", "1e300", "2592000.5", "soon", ""] {
+            let err = duration(bad).unwrap_err();
+            assert!(err.contains(&format!("{bad:?}")), "{bad}: {err}");
+        }
+        assert!(non_negative_duration("-0.001").is_err());
         assert!(positive_seconds("0").is_err());
-        assert!(positive_seconds("inf").is_err());
-        assert!(positive_seconds("soon").unwrap_err().contains("\"soon\""));
-        assert_eq!(non_negative_seconds("0"), Ok(0.0));
-        assert!(non_negative_seconds("-1").is_err());
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(rate("20"), Ok(20.0));
+        assert_eq!(rate("0"), Ok(0.0));
+        for bad in ["-1", "NaN", "inf", "1e15", "x"] {
+            assert!(rate(bad).is_err(), "{bad}");
+        }
+    }
+
+    proptest! {
+        // Whatever the text, the parsers return (never panic), and what they accept can be
+        // added to now and slept on.
+        #[test]
+        fn duration_parsers_never_panic(s in "\\PC{0,12}|[-+]?[0-9.eE]{1,12}|[-+]?(inf|NaN|infinity)") {
+            for d in [duration(&s), non_negative_duration(&s)].into_iter().flatten() {
+                prop_assert!(d <= MAX_DURATION);
+                prop_assert!(std::time::Instant::now().checked_add(d).is_some());
+            }
+            if let Ok(r) = rate(&s) {
+                prop_assert!(r.is_finite() && (0.0..=MAX_RATE).contains(&r));
+            }
+        }
+
+        #[test]
+        fn any_float_is_accepted_or_refused(v in proptest::num::f64::ANY) {
+            let s = v.to_string();
+            let ceiling = MAX_DURATION.as_secs_f64();
+            if duration(&s).is_ok() {
+                prop_assert!(v.is_finite() && v > 0.0 && v <= ceiling, "{}", s);
+            }
+            if (1e-6..=ceiling).contains(&v) {
+                prop_assert!(duration(&s).is_ok(), "{}", s);
+            }
+        }
     }
 }

@@ -219,11 +219,12 @@ impl Broker {
         Ok(report)
     }
 
-    /// Keep the raw bytes of a message nobody can identify (not JSON, no task id) in a capped
-    /// list instead of dropping them.
-    pub async fn dead_letter(&self, raw: &[u8]) -> RedisResult<()> {
+    /// Keep what is known of a rejected message (a [`crate::wire::dead_letter_entry`]: reason,
+    /// id, length and a bounded prefix) in a list capped in count, hence in bytes, instead of
+    /// dropping it.
+    pub async fn dead_letter(&self, entry: &[u8]) -> RedisResult<()> {
         redis::pipe()
-            .lpush(keys::DEAD_LETTER, raw)
+            .lpush(keys::DEAD_LETTER, entry)
             .ignore()
             .ltrim(keys::DEAD_LETTER, 0, keys::DEAD_LETTER_MAX - 1)
             .ignore()

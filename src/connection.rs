@@ -16,8 +16,9 @@ pub const DEFAULT_BACKEND_URL: &str = "redis://127.0.0.1:6379/1";
 /// Errors a user can cause with a connection setting.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("{setting}={url} is not a usable Redis URL ({source}); expected redis://[:password@]host:port/db")]
-    BadUrl { setting: &'static str, url: String, source: redis::RedisError },
+    // The cause is part of the sentence, not a `source`: a printed chain says it once.
+    #[error("{setting}={url} is not a usable Redis URL ({cause}); expected redis://[:password@]host:port/db")]
+    BadUrl { setting: &'static str, url: String, cause: redis::RedisError },
 }
 
 /// Whether the last Redis operation worked (for `/readyz` and the `redis_connected` gauge).
@@ -65,7 +66,7 @@ pub fn connect(
     url: &str,
     response_timeout: Duration,
 ) -> Result<ConnectionManager, ConnectError> {
-    let bad = |source| ConnectError::BadUrl { setting, url: redact_url(url), source };
+    let bad = |cause| ConnectError::BadUrl { setting, url: redact_url(url), cause };
     let client = redis::Client::open(url).map_err(bad)?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(2)))

@@ -10,7 +10,7 @@
 //! drops to 0 and the queue series disappear, so nothing downstream acts on a stale number: the
 //! HPA then holds its replica count instead of scaling in on old data.
 
-use crate::args::{StartError, positive_seconds};
+use crate::args::{self, QueueArgs, RedisArgs, StartError};
 use crate::connection::{self, redact_url};
 use crate::http;
 use crate::metrics::ExporterMetrics;
@@ -60,21 +60,16 @@ return out
 /// `celery-autoscale exporter`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ExporterArgs {
-    /// Broker (queues) Redis URL.
-    #[arg(long, env = "BROKER_URL", default_value = connection::DEFAULT_BROKER_URL)]
-    pub broker_url: String,
-    /// Queues to report, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = keys::DEFAULT_QUEUE)]
-    pub queues: Vec<String>,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    #[command(flatten)]
+    pub queue: QueueArgs,
     /// Seconds between polls of Redis.
-    #[arg(long, default_value_t = 5.0, value_parser = positive_seconds)]
-    pub interval: f64,
+    #[arg(long, default_value = "5", value_parser = args::duration)]
+    pub interval: Duration,
     /// Where /metrics, /healthz and /readyz are served.
     #[arg(long, env = "EXPORTER_LISTEN", default_value = "0.0.0.0:9808")]
     pub listen: String,
-    /// Priority buckets, as kombu's priority_steps (must match the producers').
-    #[arg(long, default_value_t = PrioritySteps::default())]
-    pub priority_steps: PrioritySteps,
     /// `unacked` entries examined per Redis call when counting reserved messages.
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(10..=100_000))]
     pub reserved_batch: u32,
@@ -161,15 +156,12 @@ pub async fn run(args: ExporterArgs) -> Result<(), StartError> {
 
 /// [`run`] with an externally driven [`Shutdown`] (the local supervisor embeds the exporter).
 pub async fn run_with_shutdown(args: ExporterArgs, shutdown: Shutdown) -> Result<(), StartError> {
-    let queues: Vec<String> = args.queues.iter().map(|q| q.trim().to_owned()).filter(|q| !q.is_empty()).collect();
-    if queues.is_empty() {
-        return Err(StartError::NoQueues);
-    }
-    let interval = Duration::from_secs_f64(args.interval);
+    let queues = args.queue.names()?;
+    let interval = args.interval;
     // A poll that takes longer than this is treated as failed: its numbers would be old.
     let timeout = interval.clamp(Duration::from_secs(2), Duration::from_secs(10));
-    let conn = connection::connect("BROKER_URL", &args.broker_url, timeout)?;
-    let reader = DepthReader::new(conn, queues.clone(), args.priority_steps.clone(), args.reserved_batch);
+    let conn = connection::connect("BROKER_URL", &args.redis.broker_url, timeout)?;
+    let reader = DepthReader::new(conn, queues.clone(), args.queue.priority_steps.clone(), args.reserved_batch);
     let metrics = ExporterMetrics::new();
     let healthy = Arc::new(AtomicBool::new(false));
     let ready: http::ReadyCheck = {
@@ -183,7 +175,7 @@ pub async fn run_with_shutdown(args: ExporterArgs, shutdown: Shutdown) -> Result
         })
         .await?;
     let server = tokio::spawn(server);
-    tracing::info!(broker = %redact_url(&args.broker_url), ?queues, interval_s = args.interval, listen = %addr, "exporter started");
+    tracing::info!(broker = %redact_url(&args.redis.broker_url), ?queues, interval_s = interval.as_secs_f64(), listen = %addr, "exporter started");
 
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -225,7 +217,7 @@ pub async fn run_with_shutdown(args: ExporterArgs, shutdown: Shutdown) -> Result
                 metrics.polls.with_label_values(&["error"]).inc();
                 healthy.store(false, Ordering::Relaxed);
                 if failing_since.is_none() {
-                    tracing::error!(broker = %redact_url(&args.broker_url), %error, "cannot poll Redis; queue series withdrawn until it answers again");
+                    tracing::error!(broker = %redact_url(&args.redis.broker_url), %error, "cannot poll Redis; queue series withdrawn until it answers again");
                     failing_since = Some(Instant::now());
                 }
             }

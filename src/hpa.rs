@@ -44,12 +44,9 @@ pub use types::{
 /// Why an HPA manifest could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum HpaError {
-    #[error("cannot read HPA manifest {path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    // Causes are part of the sentence and not a `source`, so a printed chain says them once.
+    #[error("cannot read HPA manifest {path}: {cause}")]
+    Read { path: String, cause: std::io::Error },
     #[error("{0}")]
     Parse(String),
     #[error(
@@ -63,12 +60,8 @@ pub enum HpaError {
     NameNotFound { name: String, found: String },
     #[error("HPA {hpa}: {message}")]
     Invalid { hpa: String, message: String },
-    #[error("{path}: {source}")]
-    InFile {
-        path: String,
-        #[source]
-        source: Box<HpaError>,
-    },
+    #[error("{path}: {cause}")]
+    InFile { path: String, cause: Box<HpaError> },
 }
 
 impl HpaError {
@@ -76,7 +69,7 @@ impl HpaError {
     fn in_file(self, path: &Path) -> Self {
         match self {
             HpaError::Read { .. } | HpaError::InFile { .. } => self,
-            other => HpaError::InFile { path: path.display().to_string(), source: Box::new(other) },
+            other => HpaError::InFile { path: path.display().to_string(), cause: Box::new(other) },
         }
     }
 }

@@ -24,8 +24,9 @@ struct AppState {
 /// Errors a user can cause with the listen address.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    #[error("cannot listen on {setting} {addr}: {source} (pick a free port, or 127.0.0.1:0 for any)")]
-    Bind { setting: &'static str, addr: String, source: std::io::Error },
+    // The cause is part of the sentence, not a `source`: a printed chain says it once.
+    #[error("cannot listen on {setting} {addr}: {cause} (pick a free port, or 127.0.0.1:0 for any)")]
+    Bind { setting: &'static str, addr: String, cause: std::io::Error },
 }
 
 /// Bind `addr` now (so a bad address fails at startup with a clear error) and serve until
@@ -41,12 +42,12 @@ pub async fn bind<S>(
 where
     S: Future<Output = ()> + Send + 'static,
 {
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| HttpError::Bind {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|cause| HttpError::Bind {
         setting,
         addr: addr.to_owned(),
-        source,
+        cause,
     })?;
-    let local = listener.local_addr().map_err(|source| HttpError::Bind { setting, addr: addr.to_owned(), source })?;
+    let local = listener.local_addr().map_err(|cause| HttpError::Bind { setting, addr: addr.to_owned(), cause })?;
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))

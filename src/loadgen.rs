@@ -2,10 +2,11 @@
 //! Python's `send_task` would (so Python and Rust workers both run them), and optionally wait
 //! for their results and report latency.
 
+use crate::args::{self, QueueArgs, RedisArgs};
 use crate::connection::{self, redact_url};
-use crate::pattern::LoadPattern;
+use crate::pattern::{LoadPattern, MAX_TASKS};
 use crate::task::builtin as tasks;
-use crate::wire::keys::{self, PrioritySteps};
+use crate::wire::keys;
 use crate::wire::message::origin;
 use crate::wire::{NewTask, TaskState};
 use chrono::{DateTime, Utc};
@@ -29,73 +30,55 @@ pub struct LoadgenArgs {
     pub options: LoadOptions,
 }
 
-/// The arrival pattern, with its parameters.
+/// The arrival pattern, with its parameters. Built through the same validated constructors as
+/// the `--load burst:400` strings of `local` and `simulate` ([`LoadPattern::burst`] …).
 #[derive(Clone, Debug, clap::Subcommand)]
 pub enum PatternArgs {
     /// N tasks at once.
     Burst {
-        /// How many tasks.
-        #[arg(long, default_value_t = 400)]
+        /// How many tasks (at most 1000000000).
+        #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u64).range(..=MAX_TASKS))]
         n: u64,
     },
     /// A rate that changes linearly.
     Ramp {
         /// Starting rate, tasks/s.
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value = "1", value_parser = args::rate)]
         from: f64,
         /// Final rate, tasks/s.
-        #[arg(long, default_value_t = 20.0)]
+        #[arg(long, default_value = "20", value_parser = args::rate)]
         to: f64,
         /// Seconds from the first rate to the last.
-        #[arg(long, default_value_t = 120.0)]
-        duration: f64,
+        #[arg(long, default_value = "120", value_parser = args::non_negative_duration)]
+        duration: Duration,
     },
     /// A rate that swings: mean + amplitude·sin(2πt/period), never below 0.
     Oscillate {
         /// Mean rate, tasks/s.
-        #[arg(long, default_value_t = 10.0)]
+        #[arg(long, default_value = "10", value_parser = args::rate)]
         mean: f64,
         /// Swing above and below the mean, tasks/s.
-        #[arg(long, default_value_t = 8.0)]
+        #[arg(long, default_value = "8", value_parser = args::rate)]
         amplitude: f64,
         /// Seconds per full swing.
-        #[arg(long, default_value_t = 60.0)]
-        period: f64,
+        #[arg(long, default_value = "60", value_parser = args::duration)]
+        period: Duration,
         /// Seconds to keep sending.
-        #[arg(long, default_value_t = 300.0)]
-        duration: f64,
+        #[arg(long, default_value = "300", value_parser = args::non_negative_duration)]
+        duration: Duration,
     },
 }
 
 impl PatternArgs {
     pub fn to_pattern(&self) -> Result<LoadPattern, LoadgenError> {
-        let secs = |name: &'static str, v: f64| {
-            Duration::try_from_secs_f64(v)
-                .map_err(|_| LoadgenError::Config(format!("--{name} {v} is not a number of seconds ≥ 0")))
-        };
-        let rate = |name: &'static str, v: f64| {
-            if v.is_finite() && v >= 0.0 {
-                Ok(v)
-            } else {
-                Err(LoadgenError::Config(format!("--{name} {v} is not a rate ≥ 0")))
+        let (kind, built) = match *self {
+            PatternArgs::Burst { n } => ("burst", LoadPattern::burst(n)),
+            PatternArgs::Ramp { from, to, duration } => ("ramp", LoadPattern::ramp(from, to, duration)),
+            PatternArgs::Oscillate { mean, amplitude, period, duration } => {
+                ("oscillate", LoadPattern::oscillate(mean, amplitude, period, duration))
             }
         };
-        Ok(match *self {
-            PatternArgs::Burst { n } => LoadPattern::Burst { n },
-            PatternArgs::Ramp { from, to, duration } => LoadPattern::Ramp {
-                from_rate: rate("from", from)?,
-                to_rate: rate("to", to)?,
-                duration: secs("duration", duration)?,
-            },
-            PatternArgs::Oscillate { mean, amplitude, period, duration } => LoadPattern::Oscillate {
-                mean_rate: rate("mean", mean)?,
-                amplitude: rate("amplitude", amplitude)?,
-                period: secs("period", period).and_then(|p| {
-                    if p.is_zero() { Err(LoadgenError::Config("--period must be > 0".into())) } else { Ok(p) }
-                })?,
-                duration: secs("duration", duration)?,
-            },
-        })
+        built.map_err(|problem| LoadgenError::Config(format!("loadgen {kind}: {problem}")))
     }
 }
 
@@ -114,10 +97,29 @@ pub enum TaskKind {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Span<T>(pub T, pub T);
 
-impl<T: FromStr + PartialOrd + Copy + fmt::Display> FromStr for Span<T> {
+/// What a [`Span`] may hold, each kind with its own bounds.
+pub trait SpanValue: PartialOrd + Copy + fmt::Display {
+    fn parse_value(s: &str) -> Result<Self, String>;
+}
+
+impl SpanValue for u64 {
+    fn parse_value(s: &str) -> Result<Self, String> {
+        s.parse().map_err(|_| format!("{s:?} is not a whole number ≥ 0"))
+    }
+}
+
+/// Seconds (io_bound's argument): the one duration parser's bounds, so NaN, infinities and
+/// negatives never reach the random number generator.
+impl SpanValue for f64 {
+    fn parse_value(s: &str) -> Result<Self, String> {
+        args::non_negative_duration(s).map(|d| d.as_secs_f64())
+    }
+}
+
+impl<T: SpanValue> FromStr for Span<T> {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let parse = |p: &str| p.trim().parse::<T>().map_err(|_| format!("{p:?} is not a number"));
+        let parse = |p: &str| T::parse_value(p.trim());
         let (a, b) = match s.split_once(':') {
             Some((a, b)) => (parse(a)?, parse(b)?),
             None => (parse(s)?, parse(s)?),
@@ -135,27 +137,23 @@ impl<T: fmt::Display> fmt::Display for Span<T> {
     }
 }
 
+/// The most tasks `--wait` follows: it keeps each task's id and send time (~100 bytes) until
+/// the result arrives, so the bound keeps that under ~100 MB.
+pub const MAX_WAIT_TASKS: u64 = 1_000_000;
+
 /// What every pattern shares.
 #[derive(Clone, Debug, clap::Args)]
 pub struct LoadOptions {
-    /// Broker (queues) Redis URL.
-    #[arg(long, env = "BROKER_URL", default_value = connection::DEFAULT_BROKER_URL, global = true)]
-    pub broker_url: String,
-    /// Result backend Redis URL (read with --wait).
-    #[arg(long, env = "BACKEND_URL", default_value = connection::DEFAULT_BACKEND_URL, global = true)]
-    pub backend_url: String,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    #[command(flatten)]
+    pub queue: QueueArgs,
     /// Task to send.
     #[arg(long, value_enum, default_value_t = TaskKind::Mix, global = true)]
     pub task: TaskKind,
-    /// Queue (routing key) to send to.
-    #[arg(long, default_value = keys::DEFAULT_QUEUE, global = true)]
-    pub queue: String,
     /// Message priority 0..=9 (on Redis, 0 is served first).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=9), global = true)]
     pub priority: u8,
-    /// Priority buckets, as kombu's priority_steps (must match the workers').
-    #[arg(long, default_value_t = PrioritySteps::default(), global = true)]
-    pub priority_steps: PrioritySteps,
     /// cpu_bound's n, drawn uniformly from LOW:HIGH (2M..4M ≈ 0.4–0.8 s of one core).
     #[arg(long, default_value = "2000000:4000000", global = true)]
     pub cpu_n: Span<u64>,
@@ -168,12 +166,41 @@ pub struct LoadOptions {
     /// Messages per LPUSH.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000), global = true)]
     pub batch: u32,
-    /// Wait for every result, then report outcomes and latency; exit 1 unless all succeeded.
+    /// Wait for every result, then report outcomes and latency; exit 1 unless all succeeded
+    /// (at most 1000000 tasks: their ids are kept until the results arrive).
     #[arg(long, global = true)]
     pub wait: bool,
     /// Give up waiting after this many seconds.
-    #[arg(long, default_value_t = 900.0, global = true)]
-    pub wait_timeout: f64,
+    #[arg(long, default_value = "900", value_parser = args::duration, global = true)]
+    pub wait_timeout: Duration,
+}
+
+impl LoadOptions {
+    /// The one queue loadgen sends to.
+    pub fn queue_name(&self) -> Result<String, LoadgenError> {
+        let mut names = self.queue.names().map_err(|e| LoadgenError::Config(e.to_string()))?;
+        if names.len() > 1 {
+            return Err(LoadgenError::Config(format!(
+                "loadgen sends to one queue, but --queue names {} ({}); run one loadgen per queue",
+                names.len(),
+                names.join(",")
+            )));
+        }
+        Ok(names.remove(0))
+    }
+
+    /// Everything that can be refused before connecting to Redis.
+    pub fn check(&self, pattern: &LoadPattern) -> Result<(), LoadgenError> {
+        self.queue_name()?;
+        let total = pattern.total();
+        if self.wait && total > MAX_WAIT_TASKS {
+            return Err(LoadgenError::Config(format!(
+                "--wait follows at most {MAX_WAIT_TASKS} tasks, but the pattern {pattern} sends {total}; send \
+                 without --wait, or in runs of at most {MAX_WAIT_TASKS}"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Errors a user can cause or meet.
@@ -183,13 +210,15 @@ pub enum LoadgenError {
     Connect(#[from] connection::ConnectError),
     #[error("{0}")]
     Config(String),
+    // The Redis error is part of the sentence, not a `source`: a RedisError's own source repeats
+    // its text, so a printed chain would say "Connection refused" three times.
     #[error(
-        "Redis at {url} failed after {sent} of {total} tasks were confirmed in queue {queue:?}{}: {source}",
+        "Redis at BROKER_URL={url} failed after {sent} of {total} tasks were confirmed in queue {queue:?}{}: {cause}",
         if *unconfirmed > 0 { format!(" ({unconfirmed} more were in flight and may or may not have arrived)") } else { String::new() }
     )]
-    Send { url: String, queue: String, sent: u64, unconfirmed: u64, total: u64, source: redis::RedisError },
-    #[error("cannot read results from {url}: {source}")]
-    Results { url: String, source: redis::RedisError },
+    Send { url: String, queue: String, sent: u64, unconfirmed: u64, total: u64, cause: redis::RedisError },
+    #[error("cannot read results from BACKEND_URL={url}: {cause}")]
+    Results { url: String, cause: redis::RedisError },
 }
 
 /// What was sent.
@@ -197,7 +226,7 @@ pub enum LoadgenError {
 pub struct SendReport {
     pub sent: u64,
     pub elapsed: Duration,
-    /// Task id → when it was sent.
+    /// Task id → when it was sent; kept only with `--wait` (at most [`MAX_WAIT_TASKS`]).
     pub sent_at: Vec<(String, DateTime<Utc>)>,
 }
 
@@ -242,13 +271,13 @@ pub struct TaskFactory {
 }
 
 impl TaskFactory {
-    pub fn new(o: &LoadOptions) -> Self {
+    pub fn new(o: &LoadOptions, queue: String) -> Self {
         let rng = o.seed.map_or_else(StdRng::from_os_rng, StdRng::seed_from_u64);
         TaskFactory {
             kind: o.task,
             cpu_n: o.cpu_n,
             io_seconds: o.io_seconds,
-            queue: o.queue.clone(),
+            queue,
             priority: o.priority,
             rng,
             origin: origin(),
@@ -281,19 +310,23 @@ impl TaskFactory {
 const IN_FLIGHT: usize = 8;
 
 /// Send `pattern`'s tasks, paced by its rate, `progress` called after every confirmed batch.
+/// Messages are built a few batches ahead and dropped once sent, so memory does not grow with
+/// the count; ids are kept only with `options.wait`.
 pub async fn send(
     conn: &ConnectionManager,
     pattern: &LoadPattern,
     options: &LoadOptions,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<SendReport, LoadgenError> {
+    options.check(pattern)?;
+    let queue = options.queue_name()?;
     let total = pattern.total();
-    let key = options.priority_steps.key_for(&options.queue, i64::from(options.priority));
+    let key = options.queue.priority_steps.key_for(&queue, i64::from(options.priority));
     let batch_size = u64::from(options.batch);
     // Messages are built on a thread of their own, a few batches ahead, while this task keeps
     // Redis busy: building (JSON, base64, ids) and sending then use both cores.
     let (tx, mut prepared) = tokio::sync::mpsc::channel::<Vec<(String, Vec<u8>)>>(4);
-    let mut factory = TaskFactory::new(options);
+    let mut factory = TaskFactory::new(options, queue.clone());
     std::thread::spawn(move || {
         let mut left = total;
         while left > 0 {
@@ -307,16 +340,17 @@ pub async fn send(
     });
     let mut ready: std::collections::VecDeque<(String, Vec<u8>)> = Default::default();
     let start = Instant::now();
-    let mut sent_at = Vec::with_capacity(total as usize);
+    // `check` bounded the count when ids are kept.
+    let mut sent_at = Vec::with_capacity(if options.wait { total as usize } else { 0 });
     let (mut queued, mut confirmed) = (0u64, 0u64);
     let mut in_flight = FuturesUnordered::new();
-    let fail = |confirmed: u64, unconfirmed: u64, source| LoadgenError::Send {
-        url: redact_url(&options.broker_url),
-        queue: options.queue.clone(),
+    let fail = |confirmed: u64, unconfirmed: u64, cause| LoadgenError::Send {
+        url: redact_url(&options.redis.broker_url),
+        queue: queue.clone(),
         sent: confirmed,
         unconfirmed,
         total,
-        source,
+        cause,
     };
     while confirmed < total {
         let due = (pattern.cumulative(start.elapsed()).floor() as u64).min(total);
@@ -329,7 +363,9 @@ pub async fn send(
             let batch: Vec<Vec<u8>> = ready
                 .drain(..n)
                 .map(|(id, bytes)| {
-                    sent_at.push((id, now));
+                    if options.wait {
+                        sent_at.push((id, now));
+                    }
                     bytes
                 })
                 .collect();
@@ -381,7 +417,7 @@ pub async fn wait_results(
                 .arg(&keys)
                 .query_async(&mut conn)
                 .await
-                .map_err(|source| LoadgenError::Results { url: redact_url(url), source })?;
+                .map_err(|cause| LoadgenError::Results { url: redact_url(url), cause })?;
             for (i, v) in chunk.iter().zip(values) {
                 let meta: Option<Value> = v.and_then(|v| serde_json::from_str(&v).ok());
                 let status = meta.as_ref().and_then(|m| m["status"].as_str());
@@ -464,8 +500,10 @@ impl Progress {
 pub async fn run(args: LoadgenArgs) -> Result<bool, LoadgenError> {
     let o = &args.options;
     let pattern = args.pattern.to_pattern()?;
+    o.check(&pattern)?;
+    let queue = o.queue_name()?;
     let timeout = Duration::from_secs(10);
-    let broker = connection::connect("BROKER_URL", &o.broker_url, timeout)?;
+    let broker = connection::connect("BROKER_URL", &o.redis.broker_url, timeout)?;
     let total = pattern.total();
     let mut progress = Progress::new("sent", total);
     let sent = send(&broker, &pattern, o, |d, t| progress.update(d, t)).await?;
@@ -476,26 +514,23 @@ pub async fn run(args: LoadgenArgs) -> Result<bool, LoadgenError> {
         TaskKind::Mix => "tasks.cpu_bound and tasks.io_bound alternating",
     };
     println!(
-        "sent {} tasks ({tasks}) to queue {:?} in {:.3} s: {:.0} tasks/s (pattern {pattern})",
+        "sent {} tasks ({tasks}) to queue {queue:?} in {:.3} s: {:.0} tasks/s (pattern {pattern})",
         sent.sent,
-        o.queue,
         sent.elapsed.as_secs_f64(),
         sent.rate()
     );
     if !o.wait {
         return Ok(true);
     }
-    let backend = connection::connect("BACKEND_URL", &o.backend_url, timeout)?;
+    let backend = connection::connect("BACKEND_URL", &o.redis.backend_url, timeout)?;
     let mut progress = Progress::new("done", sent.sent);
     let waited =
-        wait_results(&backend, &o.backend_url, &sent.sent_at, Duration::from_secs_f64(o.wait_timeout), |d, t| {
-            progress.update(d, t)
-        })
-        .await?;
+        wait_results(&backend, &o.redis.backend_url, &sent.sent_at, o.wait_timeout, |d, t| progress.update(d, t))
+            .await?;
     progress.finish();
     let pct = |p| waited.percentile(p).map_or("-".to_owned(), |v| format!("{v:.3} s"));
     let pending = if waited.pending > 0 {
-        format!(", {} still pending after {:.0} s", waited.pending, o.wait_timeout)
+        format!(", {} still pending after {:.0} s", waited.pending, o.wait_timeout.as_secs_f64())
     } else {
         String::new()
     };
@@ -509,4 +544,36 @@ pub async fn run(args: LoadgenArgs) -> Result<bool, LoadgenError> {
         waited.makespan.as_secs_f64()
     );
     Ok(waited.failed == 0 && waited.pending == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use rand::Rng;
+
+    #[test]
+    fn spans() {
+        assert_eq!("0.5:1.5".parse::<Span<f64>>(), Ok(Span(0.5, 1.5)));
+        assert_eq!("3".parse::<Span<u64>>(), Ok(Span(3, 3)));
+        for bad in ["NaN:NaN", "0:inf", "-1:-0.5", "2:1", "x", "1e300:1e301"] {
+            assert!(bad.parse::<Span<f64>>().is_err(), "{bad}");
+        }
+        assert!("-1:2".parse::<Span<u64>>().is_err());
+    }
+
+    proptest! {
+        // Any text: a span is refused or can be drawn from (what TaskFactory does).
+        #[test]
+        fn spans_are_usable_or_refused(s in "[-+]?([0-9.eE]{1,8}|NaN|inf)(:[-+]?([0-9.eE]{1,8}|NaN|inf))?|\\PC{0,12}") {
+            let mut rng = StdRng::seed_from_u64(1);
+            if let Ok(Span(a, b)) = s.parse::<Span<f64>>() {
+                let v = rng.random_range(a..=b);
+                prop_assert!(v.is_finite() && v >= 0.0);
+            }
+            if let Ok(Span(a, b)) = s.parse::<Span<u64>>() {
+                let _ = rng.random_range(a..=b);
+            }
+        }
+    }
 }

@@ -13,7 +13,7 @@
 //! is the last decision, "status replicas" the worker processes not stopping, "ready" those
 //! whose `/readyz` answers 200. The controller's memory is kept for the whole run.
 
-use crate::args::positive_seconds;
+use crate::args::{QueueArgs, RedisArgs, positive_seconds};
 use crate::connection::{self, redact_url};
 use crate::exporter::{self, ExporterArgs};
 use crate::hpa::{self, Autoscaler, ConditionType, Decision, HpaSpec, MetricReading, Observation, Timestamp};
@@ -112,12 +112,12 @@ pub enum LocalError {
     RedisMissing(std::io::Error),
     #[error("the embedded redis-server did not start: {0}")]
     RedisStart(String),
-    #[error("cannot use --exporter-listen {addr}: {source} (pass another port, or 127.0.0.1:0 for any)")]
-    Listen { addr: String, source: std::io::Error },
+    #[error("cannot use --exporter-listen {addr}: {cause} (pass another port, or 127.0.0.1:0 for any)")]
+    Listen { addr: String, cause: std::io::Error },
     #[error("cannot find this program to start workers: {0}")]
     SelfExe(std::io::Error),
-    #[error("cannot create {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    #[error("cannot create {path}: {cause}")]
+    Io { path: String, cause: std::io::Error },
     #[error(transparent)]
     Connect(#[from] connection::ConnectError),
     #[error(transparent)]
@@ -127,7 +127,7 @@ pub enum LocalError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LocalError + '_ {
-    move |source| LocalError::Io { path: path.display().to_string(), source }
+    move |cause| LocalError::Io { path: path.display().to_string(), cause }
 }
 
 /// Load the HPA and the queue its metric selects.
@@ -542,15 +542,14 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
         Some((_, "0")) | None => free_port("127.0.0.1:0"),
         Some(_) => TcpListener::bind(&args.exporter_listen).and_then(|l| l.local_addr()).map(|a| a.port()),
     }
-    .map_err(|source| LocalError::Listen { addr: args.exporter_listen.clone(), source })?;
+    .map_err(|cause| LocalError::Listen { addr: args.exporter_listen.clone(), cause })?;
     let host = args.exporter_listen.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h).to_owned();
     let exporter_shutdown = Shutdown::default();
     let exporter_args = ExporterArgs {
-        broker_url: broker_url.clone(),
-        queues: vec![queue.clone()],
-        interval: args.exporter_interval.unwrap_or((args.sync_period / 3.0).min(5.0)),
+        redis: RedisArgs { broker_url: broker_url.clone(), backend_url: backend_url.clone() },
+        queue: QueueArgs { queues: vec![queue.clone()], priority_steps: PrioritySteps::default() },
+        interval: Duration::from_secs_f64(args.exporter_interval.unwrap_or((args.sync_period / 3.0).min(5.0))),
         listen: format!("{host}:{exporter_port}"),
-        priority_steps: PrioritySteps::default(),
         reserved_batch: 2000,
     };
     let exporter_task = tokio::spawn(exporter::run_with_shutdown(exporter_args, exporter_shutdown.clone()));
@@ -601,21 +600,19 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
     // The load, if any, starts with the first worker.
     let load_task = args.load.clone().map(|pattern| {
         let options = LoadOptions {
-            broker_url: broker_url.clone(),
-            backend_url: backend_url.clone(),
+            redis: RedisArgs { broker_url: broker_url.clone(), backend_url: backend_url.clone() },
+            queue: QueueArgs { queues: vec![queue.clone()], priority_steps: PrioritySteps::default() },
             task: args.task,
-            queue: queue.clone(),
             priority: 0,
-            priority_steps: PrioritySteps::default(),
             cpu_n: args.cpu_n,
             io_seconds: args.io_seconds,
             seed: None,
             batch: 500,
             wait: false,
-            wait_timeout: 0.0,
+            wait_timeout: Duration::ZERO,
         };
         tokio::spawn(async move {
-            let conn = connection::connect("BROKER_URL", &options.broker_url, Duration::from_secs(10))?;
+            let conn = connection::connect("BROKER_URL", &options.redis.broker_url, Duration::from_secs(10))?;
             loadgen::send(&conn, &pattern, &options, |_, _| {}).await
         })
     });

@@ -2,7 +2,7 @@
 
 use celery_autoscale::task::Registry;
 use celery_autoscale::telemetry::{self, LogFormat};
-use celery_autoscale::{exporter, loadgen, local, simulate, worker};
+use celery_autoscale::{args, exporter, loadgen, local, simulate, worker};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -56,8 +56,34 @@ fn main() {
     match result {
         Ok(()) => std::process::exit(0),
         Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::exit(1);
+            eprintln!("error: {}", one_sentence(&e));
+            std::process::exit(exit_code(&e));
         }
     }
+}
+
+/// The error and its causes, each said once. The crate's own errors put their cause in their
+/// sentence and do not chain it; this also keeps third-party errors whose `source()` repeats
+/// their own text (redis, io) from being printed twice.
+fn one_sentence(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+    }
+    text
+}
+
+/// 2 for a command line that cannot work (as clap's own usage errors), 1 for what went wrong
+/// while running.
+fn exit_code(e: &anyhow::Error) -> i32 {
+    let usage = matches!(e.downcast_ref(), Some(loadgen::LoadgenError::Config(_)))
+        || e.downcast_ref::<simulate::WorkloadError>().is_some()
+        || matches!(e.downcast_ref(), Some(args::StartError::NoQueues));
+    if usage { 2 } else { 1 }
 }

@@ -9,6 +9,7 @@
 //! troughs send nothing), so the count stays monotone and matches what a sender pacing itself
 //! by the rate would send.
 
+use crate::args;
 use std::f64::consts::TAU;
 use std::fmt;
 use std::str::FromStr;
@@ -98,6 +99,51 @@ fn oscillation_integral(mean: f64, amplitude: f64, period: f64, t: f64) -> f64 {
     period / TAU * (whole_periods * within_period(TAU) + within_period(in_period))
 }
 
+/// The most tasks one pattern may send (a burst of 10⁹ takes hours to send and gigabytes of
+/// Redis memory; anything above is a typo).
+pub const MAX_TASKS: u64 = 1_000_000_000;
+
+impl LoadPattern {
+    /// `n` tasks at once; at most [`MAX_TASKS`].
+    pub fn burst(n: u64) -> Result<Self, String> {
+        LoadPattern::Burst { n }.checked()
+    }
+
+    /// A linear ramp; rates as [`args::check_rate`], a duration as [`args::non_negative_duration`].
+    pub fn ramp(from_rate: f64, to_rate: f64, duration: Duration) -> Result<Self, String> {
+        let from_rate = args::check_rate(from_rate).map_err(|p| format!("FROM_RATE {from_rate} {p}"))?;
+        let to_rate = args::check_rate(to_rate).map_err(|p| format!("TO_RATE {to_rate} {p}"))?;
+        LoadPattern::Ramp { from_rate, to_rate, duration }.checked()
+    }
+
+    /// An oscillation; the period must be greater than zero.
+    pub fn oscillate(mean_rate: f64, amplitude: f64, period: Duration, duration: Duration) -> Result<Self, String> {
+        let mean_rate = args::check_rate(mean_rate).map_err(|p| format!("MEAN_RATE {mean_rate} {p}"))?;
+        let amplitude = args::check_rate(amplitude).map_err(|p| format!("AMPLITUDE {amplitude} {p}"))?;
+        if period.is_zero() {
+            return Err("PERIOD_SECONDS must be greater than 0".into());
+        }
+        LoadPattern::Oscillate { mean_rate, amplitude, period, duration }.checked()
+    }
+
+    /// The limits every pattern obeys, whoever built it: durations up to [`args::MAX_DURATION`],
+    /// at most [`MAX_TASKS`] tasks in all (so `total()` and every count derived from it fit).
+    fn checked(self) -> Result<Self, String> {
+        if self.duration() > args::MAX_DURATION {
+            return Err(format!("SECONDS is above the limit of {} s (30 days)", args::MAX_DURATION.as_secs()));
+        }
+        let total = self.cumulative(self.duration()).round();
+        // NaN cannot arise (rates and durations are finite), but would be refused too.
+        if total.is_nan() || total > MAX_TASKS as f64 {
+            return Err(format!(
+                "the pattern sends {total:.0} tasks in all, more than the limit of {MAX_TASKS}; lower the count, \
+                 the rates or the duration"
+            ));
+        }
+        Ok(self)
+    }
+}
+
 impl FromStr for LoadPattern {
     type Err = PatternError;
 
@@ -124,42 +170,27 @@ impl FromStr for LoadPattern {
             return Err(error(format!("{kind} takes {arity} value(s), got {}", fields.len()), expected));
         }
         let number = |i: usize, what: &str| -> Result<f64, PatternError> {
-            let value: f64 =
-                fields[i].parse().map_err(|_| error(format!("{what} {:?} is not a number", fields[i]), expected))?;
-            if !value.is_finite() || value < 0.0 {
-                return Err(error(format!("{what} must be a finite number ≥ 0"), expected));
-            }
-            Ok(value)
+            fields[i].parse().map_err(|_| error(format!("{what} {:?} is not a number", fields[i]), expected))
         };
         let seconds = |i: usize, what: &str| -> Result<Duration, PatternError> {
-            Duration::try_from_secs_f64(number(i, what)?)
-                .map_err(|_| error(format!("{what} is out of range"), expected))
+            args::non_negative_duration(fields[i]).map_err(|problem| error(format!("{what} {problem}"), expected))
         };
-        match kind {
+        let built = match kind {
             "burst" => {
                 let n = fields[0]
                     .parse()
                     .map_err(|_| error(format!("N {:?} is not a whole number", fields[0]), expected))?;
-                Ok(LoadPattern::Burst { n })
+                LoadPattern::burst(n)
             }
-            "ramp" => Ok(LoadPattern::Ramp {
-                from_rate: number(0, "FROM_RATE")?,
-                to_rate: number(1, "TO_RATE")?,
-                duration: seconds(2, "SECONDS")?,
-            }),
-            _ => {
-                let period = seconds(2, "PERIOD_SECONDS")?;
-                if period.is_zero() {
-                    return Err(error("PERIOD_SECONDS must be greater than 0".into(), expected));
-                }
-                Ok(LoadPattern::Oscillate {
-                    mean_rate: number(0, "MEAN_RATE")?,
-                    amplitude: number(1, "AMPLITUDE")?,
-                    period,
-                    duration: seconds(3, "SECONDS")?,
-                })
-            }
-        }
+            "ramp" => LoadPattern::ramp(number(0, "FROM_RATE")?, number(1, "TO_RATE")?, seconds(2, "SECONDS")?),
+            _ => LoadPattern::oscillate(
+                number(0, "MEAN_RATE")?,
+                number(1, "AMPLITUDE")?,
+                seconds(2, "PERIOD_SECONDS")?,
+                seconds(3, "SECONDS")?,
+            ),
+        };
+        built.map_err(|problem| error(problem, expected))
     }
 }
 
@@ -268,7 +299,39 @@ mod tests {
         ]
     }
 
+    #[test]
+    fn absurd_patterns_are_refused() {
+        for (input, phrase) in [
+            ("burst:18446744073709551615", "limit of 1000000000"),
+            ("ramp:1e15:1e15:1e6", "FROM_RATE"),
+            ("ramp:1e5:1e5:1e6", "limit of 1000000000"),
+            ("ramp:1:1:1e300", "SECONDS"),
+            ("ramp:NaN:1:10", "FROM_RATE"),
+            ("oscillate:1:1:inf:10", "PERIOD_SECONDS"),
+            ("oscillate:1:1:0:10", "PERIOD_SECONDS must be greater than 0"),
+        ] {
+            let err = input.parse::<LoadPattern>().unwrap_err().to_string();
+            assert!(err.contains(phrase), "{input:?}: {err}");
+        }
+        assert_eq!(LoadPattern::burst(MAX_TASKS).unwrap().total(), MAX_TASKS);
+    }
+
     proptest! {
+        // Any text: parsed or refused, never a panic; what is accepted is bounded, so every user
+        // (loadgen's sender, the closed loop, the display) can use it.
+        #[test]
+        fn any_pattern_text_is_usable_or_refused(
+            s in "(burst|ramp|oscillate|storm)(:([-+]?[0-9.eE]{1,8}|NaN|inf|-inf|18446744073709551616)){0,5}|\\PC{0,20}"
+        ) {
+            if let Ok(p) = s.parse::<LoadPattern>() {
+                prop_assert!(p.duration() <= args::MAX_DURATION);
+                prop_assert!(p.total() <= MAX_TASKS);
+                let c = p.cumulative(p.duration());
+                prop_assert!(c.is_finite() && c >= 0.0);
+                prop_assert!(p.to_string().parse::<LoadPattern>().is_ok());
+            }
+        }
+
         #[test]
         fn cumulative_is_monotone_and_ends_at_total(p in pattern(), steps in 1usize..200) {
             let end = p.duration();

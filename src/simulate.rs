@@ -34,11 +34,13 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
+use crate::args;
 use crate::hpa::{Autoscaler, ControllerConfig, DeadBand, HpaSpec, load_hpa_file};
 use crate::pattern::LoadPattern;
 use crate::plot::{TimelinePoint, write_svg};
 
 pub use closed_loop::{ClosedLoopRun, Sample, Summary, Workload, WorkloadError, closed_loop, timeline_csv};
+pub use closed_loop::{MAX_PODS, MAX_SIMULATED_TASKS, MAX_STEPS};
 pub use trace::{Trace, TraceError, TraceRow, parse_trace, read_trace, replay_trace};
 use trace::{trace_points, write_trace_result};
 
@@ -46,9 +48,9 @@ use trace::{trace_points, write_trace_result};
 #[derive(Debug, Clone, clap::Args)]
 #[command(
     about = "Replay a metric trace (open loop) or a modelled workload (closed loop) through the HPA algorithm",
-    after_help = "Open loop:   simulate --hpa k8s/autoscaling.yaml --trace trace.csv\n\
+    after_help = "Open loop:   simulate --hpa k8s/autoscaling.yaml --trace examples/trace.csv\n\
                   Closed loop: simulate --hpa k8s/autoscaling.yaml --load ramp:1:20:120 --plot run.svg\n\
-                  Compare:     simulate --compare a.yaml b.yaml --load burst:400"
+                  Compare:     simulate --compare k8s/autoscaling.yaml examples/hpa-faster.yaml --load burst:400"
 )]
 pub struct SimulateArgs {
     /// HPA manifest: YAML (multi-document is fine) or a JSON `kind: List`; the
@@ -63,7 +65,7 @@ pub struct SimulateArgs {
     #[arg(long, value_name = "CSV", conflicts_with = "compare")]
     pub trace: Option<PathBuf>,
     /// Replicas before the first sync [default: the HPA's minReplicas].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(0..=i64::from(MAX_PODS)))]
     pub initial_replicas: Option<i32>,
 
     /// Closed loop: arrival pattern, `burst:N`, `ramp:FROM:TO:SECONDS` or
@@ -71,31 +73,31 @@ pub struct SimulateArgs {
     #[arg(long, value_name = "PATTERN", default_value = "burst:400")]
     pub load: LoadPattern,
     /// Closed loop: seconds one task takes.
-    #[arg(long, value_name = "SECONDS", default_value_t = 0.5)]
-    pub service_time: f64,
+    #[arg(long, value_name = "SECONDS", default_value = "0.5", value_parser = args::duration)]
+    pub service_time: Duration,
     /// Closed loop: tasks one worker pod runs at once.
     #[arg(long, value_name = "N", default_value_t = 2)]
     pub concurrency: u32,
     /// Closed loop: seconds from pod creation until it consumes.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
-    pub pod_startup: f64,
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = args::non_negative_duration)]
+    pub pod_startup: Duration,
     /// Closed loop: age of the queue depth the HPA sees (exporter interval + scrape + adapter).
-    #[arg(long, value_name = "SECONDS", default_value_t = 15.0)]
-    pub scrape_delay: f64,
+    #[arg(long, value_name = "SECONDS", default_value = "15", value_parser = args::non_negative_duration)]
+    pub scrape_delay: Duration,
     /// Closed loop: seconds between HPA syncs (--horizontal-pod-autoscaler-sync-period); the
     /// open loop syncs at the trace rows.
-    #[arg(long, value_name = "SECONDS", default_value_t = 15.0)]
-    pub sync_period: f64,
+    #[arg(long, value_name = "SECONDS", default_value = "15", value_parser = args::duration)]
+    pub sync_period: Duration,
     /// Closed loop: simulated time [default: until drained and back at minReplicas, at most
     /// --max-duration].
-    #[arg(long, value_name = "SECONDS")]
-    pub duration: Option<f64>,
+    #[arg(long, value_name = "SECONDS", value_parser = args::duration)]
+    pub duration: Option<Duration>,
     /// Closed loop: upper bound when --duration is not given.
-    #[arg(long, value_name = "SECONDS", default_value_t = 3600.0)]
-    pub max_duration: f64,
+    #[arg(long, value_name = "SECONDS", default_value = "3600", value_parser = args::duration)]
+    pub max_duration: Duration,
     /// Closed loop: time step of the model, in seconds (whole milliseconds).
-    #[arg(long, value_name = "SECONDS", default_value_t = 0.1)]
-    pub step: f64,
+    #[arg(long, value_name = "SECONDS", default_value = "0.1", value_parser = args::duration)]
+    pub step: Duration,
     /// Closed loop: run each HPA file on the same workload and print one table row per file.
     #[arg(long, value_name = "FILE", num_args = 1..)]
     pub compare: Vec<PathBuf>,
@@ -162,14 +164,14 @@ pub fn run_to(args: &SimulateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
 
     let workload = Workload {
         load: args.load.clone(),
-        service_time: seconds("--service-time", args.service_time)?,
+        service_time: args.service_time,
         concurrency: args.concurrency,
-        pod_startup: seconds("--pod-startup", args.pod_startup)?,
-        scrape_delay: seconds("--scrape-delay", args.scrape_delay)?,
-        sync_period: seconds("--sync-period", args.sync_period)?,
-        step: seconds("--step", args.step)?,
-        duration: args.duration.map(|d| seconds("--duration", d)).transpose()?,
-        max_duration: seconds("--max-duration", args.max_duration)?,
+        pod_startup: args.pod_startup,
+        scrape_delay: args.scrape_delay,
+        sync_period: args.sync_period,
+        step: args.step,
+        duration: args.duration,
+        max_duration: args.max_duration,
         initial_replicas: args.initial_replicas,
     };
     workload.validate()?;
@@ -179,6 +181,7 @@ pub fn run_to(args: &SimulateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for path in files {
         let spec = load(path)?;
+        workload.check_pods(&spec)?;
         let name = spec.name.clone();
         let run = closed_loop(Autoscaler::with_config(spec, config), &workload);
         let label = file_label(path);
@@ -198,11 +201,6 @@ pub fn run_to(args: &SimulateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     writeln!(out, "# workload: {}", workload.describe())?;
     out.write_all(summary_table(&rows).as_bytes())?;
     Ok(())
-}
-
-fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
-    Duration::try_from_secs_f64(value)
-        .map_err(|_| anyhow::anyhow!("{flag} {value} is not a valid number of seconds (use a value ≥ 0)"))
 }
 
 fn file_label(path: &Path) -> String {

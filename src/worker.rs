@@ -13,7 +13,7 @@
 //! wait in Redis where the exporter counts them, rather than in a worker's memory where
 //! nobody sees them. Queue depth stays an honest autoscaling signal.
 
-use crate::args::{StartError, non_negative_seconds, positive_seconds};
+use crate::args::{self, QueueArgs, RedisArgs, StartError};
 use crate::backend::{Backend, DEFAULT_RESULT_EXPIRES, Stored};
 use crate::broker::{BRPOP_TIMEOUT, Broker, End, Fetcher, Taken};
 use crate::connection::{self, Backoff, Health, redact_url};
@@ -21,12 +21,15 @@ use crate::http;
 use crate::metrics::WorkerMetrics;
 use crate::shutdown::{Shutdown, Stage};
 use crate::task::{Call, Context, Registry, Task, TaskError, TaskOptions, TaskResult};
+use crate::wire::envelope::DEFAULT_MAX_MESSAGE_BYTES;
 use crate::wire::envelope::number_seconds;
-use crate::wire::keys::{self, PrioritySteps};
+use crate::wire::keys;
 use crate::wire::message::{self, NewTask, unacked_entry};
 use crate::wire::result::Extended;
 use crate::wire::time::unix_seconds;
-use crate::wire::{ExceptionInfo, RejectReason, Rejection, ResultMeta, TaskMessage, parse_message};
+use crate::wire::{
+    ExceptionInfo, RejectReason, Rejection, ResultMeta, TaskMessage, dead_letter_entry, parse_message_within,
+};
 use chrono::Utc;
 use serde_json::{Number, Value};
 use std::sync::Arc;
@@ -38,16 +41,10 @@ use tokio::task::JoinSet;
 /// `celery-autoscale worker`: every option, with its environment variable where one exists.
 #[derive(Clone, Debug, clap::Args)]
 pub struct WorkerArgs {
-    /// Broker (queues) Redis URL.
-    #[arg(long, env = "BROKER_URL", default_value = connection::DEFAULT_BROKER_URL)]
-    pub broker_url: String,
-    /// Result backend Redis URL.
-    #[arg(long, env = "BACKEND_URL", default_value = connection::DEFAULT_BACKEND_URL)]
-    pub backend_url: String,
-    /// Queues to consume, comma-separated; earlier queues are not preferred (kombu reads all of
-    /// them in kombu's BRPOP order, priority bucket first).
-    #[arg(long, value_delimiter = ',', default_value = keys::DEFAULT_QUEUE)]
-    pub queues: Vec<String>,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    #[command(flatten)]
+    pub queue: QueueArgs,
     /// Tasks run at a time.
     #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub concurrency: u32,
@@ -57,19 +54,16 @@ pub struct WorkerArgs {
     pub prefetch_multiplier: u32,
     /// Seconds after which a taken but unacknowledged message is returned to its queue by any
     /// live worker (kombu's visibility_timeout). Must exceed your longest task and ETA wait.
-    #[arg(long, default_value_t = 3600.0, value_parser = positive_seconds)]
-    pub visibility_timeout: f64,
+    #[arg(long, default_value = "3600", value_parser = args::duration)]
+    pub visibility_timeout: Duration,
     /// Seconds to let running tasks finish after SIGTERM before putting them back and exiting.
     /// Keep Kubernetes' terminationGracePeriodSeconds above this.
-    #[arg(long, default_value_t = 30.0, value_parser = non_negative_seconds)]
-    pub shutdown_timeout: f64,
+    #[arg(long, default_value = "30", value_parser = args::non_negative_duration)]
+    pub shutdown_timeout: Duration,
     /// Seconds between visibility-timeout restore rounds (kombu restores at start, then
     /// periodically).
-    #[arg(long, default_value_t = 30.0, value_parser = positive_seconds)]
-    pub restore_interval: f64,
-    /// Priority buckets, as kombu's priority_steps; producers and consumers must agree.
-    #[arg(long, default_value_t = PrioritySteps::default())]
-    pub priority_steps: PrioritySteps,
+    #[arg(long, default_value = "30", value_parser = args::duration)]
+    pub restore_interval: Duration,
     /// Seconds results are kept (Celery's result_expires); 0 keeps them forever.
     #[arg(long, default_value_t = DEFAULT_RESULT_EXPIRES.as_secs())]
     pub result_expires: u64,
@@ -77,11 +71,16 @@ pub struct WorkerArgs {
     #[arg(long)]
     pub result_extended: bool,
     /// Default hard time limit in seconds for tasks whose message sets none (task_time_limit).
-    #[arg(long, value_parser = positive_seconds)]
-    pub time_limit: Option<f64>,
+    #[arg(long, value_parser = args::duration)]
+    pub time_limit: Option<Duration>,
     /// Default soft time limit in seconds (task_soft_time_limit).
-    #[arg(long, value_parser = positive_seconds)]
-    pub soft_time_limit: Option<f64>,
+    #[arg(long, value_parser = args::duration)]
+    pub soft_time_limit: Option<Duration>,
+    /// Largest message accepted, in bytes; a larger one is rejected before it is decoded (its
+    /// caller gets a FAILURE when the id is readable), and no compressed body inflates beyond it.
+    #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE_BYTES as u64,
+          value_parser = clap::value_parser!(u64).range(1024..=512 * 1024 * 1024))]
+    pub max_message_bytes: u64,
     /// Where /metrics, /healthz and /readyz are served.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9191")]
     pub metrics_addr: String,
@@ -93,6 +92,18 @@ pub struct WorkerArgs {
 pub mod inflight;
 
 pub use inflight::{Held, InFlight};
+
+/// A rejected message this large has just been freed, with its decoding buffers: hand the
+/// memory back to the system rather than keep it (a poison burst left glibc holding ~100 MB).
+const RELEASE_AFTER_BYTES: usize = 1024 * 1024;
+
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel; it touches no live memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
 
 struct Worker {
     args: WorkerArgs,
@@ -123,18 +134,16 @@ pub async fn run(args: WorkerArgs, registry: Registry) -> Result<(), StartError>
 
 /// [`run`] with an externally driven [`Shutdown`] (tests, the local supervisor).
 pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: Shutdown) -> Result<(), StartError> {
-    if args.queues.iter().all(|q| q.trim().is_empty()) {
-        return Err(StartError::NoQueues);
-    }
+    let queues = args.queue.names()?;
     // Replies may queue behind a busy Redis; a blocking wait needs its block time on top.
     let op_timeout = Duration::from_secs(10);
-    let broker_conn = connection::connect("BROKER_URL", &args.broker_url, op_timeout)?;
+    let broker_conn = connection::connect("BROKER_URL", &args.redis.broker_url, op_timeout)?;
     // One connection per list for the blocking wait, so a wait on one list never delays another.
-    let wait_conns = (0..Fetcher::lists(&args.queues, &args.priority_steps))
-        .map(|_| connection::connect("BROKER_URL", &args.broker_url, op_timeout + BRPOP_TIMEOUT))
+    let wait_conns = (0..Fetcher::lists(&queues, &args.queue.priority_steps))
+        .map(|_| connection::connect("BROKER_URL", &args.redis.broker_url, op_timeout + BRPOP_TIMEOUT))
         .collect::<Result<Vec<_>, _>>()?;
-    let backend_conn = connection::connect("BACKEND_URL", &args.backend_url, op_timeout)?;
-    let steps = args.priority_steps.clone();
+    let backend_conn = connection::connect("BACKEND_URL", &args.redis.backend_url, op_timeout)?;
+    let steps = args.queue.priority_steps.clone();
     let hostname = args.hostname.clone().unwrap_or_else(message::hostname);
     let worker = Arc::new(Worker {
         broker: Broker::new(broker_conn, steps.clone()),
@@ -172,9 +181,9 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
     };
     let server = tokio::spawn(server);
     tracing::info!(
-        broker = %redact_url(&worker.args.broker_url),
-        backend = %redact_url(&worker.args.backend_url),
-        queues = ?worker.args.queues,
+        broker = %redact_url(&worker.args.redis.broker_url),
+        backend = %redact_url(&worker.args.redis.backend_url),
+        queues = ?queues,
         tasks = ?worker.registry,
         concurrency = worker.args.concurrency,
         prefetch = worker.args.concurrency * worker.args.prefetch_multiplier,
@@ -183,7 +192,7 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
     );
 
     let restorer = tokio::spawn(worker.clone().restore_loop());
-    let mut fetcher = Fetcher::new(worker.broker.connection(), wait_conns, &worker.args.queues, &steps);
+    let mut fetcher = Fetcher::new(worker.broker.connection(), wait_conns, &queues, &steps);
     let mut deliveries = worker.clone().fetch_loop(&mut fetcher).await;
     worker.drain(&mut deliveries).await;
     restorer.abort();
@@ -259,7 +268,7 @@ impl Worker {
     async fn deliver(self: Arc<Self>, taken: Taken, fetch_slot: OwnedSemaphorePermit) {
         let Taken { key, bytes, recorded_as } = taken;
         let queue = keys::queue_of_key(&key).to_owned();
-        let msg = match parse_message(&bytes) {
+        let msg = match parse_message_within(&bytes, self.args.max_message_bytes as usize) {
             Ok(m) => m,
             Err(rejection) => {
                 self.reject(rejection, &bytes, None, None).await;
@@ -448,7 +457,11 @@ impl Worker {
         tracing::warn!(reason = %r.reason, task_id = r.task_id.as_deref(), task = r.task_name.as_deref(), "message rejected: {}", r.detail);
         let keep_raw = !matches!(r.reason, RejectReason::UnknownTask | RejectReason::BadArguments);
         if keep_raw {
-            self.redis("keep a rejected message", || self.broker.dead_letter(raw)).await;
+            let entry = dead_letter_entry(raw, &r, unix_seconds(Utc::now()));
+            self.redis("keep a rejected message", || self.broker.dead_letter(&entry)).await;
+        }
+        if raw.len() > RELEASE_AFTER_BYTES {
+            release_free_memory();
         }
         let Some(task_id) = &r.task_id else { return };
         if msg.is_some_and(|m| ignores_result(m, task)) {
@@ -462,7 +475,7 @@ impl Worker {
             RejectReason::UnsupportedEncoding => {
                 ExceptionInfo::new("kombu.exceptions", "ContentDisallowed", vec![r.detail.clone().into()])
             }
-            RejectReason::Malformed | RejectReason::BadHeaders | RejectReason::BadBody => {
+            RejectReason::Malformed | RejectReason::BadHeaders | RejectReason::BadBody | RejectReason::TooLarge => {
                 ExceptionInfo::new("kombu.exceptions", "DecodeError", vec![r.detail.clone().into()])
             }
         };
@@ -503,8 +516,8 @@ impl Worker {
 
     /// kombu's restore_visible at start and every `--restore-interval`.
     async fn restore_loop(self: Arc<Self>) {
-        let visibility = Duration::from_secs_f64(self.args.visibility_timeout);
-        let mut tick = tokio::time::interval(Duration::from_secs_f64(self.args.restore_interval));
+        let visibility = self.args.visibility_timeout;
+        let mut tick = tokio::time::interval(self.args.restore_interval);
         loop {
             tick.tick().await;
             match self.broker.restore_visible(visibility, unix_seconds(Utc::now())).await {
@@ -533,13 +546,13 @@ impl Worker {
         tracing::info!(
             put_back = waiting.len(),
             running,
-            timeout_s = self.args.shutdown_timeout,
+            timeout_s = self.args.shutdown_timeout.as_secs_f64(),
             "stopped fetching; waiting for running tasks"
         );
         let all_done = async { while deliveries.join_next().await.is_some() {} };
         tokio::select! {
             () = all_done => {}
-            () = tokio::time::sleep(Duration::from_secs_f64(self.args.shutdown_timeout)) => {
+            () = tokio::time::sleep(self.args.shutdown_timeout) => {
                 tracing::warn!("shutdown timeout reached; putting running tasks back");
             }
             () = self.shutdown.reached(Stage::Immediate) => {
@@ -567,8 +580,8 @@ impl Worker {
 /// The effective limit: the earlier of soft and hard, with the exception it raises. Each
 /// comes from the message, else the task's options, else the worker's flags (as Celery).
 fn time_limit(msg: &TaskMessage, task: &TaskOptions, args: &WorkerArgs) -> (Option<Duration>, Option<ExceptionInfo>) {
-    let default = |task: Option<Duration>, worker: Option<f64>| {
-        task.map(|d| d.as_secs_f64()).or(worker).and_then(Number::from_f64)
+    let default = |task: Option<Duration>, worker: Option<Duration>| {
+        task.or(worker).and_then(|d| Number::from_f64(d.as_secs_f64()))
     };
     let hard = msg.hard_time_limit.clone().or_else(|| default(task.time_limit, args.time_limit));
     let soft = msg.soft_time_limit.clone().or_else(|| default(task.soft_time_limit, args.soft_time_limit));

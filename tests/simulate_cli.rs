@@ -231,3 +231,27 @@ fn the_project_hpa_is_the_seeds() {
         })
     );
 }
+
+/// The README's simulate examples run as written, with the files in examples/.
+#[test]
+fn readme_examples_run() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let examples: Vec<&str> =
+        readme.lines().filter_map(|l| l.trim().strip_prefix("celery-autoscale simulate ")).collect();
+    assert!(examples.len() >= 3, "README lost its simulate examples");
+    let dir = tempfile::tempdir().unwrap();
+    for example in examples {
+        // Outputs (--plot) go to a scratch directory; inputs are read from the repository.
+        let args: Vec<String> = example
+            .split_whitespace()
+            .map(|a| if a.ends_with(".svg") { dir.path().join(a).display().to_string() } else { a.to_owned() })
+            .collect();
+        let output = Command::new(env!("CARGO_BIN_EXE_celery-autoscale"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .arg("simulate")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "README example {example:?}: {}", String::from_utf8_lossy(&output.stderr));
+    }
+}

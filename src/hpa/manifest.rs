@@ -13,7 +13,7 @@ use super::spec::HpaSpec;
 /// when the file holds several.
 pub fn load_hpa_file(path: &Path, name: Option<&str>) -> Result<HpaSpec, HpaError> {
     let text =
-        std::fs::read_to_string(path).map_err(|source| HpaError::Read { path: path.display().to_string(), source })?;
+        std::fs::read_to_string(path).map_err(|cause| HpaError::Read { path: path.display().to_string(), cause })?;
     parse_hpa_manifest(&text, name).map_err(|e| e.in_file(path))
 }
 
@@ -50,7 +50,9 @@ pub fn find_hpa(text: &str, name: Option<&str>) -> Result<HorizontalPodAutoscale
             })?;
             candidates.push(hpa);
         } else {
-            kinds_seen.push(format!("{api_version} {kind}"));
+            // A missing apiVersion or kind is said as such, not as a blank.
+            let shown = |v: &str, what: &str| if v.is_empty() { format!("<no {what}>") } else { v.to_owned() };
+            kinds_seen.push(format!("{} {}", shown(api_version, "apiVersion"), shown(kind, "kind")));
         }
     }
 

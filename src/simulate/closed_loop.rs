@@ -25,6 +25,13 @@ pub struct Workload {
     pub initial_replicas: Option<i32>,
 }
 
+/// The most tasks one closed-loop run models (each waiting task costs the model 16 bytes).
+pub const MAX_SIMULATED_TASKS: u64 = 10_000_000;
+/// The most time steps one run models (the depth history keeps one number per step).
+pub const MAX_STEPS: u64 = 20_000_000;
+/// The most pods the model holds at once (from --initial-replicas or the HPA's maxReplicas).
+pub const MAX_PODS: i32 = 10_000;
+
 /// Workload parameters the model cannot run with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -45,6 +52,35 @@ impl Workload {
         }
         if self.service_time.is_zero() {
             return err("--service-time must be greater than 0");
+        }
+        // Memory grows with tasks and steps: refuse what would not fit rather than abort.
+        let tasks = self.load.total();
+        if tasks > MAX_SIMULATED_TASKS {
+            return Err(WorkloadError(format!(
+                "--load {} sends {tasks} tasks; the closed loop models at most {MAX_SIMULATED_TASKS}: lower the load",
+                self.load
+            )));
+        }
+        let span = self.duration.unwrap_or(self.max_duration);
+        let steps = span.as_millis() / self.step.as_millis().max(1);
+        if steps > u128::from(MAX_STEPS) {
+            return Err(WorkloadError(format!(
+                "{} s of simulated time in steps of {} s is {steps} steps; the model takes at most {MAX_STEPS}: \
+                 raise --step or lower --duration/--max-duration",
+                span.as_secs_f64(),
+                self.step.as_secs_f64()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The HPA's maxReplicas, within what the model holds.
+    pub fn check_pods(&self, spec: &crate::hpa::HpaSpec) -> Result<(), WorkloadError> {
+        if spec.max_replicas > MAX_PODS {
+            return Err(WorkloadError(format!(
+                "HPA {} has maxReplicas {}; the closed loop models at most {MAX_PODS} pods",
+                spec.name, spec.max_replicas
+            )));
         }
         Ok(())
     }

@@ -9,12 +9,9 @@ use crate::plot::TimelinePoint;
 /// A problem with a trace file.
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
-    #[error("cannot read trace {path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    // The cause is part of the sentence, not a `source`: a printed chain says it once.
+    #[error("cannot read trace {path}: {cause}")]
+    Read { path: String, cause: std::io::Error },
     #[error("trace line {line}: {message}")]
     Line { line: usize, message: String },
     #[error("trace: {0}")]
@@ -42,8 +39,8 @@ pub struct TraceRow {
 
 /// Reads a trace CSV (`t,metric` header; no quoting; blank lines and `#` comments skipped).
 pub fn read_trace(path: &Path) -> Result<Trace, TraceError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| TraceError::Read { path: path.display().to_string(), source })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|cause| TraceError::Read { path: path.display().to_string(), cause })?;
     parse_trace(&text)
 }
 

@@ -13,8 +13,16 @@ use serde_json::{Map, Value};
 use std::fmt;
 use std::io::Read as _;
 
-/// Largest body we inflate from a compressed message (guards against zip bombs).
-const MAX_INFLATED_BODY: u64 = 64 * 1024 * 1024;
+/// The largest message [`parse_message`] accepts, and the most a compressed body may inflate
+/// to (a zlib bomb stops there). The worker's `--max-message-bytes` overrides it.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// How much of a rejected message the dead-letter list keeps (its full length is recorded):
+/// 1000 entries of at most this much keep the list under ~6 MB whatever arrives.
+pub const DEAD_LETTER_KEEP_BYTES: usize = 4096;
+
+/// `content-encoding` values a JSON message may carry (kombu writes `utf-8`).
+const TEXT_ENCODINGS: [&str; 4] = ["utf-8", "utf8", "ascii", "us-ascii"];
 
 /// Why a message was not run. The label is the `reason` of `celery_task_rejected_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -33,10 +41,12 @@ pub enum RejectReason {
     BadArguments,
     /// Chords and nested canvas callbacks are not supported by this worker.
     UnsupportedCanvas,
+    /// Larger than `--max-message-bytes` (or a body inflating beyond it): refused undecoded.
+    TooLarge,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 7] = [
+    pub const ALL: [RejectReason; 8] = [
         RejectReason::Malformed,
         RejectReason::UnsupportedEncoding,
         RejectReason::BadHeaders,
@@ -44,6 +54,7 @@ impl RejectReason {
         RejectReason::UnknownTask,
         RejectReason::BadArguments,
         RejectReason::UnsupportedCanvas,
+        RejectReason::TooLarge,
     ];
 
     pub fn label(self) -> &'static str {
@@ -55,6 +66,7 @@ impl RejectReason {
             RejectReason::UnknownTask => "unknown_task",
             RejectReason::BadArguments => "bad_arguments",
             RejectReason::UnsupportedCanvas => "unsupported_canvas",
+            RejectReason::TooLarge => "too_large",
         }
     }
 }
@@ -170,8 +182,37 @@ impl TaskMessage {
     }
 }
 
-/// Parse one message popped from a queue.
+/// Parse one message popped from a queue, within [`DEFAULT_MAX_MESSAGE_BYTES`].
 pub fn parse_message(bytes: &[u8]) -> Result<TaskMessage, Rejection> {
+    parse_message_within(bytes, DEFAULT_MAX_MESSAGE_BYTES)
+}
+
+/// Parse one message, refusing it undecoded when it is larger than `max_bytes` (or its body
+/// inflates beyond that). Whenever the message is refused before its headers could be parsed
+/// (too large, not JSON, nested too deep), the task id and name are looked for with
+/// [`scan_header_ids`], so the caller still gets a FAILURE.
+pub fn parse_message_within(bytes: &[u8], max_bytes: usize) -> Result<TaskMessage, Rejection> {
+    let result = if bytes.len() > max_bytes {
+        Err(Rejection {
+            reason: RejectReason::TooLarge,
+            detail: format!("message of {} bytes is larger than the limit of {max_bytes}", bytes.len()),
+            task_id: None,
+            task_name: None,
+        })
+    } else {
+        parse_checked(bytes, max_bytes)
+    };
+    result.map_err(|mut r| {
+        if r.task_id.is_none() && matches!(r.reason, RejectReason::TooLarge | RejectReason::Malformed) {
+            let (id, task) = scan_header_ids(bytes);
+            r.task_id = id;
+            r.task_name = r.task_name.or(task);
+        }
+        r
+    })
+}
+
+fn parse_checked(bytes: &[u8], max_bytes: usize) -> Result<TaskMessage, Rejection> {
     let reject = |reason, detail: String| Rejection { reason, detail, task_id: None, task_name: None };
     let value: Value = serde_json::from_slice(bytes)
         .map_err(|e| reject(RejectReason::Malformed, format!("message is not JSON ({e})")))?;
@@ -214,7 +255,20 @@ pub fn parse_message(bytes: &[u8]) -> Result<TaskMessage, Rejection> {
             format!("content-type {content_type:?} is not supported; send JSON (task_serializer='json')"),
         ));
     }
-    let body_bytes = decode_body(&envelope, &properties, &headers).map_err(|(r, d)| known(r, d))?;
+    // kombu would decode the body with this codec; one it does not know means Celery would not
+    // run the task either.
+    match envelope.get("content-encoding") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(e)) if TEXT_ENCODINGS.iter().any(|t| t.eq_ignore_ascii_case(e)) => {}
+        Some(other) => {
+            let shown: String = other.to_string().chars().take(64).collect();
+            return Err(known(
+                RejectReason::UnsupportedEncoding,
+                format!("content-encoding {shown} is not supported; JSON messages are utf-8"),
+            ));
+        }
+    }
+    let body_bytes = decode_body(&envelope, &properties, &headers, max_bytes).map_err(|(r, d)| known(r, d))?;
     let body: Value = serde_json::from_slice(&body_bytes)
         .map_err(|e| known(RejectReason::BadBody, format!("body is not JSON ({e})")))?;
 
@@ -275,6 +329,7 @@ fn decode_body(
     envelope: &Map<String, Value>,
     properties: &Map<String, Value>,
     headers: &Map<String, Value>,
+    max_bytes: usize,
 ) -> Result<Vec<u8>, (RejectReason, String)> {
     let body = envelope.get("body").and_then(Value::as_str);
     let body = body.ok_or((RejectReason::BadBody, "body is not a string".to_owned()))?;
@@ -293,11 +348,11 @@ fn decode_body(
         Some("application/x-gzip" | "zlib") => {
             let mut out = Vec::new();
             flate2::read::ZlibDecoder::new(&encoded[..])
-                .take(MAX_INFLATED_BODY + 1)
+                .take(max_bytes as u64 + 1)
                 .read_to_end(&mut out)
                 .map_err(|e| (RejectReason::BadBody, format!("compressed body does not inflate ({e})")))?;
-            if out.len() as u64 > MAX_INFLATED_BODY {
-                return Err((RejectReason::BadBody, format!("inflated body exceeds {MAX_INFLATED_BODY} bytes")));
+            if out.len() > max_bytes {
+                return Err((RejectReason::TooLarge, format!("compressed body inflates beyond {max_bytes} bytes")));
             }
             Ok(out)
         }
@@ -305,6 +360,108 @@ fn decode_body(
             Err((RejectReason::UnsupportedEncoding, format!("compression {other:?} is not supported (zlib is)")))
         }
     }
+}
+
+/// The task id and name from a protocol-2 envelope's `headers`, found without parsing the rest:
+/// one pass over the bytes, nesting counted rather than recursed into, strings skipped without
+/// copying. For messages too large or too deep to parse; `None` where the headers do not say.
+pub fn scan_header_ids(bytes: &[u8]) -> (Option<String>, Option<String>) {
+    // Longer than any real id or task name: not worth a result key.
+    const MAX_FIELD: usize = 255;
+    let (mut id, mut task) = (None, None);
+    let mut depth = 0usize;
+    // The last key read directly in the top-level object, and in `headers`.
+    let mut top_key: &[u8] = b"";
+    let mut header_key: &[u8] = b"";
+    let mut in_headers = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                let Some(end) = string_end(bytes, i) else { break };
+                let raw = &bytes[i..=end];
+                let content = &bytes[i + 1..end];
+                i = end + 1;
+                let next = bytes[i..].iter().position(|b| !b.is_ascii_whitespace()).map(|p| i + p);
+                if next.is_some_and(|n| bytes[n] == b':') {
+                    match (depth, in_headers) {
+                        (1, _) => top_key = content,
+                        (2, true) => header_key = content,
+                        _ => {}
+                    }
+                } else if depth == 2 && in_headers && raw.len() <= MAX_FIELD + 2 {
+                    let value = || serde_json::from_slice::<String>(raw).ok();
+                    match header_key {
+                        b"id" => id = id.or_else(value),
+                        b"task" => task = task.or_else(value),
+                        _ => {}
+                    }
+                }
+                continue;
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                if depth == 2 && bytes[i] == b'{' && top_key == b"headers" {
+                    in_headers = true;
+                }
+            }
+            b'}' | b']' => {
+                if depth == 2 && in_headers {
+                    in_headers = false;
+                    if id.is_some() {
+                        break;
+                    }
+                }
+                depth = depth.saturating_sub(1);
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    (id, task)
+}
+
+/// Index of the quote closing the string that opens at `start`.
+fn string_end(bytes: &[u8], start: usize) -> Option<usize> {
+    let mut i = start + 1;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' => i += 2,
+            b'"' => return Some(i),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// What the dead-letter list keeps of a rejected message: a small JSON object with the reason,
+/// the id when known, the full length, and at most [`DEAD_LETTER_KEEP_BYTES`] of the message
+/// (as text when it is UTF-8, else base64), so the list stays bounded in bytes.
+pub fn dead_letter_entry(raw: &[u8], rejection: &Rejection, rejected_at: f64) -> Vec<u8> {
+    let kept = &raw[..raw.len().min(DEAD_LETTER_KEEP_BYTES)];
+    // A cut may split a UTF-8 character: keep the valid prefix as text.
+    let text = match std::str::from_utf8(kept) {
+        Ok(t) => Some(t),
+        Err(e) if e.error_len().is_none() && raw.len() > kept.len() => {
+            std::str::from_utf8(&kept[..e.valid_up_to()]).ok()
+        }
+        Err(_) => None,
+    };
+    let detail: String = rejection.detail.chars().take(1024).collect();
+    let mut entry = serde_json::json!({
+        "reason": rejection.reason.label(),
+        "detail": detail,
+        "task_id": rejection.task_id,
+        "task": rejection.task_name,
+        "length": raw.len(),
+        "truncated": raw.len() > kept.len(),
+        "rejected_at": rejected_at,
+    });
+    match text {
+        Some(t) => entry["body"] = Value::String(t.to_owned()),
+        None => entry["body_base64"] = Value::String(B64.encode(kept)),
+    }
+    serde_json::to_vec(&entry).unwrap_or_default()
 }
 
 /// The fields both protocol versions provide, normalised.
@@ -525,4 +682,65 @@ fn time_limits(v: Option<&Value>) -> FieldResult<Limits> {
 /// Seconds from a JSON number (time limits, io_bound durations).
 pub fn number_seconds(n: &serde_json::Number) -> f64 {
     n.as_f64().unwrap_or(f64::INFINITY)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(id: &str) -> Value {
+        serde_json::json!({
+            "body": "W1tdLCB7fSwge31d",
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {"lang": "py", "task": "tasks.cpu_bound", "id": id, "nested": {"id": "not this"}},
+            "properties": {"delivery_tag": "t1", "body_encoding": "base64"}
+        })
+    }
+
+    #[test]
+    fn ids_are_found_in_headers_only() {
+        let bytes = serde_json::to_vec(&envelope("abc")).unwrap();
+        assert_eq!(scan_header_ids(&bytes), (Some("abc".into()), Some("tasks.cpu_bound".into())));
+        let nested = format!(
+            "{{\"body\": {}{}, \"headers\": {{\"id\": \"deep\", \"task\": \"t\"}}}}",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        assert_eq!(scan_header_ids(nested.as_bytes()).0.as_deref(), Some("deep"));
+        for no_id in [&b"{\"id\": \"top\"}"[..], b"[[[[", b"\"", b"{\"headers\": [{\"id\": \"x\"}]}", b""] {
+            assert_eq!(scan_header_ids(no_id).0, None, "{}", String::from_utf8_lossy(no_id));
+        }
+        // A quote escaped inside a string does not end it.
+        let tricky = br#"{"body": "x\"}, \"headers\": {\"id\": \"fake\"}", "headers": {"id": "real"}}"#;
+        assert_eq!(scan_header_ids(tricky).0.as_deref(), Some("real"));
+    }
+
+    #[test]
+    fn limits_and_encodings() {
+        let bytes = serde_json::to_vec(&envelope("abc")).unwrap();
+        assert!(parse_message(&bytes).is_ok());
+        let too_large = parse_message_within(&bytes, 100).unwrap_err();
+        assert_eq!((too_large.reason, too_large.task_id.as_deref()), (RejectReason::TooLarge, Some("abc")));
+        let mut rot13 = envelope("r");
+        rot13["content-encoding"] = "rot13".into();
+        let r = parse_message(&serde_json::to_vec(&rot13).unwrap()).unwrap_err();
+        assert_eq!((r.reason, r.task_id.as_deref()), (RejectReason::UnsupportedEncoding, Some("r")));
+        let mut upper = envelope("u");
+        upper["content-encoding"] = "UTF-8".into();
+        assert!(parse_message(&serde_json::to_vec(&upper).unwrap()).is_ok());
+    }
+
+    #[test]
+    fn dead_letter_entries_are_bounded() {
+        let r =
+            Rejection { reason: RejectReason::Malformed, detail: "d".repeat(10_000), task_id: None, task_name: None };
+        for raw in [vec![b'x'; 20 << 20], vec![0xff; 20 << 20], "é".repeat(5000).into_bytes(), b"tiny".to_vec()] {
+            let entry = dead_letter_entry(&raw, &r, 1.0);
+            assert!(entry.len() < 7 * 1024, "{} bytes", entry.len());
+            let v: Value = serde_json::from_slice(&entry).unwrap();
+            assert_eq!(v["length"], raw.len());
+            assert_eq!(v["truncated"], raw.len() > DEAD_LETTER_KEEP_BYTES);
+        }
+    }
 }

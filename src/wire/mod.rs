@@ -9,7 +9,10 @@ pub mod pyrepr;
 pub mod result;
 pub mod time;
 
-pub use envelope::{Embed, RejectReason, Rejection, Signature, TaskMessage, parse_message};
+pub use envelope::{
+    Embed, RejectReason, Rejection, Signature, TaskMessage, dead_letter_entry, parse_message, parse_message_within,
+    scan_header_ids,
+};
 pub use keys::PrioritySteps;
 pub use message::{NewTask, UnackedEntry};
 pub use result::{ExceptionInfo, ResultMeta, TaskState};
