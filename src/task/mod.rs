@@ -512,4 +512,25 @@ mod tests {
         assert_eq!(run("m.boom", json!([])).await, Ok(Err(TaskError::new("m.errors", "Boom", "because"))));
         assert_eq!(run("m.boom", json!(["panic"])).await, Ok(Err(TaskError::runtime_error("task panicked: boom"))));
     }
+
+    #[tokio::test]
+    async fn an_abandoned_blocking_body_is_told_to_stop() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let call = Call::blocking(move |ctx| {
+            tx.send("started").unwrap();
+            let counted = builtin::count_primes(1 << 40, ctx.cancel_flag());
+            tx.send(if counted.is_none() { "cancelled" } else { "ran to the end" }).unwrap();
+            Ok(Value::Null)
+        });
+        let run = tokio::spawn(call.run(Context::new("id", 0, &TaskOptions::new("t")), None));
+        let rx = tokio::task::spawn_blocking(move || {
+            let started = rx.recv_timeout(Duration::from_secs(30));
+            (started, rx)
+        });
+        let (started, rx) = rx.await.unwrap();
+        assert_eq!(started, Ok("started"));
+        run.abort(); // what the worker does to tasks still running after its shutdown timeout
+        let ended = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60))).await.unwrap();
+        assert_eq!(ended, Ok("cancelled"));
+    }
 }
