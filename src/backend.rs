@@ -3,7 +3,7 @@
 
 use crate::wire::ResultMeta;
 use crate::wire::keys;
-use redis::aio::ConnectionManager;
+use crate::connection::Conn;
 use redis::{AsyncCommands, RedisResult, Script};
 use serde_json::Value;
 use std::time::Duration;
@@ -35,14 +35,14 @@ pub enum Stored {
 
 #[derive(Clone)]
 pub struct Backend {
-    conn: ConnectionManager,
+    conn: Conn,
     expires: Duration,
     store: Script,
 }
 
 impl Backend {
     /// `expires` of zero stores without a TTL (Celery's `result_expires=None`).
-    pub fn new(conn: ConnectionManager, expires: Duration) -> Self {
+    pub fn new(conn: Conn, expires: Duration) -> Self {
         Backend { conn, expires, store: Script::new(STORE) }
     }
 

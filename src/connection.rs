@@ -2,22 +2,31 @@
 //! report not-ready while Redis is away), retrying with backoff through outages, and keeping
 //! passwords out of logs.
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use crate::redis_url::{self, RedisUrl, SentinelUrl, TlsOptions};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Client, Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
+
+pub use crate::redis_url::redact as redact_url;
 
 /// Default broker URL (DESIGN.md).
 pub const DEFAULT_BROKER_URL: &str = "redis://127.0.0.1:6379/0";
 /// Default result backend URL (DESIGN.md).
 pub const DEFAULT_BACKEND_URL: &str = "redis://127.0.0.1:6379/1";
 
+/// How long to wait for a TCP/TLS connect (per node, sentinels included).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Errors a user can cause with a connection setting.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("{setting}={url} is not a usable Redis URL ({source}); expected redis://[:password@]host:port/db")]
-    BadUrl { setting: &'static str, url: String, source: redis::RedisError },
+    #[error("{setting}={url} is not usable: {source}")]
+    BadUrl { setting: &'static str, url: String, source: redis_url::UrlError },
+    #[error("{setting}={url} is not usable: {source}")]
+    Client { setting: &'static str, url: String, source: RedisError },
 }
 
 /// Whether the last Redis operation worked (for `/readyz` and the `redis_connected` gauge).
@@ -26,6 +35,9 @@ pub enum ConnectError {
 pub struct Health {
     state: AtomicU8,
     what: &'static str,
+    /// The setting and its redacted URL, for the outage warning's hint.
+    setting: &'static str,
+    url: String,
 }
 
 const UNKNOWN: u8 = 0;
@@ -33,8 +45,9 @@ const UP: u8 = 1;
 const DOWN: u8 = 2;
 
 impl Health {
-    pub fn new(what: &'static str) -> Arc<Self> {
-        Arc::new(Health { state: AtomicU8::new(UNKNOWN), what })
+    /// `what` names the role of the connection ("broker"); `setting`/`url` where it points.
+    pub fn new(what: &'static str, setting: &'static str, url: &str) -> Arc<Self> {
+        Arc::new(Health { state: AtomicU8::new(UNKNOWN), what, setting, url: redact_url(url) })
     }
 
     pub fn is_connected(&self) -> bool {
@@ -48,7 +61,7 @@ impl Health {
 
     pub fn set_connected(&self) {
         if self.state.swap(UP, Ordering::Relaxed) == DOWN {
-            tracing::info!(redis = self.what, "Redis is reachable again");
+            tracing::info!(redis = self.what, url = %self.url, "Redis is reachable again");
         }
     }
 
@@ -58,32 +71,244 @@ impl Health {
     }
 }
 
+/// What to tell a user about a Redis error: the error plus the likely fix, naming the setting
+/// and its (redacted) URL.
+pub fn explain(e: &RedisError, setting: &str, redacted_url: &str) -> String {
+    let text = e.to_string();
+    let lower = text.to_ascii_lowercase();
+    if e.kind() == redis::ErrorKind::AuthenticationFailed || text.contains("NOAUTH") || text.contains("WRONGPASS") {
+        format!("{text} — check the password in {setting}={redacted_url}")
+    } else if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+        format!(
+            "{text} — TLS to {redacted_url} failed: check ssl_ca_certs (the CA that signed the server's certificate), ssl_certfile/ssl_keyfile, or ssl_cert_reqs in {setting}"
+        )
+    } else if e.kind() == redis::ErrorKind::MasterNameNotFoundBySentinel {
+        format!("{text} — check --sentinel-master (SENTINEL_MASTER) and the sentinels in {setting}={redacted_url}")
+    } else if e.is_io_error() || e.is_connection_refusal() || e.is_timeout() {
+        format!("{text} — is Redis running at {redacted_url}? check {setting}")
+    } else {
+        text
+    }
+}
+
+/// A connection that reconnects by itself, lazily (so a process can start and report not-ready
+/// while Redis is away). After a connection error the next command connects anew — and for
+/// `sentinel://` asks the sentinels again, so it follows a failover. Cheap to clone; clones
+/// share one underlying multiplexed connection.
+#[derive(Clone)]
+pub struct Conn {
+    inner: Arc<Inner>,
+    db: i64,
+}
+
+struct Inner {
+    target: Target,
+    config: AsyncConnectionConfig,
+    /// The live connection and its generation (so a failure on an old one does not drop a new one).
+    current: tokio::sync::Mutex<(u64, Option<MultiplexedConnection>)>,
+}
+
+enum Target {
+    Direct(Client),
+    Sentinel { url: SentinelUrl, master: String, certs: Option<redis::TlsCertificates> },
+}
+
 /// Open a lazily connecting, self-reconnecting connection. `response_timeout` must exceed any
-/// blocking command sent on it (BRPOP).
+/// blocking command sent on it (BRPOP). `sentinel_master` is `--sentinel-master`, used by
+/// `sentinel://` URLs only.
 pub fn connect(
     setting: &'static str,
     url: &str,
+    sentinel_master: Option<&str>,
     response_timeout: Duration,
-) -> Result<ConnectionManager, ConnectError> {
-    let bad = |source| ConnectError::BadUrl { setting, url: redact_url(url), source };
-    let client = redis::Client::open(url).map_err(bad)?;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_response_timeout(Some(response_timeout))
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_secs(2));
-    ConnectionManager::new_lazy_with_config(client, config).map_err(bad)
+) -> Result<Conn, ConnectError> {
+    let redacted = || redact_url(url);
+    let parsed = redis_url::parse(url, sentinel_master.filter(|m| !m.is_empty()))
+        .map_err(|source| ConnectError::BadUrl { setting, url: redacted(), source })?;
+    let client_err = |source| ConnectError::Client { setting, url: redacted(), source };
+    let (target, db) = match parsed {
+        RedisUrl::Direct { url, tls } => {
+            let certs = tls.as_ref().map(certificates).transpose().map_err(client_err)?;
+            let client = client(&url, tls.as_ref(), certs.as_ref()).map_err(client_err)?;
+            let db = client.get_connection_info().redis_settings().db();
+            (Target::Direct(client), db)
+        }
+        RedisUrl::Sentinel(s) => {
+            let tls = s.tls.as_ref().or(s.sentinel_tls.as_ref());
+            let certs = tls.map(certificates).transpose().map_err(client_err)?;
+            // Check every URL we will build now, so a bad one fails at startup.
+            for (host, port) in &s.sentinels {
+                client(&s.node_url(host, *port, true), s.sentinel_tls.as_ref(), certs.as_ref()).map_err(client_err)?;
+            }
+            client(&s.node_url("127.0.0.1", 6379, false), s.tls.as_ref(), certs.as_ref()).map_err(client_err)?;
+            let master = s.master_name.clone().unwrap_or_default();
+            let db = s.db;
+            (Target::Sentinel { url: s, master, certs }, db)
+        }
+    };
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(response_timeout));
+    Ok(Conn { inner: Arc::new(Inner { target, config, current: tokio::sync::Mutex::new((0, None)) }), db })
 }
 
-/// `redis://:secret@host/0` → `redis://:***@host/0`.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
-            format!("{scheme}://{user}:***@{host}")
+/// rustls needs a process-wide crypto provider; ring is the one this crate builds with.
+fn install_crypto_provider() {
+    // Err means one is installed already, which is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Read the PEM files a TLS URL names (at startup, so a missing file is an immediate error).
+fn certificates(tls: &TlsOptions) -> RedisResult<redis::TlsCertificates> {
+    install_crypto_provider();
+    let read = |option: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| {
+            RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "cannot read a TLS file",
+                format!("{option}={}: {e}", path.display()),
+            ))
+        })
+    };
+    let root_cert = tls.ca_certs.as_deref().map(|p| read("ssl_ca_certs", p)).transpose()?;
+    let client_tls = match &tls.client_cert {
+        Some((cert, key)) => Some(redis::ClientTlsConfig {
+            client_cert: read("ssl_certfile", cert)?,
+            client_key: read("ssl_keyfile", key)?,
+        }),
+        None => None,
+    };
+    Ok(redis::TlsCertificates { client_tls, root_cert })
+}
+
+fn client(url: &str, tls: Option<&TlsOptions>, certs: Option<&redis::TlsCertificates>) -> RedisResult<Client> {
+    let client = match certs {
+        Some(certs) => Client::build_with_tls(url, certs.clone())?,
+        None => Client::open(url)?,
+    };
+    match tls {
+        Some(t) if t.verify && !t.check_hostname => {
+            let info = client.get_connection_info().clone();
+            let mut addr = info.addr().clone();
+            addr.set_danger_accept_invalid_hostnames(true);
+            Client::open(info.set_addr(addr))
         }
-        None => url.to_owned(),
+        _ => Ok(client),
+    }
+}
+
+/// Errors after which the connection (or, with Sentinel, the master it points at) is suspect.
+fn needs_reconnect(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_timeout()
+        || e.is_unrecoverable_error()
+        // A demoted master answers writes with READONLY: ask the sentinels again.
+        || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+}
+
+impl Inner {
+    async fn get(&self) -> RedisResult<(u64, MultiplexedConnection)> {
+        let mut current = self.current.lock().await;
+        if let Some(c) = &current.1 {
+            return Ok((current.0, c.clone()));
+        }
+        let conn = match &self.target {
+            Target::Direct(client) => client.get_multiplexed_async_connection_with_config(&self.config).await?,
+            Target::Sentinel { url, master, certs } => self.connect_master(url, master, certs.as_ref()).await?,
+        };
+        current.0 += 1;
+        current.1 = Some(conn.clone());
+        Ok((current.0, conn))
+    }
+
+    async fn invalidate(&self, generation: u64) {
+        let mut current = self.current.lock().await;
+        if current.0 == generation {
+            current.1 = None;
+        }
+    }
+
+    /// Ask each sentinel in turn for the master's address, connect to it and check that it
+    /// is a master (a sentinel can briefly name a demoted one during a failover).
+    async fn connect_master(
+        &self,
+        url: &SentinelUrl,
+        master: &str,
+        certs: Option<&redis::TlsCertificates>,
+    ) -> RedisResult<MultiplexedConnection> {
+        let mut last_err = None;
+        let sentinel_config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(CONNECT_TIMEOUT));
+        for (host, port) in &url.sentinels {
+            let attempt = async {
+                let sentinel = client(&url.node_url(host, *port, true), url.sentinel_tls.as_ref(), certs)?;
+                let mut s = sentinel.get_multiplexed_async_connection_with_config(&sentinel_config).await?;
+                let addr: Option<(String, u16)> =
+                    redis::cmd("SENTINEL").arg("get-master-addr-by-name").arg(master).query_async(&mut s).await?;
+                let Some((mhost, mport)) = addr else {
+                    return Err(RedisError::from((
+                        redis::ErrorKind::MasterNameNotFoundBySentinel,
+                        "sentinel does not know the master",
+                        format!("sentinel {host}:{port} knows no master named {master:?}"),
+                    )));
+                };
+                let node = client(&url.node_url(&mhost, mport, false), url.tls.as_ref(), certs)?;
+                let mut conn = node.get_multiplexed_async_connection_with_config(&self.config).await?;
+                let role: Vec<Value> = redis::cmd("ROLE").query_async(&mut conn).await?;
+                match role.first() {
+                    Some(Value::BulkString(r)) if r == b"master" => Ok(conn),
+                    _ => Err(RedisError::from((
+                        redis::ErrorKind::Io,
+                        "sentinel named a node that is not a master (failover in progress)",
+                        format!("{mhost}:{mport}"),
+                    ))),
+                }
+            };
+            match attempt.await {
+                Ok(conn) => return Ok(conn),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| RedisError::from((redis::ErrorKind::EmptySentinelList, "no sentinels"))))
+    }
+}
+
+impl Conn {
+    async fn run<T>(
+        &self,
+        op: impl AsyncFnOnce(&mut MultiplexedConnection) -> RedisResult<T>,
+    ) -> RedisResult<T> {
+        let (generation, mut conn) = self.inner.get().await?;
+        let result = op(&mut conn).await;
+        if let Err(e) = &result
+            && needs_reconnect(e)
+        {
+            self.inner.invalidate(generation).await;
+        }
+        result
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move { self.run(async |c: &mut MultiplexedConnection| c.req_packed_command(cmd).await).await })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            self.run(async |c: &mut MultiplexedConnection| c.req_packed_commands(pipeline, offset, count).await).await
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.db
     }
 }
 
@@ -126,7 +351,8 @@ where
             Err(e) => {
                 let first = health.set_disconnected();
                 if first || last_log.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
-                    tracing::warn!(redis = health.what, error = %e, "Redis {what} failed; retrying with backoff, nothing is dropped");
+                    let error = explain(&e, health.setting, &health.url);
+                    tracing::warn!(redis = health.what, url = %health.url, %error, "Redis {what} failed; retrying with backoff, nothing is dropped");
                     last_log = Some(Instant::now());
                 }
                 if give_up.load(Ordering::Relaxed) {
@@ -142,17 +368,24 @@ where
 mod tests {
     use super::*;
 
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(redact_url("redis://:s3cret@redis:6379/0"), "redis://:***@redis:6379/0");
-        assert_eq!(redact_url("redis://user:pw@h/1"), "redis://user:***@h/1");
-        assert_eq!(redact_url("redis://127.0.0.1:6379/0"), "redis://127.0.0.1:6379/0");
+    fn err(url: &str) -> String {
+        match connect("BROKER_URL", url, None, Duration::from_secs(1)) {
+            Ok(_) => panic!("{url} accepted"),
+            Err(e) => e.to_string(),
+        }
     }
 
     #[test]
-    fn bad_urls_name_the_setting() {
-        let err = connect("BROKER_URL", "http://nope", Duration::from_secs(1)).unwrap_err().to_string();
-        assert!(err.contains("BROKER_URL=http://nope") && err.contains("redis://"), "{err}");
+    fn bad_urls_name_the_setting_once_and_hide_the_password() {
+        let e = err("http://nope");
+        assert!(e.contains("BROKER_URL=http://nope") && e.contains("redis://"), "{e}");
+        let e = err("redis+unix:///tmp/x.sock?pass=s3cret&db=zz");
+        assert!(e.contains("BROKER_URL=redis+unix:///tmp/x.sock?pass=***") && !e.contains("s3cret"), "{e}");
+        let e = err("rediss://:s3cret@h/0?ssl_ca_certs=/no/such/ca.pem");
+        assert!(e.contains("ssl_ca_certs=/no/such/ca.pem") && !e.contains("s3cret"), "{e}");
+        let e = err("sentinel://:s3cret@h:26379/0");
+        assert!(e.contains("--sentinel-master") && !e.contains("s3cret"), "{e}");
+        assert_eq!(e.matches("BROKER_URL").count(), 1, "{e}");
     }
 
     #[test]

@@ -11,12 +11,11 @@
 //! HPA then holds its replica count instead of scaling in on old data.
 
 use crate::args::{StartError, positive_seconds};
-use crate::connection::{self, redact_url};
+use crate::connection::{self, Conn, redact_url};
 use crate::http;
 use crate::metrics::ExporterMetrics;
 use crate::shutdown::{Shutdown, Stage};
 use crate::wire::keys::{self, PrioritySteps};
-use redis::aio::ConnectionManager;
 use redis::{RedisResult, Script};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -63,6 +62,9 @@ pub struct ExporterArgs {
     /// Broker (queues) Redis URL.
     #[arg(long, env = "BROKER_URL", default_value = connection::DEFAULT_BROKER_URL)]
     pub broker_url: String,
+    /// Master name for sentinel:// URLs (kombu's master_name).
+    #[arg(long, env = "SENTINEL_MASTER")]
+    pub sentinel_master: Option<String>,
     /// Queues to report, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = keys::DEFAULT_QUEUE)]
     pub queues: Vec<String>,
@@ -94,7 +96,7 @@ pub struct QueueStats {
 /// `unacked` when it is not empty.
 #[derive(Clone)]
 pub struct DepthReader {
-    conn: ConnectionManager,
+    conn: Conn,
     queues: Vec<String>,
     steps: PrioritySteps,
     batch: u32,
@@ -102,7 +104,7 @@ pub struct DepthReader {
 }
 
 impl DepthReader {
-    pub fn new(conn: ConnectionManager, queues: Vec<String>, steps: PrioritySteps, batch: u32) -> Self {
+    pub fn new(conn: Conn, queues: Vec<String>, steps: PrioritySteps, batch: u32) -> Self {
         DepthReader { conn, queues, steps, batch, count_unacked: Script::new(COUNT_UNACKED) }
     }
 
@@ -168,7 +170,7 @@ pub async fn run_with_shutdown(args: ExporterArgs, shutdown: Shutdown) -> Result
     let interval = Duration::from_secs_f64(args.interval);
     // A poll that takes longer than this is treated as failed: its numbers would be old.
     let timeout = interval.clamp(Duration::from_secs(2), Duration::from_secs(10));
-    let conn = connection::connect("BROKER_URL", &args.broker_url, timeout)?;
+    let conn = connection::connect("BROKER_URL", &args.broker_url, args.sentinel_master.as_deref(), timeout)?;
     let reader = DepthReader::new(conn, queues.clone(), args.priority_steps.clone(), args.reserved_batch);
     let metrics = ExporterMetrics::new();
     let healthy = Arc::new(AtomicBool::new(false));
@@ -215,7 +217,7 @@ pub async fn run_with_shutdown(args: ExporterArgs, shutdown: Shutdown) -> Result
             }
             failure => {
                 let error = match failure {
-                    Ok(Err(e)) => explain(&e),
+                    Ok(Err(e)) => connection::explain(&e, "BROKER_URL", &redact_url(&args.broker_url)),
                     _ => format!("no answer within {timeout:?}"),
                 };
                 // Withdraw the numbers rather than leave stale ones for the autoscaler.
@@ -234,18 +236,4 @@ pub async fn run_with_shutdown(args: ExporterArgs, shutdown: Shutdown) -> Result
     let _ = server.await;
     tracing::info!("exporter stopped");
     Ok(())
-}
-
-/// Name the likely fix for the errors users hit.
-fn explain(e: &redis::RedisError) -> String {
-    let text = e.to_string();
-    let auth =
-        e.kind() == redis::ErrorKind::AuthenticationFailed || text.contains("NOAUTH") || text.contains("WRONGPASS");
-    if auth {
-        format!("{text} — check the password in BROKER_URL")
-    } else if e.is_connection_refusal() {
-        format!("{text} — is Redis running at that address?")
-    } else {
-        text
-    }
 }

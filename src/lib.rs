@@ -17,6 +17,7 @@ pub mod loadgen;
 pub mod local;
 pub mod metrics;
 pub mod pattern;
+pub mod redis_url;
 pub mod plot;
 pub mod shutdown;
 pub mod simulate;

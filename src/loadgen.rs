@@ -2,7 +2,7 @@
 //! Python's `send_task` would (so Python and Rust workers both run them), and optionally wait
 //! for their results and report latency.
 
-use crate::connection::{self, redact_url};
+use crate::connection::{self, Conn, redact_url};
 use crate::pattern::LoadPattern;
 use crate::tasks;
 use crate::wire::keys::{self, PrioritySteps};
@@ -13,7 +13,6 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use redis::aio::ConnectionManager;
 use serde_json::{Map, Value, json};
 use std::fmt;
 use std::io::IsTerminal;
@@ -144,6 +143,9 @@ pub struct LoadOptions {
     /// Result backend Redis URL (read with --wait).
     #[arg(long, env = "BACKEND_URL", default_value = connection::DEFAULT_BACKEND_URL, global = true)]
     pub backend_url: String,
+    /// Master name for sentinel:// URLs (kombu's master_name).
+    #[arg(long, env = "SENTINEL_MASTER", global = true)]
+    pub sentinel_master: Option<String>,
     /// Task to send.
     #[arg(long, value_enum, default_value_t = TaskKind::Mix, global = true)]
     pub task: TaskKind,
@@ -282,7 +284,7 @@ const IN_FLIGHT: usize = 8;
 
 /// Send `pattern`'s tasks, paced by its rate, `progress` called after every confirmed batch.
 pub async fn send(
-    conn: &ConnectionManager,
+    conn: &Conn,
     pattern: &LoadPattern,
     options: &LoadOptions,
     mut progress: impl FnMut(u64, u64),
@@ -361,7 +363,7 @@ pub async fn send(
 
 /// Poll the result backend until every task has a final state or `timeout` passes.
 pub async fn wait_results(
-    backend: &ConnectionManager,
+    backend: &Conn,
     url: &str,
     sent_at: &[(String, DateTime<Utc>)],
     timeout: Duration,
@@ -465,7 +467,7 @@ pub async fn run(args: LoadgenArgs) -> Result<bool, LoadgenError> {
     let o = &args.options;
     let pattern = args.pattern.to_pattern()?;
     let timeout = Duration::from_secs(10);
-    let broker = connection::connect("BROKER_URL", &o.broker_url, timeout)?;
+    let broker = connection::connect("BROKER_URL", &o.broker_url, o.sentinel_master.as_deref(), timeout)?;
     let total = pattern.total();
     let mut progress = Progress::new("sent", total);
     let sent = send(&broker, &pattern, o, |d, t| progress.update(d, t)).await?;
@@ -485,7 +487,7 @@ pub async fn run(args: LoadgenArgs) -> Result<bool, LoadgenError> {
     if !o.wait {
         return Ok(true);
     }
-    let backend = connection::connect("BACKEND_URL", &o.backend_url, timeout)?;
+    let backend = connection::connect("BACKEND_URL", &o.backend_url, o.sentinel_master.as_deref(), timeout)?;
     let mut progress = Progress::new("done", sent.sent);
     let waited =
         wait_results(&backend, &o.backend_url, &sent.sent_at, Duration::from_secs_f64(o.wait_timeout), |d, t| {

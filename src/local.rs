@@ -547,6 +547,7 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
     let exporter_shutdown = Shutdown::default();
     let exporter_args = ExporterArgs {
         broker_url: broker_url.clone(),
+        sentinel_master: None,
         queues: vec![queue.clone()],
         interval: args.exporter_interval.unwrap_or((args.sync_period / 3.0).min(5.0)),
         listen: format!("{host}:{exporter_port}"),
@@ -603,6 +604,7 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
         let options = LoadOptions {
             broker_url: broker_url.clone(),
             backend_url: backend_url.clone(),
+            sentinel_master: None,
             task: args.task,
             queue: queue.clone(),
             priority: 0,
@@ -615,7 +617,7 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
             wait_timeout: 0.0,
         };
         tokio::spawn(async move {
-            let conn = connection::connect("BROKER_URL", &options.broker_url, Duration::from_secs(10))?;
+            let conn = connection::connect("BROKER_URL", &options.broker_url, None, Duration::from_secs(10))?;
             loadgen::send(&conn, &pattern, &options, |_, _| {}).await
         })
     });
@@ -777,7 +779,7 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
 }
 
 async fn queue_depth(broker_url: &str, queue: &str) -> Option<u64> {
-    let conn = connection::connect("BROKER_URL", broker_url, Duration::from_secs(5)).ok()?;
+    let conn = connection::connect("BROKER_URL", broker_url, None, Duration::from_secs(5)).ok()?;
     let reader = exporter::DepthReader::new(conn, vec![queue.to_owned()], PrioritySteps::default(), 2000);
     reader.poll().await.ok()?.first().map(|s| s.depth)
 }

@@ -44,6 +44,9 @@ pub struct WorkerArgs {
     /// Result backend Redis URL.
     #[arg(long, env = "BACKEND_URL", default_value = connection::DEFAULT_BACKEND_URL)]
     pub backend_url: String,
+    /// Master name for sentinel:// URLs (kombu's master_name).
+    #[arg(long, env = "SENTINEL_MASTER")]
+    pub sentinel_master: Option<String>,
     /// Queues to consume, comma-separated; earlier queues are not preferred (kombu reads all of
     /// them in kombu's BRPOP order, priority bucket first).
     #[arg(long, value_delimiter = ',', default_value = keys::DEFAULT_QUEUE)]
@@ -131,20 +134,20 @@ pub async fn run_with_shutdown(args: WorkerArgs, shutdown: Shutdown) -> Result<(
     }
     // Replies may queue behind a busy Redis; a blocking wait needs its block time on top.
     let op_timeout = Duration::from_secs(10);
-    let broker_conn = connection::connect("BROKER_URL", &args.broker_url, op_timeout)?;
+    let broker_conn = connection::connect("BROKER_URL", &args.broker_url, args.sentinel_master.as_deref(), op_timeout)?;
     // One connection per list for the blocking wait, so a wait on one list never delays another.
     let wait_conns = (0..Fetcher::lists(&args.queues, &args.priority_steps))
-        .map(|_| connection::connect("BROKER_URL", &args.broker_url, op_timeout + BRPOP_TIMEOUT))
+        .map(|_| connection::connect("BROKER_URL", &args.broker_url, args.sentinel_master.as_deref(), op_timeout + BRPOP_TIMEOUT))
         .collect::<Result<Vec<_>, _>>()?;
-    let backend_conn = connection::connect("BACKEND_URL", &args.backend_url, op_timeout)?;
+    let backend_conn = connection::connect("BACKEND_URL", &args.backend_url, args.sentinel_master.as_deref(), op_timeout)?;
     let steps = args.priority_steps.clone();
     let hostname = args.hostname.clone().unwrap_or_else(message::hostname);
     let worker = Arc::new(Worker {
         broker: Broker::new(broker_conn, steps.clone()),
         backend: Backend::new(backend_conn, Duration::from_secs(args.result_expires)),
         metrics: WorkerMetrics::new(),
-        broker_health: Health::new("broker"),
-        backend_health: Health::new("backend"),
+        broker_health: Health::new("broker", "BROKER_URL", &args.broker_url),
+        backend_health: Health::new("backend", "BACKEND_URL", &args.backend_url),
         shutdown: shutdown.clone(),
         held: Mutex::new(HashMap::new()),
         draining: AtomicBool::new(false),
