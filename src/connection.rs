@@ -38,7 +38,13 @@ pub struct Health {
     /// The setting and its redacted URL, for the outage warning's hint.
     setting: &'static str,
     url: String,
+    /// When the current outage was last reported (warnings repeat every [`REPEAT_WARNING`]).
+    last_warning: std::sync::Mutex<Option<Instant>>,
+    repeat: Duration,
 }
+
+/// While Redis stays down, the warning is repeated this often (not on every retry).
+pub const REPEAT_WARNING: Duration = Duration::from_secs(30);
 
 const UNKNOWN: u8 = 0;
 const UP: u8 = 1;
@@ -47,7 +53,14 @@ const DOWN: u8 = 2;
 impl Health {
     /// `what` names the role of the connection ("broker"); `setting`/`url` where it points.
     pub fn new(what: &'static str, setting: &'static str, url: &str) -> Arc<Self> {
-        Arc::new(Health { state: AtomicU8::new(UNKNOWN), what, setting, url: redact_url(url) })
+        Arc::new(Health {
+            state: AtomicU8::new(UNKNOWN),
+            what,
+            setting,
+            url: redact_url(url),
+            last_warning: std::sync::Mutex::new(None),
+            repeat: REPEAT_WARNING,
+        })
     }
 
     pub fn is_connected(&self) -> bool {
@@ -68,6 +81,21 @@ impl Health {
     /// Returns true when this call began an outage (so the caller logs once per outage).
     pub fn set_disconnected(&self) -> bool {
         self.state.swap(DOWN, Ordering::Relaxed) != DOWN
+    }
+
+    /// Mark the connection down after `e` (while trying to `what`) and warn — with the redacted
+    /// URL and a hint — when the outage begins and every [`REPEAT_WARNING`] while it lasts.
+    /// Returns whether it warned.
+    pub fn report_failure(&self, e: &RedisError, what: &str) -> bool {
+        let began = self.set_disconnected();
+        let mut last = self.last_warning.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let warn = began || last.is_none_or(|t| t.elapsed() >= self.repeat);
+        if warn {
+            *last = Some(Instant::now());
+            let error = explain(e, self.setting, &self.url);
+            tracing::warn!(redis = self.what, url = %self.url, %error, "cannot {what}; retrying with backoff, nothing is dropped");
+        }
+        warn
     }
 }
 
@@ -333,7 +361,7 @@ impl Backoff {
 }
 
 /// Run `op` until it succeeds, sleeping with backoff between failures and logging the outage
-/// once when it starts, every 30 s while it lasts, and when it ends. Gives up (returns `None`)
+/// when it starts, every 30 s while it lasts, and when it ends. Gives up (returns `None`)
 /// only when `give_up` becomes true — the worker's forced exit.
 pub async fn retry<T, F, Fut>(health: &Health, what: &str, give_up: &AtomicBool, mut op: F) -> Option<T>
 where
@@ -341,7 +369,6 @@ where
     Fut: Future<Output = redis::RedisResult<T>>,
 {
     let mut backoff = Backoff::default();
-    let mut last_log: Option<Instant> = None;
     loop {
         match op().await {
             Ok(v) => {
@@ -349,12 +376,7 @@ where
                 return Some(v);
             }
             Err(e) => {
-                let first = health.set_disconnected();
-                if first || last_log.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
-                    let error = explain(&e, health.setting, &health.url);
-                    tracing::warn!(redis = health.what, url = %health.url, %error, "Redis {what} failed; retrying with backoff, nothing is dropped");
-                    last_log = Some(Instant::now());
-                }
+                health.report_failure(&e, what);
                 if give_up.load(Ordering::Relaxed) {
                     return None;
                 }
@@ -386,6 +408,21 @@ mod tests {
         let e = err("sentinel://:s3cret@h:26379/0");
         assert!(e.contains("--sentinel-master") && !e.contains("s3cret"), "{e}");
         assert_eq!(e.matches("BROKER_URL").count(), 1, "{e}");
+    }
+
+    #[test]
+    fn outage_warnings_repeat_while_it_lasts_and_start_again_after_recovery() {
+        let mut health = Arc::into_inner(Health::new("broker", "BROKER_URL", "redis://:pw@h/0")).unwrap();
+        health.repeat = Duration::from_millis(200);
+        let e = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(health.report_failure(&e, "read"), "the first failure warns");
+        assert!(!health.report_failure(&e, "read"), "not on every retry");
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(health.report_failure(&e, "read"), "again while it lasts");
+        health.set_connected();
+        assert!(health.report_failure(&e, "read"), "a new outage warns at once");
+        let text = explain(&e, health.setting, &health.url);
+        assert!(text.contains("is Redis running at redis://:***@h/0? check BROKER_URL"), "{text}");
     }
 
     #[test]

@@ -251,9 +251,7 @@ impl Worker {
                     backoff = Backoff::default();
                 }
                 Err(e) => {
-                    if self.broker_health.set_disconnected() {
-                        tracing::warn!(error = %e, "cannot read from the broker; reconnecting with backoff");
-                    }
+                    self.broker_health.report_failure(&e, "read from the broker");
                     tokio::select! {
                         () = tokio::time::sleep(backoff.next_delay()) => {}
                         () = self.shutdown.reached(Stage::Graceful) => break,

@@ -5,61 +5,12 @@
 
 mod common;
 
-use common::{BIN, PythonWorker, Redis, Worker, enqueue, free_port, http_get, metric_value, repo_root, task, wait_for};
+use common::{BIN, Exporter, PythonWorker, Redis, Worker, enqueue, free_port, http_get, metric_value, repo_root, task, wait_for};
 use redis::Commands;
 use serde_json::{Value, json};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-
-/// A `celery-autoscale exporter` process.
-struct Exporter {
-    child: Child,
-    port: u16,
-    log: tempfile::NamedTempFile,
-}
-
-impl Exporter {
-    fn start(broker_url: &str, queues: &str, extra: &[&str]) -> Exporter {
-        let port = free_port();
-        let log = tempfile::NamedTempFile::new().unwrap();
-        let child = Command::new(BIN)
-            .args(["exporter", "--queues", queues, "--interval", "0.5", "--listen", &format!("127.0.0.1:{port}")])
-            .args(extra)
-            .env("BROKER_URL", broker_url)
-            .stdout(Stdio::null())
-            .stderr(log.reopen().unwrap())
-            .spawn()
-            .unwrap();
-        let e = Exporter { child, port, log };
-        wait_for("exporter /healthz", Duration::from_secs(10), || http_get(e.port, "/healthz").map(|_| ()));
-        e
-    }
-
-    fn metrics(&self) -> String {
-        http_get(self.port, "/metrics").expect("exporter /metrics").1
-    }
-
-    fn value(&self, name: &str, labels: &str) -> Option<f64> {
-        let body = self.metrics();
-        let present = body.lines().any(|l| l.starts_with(name) && l.contains(labels));
-        present.then(|| metric_value(&body, name, labels))
-    }
-
-    /// Wait until `name{labels}` reads `want` (None: the series is absent).
-    fn wait_value(&self, name: &str, labels: &str, want: Option<f64>) {
-        wait_for(&format!("{name}{{{labels}}} = {want:?}"), Duration::from_secs(15), || {
-            (self.value(name, labels) == want).then_some(())
-        });
-    }
-}
-
-impl Drop for Exporter {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[test]
 fn depth_sums_every_priority_list_and_queue_and_reserved_counts_held_work() {
