@@ -284,6 +284,10 @@ pub struct Exporter {
 impl Exporter {
     /// Start on `broker_url` (passed in the environment) polling every 0.5 s; waits for /healthz.
     pub fn start(broker_url: &str, queues: &str, extra: &[&str]) -> Exporter {
+        Exporter::start_with_env(broker_url, queues, extra, &[])
+    }
+
+    pub fn start_with_env(broker_url: &str, queues: &str, extra: &[&str], env: &[(&str, &str)]) -> Exporter {
         let port = free_port();
         let log = tempfile::NamedTempFile::new().unwrap();
         let child = Command::new(BIN)
@@ -291,6 +295,7 @@ impl Exporter {
             .args(extra)
             .env("BROKER_URL", broker_url)
             .env("LOG_FORMAT", "json")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log.reopen().unwrap())
             .spawn()
@@ -502,13 +507,18 @@ pub fn read(path: impl AsRef<Path>) -> Vec<u8> {
 
 /// Enqueue tasks the way a producer does (LPUSH of the Celery envelope); returns their ids.
 pub fn enqueue(redis: &Redis, tasks: &[celery_autoscale::wire::NewTask]) -> Vec<String> {
+    enqueue_on(&mut redis.conn(0), tasks)
+}
+
+/// [`enqueue`] on any connection (a TLS or Sentinel-managed server).
+pub fn enqueue_on(conn: &mut redis::Connection, tasks: &[celery_autoscale::wire::NewTask]) -> Vec<String> {
     let steps = celery_autoscale::wire::PrioritySteps::default();
     let mut pipe = redis::pipe();
     for t in tasks {
         let (bytes, _) = t.to_message("gen0@tests");
         pipe.lpush(steps.key_for(&t.queue, i64::from(t.priority)), bytes).ignore();
     }
-    let _: () = pipe.query(&mut redis.conn(0)).unwrap();
+    let _: () = pipe.query(conn).unwrap();
     tasks.iter().map(|t| t.id.clone()).collect()
 }
 
