@@ -8,7 +8,14 @@
 //!
 //! When a poll fails (Redis down, wrong password, timeout) `celery_queue_exporter_last_poll_ok`
 //! drops to 0 and the queue series disappear, so nothing downstream acts on a stale number: the
-//! HPA then holds its replica count instead of scaling in on old data.
+//! HPA then holds its replica count instead of scaling in on old data. A poll still running
+//! after one interval counts as failed for the same reason (the numbers being served are
+//! already more than two intervals old), though it may still finish and restore them.
+//!
+//! Faults are isolated per key: a queue key of the wrong type (`SET q05 x`) withdraws only that
+//! queue's series, a wrong-type `unacked` only the `celery_queue_reserved` series; each is
+//! logged once when it starts and counted in `celery_queue_exporter_key_errors_total{queue}`
+//! (`queue="unacked"` for the hash) on every poll it lasts.
 
 use crate::args::{StartError, positive_seconds};
 use crate::connection::{self, Conn, redact_url};
@@ -17,7 +24,7 @@ use crate::metrics::ExporterMetrics;
 use crate::shutdown::{Shutdown, Stage};
 use crate::wire::keys::{self, PrioritySteps};
 use redis::{RedisResult, Script};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -92,6 +99,26 @@ pub struct QueueStats {
     pub reserved: u64,
 }
 
+/// A key the poll could not read (wrong type, usually): which queue, or `unacked`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyError {
+    pub queue: String,
+    pub error: String,
+}
+
+/// One poll: the queues that could be read, and the keys that could not.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Poll {
+    pub stats: Vec<QueueStats>,
+    /// Queues (or `unacked`) whose keys failed; their series are withdrawn.
+    pub broken: Vec<KeyError>,
+    /// False when `unacked` could not be read: `reserved` is then unknown for every queue.
+    pub reserved_ok: bool,
+}
+
+/// The name [`KeyError::queue`] gives the `unacked` hash.
+pub const UNACKED_LABEL: &str = keys::UNACKED;
+
 /// Reads queue depths; one pipelined round trip for all lists, plus bounded batches over
 /// `unacked` when it is not empty.
 #[derive(Clone)]
@@ -108,7 +135,14 @@ impl DepthReader {
         DepthReader { conn, queues, steps, batch, count_unacked: Script::new(COUNT_UNACKED) }
     }
 
+    /// The queues that could be read (see [`DepthReader::poll_detailed`] for the others).
     pub async fn poll(&self) -> RedisResult<Vec<QueueStats>> {
+        Ok(self.poll_detailed().await?.stats)
+    }
+
+    /// Err only when Redis itself failed; a key of the wrong type is reported in
+    /// [`Poll::broken`] and does not touch the other queues.
+    pub async fn poll_detailed(&self) -> RedisResult<Poll> {
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
         for q in &self.queues {
@@ -117,20 +151,45 @@ impl DepthReader {
             }
         }
         pipe.hlen(keys::UNACKED);
-        let mut counts: Vec<u64> = pipe.query_async(&mut conn).await?;
-        let unacked_total = counts.pop().unwrap_or(0);
+        // Per-command results: one WRONGTYPE must not fail the others.
+        let mut counts: Vec<RedisResult<u64>> = pipe.ignore_errors().query_async(&mut conn).await?;
+        let unacked_total = counts.pop().unwrap_or(Ok(0));
+        let mut broken = Vec::new();
+        let reserved = match unacked_total {
+            Ok(0) => Ok(HashMap::new()),
+            Ok(_) => self.reserved_by_queue().await,
+            Err(e) => Err(e),
+        };
+        let (reserved, reserved_ok) = match reserved {
+            Ok(r) => (r, true),
+            Err(e) if is_key_error(&e) => {
+                broken.push(KeyError { queue: UNACKED_LABEL.to_owned(), error: e.to_string() });
+                (HashMap::new(), false)
+            }
+            Err(e) => return Err(e),
+        };
         let per_queue = self.steps.steps().len();
-        let reserved = if unacked_total > 0 { self.reserved_by_queue().await? } else { HashMap::new() };
-        Ok(self
-            .queues
-            .iter()
-            .zip(counts.chunks(per_queue))
-            .map(|(q, lens)| QueueStats {
-                queue: q.clone(),
-                depth: lens.iter().sum(),
-                reserved: reserved.get(q).copied().unwrap_or(0),
-            })
-            .collect())
+        let mut stats = Vec::new();
+        for (q, lens) in self.queues.iter().zip(counts.chunks(per_queue)) {
+            let mut depth = 0;
+            let mut failed = None;
+            for len in lens {
+                match len {
+                    Ok(n) => depth += n,
+                    Err(e) if is_key_error(e) => failed = Some(e.to_string()),
+                    Err(e) => return Err(e.clone()),
+                }
+            }
+            match failed {
+                Some(error) => broken.push(KeyError { queue: q.clone(), error }),
+                None => stats.push(QueueStats {
+                    queue: q.clone(),
+                    depth,
+                    reserved: reserved.get(q).copied().unwrap_or(0),
+                }),
+            }
+        }
+        Ok(Poll { stats, broken, reserved_ok })
     }
 
     /// Walk `unacked` with HSCAN inside Redis, `batch` entries per call.
@@ -153,6 +212,12 @@ impl DepthReader {
             }
         }
     }
+}
+
+/// An error about one key's contents (WRONGTYPE, also when raised inside the counting script),
+/// as opposed to Redis being unreachable or refusing us as a whole (NOAUTH, LOADING, …).
+fn is_key_error(e: &redis::RedisError) -> bool {
+    e.to_string().contains("WRONGTYPE")
 }
 
 /// Run until SIGTERM/SIGINT.
@@ -190,20 +255,29 @@ pub async fn run_with_shutdown(args: ExporterArgs, shutdown: Shutdown) -> Result
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing_since: Option<Instant> = None;
+    // Keys reported broken, so each is logged once when it breaks and once when it heals.
+    let mut broken_keys: HashSet<String> = HashSet::new();
+    let stale_after = interval.min(timeout);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = shutdown.reached(Stage::Graceful) => break,
         }
         let started = Instant::now();
-        let outcome = tokio::time::timeout(timeout, reader.poll()).await;
+        let poll = reader.poll_detailed();
+        tokio::pin!(poll);
+        let outcome = match tokio::time::timeout(stale_after, &mut poll).await {
+            Ok(r) => Ok(r),
+            Err(_) => {
+                // Still waiting after an interval: what is served is no longer fresh.
+                withdraw(&metrics, &healthy);
+                tokio::time::timeout(timeout.saturating_sub(stale_after), &mut poll).await
+            }
+        };
         metrics.poll_duration.observe(started.elapsed().as_secs_f64());
         match outcome {
-            Ok(Ok(stats)) => {
-                for s in &stats {
-                    metrics.depth.with_label_values(&[&s.queue]).set(s.depth as i64);
-                    metrics.reserved.with_label_values(&[&s.queue]).set(s.reserved as i64);
-                }
+            Ok(Ok(poll)) => {
+                publish(&metrics, &poll, &mut broken_keys);
                 metrics.last_poll_ok.set(1);
                 metrics.last_success.set(crate::wire::time::unix_seconds(chrono::Utc::now()));
                 metrics.polls.with_label_values(&["ok"]).inc();
@@ -220,12 +294,8 @@ pub async fn run_with_shutdown(args: ExporterArgs, shutdown: Shutdown) -> Result
                     Ok(Err(e)) => connection::explain(&e, "BROKER_URL", &redact_url(&args.broker_url)),
                     _ => format!("no answer within {timeout:?}"),
                 };
-                // Withdraw the numbers rather than leave stale ones for the autoscaler.
-                metrics.depth.reset();
-                metrics.reserved.reset();
-                metrics.last_poll_ok.set(0);
+                withdraw(&metrics, &healthy);
                 metrics.polls.with_label_values(&["error"]).inc();
-                healthy.store(false, Ordering::Relaxed);
                 if failing_since.is_none() {
                     tracing::error!(broker = %redact_url(&args.broker_url), %error, "cannot poll Redis; queue series withdrawn until it answers again");
                     failing_since = Some(Instant::now());
@@ -236,4 +306,41 @@ pub async fn run_with_shutdown(args: ExporterArgs, shutdown: Shutdown) -> Result
     let _ = server.await;
     tracing::info!("exporter stopped");
     Ok(())
+}
+
+/// Withdraw the numbers rather than leave stale ones for the autoscaler.
+fn withdraw(metrics: &ExporterMetrics, healthy: &AtomicBool) {
+    metrics.depth.reset();
+    metrics.reserved.reset();
+    metrics.last_poll_ok.set(0);
+    healthy.store(false, Ordering::Relaxed);
+}
+
+/// Serve one poll's numbers: the readable queues' series, none for the broken ones.
+fn publish(metrics: &ExporterMetrics, poll: &Poll, broken_keys: &mut HashSet<String>) {
+    // Update in place (no reset first): a scrape in between must not see the series vanish.
+    if !poll.reserved_ok {
+        metrics.reserved.reset();
+    }
+    for s in &poll.stats {
+        metrics.depth.with_label_values(&[&s.queue]).set(s.depth as i64);
+        if poll.reserved_ok {
+            metrics.reserved.with_label_values(&[&s.queue]).set(s.reserved as i64);
+        }
+    }
+    let mut now_broken = HashSet::new();
+    for b in &poll.broken {
+        let _ = metrics.depth.remove_label_values(&[&b.queue]);
+        let _ = metrics.reserved.remove_label_values(&[&b.queue]);
+        metrics.key_errors.with_label_values(&[&b.queue]).inc();
+        if !broken_keys.contains(&b.queue) {
+            let withdrawn = if b.queue == UNACKED_LABEL { "celery_queue_reserved of every queue" } else { "this queue's series" };
+            tracing::error!(queue = %b.queue, error = %b.error, "cannot read this queue's keys (wrong type?); {withdrawn} withdrawn, the other queues still served");
+        }
+        now_broken.insert(b.queue.clone());
+    }
+    for healed in broken_keys.difference(&now_broken) {
+        tracing::info!(queue = %healed, "queue keys readable again");
+    }
+    *broken_keys = now_broken;
 }

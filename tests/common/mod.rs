@@ -60,7 +60,8 @@ impl Redis {
     fn launch(&mut self) {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
-            .args(["--appendfsync", "always", "--dir"])
+            // DEBUG SLEEP simulates a stalled Redis (exporter staleness test).
+            .args(["--appendfsync", "always", "--enable-debug-command", "local", "--dir"])
             .arg(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -290,8 +291,11 @@ impl Exporter {
     pub fn start_with_env(broker_url: &str, queues: &str, extra: &[&str], env: &[(&str, &str)]) -> Exporter {
         let port = free_port();
         let log = tempfile::NamedTempFile::new().unwrap();
+        // 0.5 s between polls unless the caller chose.
+        let interval: &[&str] = if extra.contains(&"--interval") { &[] } else { &["--interval", "0.5"] };
         let child = Command::new(BIN)
-            .args(["exporter", "--queues", queues, "--interval", "0.5", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["exporter", "--queues", queues, "--listen", &format!("127.0.0.1:{port}")])
+            .args(interval)
             .args(extra)
             .env("BROKER_URL", broker_url)
             .env("LOG_FORMAT", "json")
