@@ -370,3 +370,50 @@ fn a_poll_slower_than_the_interval_marks_the_data_stale() {
     exporter.wait_value("celery_queue_exporter_last_poll_ok", "", Some(1.0));
     exporter.wait_value("celery_queue_depth", "queue=\"celery\"", Some(1.0));
 }
+
+#[test]
+fn no_password_in_logs_metrics_or_errors_for_a_unix_socket_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("redis.sock");
+    let _server = common::Proc::spawn(Command::new("redis-server").args([
+        "--port",
+        "0",
+        "--unixsocket",
+        sock.to_str().unwrap(),
+        "--unixsocketperm",
+        "700",
+        "--requirepass",
+        "s3cret",
+        "--save",
+        "",
+    ]));
+    let url = |db: u8, key: &str| format!("redis+unix://{}?{key}=s3cret&db={db}", sock.display());
+    wait_for("redis on its unix socket", Duration::from_secs(10), || {
+        let mut c = redis::Client::open(url(0, "pass")).ok()?.get_connection().ok()?;
+        redis::cmd("PING").query::<String>(&mut c).ok()
+    });
+
+    let worker = Worker::spawn_urls(&url(0, "pass"), &url(1, "password"), free_port(), &[]);
+    worker.wait_ready(Duration::from_secs(20));
+    let exporter = Exporter::start(&url(0, "password"), "celery", &[]);
+    exporter.wait_value("celery_queue_exporter_last_poll_ok", "", Some(1.0));
+    let started = worker.log_events().into_iter().find(|e| e["message"] == "worker started").expect("started line");
+    assert!(started["broker"].as_str().unwrap().ends_with("?pass=***&db=0"), "{started}");
+    assert!(exporter.log_text().contains("password=***"), "{}", exporter.log_text());
+    let out = Command::new(BIN)
+        .args(["loadgen", "burst", "--n", "1"])
+        .env("BROKER_URL", format!("redis+unix://{}?pass=s3cret&db=zz", sock.display()))
+        .output()
+        .unwrap();
+    let loadgen_err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success() && loadgen_err.contains("BROKER_URL=redis+unix://"), "{loadgen_err}");
+    for (what, text) in [
+        ("worker log", worker.log_text()),
+        ("worker metrics", worker.http_get("/metrics").unwrap().1),
+        ("exporter log", exporter.log_text()),
+        ("exporter metrics", exporter.metrics()),
+        ("loadgen error", loadgen_err),
+    ] {
+        assert!(!text.contains("s3cret"), "password in the {what}:\n{text}");
+    }
+}
