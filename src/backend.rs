@@ -1,9 +1,9 @@
 //! Celery's Redis result backend (celery-wire.md §2): `SETEX celery-task-meta-<id>` and
 //! `PUBLISH` on the same name, atomically, never replacing a stored SUCCESS.
 
+use crate::connection::Conn;
 use crate::wire::ResultMeta;
 use crate::wire::keys;
-use crate::connection::Conn;
 use redis::{AsyncCommands, RedisResult, Script};
 use serde_json::Value;
 use std::time::Duration;

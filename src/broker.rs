@@ -3,9 +3,9 @@
 //! `unacked_mutex`, and putting messages back at the front of their queue. Python workers and
 //! ours share these keys, so each restores the other's orphans.
 
+use crate::connection::Conn;
 use crate::wire::UnackedEntry;
 use crate::wire::keys::{self, PrioritySteps};
-use crate::connection::Conn;
 use redis::{AsyncCommands, RedisResult, Script};
 use std::time::Duration;
 
@@ -297,12 +297,7 @@ pub struct Fetcher {
 impl Fetcher {
     /// `wait_conns`: one connection per list (see [`Fetcher::keys`]), each with a response
     /// timeout longer than [`BRPOP_TIMEOUT`].
-    pub fn new(
-        take_conn: Conn,
-        wait_conns: Vec<Conn>,
-        queues: &[String],
-        steps: &PrioritySteps,
-    ) -> Self {
+    pub fn new(take_conn: Conn, wait_conns: Vec<Conn>, queues: &[String], steps: &PrioritySteps) -> Self {
         let keys = steps.brpop_keys(queues);
         let queue_json = keys.iter().map(|k| crate::wire::pyjson::to_string(keys::queue_of_key(k))).collect();
         Fetcher { take_conn, wait: Wait::Rotate(wait_conns), keys, queue_json, take: Script::new(TAKE) }

@@ -132,8 +132,11 @@ pub struct Conn {
 struct Inner {
     target: Target,
     config: AsyncConnectionConfig,
-    /// The live connection and its generation (so a failure on an old one does not drop a new one).
-    current: tokio::sync::Mutex<(u64, Option<MultiplexedConnection>)>,
+    /// The live connection and its generation (so a failure on an old one does not drop a new
+    /// one). A plain mutex: held only to clone or swap, never across an await.
+    current: std::sync::Mutex<(u64, Option<MultiplexedConnection>)>,
+    /// Serialises reconnects, so a burst of failing callers opens one connection, not many.
+    connecting: tokio::sync::Mutex<()>,
 }
 
 enum Target {
@@ -177,7 +180,9 @@ pub fn connect(
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
         .set_response_timeout(Some(response_timeout));
-    Ok(Conn { inner: Arc::new(Inner { target, config, current: tokio::sync::Mutex::new((0, None)) }), db })
+    let inner =
+        Inner { target, config, current: std::sync::Mutex::new((0, None)), connecting: tokio::sync::Mutex::new(()) };
+    Ok(Conn { inner: Arc::new(inner), db })
 }
 
 /// rustls needs a process-wide crypto provider; ring is the one this crate builds with.
@@ -236,22 +241,36 @@ fn needs_reconnect(e: &RedisError) -> bool {
 }
 
 impl Inner {
+    fn current(&self) -> std::sync::MutexGuard<'_, (u64, Option<MultiplexedConnection>)> {
+        self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn live(&self) -> Option<(u64, MultiplexedConnection)> {
+        let current = self.current();
+        current.1.clone().map(|c| (current.0, c))
+    }
+
     async fn get(&self) -> RedisResult<(u64, MultiplexedConnection)> {
-        let mut current = self.current.lock().await;
-        if let Some(c) = &current.1 {
-            return Ok((current.0, c.clone()));
+        if let Some(live) = self.live() {
+            return Ok(live);
+        }
+        let _connecting = self.connecting.lock().await;
+        // Another caller may have connected while this one waited.
+        if let Some(live) = self.live() {
+            return Ok(live);
         }
         let conn = match &self.target {
             Target::Direct(client) => client.get_multiplexed_async_connection_with_config(&self.config).await?,
             Target::Sentinel { url, master, certs } => self.connect_master(url, master, certs.as_ref()).await?,
         };
+        let mut current = self.current();
         current.0 += 1;
         current.1 = Some(conn.clone());
         Ok((current.0, conn))
     }
 
-    async fn invalidate(&self, generation: u64) {
-        let mut current = self.current.lock().await;
+    fn invalidate(&self, generation: u64) {
+        let mut current = self.current();
         if current.0 == generation {
             current.1 = None;
         }
@@ -304,16 +323,13 @@ impl Inner {
 }
 
 impl Conn {
-    async fn run<T>(
-        &self,
-        op: impl AsyncFnOnce(&mut MultiplexedConnection) -> RedisResult<T>,
-    ) -> RedisResult<T> {
+    async fn run<T>(&self, op: impl AsyncFnOnce(&mut MultiplexedConnection) -> RedisResult<T>) -> RedisResult<T> {
         let (generation, mut conn) = self.inner.get().await?;
         let result = op(&mut conn).await;
         if let Err(e) = &result
             && needs_reconnect(e)
         {
-            self.inner.invalidate(generation).await;
+            self.inner.invalidate(generation);
         }
         result
     }

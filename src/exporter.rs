@@ -182,11 +182,9 @@ impl DepthReader {
             }
             match failed {
                 Some(error) => broken.push(KeyError { queue: q.clone(), error }),
-                None => stats.push(QueueStats {
-                    queue: q.clone(),
-                    depth,
-                    reserved: reserved.get(q).copied().unwrap_or(0),
-                }),
+                None => {
+                    stats.push(QueueStats { queue: q.clone(), depth, reserved: reserved.get(q).copied().unwrap_or(0) })
+                }
             }
         }
         Ok(Poll { stats, broken, reserved_ok })
@@ -334,7 +332,8 @@ fn publish(metrics: &ExporterMetrics, poll: &Poll, broken_keys: &mut HashSet<Str
         let _ = metrics.reserved.remove_label_values(&[&b.queue]);
         metrics.key_errors.with_label_values(&[&b.queue]).inc();
         if !broken_keys.contains(&b.queue) {
-            let withdrawn = if b.queue == UNACKED_LABEL { "celery_queue_reserved of every queue" } else { "this queue's series" };
+            let withdrawn =
+                if b.queue == UNACKED_LABEL { "celery_queue_reserved of every queue" } else { "this queue's series" };
             tracing::error!(queue = %b.queue, error = %b.error, "cannot read this queue's keys (wrong type?); {withdrawn} withdrawn, the other queues still served");
         }
         now_broken.insert(b.queue.clone());

@@ -56,7 +56,10 @@ pub struct TlsOptions {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RedisUrl {
     /// A URL redis-rs understands once kombu's options are taken out: `url` is that URL.
-    Direct { url: String, tls: Option<TlsOptions> },
+    Direct {
+        url: String,
+        tls: Option<TlsOptions>,
+    },
     Sentinel(SentinelUrl),
 }
 
@@ -321,7 +324,10 @@ mod tests {
             ("redis://user:s3cret@h/1", "redis://user:***@h/1"),
             ("redis://s3cret@h/1", "redis://***@h/1"),
             ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
-            ("rediss://:s3cret@h:6380/0?ssl_cert_reqs=required&ssl_ca_certs=/ca.crt", "rediss://:***@h:6380/0?ssl_cert_reqs=required&ssl_ca_certs=/ca.crt"),
+            (
+                "rediss://:s3cret@h:6380/0?ssl_cert_reqs=required&ssl_ca_certs=/ca.crt",
+                "rediss://:***@h:6380/0?ssl_cert_reqs=required&ssl_ca_certs=/ca.crt",
+            ),
             ("redis+unix:///tmp/r.sock?pass=s3cret", "redis+unix:///tmp/r.sock?pass=***"),
             ("redis+unix:///tmp/r.sock?db=2&password=s3cret", "redis+unix:///tmp/r.sock?db=2&password=***"),
             ("unix:///tmp/r.sock?password=s3cret&db=1", "unix:///tmp/r.sock?password=***&db=1"),
@@ -385,10 +391,7 @@ mod tests {
         .unwrap() else {
             panic!()
         };
-        assert_eq!(
-            s.sentinels,
-            vec![("10.0.0.1".into(), 26379), ("10.0.0.2".into(), 26379), ("h3".into(), 26381)]
-        );
+        assert_eq!(s.sentinels, vec![("10.0.0.1".into(), 26379), ("10.0.0.2".into(), 26379), ("h3".into(), 26381)]);
         assert_eq!(s.master_name.as_deref(), Some("mymaster"));
         assert_eq!(s.db, 4);
         assert_eq!(s.node_url("m", 6379, false), "rediss://:pw@m:6379/4#insecure");

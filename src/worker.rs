@@ -137,9 +137,17 @@ pub async fn run_with_shutdown(args: WorkerArgs, shutdown: Shutdown) -> Result<(
     let broker_conn = connection::connect("BROKER_URL", &args.broker_url, args.sentinel_master.as_deref(), op_timeout)?;
     // One connection per list for the blocking wait, so a wait on one list never delays another.
     let wait_conns = (0..Fetcher::lists(&args.queues, &args.priority_steps))
-        .map(|_| connection::connect("BROKER_URL", &args.broker_url, args.sentinel_master.as_deref(), op_timeout + BRPOP_TIMEOUT))
+        .map(|_| {
+            connection::connect(
+                "BROKER_URL",
+                &args.broker_url,
+                args.sentinel_master.as_deref(),
+                op_timeout + BRPOP_TIMEOUT,
+            )
+        })
         .collect::<Result<Vec<_>, _>>()?;
-    let backend_conn = connection::connect("BACKEND_URL", &args.backend_url, args.sentinel_master.as_deref(), op_timeout)?;
+    let backend_conn =
+        connection::connect("BACKEND_URL", &args.backend_url, args.sentinel_master.as_deref(), op_timeout)?;
     let steps = args.priority_steps.clone();
     let hostname = args.hostname.clone().unwrap_or_else(message::hostname);
     let worker = Arc::new(Worker {

@@ -5,7 +5,9 @@
 
 mod common;
 
-use common::{BIN, Exporter, PythonWorker, Redis, Worker, enqueue, free_port, http_get, metric_value, repo_root, task, wait_for};
+use common::{
+    BIN, Exporter, PythonWorker, Redis, Worker, enqueue, free_port, http_get, metric_value, repo_root, task, wait_for,
+};
 use redis::Commands;
 use serde_json::{Value, json};
 use std::path::Path;

@@ -65,9 +65,7 @@ fn a_flood_of_idle_and_half_sent_connections_neither_hangs_nor_starves_the_probe
     });
     // The rest: closed by the header timeout, none hung.
     let start = std::time::Instant::now();
-    wait_for("every flood connection closed", HEADER_TIMEOUT * 3, || {
-        flood.iter().all(closed).then_some(())
-    });
+    wait_for("every flood connection closed", HEADER_TIMEOUT * 3, || flood.iter().all(closed).then_some(()));
     eprintln!(
         "flood of {FLOOD}: worker fds {baseline_fds} before, {fds} during; all closed {:.1?} after the tasks finished",
         start.elapsed()

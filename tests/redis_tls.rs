@@ -21,14 +21,42 @@ impl Pki {
         let dir = tempfile::tempdir().unwrap();
         let p = Pki { dir };
         p.openssl(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt"], "test-ca");
-        p.openssl(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "other.key", "-out", "other.crt"], "other-ca");
+        p.openssl(
+            &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "other.key", "-out", "other.crt"],
+            "other-ca",
+        );
         std::fs::write(p.path("ext.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
         for name in ["server", "client"] {
-            p.openssl(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &format!("{name}.key"), "-out", &format!("{name}.csr")], name);
             p.openssl(
                 &[
-                    "x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                    "-out", &format!("{name}.crt"), "-days", "2", "-extfile", "ext.cnf",
+                    "req",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-keyout",
+                    &format!("{name}.key"),
+                    "-out",
+                    &format!("{name}.csr"),
+                ],
+                name,
+            );
+            p.openssl(
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &format!("{name}.csr"),
+                    "-CA",
+                    "ca.crt",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    &format!("{name}.crt"),
+                    "-days",
+                    "2",
+                    "-extfile",
+                    "ext.cnf",
                 ],
                 "",
             );
@@ -55,9 +83,24 @@ impl Pki {
         let port = free_port();
         let p = |n: &str| self.path(n).display().to_string();
         let proc = Proc::spawn(Command::new("redis-server").args([
-            "--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--tls-cert-file", &p("server.crt"), "--tls-key-file", &p("server.key"), "--tls-ca-cert-file", &p("ca.crt"),
-            "--tls-auth-clients", if auth_clients { "yes" } else { "no" },
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--tls-cert-file",
+            &p("server.crt"),
+            "--tls-key-file",
+            &p("server.key"),
+            "--tls-ca-cert-file",
+            &p("ca.crt"),
+            "--tls-auth-clients",
+            if auth_clients { "yes" } else { "no" },
         ]));
         wait_for("TLS redis-server listening", Duration::from_secs(10), || {
             std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
@@ -66,10 +109,7 @@ impl Pki {
     }
 
     fn url(&self, port: u16, db: u8, ca: &str, extra: &str) -> String {
-        format!(
-            "rediss://127.0.0.1:{port}/{db}?ssl_cert_reqs=required&ssl_ca_certs={}{extra}",
-            self.path(ca).display()
-        )
+        format!("rediss://127.0.0.1:{port}/{db}?ssl_cert_reqs=required&ssl_ca_certs={}{extra}", self.path(ca).display())
     }
 
     fn client_cert(&self) -> String {
@@ -97,7 +137,11 @@ fn assert_ok(out: &Output, n: u32) {
 fn assert_refused(worker: &Worker, needle: &str) {
     let start = std::time::Instant::now();
     while !worker.log_text().contains(needle) {
-        assert!(start.elapsed() < Duration::from_secs(30), "no warning with {needle:?} in 30 s:\n{}", worker.log_text());
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no warning with {needle:?} in 30 s:\n{}",
+            worker.log_text()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(!matches!(worker.http_get("/readyz"), Some((200, _))), "worker ready although TLS was refused");
@@ -150,13 +194,12 @@ fn client_certificates_when_the_server_requires_them_and_verification_can_be_tur
     assert_ok(&loadgen(&broker, &backend, 10), 10);
 
     // Without a client certificate the server hangs up during the handshake.
-    let anonymous = Worker::spawn_urls(&pki.url(port, 0, "ca.crt", ""), &pki.url(port, 1, "ca.crt", ""), free_port(), &[]);
+    let anonymous =
+        Worker::spawn_urls(&pki.url(port, 0, "ca.crt", ""), &pki.url(port, 1, "ca.crt", ""), free_port(), &[]);
     assert_refused(&anonymous, "Redis");
 
     // ssl_cert_reqs=none: no CA given, the server's certificate is not checked.
-    let insecure = |db| {
-        format!("rediss://127.0.0.1:{port}/{db}?ssl_cert_reqs=none{cert}")
-    };
+    let insecure = |db| format!("rediss://127.0.0.1:{port}/{db}?ssl_cert_reqs=none{cert}");
     assert_ok(&loadgen(&insecure(0), &insecure(1), 5), 5);
 }
 

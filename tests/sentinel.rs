@@ -75,8 +75,10 @@ impl Cluster {
         for &port in &sentinel_ports {
             wait_for("sentinel knows the replica and its peers", Duration::from_secs(30), || {
                 let mut c = try_conn(port)?;
-                let replicas: Vec<redis::Value> = redis::cmd("SENTINEL").arg("replicas").arg(MASTER).query(&mut c).ok()?;
-                let peers: Vec<redis::Value> = redis::cmd("SENTINEL").arg("sentinels").arg(MASTER).query(&mut c).ok()?;
+                let replicas: Vec<redis::Value> =
+                    redis::cmd("SENTINEL").arg("replicas").arg(MASTER).query(&mut c).ok()?;
+                let peers: Vec<redis::Value> =
+                    redis::cmd("SENTINEL").arg("sentinels").arg(MASTER).query(&mut c).ok()?;
                 (replicas.len() == 1 && peers.len() == 2).then_some(())
             });
         }

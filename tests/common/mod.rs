@@ -344,7 +344,12 @@ pub struct Proc(pub Child);
 impl Proc {
     pub fn spawn(cmd: &mut Command) -> Proc {
         let program = cmd.get_program().to_string_lossy().into_owned();
-        Proc(cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| panic!("cannot start {program}: {e}")))
+        Proc(
+            cmd.stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {program}: {e}")),
+        )
     }
 
     pub fn kill(&mut self) {
