@@ -21,12 +21,14 @@ pub const DEFAULT_BACKEND_URL: &str = "redis://127.0.0.1:6379/1";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Errors a user can cause with a connection setting.
+/// The reason is part of the message and deliberately not a `source`, so a printed error chain
+/// says it once.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("{setting}={url} is not usable: {source}")]
-    BadUrl { setting: &'static str, url: String, source: redis_url::UrlError },
-    #[error("{setting}={url} is not usable: {source}")]
-    Client { setting: &'static str, url: String, source: RedisError },
+    #[error("{setting}={url} is not usable: {error}")]
+    BadUrl { setting: &'static str, url: String, error: redis_url::UrlError },
+    #[error("{setting}={url} is not usable: {error}")]
+    Client { setting: &'static str, url: String, error: RedisError },
 }
 
 /// Whether the last Redis operation worked (for `/readyz` and the `redis_connected` gauge).
@@ -155,18 +157,19 @@ pub fn connect(
 ) -> Result<Conn, ConnectError> {
     let redacted = || redact_url(url);
     let parsed = redis_url::parse(url, sentinel_master.filter(|m| !m.is_empty()))
-        .map_err(|source| ConnectError::BadUrl { setting, url: redacted(), source })?;
-    let client_err = |source| ConnectError::Client { setting, url: redacted(), source };
+        .map_err(|error| ConnectError::BadUrl { setting, url: redacted(), error })?;
+    let url_err = |error| ConnectError::BadUrl { setting, url: redacted(), error };
+    let client_err = |error| ConnectError::Client { setting, url: redacted(), error };
     let (target, db) = match parsed {
         RedisUrl::Direct { url, tls } => {
-            let certs = tls.as_ref().map(certificates).transpose().map_err(client_err)?;
+            let certs = tls.as_ref().map(certificates).transpose().map_err(url_err)?;
             let client = client(&url, tls.as_ref(), certs.as_ref()).map_err(client_err)?;
             let db = client.get_connection_info().redis_settings().db();
             (Target::Direct(client), db)
         }
         RedisUrl::Sentinel(s) => {
             let tls = s.tls.as_ref().or(s.sentinel_tls.as_ref());
-            let certs = tls.map(certificates).transpose().map_err(client_err)?;
+            let certs = tls.map(certificates).transpose().map_err(url_err)?;
             // Check every URL we will build now, so a bad one fails at startup.
             for (host, port) in &s.sentinels {
                 client(&s.node_url(host, *port, true), s.sentinel_tls.as_ref(), certs.as_ref()).map_err(client_err)?;
@@ -192,15 +195,13 @@ fn install_crypto_provider() {
 }
 
 /// Read the PEM files a TLS URL names (at startup, so a missing file is an immediate error).
-fn certificates(tls: &TlsOptions) -> RedisResult<redis::TlsCertificates> {
+fn certificates(tls: &TlsOptions) -> Result<redis::TlsCertificates, redis_url::UrlError> {
     install_crypto_provider();
-    let read = |option: &str, path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| {
-            RedisError::from((
-                redis::ErrorKind::InvalidClientConfig,
-                "cannot read a TLS file",
-                format!("{option}={}: {e}", path.display()),
-            ))
+    let read = |option: &'static str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| redis_url::UrlError::File {
+            option,
+            path: path.display().to_string(),
+            error: e.to_string(),
         })
     };
     let root_cert = tls.ca_certs.as_deref().map(|p| read("ssl_ca_certs", p)).transpose()?;
@@ -409,7 +410,11 @@ mod tests {
     fn err(url: &str) -> String {
         match connect("BROKER_URL", url, None, Duration::from_secs(1)) {
             Ok(_) => panic!("{url} accepted"),
-            Err(e) => e.to_string(),
+            Err(e) => {
+                // The reason is in the message only, so `{:#}` does not print it twice.
+                assert!(std::error::Error::source(&e).is_none(), "{e}");
+                e.to_string()
+            }
         }
     }
 

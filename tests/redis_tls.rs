@@ -214,4 +214,5 @@ fn a_missing_ca_file_is_a_startup_error_naming_the_option() {
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("ssl_ca_certs=/nonexistent/ca.pem") && stderr.contains("BROKER_URL="), "{stderr}");
     assert!(!stderr.contains("s3cret"), "{stderr}");
+    assert_eq!(stderr.matches("No such file").count(), 1, "said once: {stderr}");
 }
