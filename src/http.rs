@@ -72,11 +72,11 @@ where
     Ok((local, server))
 }
 
-/// The bounds [`serve`] applies (tests shorten them).
+/// The bounds the accept loop applies.
 #[derive(Clone, Copy, Debug)]
-pub struct Limits {
-    pub max_connections: usize,
-    pub header_timeout: Duration,
+struct Limits {
+    max_connections: usize,
+    header_timeout: Duration,
 }
 
 impl Default for Limits {

@@ -156,6 +156,12 @@ fn worker_loadgen_and_exporter_work_over_tls_and_an_untrusted_ca_is_refused() {
     let worker = Worker::spawn_urls(&broker, &backend, free_port(), &["--concurrency", "4"]);
     worker.wait_ready(Duration::from_secs(30));
     assert_ok(&loadgen(&broker, &backend, 20), 20);
+    // A Python Celery client with the very same URLs: a Celery user's URL works as it is.
+    let spec = serde_json::json!([{"task": "tasks.io_bound", "args": [0.01], "timeout": 30}]);
+    let env = [("BROKER_URL", broker.clone()), ("BACKEND_URL", backend.clone())];
+    let out = common::run_python("client.py", &["run", &spec.to_string()], &env, Duration::from_secs(90));
+    let results: serde_json::Value = serde_json::from_str(out.trim()).expect("client.py prints JSON");
+    assert_eq!(results[0]["ok"], true, "{results}");
 
     let exporter = Exporter::start(&broker, "celery", &[]);
     exporter.wait_value("celery_queue_exporter_last_poll_ok", "", Some(1.0));
