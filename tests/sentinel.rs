@@ -2,7 +2,8 @@
 //! --sentinel` with generated configs and a 1 s down-after). A worker and an exporter connect
 //! through the sentinels; the master is SIGKILLed mid-burst; both follow the failover by
 //! themselves and every task completes on the promoted replica. Bounded: 400 short tasks, the
-//! whole test well under two minutes.
+//! whole test well under two minutes. Passwords everywhere: the master's in the URL (as kombu
+//! takes it), the sentinels' own as `sentinel_password`.
 
 mod common;
 
@@ -12,6 +13,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 const MASTER: &str = "mymaster";
+/// The master's (and replica's) password, given in the URL as kombu does.
+const MASTER_PW: &str = "m4ster";
+/// The sentinels' own password, given as `sentinel_password` (celery/celery#8016).
+const SENTINEL_PW: &str = "s3ntinel";
 
 struct Cluster {
     master: Proc,
@@ -23,21 +28,26 @@ struct Cluster {
     _dir: tempfile::TempDir,
 }
 
+/// A data node (master or replica).
 fn conn(port: u16, db: u8) -> redis::Connection {
-    redis::Client::open(format!("redis://127.0.0.1:{port}/{db}")).unwrap().get_connection().expect("connect")
+    redis::Client::open(format!("redis://:{MASTER_PW}@127.0.0.1:{port}/{db}"))
+        .unwrap()
+        .get_connection()
+        .expect("connect")
 }
 
-fn try_conn(port: u16) -> Option<redis::Connection> {
-    redis::Client::open(format!("redis://127.0.0.1:{port}/0")).ok()?.get_connection().ok()
+fn try_conn(port: u16, password: &str) -> Option<redis::Connection> {
+    redis::Client::open(format!("redis://:{password}@127.0.0.1:{port}/0")).ok()?.get_connection().ok()
 }
 
 fn redis_server(port: u16, extra: &[&str]) -> Proc {
     let p = Proc::spawn(
         Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--requirepass", MASTER_PW, "--masterauth", MASTER_PW])
             .args(extra),
     );
-    wait_for("redis-server up", Duration::from_secs(10), || try_conn(port).map(|_| ()));
+    wait_for("redis-server up", Duration::from_secs(10), || try_conn(port, MASTER_PW).map(|_| ()));
     p
 }
 
@@ -62,7 +72,8 @@ impl Cluster {
                 format!(
                     "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {MASTER} 127.0.0.1 {master_port} 2\n\
                      sentinel down-after-milliseconds {MASTER} 1000\nsentinel failover-timeout {MASTER} 4000\n\
-                     sentinel parallel-syncs {MASTER} 1\n",
+                     sentinel parallel-syncs {MASTER} 1\nsentinel auth-pass {MASTER} {MASTER_PW}\n\
+                     requirepass {SENTINEL_PW}\nsentinel sentinel-pass {SENTINEL_PW}\n",
                     dir.path().display()
                 ),
             )
@@ -74,7 +85,7 @@ impl Cluster {
         // be agreed on (they find each other through the master's hello channel).
         for &port in &sentinel_ports {
             wait_for("sentinel knows the replica and its peers", Duration::from_secs(30), || {
-                let mut c = try_conn(port)?;
+                let mut c = try_conn(port, SENTINEL_PW)?;
                 let replicas: Vec<redis::Value> =
                     redis::cmd("SENTINEL").arg("replicas").arg(MASTER).query(&mut c).ok()?;
                 let peers: Vec<redis::Value> =
@@ -94,15 +105,19 @@ impl Cluster {
     }
 
     fn url(&self, db: u8) -> String {
-        let hosts: Vec<String> = self.sentinel_ports.iter().map(|p| format!("sentinel://127.0.0.1:{p}")).collect();
-        format!("{}/{db}", hosts.join(";"))
+        let hosts: Vec<String> =
+            self.sentinel_ports.iter().map(|p| format!("sentinel://:{MASTER_PW}@127.0.0.1:{p}")).collect();
+        format!("{}/{db}?sentinel_password={SENTINEL_PW}", hosts.join(";"))
     }
 
     /// The master's port according to the first sentinel that answers.
     fn current_master(&self) -> Option<u16> {
         self.sentinel_ports.iter().find_map(|&p| {
-            let addr: Option<(String, u16)> =
-                redis::cmd("SENTINEL").arg("get-master-addr-by-name").arg(MASTER).query(&mut try_conn(p)?).ok()?;
+            let addr: Option<(String, u16)> = redis::cmd("SENTINEL")
+                .arg("get-master-addr-by-name")
+                .arg(MASTER)
+                .query(&mut try_conn(p, SENTINEL_PW)?)
+                .ok()?;
             addr.map(|(_, port)| port)
         })
     }
@@ -187,4 +202,7 @@ fn worker_and_exporter_follow_a_failover_and_no_task_is_lost() {
     );
     let log = worker.log_text();
     assert!(log.contains("reachable again"), "the worker noticed the outage and its end:\n{log}");
+    for text in [log, exporter.log_text()] {
+        assert!(!text.contains(MASTER_PW) && !text.contains(SENTINEL_PW), "a password was logged:\n{text}");
+    }
 }
