@@ -1,6 +1,8 @@
-//! Redis connections shared by every role: connecting (lazily, so a process can start and
-//! report not-ready while Redis is away), retrying with backoff through outages, and keeping
-//! passwords out of logs.
+//! Redis connections shared by every role (worker, exporter, loadgen, local): connecting
+//! lazily (so a process can start and report not-ready while Redis is away), over TCP, TLS or a
+//! unix socket or through Sentinel (URLs parsed in [`crate::redis_url`]); reconnecting by
+//! itself, re-asking the sentinels after an error so a failover is followed; retrying with
+//! backoff through outages and saying so with the redacted URL and a hint.
 
 use crate::redis_url::{self, RedisUrl, SentinelUrl, TlsOptions};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
