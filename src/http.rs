@@ -102,19 +102,26 @@ where
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(limits.header_timeout).keep_alive(true);
     tokio::pin!(shutdown);
+    let mut accept_failing = false;
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    // Out of descriptors or similar: a pause, not the end of the server.
-                    tracing::warn!(error = %e, "HTTP accept failed");
+                    // Out of descriptors or similar: a pause, not the end of the server. Said
+                    // once per episode, not ten times a second.
+                    if !std::mem::replace(&mut accept_failing, true) {
+                        tracing::warn!(error = %e, "HTTP accept failed; retrying every 100 ms");
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
             () = &mut shutdown => break,
         };
+        if std::mem::take(&mut accept_failing) {
+            tracing::info!("HTTP accept works again");
+        }
         while tasks.try_join_next().is_some() {}
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
