@@ -348,6 +348,26 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Whatever the password and wherever it sits, the redacted URL does not contain it.
+        #[test]
+        fn no_form_leaks_the_password(pw in "PW[a-z0-9;@:/%]{6,20}", user in "[a-z]{0,6}", port in 1u16..65535) {
+            let enc: String = url::form_urlencoded::byte_serialize(pw.as_bytes()).collect();
+            let forms = [
+                format!("redis://{user}:{pw}@h:{port}/0"),
+                format!("redis://{user}:{enc}@h:{port}/0"),
+                format!("rediss://:{enc}@h:{port}/0?ssl_cert_reqs=none"),
+                format!("redis+unix:///tmp/r.sock?db=1&pass={enc}"),
+                format!("unix:///tmp/r.sock?password={enc}"),
+                format!("sentinel://:{enc}@a:{port};sentinel://:{enc}@b:{port}/0?sentinel_password={enc}"),
+            ];
+            for f in forms {
+                let r = redact(&f);
+                proptest::prop_assert!(!r.contains(&pw) && !r.contains(&enc), "{f} -> {r}");
+            }
+        }
+    }
+
     #[test]
     fn tls_options_as_redis_py_takes_them() {
         let u = parse("rediss://:pw@h:6380/2?ssl_cert_reqs=CERT_REQUIRED&ssl_ca_certs=/ca.pem&protocol=resp2", None)
