@@ -388,6 +388,8 @@ fn no_password_in_logs_metrics_or_errors_for_a_unix_socket_url() {
         "s3cret",
         "--save",
         "",
+        "--dir",
+        dir.path().to_str().unwrap(),
     ]));
     let url = |db: u8, key: &str| format!("redis+unix://{}?{key}=s3cret&db={db}", sock.display());
     wait_for("redis on its unix socket", Duration::from_secs(10), || {

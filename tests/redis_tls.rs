@@ -101,6 +101,8 @@ impl Pki {
             &p("ca.crt"),
             "--tls-auth-clients",
             if auth_clients { "yes" } else { "no" },
+            "--dir",
+            &p(""),
         ]));
         wait_for("TLS redis-server listening", Duration::from_secs(10), || {
             std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())

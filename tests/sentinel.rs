@@ -40,10 +40,14 @@ fn try_conn(port: u16, password: &str) -> Option<redis::Connection> {
     redis::Client::open(format!("redis://:{password}@127.0.0.1:{port}/0")).ok()?.get_connection().ok()
 }
 
-fn redis_server(port: u16, extra: &[&str]) -> Proc {
+/// A data node with its own directory (a replica writes the RDB of its initial sync there).
+fn redis_server(port: u16, dir: &std::path::Path, extra: &[&str]) -> Proc {
+    std::fs::create_dir_all(dir).unwrap();
     let p = Proc::spawn(
         Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir)
             .args(["--requirepass", MASTER_PW, "--masterauth", MASTER_PW])
             .args(extra),
     );
@@ -55,9 +59,13 @@ impl Cluster {
     fn start() -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let master_port = free_port();
-        let master = redis_server(master_port, &[]);
+        let master = redis_server(master_port, &dir.path().join("master"), &[]);
         let replica_port = free_port();
-        let replica = redis_server(replica_port, &["--replicaof", "127.0.0.1", &master_port.to_string()]);
+        let replica = redis_server(
+            replica_port,
+            &dir.path().join("replica"),
+            &["--replicaof", "127.0.0.1", &master_port.to_string()],
+        );
         wait_for("replica in sync", Duration::from_secs(20), || {
             let info: String = redis::cmd("INFO").arg("replication").query(&mut conn(replica_port, 0)).ok()?;
             info.contains("master_link_status:up").then_some(())
