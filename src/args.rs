@@ -72,6 +72,9 @@ pub struct RedisArgs {
     /// the exporter does not use it).
     #[arg(long, env = "BACKEND_URL", default_value = connection::DEFAULT_BACKEND_URL, global = true)]
     pub backend_url: String,
+    /// Master name for sentinel:// URLs (kombu's master_name); ignored for other URLs.
+    #[arg(long, env = "SENTINEL_MASTER", global = true)]
+    pub sentinel_master: Option<String>,
 }
 
 /// Which queues, and how kombu splits them into priority lists; worker, exporter and loadgen

@@ -1,9 +1,9 @@
 //! Celery's Redis result backend (celery-wire.md §2): `SETEX celery-task-meta-<id>` and
 //! `PUBLISH` on the same name, atomically, never replacing a stored SUCCESS.
 
+use crate::connection::Conn;
 use crate::wire::ResultMeta;
 use crate::wire::keys;
-use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, RedisResult, Script};
 use serde_json::Value;
 use std::time::Duration;
@@ -35,14 +35,14 @@ pub enum Stored {
 
 #[derive(Clone)]
 pub struct Backend {
-    conn: ConnectionManager,
+    conn: Conn,
     expires: Duration,
     store: Script,
 }
 
 impl Backend {
     /// `expires` of zero stores without a TTL (Celery's `result_expires=None`).
-    pub fn new(conn: ConnectionManager, expires: Duration) -> Self {
+    pub fn new(conn: Conn, expires: Duration) -> Self {
         Backend { conn, expires, store: Script::new(STORE) }
     }
 

@@ -3,9 +3,9 @@
 //! `unacked_mutex`, and putting messages back at the front of their queue. Python workers and
 //! ours share these keys, so each restores the other's orphans.
 
+use crate::connection::Conn;
 use crate::wire::UnackedEntry;
 use crate::wire::keys::{self, PrioritySteps};
-use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, RedisResult, Script};
 use std::time::Duration;
 
@@ -52,14 +52,14 @@ pub struct RestoreReport {
 /// The broker side of the transport: everything except the blocking fetch.
 #[derive(Clone)]
 pub struct Broker {
-    conn: ConnectionManager,
+    conn: Conn,
     steps: PrioritySteps,
     move_back: Script,
     release_mutex: Script,
 }
 
 impl Broker {
-    pub fn new(conn: ConnectionManager, steps: PrioritySteps) -> Self {
+    pub fn new(conn: Conn, steps: PrioritySteps) -> Self {
         Broker { conn, steps, move_back: Script::new(MOVE_BACK), release_mutex: Script::new(RELEASE_MUTEX) }
     }
 
@@ -67,7 +67,7 @@ impl Broker {
         &self.steps
     }
 
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> Conn {
         self.conn.clone()
     }
 
@@ -278,16 +278,16 @@ enum Wait {
     /// `BLMOVE k k RIGHT RIGHT` on every list, each on its own connection: blocks until a list
     /// is non-empty and moves nothing (the tail goes back to the tail), so waiting can never lose
     /// a message. Redis ≥ 6.2.
-    Rotate(Vec<ConnectionManager>),
+    Rotate(Vec<Conn>),
     /// Older Redis: kombu's BRPOP (on a wait connection), with kombu's instant of risk between
     /// pop and record.
-    Brpop(ConnectionManager),
+    Brpop(Conn),
 }
 
 /// The consuming end. Work is taken with one atomic Lua script (`TAKE` in this module); when
 /// every list is empty the fetcher blocks (never polls) until one is not.
 pub struct Fetcher {
-    take_conn: ConnectionManager,
+    take_conn: Conn,
     wait: Wait,
     keys: Vec<String>,
     /// The queue name of each key, as a JSON string (the tail of its `unacked` entries).
@@ -298,12 +298,7 @@ pub struct Fetcher {
 impl Fetcher {
     /// `wait_conns`: one connection per list (see [`Fetcher::keys`]), each with a response
     /// timeout longer than [`BRPOP_TIMEOUT`].
-    pub fn new(
-        take_conn: ConnectionManager,
-        wait_conns: Vec<ConnectionManager>,
-        queues: &[String],
-        steps: &PrioritySteps,
-    ) -> Self {
+    pub fn new(take_conn: Conn, wait_conns: Vec<Conn>, queues: &[String], steps: &PrioritySteps) -> Self {
         let keys = steps.brpop_keys(queues);
         let queue_json = keys.iter().map(|k| crate::wire::pyjson::to_string(keys::queue_of_key(k))).collect();
         Fetcher { take_conn, wait: Wait::Rotate(wait_conns), keys, queue_json, take: Script::new(TAKE) }

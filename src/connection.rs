@@ -1,24 +1,36 @@
-//! Redis connections shared by every role: connecting (lazily, so a process can start and
-//! report not-ready while Redis is away), retrying with backoff through outages, and keeping
-//! passwords out of logs.
+//! Redis connections shared by every role (worker, exporter, loadgen, local): connecting
+//! lazily (so a process can start and report not-ready while Redis is away), over TCP, TLS or a
+//! unix socket or through Sentinel (URLs parsed in [`crate::redis_url`]); reconnecting by
+//! itself, re-asking the sentinels after an error so a failover is followed; retrying with
+//! backoff through outages and saying so with the redacted URL and a hint.
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use crate::redis_url::{self, RedisUrl, SentinelUrl, TlsOptions};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Client, Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
+
+pub use crate::redis_url::redact as redact_url;
 
 /// Default broker URL (DESIGN.md).
 pub const DEFAULT_BROKER_URL: &str = "redis://127.0.0.1:6379/0";
 /// Default result backend URL (DESIGN.md).
 pub const DEFAULT_BACKEND_URL: &str = "redis://127.0.0.1:6379/1";
 
+/// How long to wait for a TCP/TLS connect (per node, sentinels included).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Errors a user can cause with a connection setting.
+/// The reason is part of the message and deliberately not a `source`, so a printed error chain
+/// says it once.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    // The cause is part of the sentence, not a `source`: a printed chain says it once.
-    #[error("{setting}={url} is not a usable Redis URL ({cause}); expected redis://[:password@]host:port/db")]
-    BadUrl { setting: &'static str, url: String, cause: redis::RedisError },
+    #[error("{setting}={url} is not usable: {error}")]
+    BadUrl { setting: &'static str, url: String, error: redis_url::UrlError },
+    #[error("{setting}={url} is not usable: {error}")]
+    Client { setting: &'static str, url: String, error: RedisError },
 }
 
 /// Whether the last Redis operation worked (for `/readyz` and the `redis_connected` gauge).
@@ -27,15 +39,32 @@ pub enum ConnectError {
 pub struct Health {
     state: AtomicU8,
     what: &'static str,
+    /// The setting and its redacted URL, for the outage warning's hint.
+    setting: &'static str,
+    url: String,
+    /// When the current outage was last reported (warnings repeat every [`REPEAT_WARNING`]).
+    last_warning: std::sync::Mutex<Option<Instant>>,
+    repeat: Duration,
 }
+
+/// While Redis stays down, the warning is repeated this often (not on every retry).
+pub const REPEAT_WARNING: Duration = Duration::from_secs(30);
 
 const UNKNOWN: u8 = 0;
 const UP: u8 = 1;
 const DOWN: u8 = 2;
 
 impl Health {
-    pub fn new(what: &'static str) -> Arc<Self> {
-        Arc::new(Health { state: AtomicU8::new(UNKNOWN), what })
+    /// `what` names the role of the connection ("broker"); `setting`/`url` where it points.
+    pub fn new(what: &'static str, setting: &'static str, url: &str) -> Arc<Self> {
+        Arc::new(Health {
+            state: AtomicU8::new(UNKNOWN),
+            what,
+            setting,
+            url: redact_url(url),
+            last_warning: std::sync::Mutex::new(None),
+            repeat: REPEAT_WARNING,
+        })
     }
 
     pub fn is_connected(&self) -> bool {
@@ -49,7 +78,7 @@ impl Health {
 
     pub fn set_connected(&self) {
         if self.state.swap(UP, Ordering::Relaxed) == DOWN {
-            tracing::info!(redis = self.what, "Redis is reachable again");
+            tracing::info!(redis = self.what, url = %self.url, "Redis is reachable again");
         }
     }
 
@@ -57,34 +86,276 @@ impl Health {
     pub fn set_disconnected(&self) -> bool {
         self.state.swap(DOWN, Ordering::Relaxed) != DOWN
     }
+
+    /// Mark the connection down after `e` (while trying to `what`) and warn — with the redacted
+    /// URL and a hint — when the outage begins and every [`REPEAT_WARNING`] while it lasts.
+    /// Returns whether it warned.
+    pub fn report_failure(&self, e: &RedisError, what: &str) -> bool {
+        let began = self.set_disconnected();
+        let mut last = self.last_warning.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let warn = began || last.is_none_or(|t| t.elapsed() >= self.repeat);
+        if warn {
+            *last = Some(Instant::now());
+            let error = explain(e, self.setting, &self.url);
+            tracing::warn!(redis = self.what, url = %self.url, %error, "cannot {what}; retrying with backoff, nothing is dropped");
+        }
+        warn
+    }
+}
+
+/// What to tell a user about a Redis error: the error plus the likely fix, naming the setting
+/// and its (redacted) URL.
+pub fn explain(e: &RedisError, setting: &str, redacted_url: &str) -> String {
+    let text = e.to_string();
+    let lower = text.to_ascii_lowercase();
+    if e.kind() == redis::ErrorKind::AuthenticationFailed || text.contains("NOAUTH") || text.contains("WRONGPASS") {
+        format!("{text} — check the password in {setting}={redacted_url}")
+    } else if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+        format!(
+            "{text} — TLS to {redacted_url} failed: check ssl_ca_certs (the CA that signed the server's certificate), ssl_certfile/ssl_keyfile, or ssl_cert_reqs in {setting}"
+        )
+    } else if e.kind() == redis::ErrorKind::MasterNameNotFoundBySentinel {
+        format!("{text} — check --sentinel-master (SENTINEL_MASTER) and the sentinels in {setting}={redacted_url}")
+    } else if e.is_io_error() || e.is_connection_refusal() || e.is_timeout() {
+        format!("{text} — is Redis running at {redacted_url}? check {setting}")
+    } else {
+        text
+    }
+}
+
+/// A connection that reconnects by itself, lazily (so a process can start and report not-ready
+/// while Redis is away). After a connection error the next command connects anew — and for
+/// `sentinel://` asks the sentinels again, so it follows a failover. Cheap to clone; clones
+/// share one underlying multiplexed connection.
+#[derive(Clone)]
+pub struct Conn {
+    inner: Arc<Inner>,
+    db: i64,
+}
+
+struct Inner {
+    target: Target,
+    config: AsyncConnectionConfig,
+    /// The live connection and its generation (so a failure on an old one does not drop a new
+    /// one). A plain mutex: held only to clone or swap, never across an await.
+    current: std::sync::Mutex<(u64, Option<MultiplexedConnection>)>,
+    /// Serialises reconnects, so a burst of failing callers opens one connection, not many.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+enum Target {
+    Direct(Client),
+    Sentinel { url: SentinelUrl, master: String, certs: Option<redis::TlsCertificates> },
 }
 
 /// Open a lazily connecting, self-reconnecting connection. `response_timeout` must exceed any
-/// blocking command sent on it (BRPOP).
+/// blocking command sent on it (BRPOP). `sentinel_master` is `--sentinel-master`, used by
+/// `sentinel://` URLs only.
 pub fn connect(
     setting: &'static str,
     url: &str,
+    sentinel_master: Option<&str>,
     response_timeout: Duration,
-) -> Result<ConnectionManager, ConnectError> {
-    let bad = |cause| ConnectError::BadUrl { setting, url: redact_url(url), cause };
-    let client = redis::Client::open(url).map_err(bad)?;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_response_timeout(Some(response_timeout))
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_secs(2));
-    ConnectionManager::new_lazy_with_config(client, config).map_err(bad)
+) -> Result<Conn, ConnectError> {
+    let redacted = || redact_url(url);
+    let parsed = redis_url::parse(url, sentinel_master.filter(|m| !m.is_empty()))
+        .map_err(|error| ConnectError::BadUrl { setting, url: redacted(), error })?;
+    let url_err = |error| ConnectError::BadUrl { setting, url: redacted(), error };
+    let client_err = |error| ConnectError::Client { setting, url: redacted(), error };
+    let (target, db) = match parsed {
+        RedisUrl::Direct { url, tls } => {
+            let certs = tls.as_ref().map(certificates).transpose().map_err(url_err)?;
+            let client = client(&url, tls.as_ref(), certs.as_ref()).map_err(client_err)?;
+            let db = client.get_connection_info().redis_settings().db();
+            (Target::Direct(client), db)
+        }
+        RedisUrl::Sentinel(s) => {
+            let tls = s.tls.as_ref().or(s.sentinel_tls.as_ref());
+            let certs = tls.map(certificates).transpose().map_err(url_err)?;
+            // Check every URL we will build now, so a bad one fails at startup.
+            for (host, port) in &s.sentinels {
+                client(&s.node_url(host, *port, true), s.sentinel_tls.as_ref(), certs.as_ref()).map_err(client_err)?;
+            }
+            client(&s.node_url("127.0.0.1", 6379, false), s.tls.as_ref(), certs.as_ref()).map_err(client_err)?;
+            let master = s.master_name.clone().unwrap_or_default();
+            let db = s.db;
+            (Target::Sentinel { url: s, master, certs }, db)
+        }
+    };
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(response_timeout));
+    let inner =
+        Inner { target, config, current: std::sync::Mutex::new((0, None)), connecting: tokio::sync::Mutex::new(()) };
+    Ok(Conn { inner: Arc::new(inner), db })
 }
 
-/// `redis://:secret@host/0` → `redis://:***@host/0`.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
-            format!("{scheme}://{user}:***@{host}")
+/// rustls needs a process-wide crypto provider; ring is the one this crate builds with.
+fn install_crypto_provider() {
+    // Err means one is installed already, which is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Read the PEM files a TLS URL names (at startup, so a missing file is an immediate error).
+fn certificates(tls: &TlsOptions) -> Result<redis::TlsCertificates, redis_url::UrlError> {
+    install_crypto_provider();
+    let read = |option: &'static str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| redis_url::UrlError::File {
+            option,
+            path: path.display().to_string(),
+            error: e.to_string(),
+        })
+    };
+    let root_cert = tls.ca_certs.as_deref().map(|p| read("ssl_ca_certs", p)).transpose()?;
+    let client_tls = match &tls.client_cert {
+        Some((cert, key)) => Some(redis::ClientTlsConfig {
+            client_cert: read("ssl_certfile", cert)?,
+            client_key: read("ssl_keyfile", key)?,
+        }),
+        None => None,
+    };
+    Ok(redis::TlsCertificates { client_tls, root_cert })
+}
+
+fn client(url: &str, tls: Option<&TlsOptions>, certs: Option<&redis::TlsCertificates>) -> RedisResult<Client> {
+    let client = match certs {
+        Some(certs) => Client::build_with_tls(url, certs.clone())?,
+        None => Client::open(url)?,
+    };
+    match tls {
+        Some(t) if t.verify && !t.check_hostname => {
+            let info = client.get_connection_info().clone();
+            let mut addr = info.addr().clone();
+            addr.set_danger_accept_invalid_hostnames(true);
+            Client::open(info.set_addr(addr))
         }
-        None => url.to_owned(),
+        _ => Ok(client),
+    }
+}
+
+/// Errors after which the connection (or, with Sentinel, the master it points at) is suspect.
+fn needs_reconnect(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_timeout()
+        || e.is_unrecoverable_error()
+        // A demoted master answers writes with READONLY: ask the sentinels again.
+        || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+}
+
+impl Inner {
+    fn current(&self) -> std::sync::MutexGuard<'_, (u64, Option<MultiplexedConnection>)> {
+        self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn live(&self) -> Option<(u64, MultiplexedConnection)> {
+        let current = self.current();
+        current.1.clone().map(|c| (current.0, c))
+    }
+
+    async fn get(&self) -> RedisResult<(u64, MultiplexedConnection)> {
+        if let Some(live) = self.live() {
+            return Ok(live);
+        }
+        let _connecting = self.connecting.lock().await;
+        // Another caller may have connected while this one waited.
+        if let Some(live) = self.live() {
+            return Ok(live);
+        }
+        let conn = match &self.target {
+            Target::Direct(client) => client.get_multiplexed_async_connection_with_config(&self.config).await?,
+            Target::Sentinel { url, master, certs } => self.connect_master(url, master, certs.as_ref()).await?,
+        };
+        let mut current = self.current();
+        current.0 += 1;
+        current.1 = Some(conn.clone());
+        Ok((current.0, conn))
+    }
+
+    fn invalidate(&self, generation: u64) {
+        let mut current = self.current();
+        if current.0 == generation {
+            current.1 = None;
+        }
+    }
+
+    /// Ask each sentinel in turn for the master's address, connect to it and check that it
+    /// is a master (a sentinel can briefly name a demoted one during a failover).
+    async fn connect_master(
+        &self,
+        url: &SentinelUrl,
+        master: &str,
+        certs: Option<&redis::TlsCertificates>,
+    ) -> RedisResult<MultiplexedConnection> {
+        let mut last_err = None;
+        let sentinel_config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(CONNECT_TIMEOUT));
+        for (host, port) in &url.sentinels {
+            let attempt = async {
+                let sentinel = client(&url.node_url(host, *port, true), url.sentinel_tls.as_ref(), certs)?;
+                let mut s = sentinel.get_multiplexed_async_connection_with_config(&sentinel_config).await?;
+                let addr: Option<(String, u16)> =
+                    redis::cmd("SENTINEL").arg("get-master-addr-by-name").arg(master).query_async(&mut s).await?;
+                let Some((mhost, mport)) = addr else {
+                    return Err(RedisError::from((
+                        redis::ErrorKind::MasterNameNotFoundBySentinel,
+                        "sentinel does not know the master",
+                        format!("sentinel {host}:{port} knows no master named {master:?}"),
+                    )));
+                };
+                let node = client(&url.node_url(&mhost, mport, false), url.tls.as_ref(), certs)?;
+                let mut conn = node.get_multiplexed_async_connection_with_config(&self.config).await?;
+                let role: Vec<Value> = redis::cmd("ROLE").query_async(&mut conn).await?;
+                match role.first() {
+                    Some(Value::BulkString(r)) if r == b"master" => Ok(conn),
+                    _ => Err(RedisError::from((
+                        redis::ErrorKind::Io,
+                        "sentinel named a node that is not a master (failover in progress)",
+                        format!("{mhost}:{mport}"),
+                    ))),
+                }
+            };
+            match attempt.await {
+                Ok(conn) => return Ok(conn),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| RedisError::from((redis::ErrorKind::EmptySentinelList, "no sentinels"))))
+    }
+}
+
+impl Conn {
+    async fn run<T>(&self, op: impl AsyncFnOnce(&mut MultiplexedConnection) -> RedisResult<T>) -> RedisResult<T> {
+        let (generation, mut conn) = self.inner.get().await?;
+        let result = op(&mut conn).await;
+        if let Err(e) = &result
+            && needs_reconnect(e)
+        {
+            self.inner.invalidate(generation);
+        }
+        result
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move { self.run(async |c: &mut MultiplexedConnection| c.req_packed_command(cmd).await).await })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            self.run(async |c: &mut MultiplexedConnection| c.req_packed_commands(pipeline, offset, count).await).await
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.db
     }
 }
 
@@ -109,7 +380,7 @@ impl Backoff {
 }
 
 /// Run `op` until it succeeds, sleeping with backoff between failures and logging the outage
-/// once when it starts, every 30 s while it lasts, and when it ends. Gives up (returns `None`)
+/// when it starts, every 30 s while it lasts, and when it ends. Gives up (returns `None`)
 /// only when `give_up` becomes true — the worker's forced exit.
 pub async fn retry<T, F, Fut>(health: &Health, what: &str, give_up: &AtomicBool, mut op: F) -> Option<T>
 where
@@ -117,7 +388,6 @@ where
     Fut: Future<Output = redis::RedisResult<T>>,
 {
     let mut backoff = Backoff::default();
-    let mut last_log: Option<Instant> = None;
     loop {
         match op().await {
             Ok(v) => {
@@ -125,11 +395,7 @@ where
                 return Some(v);
             }
             Err(e) => {
-                let first = health.set_disconnected();
-                if first || last_log.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
-                    tracing::warn!(redis = health.what, error = %e, "Redis {what} failed; retrying with backoff, nothing is dropped");
-                    last_log = Some(Instant::now());
-                }
+                health.report_failure(&e, what);
                 if give_up.load(Ordering::Relaxed) {
                     return None;
                 }
@@ -143,17 +409,43 @@ where
 mod tests {
     use super::*;
 
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(redact_url("redis://:s3cret@redis:6379/0"), "redis://:***@redis:6379/0");
-        assert_eq!(redact_url("redis://user:pw@h/1"), "redis://user:***@h/1");
-        assert_eq!(redact_url("redis://127.0.0.1:6379/0"), "redis://127.0.0.1:6379/0");
+    fn err(url: &str) -> String {
+        match connect("BROKER_URL", url, None, Duration::from_secs(1)) {
+            Ok(_) => panic!("{url} accepted"),
+            Err(e) => {
+                // The reason is in the message only, so `{:#}` does not print it twice.
+                assert!(std::error::Error::source(&e).is_none(), "{e}");
+                e.to_string()
+            }
+        }
     }
 
     #[test]
-    fn bad_urls_name_the_setting() {
-        let err = connect("BROKER_URL", "http://nope", Duration::from_secs(1)).unwrap_err().to_string();
-        assert!(err.contains("BROKER_URL=http://nope") && err.contains("redis://"), "{err}");
+    fn bad_urls_name_the_setting_once_and_hide_the_password() {
+        let e = err("http://nope");
+        assert!(e.contains("BROKER_URL=http://nope") && e.contains("redis://"), "{e}");
+        let e = err("redis+unix:///tmp/x.sock?pass=s3cret&db=zz");
+        assert!(e.contains("BROKER_URL=redis+unix:///tmp/x.sock?pass=***") && !e.contains("s3cret"), "{e}");
+        let e = err("rediss://:s3cret@h/0?ssl_ca_certs=/no/such/ca.pem");
+        assert!(e.contains("ssl_ca_certs=/no/such/ca.pem") && !e.contains("s3cret"), "{e}");
+        let e = err("sentinel://:s3cret@h:26379/0");
+        assert!(e.contains("--sentinel-master") && !e.contains("s3cret"), "{e}");
+        assert_eq!(e.matches("BROKER_URL").count(), 1, "{e}");
+    }
+
+    #[test]
+    fn outage_warnings_repeat_while_it_lasts_and_start_again_after_recovery() {
+        let mut health = Arc::into_inner(Health::new("broker", "BROKER_URL", "redis://:pw@h/0")).unwrap();
+        health.repeat = Duration::from_millis(200);
+        let e = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(health.report_failure(&e, "read"), "the first failure warns");
+        assert!(!health.report_failure(&e, "read"), "not on every retry");
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(health.report_failure(&e, "read"), "again while it lasts");
+        health.set_connected();
+        assert!(health.report_failure(&e, "read"), "a new outage warns at once");
+        let text = explain(&e, health.setting, &health.url);
+        assert!(text.contains("is Redis running at redis://:***@h/0? check BROKER_URL"), "{text}");
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod local;
 pub mod metrics;
 pub mod pattern;
 pub mod plot;
+pub mod redis_url;
 pub mod shutdown;
 pub mod simulate;
 pub mod task;

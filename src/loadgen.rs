@@ -3,7 +3,7 @@
 //! for their results and report latency.
 
 use crate::args::{self, QueueArgs, RedisArgs};
-use crate::connection::{self, redact_url};
+use crate::connection::{self, Conn, redact_url};
 use crate::pattern::{LoadPattern, MAX_TASKS};
 use crate::task::builtin as tasks;
 use crate::wire::keys;
@@ -14,7 +14,6 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use redis::aio::ConnectionManager;
 use serde_json::{Map, Value, json};
 use std::fmt;
 use std::io::IsTerminal;
@@ -313,7 +312,7 @@ const IN_FLIGHT: usize = 8;
 /// Messages are built a few batches ahead and dropped once sent, so memory does not grow with
 /// the count; ids are kept only with `options.wait`.
 pub async fn send(
-    conn: &ConnectionManager,
+    conn: &Conn,
     pattern: &LoadPattern,
     options: &LoadOptions,
     mut progress: impl FnMut(u64, u64),
@@ -397,7 +396,7 @@ pub async fn send(
 
 /// Poll the result backend until every task has a final state or `timeout` passes.
 pub async fn wait_results(
-    backend: &ConnectionManager,
+    backend: &Conn,
     url: &str,
     sent_at: &[(String, DateTime<Utc>)],
     timeout: Duration,
@@ -503,7 +502,7 @@ pub async fn run(args: LoadgenArgs) -> Result<bool, LoadgenError> {
     o.check(&pattern)?;
     let queue = o.queue_name()?;
     let timeout = Duration::from_secs(10);
-    let broker = connection::connect("BROKER_URL", &o.redis.broker_url, timeout)?;
+    let broker = connection::connect("BROKER_URL", &o.redis.broker_url, o.redis.sentinel_master.as_deref(), timeout)?;
     let total = pattern.total();
     let mut progress = Progress::new("sent", total);
     let sent = send(&broker, &pattern, o, |d, t| progress.update(d, t)).await?;
@@ -522,7 +521,8 @@ pub async fn run(args: LoadgenArgs) -> Result<bool, LoadgenError> {
     if !o.wait {
         return Ok(true);
     }
-    let backend = connection::connect("BACKEND_URL", &o.redis.backend_url, timeout)?;
+    let backend =
+        connection::connect("BACKEND_URL", &o.redis.backend_url, o.redis.sentinel_master.as_deref(), timeout)?;
     let mut progress = Progress::new("done", sent.sent);
     let waited =
         wait_results(&backend, &o.redis.backend_url, &sent.sent_at, o.wait_timeout, |d, t| progress.update(d, t))

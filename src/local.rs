@@ -546,7 +546,7 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
     let host = args.exporter_listen.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h).to_owned();
     let exporter_shutdown = Shutdown::default();
     let exporter_args = ExporterArgs {
-        redis: RedisArgs { broker_url: broker_url.clone(), backend_url: backend_url.clone() },
+        redis: RedisArgs { broker_url: broker_url.clone(), backend_url: backend_url.clone(), sentinel_master: None },
         queue: QueueArgs { queues: vec![queue.clone()], priority_steps: PrioritySteps::default() },
         interval: Duration::from_secs_f64(args.exporter_interval.unwrap_or((args.sync_period / 3.0).min(5.0))),
         listen: format!("{host}:{exporter_port}"),
@@ -600,7 +600,11 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
     // The load, if any, starts with the first worker.
     let load_task = args.load.clone().map(|pattern| {
         let options = LoadOptions {
-            redis: RedisArgs { broker_url: broker_url.clone(), backend_url: backend_url.clone() },
+            redis: RedisArgs {
+                broker_url: broker_url.clone(),
+                backend_url: backend_url.clone(),
+                sentinel_master: None,
+            },
             queue: QueueArgs { queues: vec![queue.clone()], priority_steps: PrioritySteps::default() },
             task: args.task,
             priority: 0,
@@ -612,7 +616,7 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
             wait_timeout: Duration::ZERO,
         };
         tokio::spawn(async move {
-            let conn = connection::connect("BROKER_URL", &options.redis.broker_url, Duration::from_secs(10))?;
+            let conn = connection::connect("BROKER_URL", &options.redis.broker_url, None, Duration::from_secs(10))?;
             loadgen::send(&conn, &pattern, &options, |_, _| {}).await
         })
     });
@@ -774,7 +778,7 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
 }
 
 async fn queue_depth(broker_url: &str, queue: &str) -> Option<u64> {
-    let conn = connection::connect("BROKER_URL", broker_url, Duration::from_secs(5)).ok()?;
+    let conn = connection::connect("BROKER_URL", broker_url, None, Duration::from_secs(5)).ok()?;
     let reader = exporter::DepthReader::new(conn, vec![queue.to_owned()], PrioritySteps::default(), 2000);
     reader.poll().await.ok()?.first().map(|s| s.depth)
 }

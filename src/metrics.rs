@@ -11,6 +11,7 @@ pub const TASK_REJECTED: &str = "celery_task_rejected_total";
 pub const QUEUE_DEPTH: &str = "celery_queue_depth";
 pub const QUEUE_RESERVED: &str = "celery_queue_reserved";
 pub const EXPORTER_LAST_POLL_OK: &str = "celery_queue_exporter_last_poll_ok";
+pub const EXPORTER_KEY_ERRORS: &str = "celery_queue_exporter_key_errors_total";
 pub const EXPORTER_LAST_SUCCESS: &str = "celery_queue_exporter_last_success_timestamp_seconds";
 pub const WORKER_ACTIVE: &str = "celery_worker_active_tasks";
 pub const WORKER_RESERVED: &str = "celery_worker_reserved_tasks";
@@ -155,6 +156,8 @@ pub struct ExporterMetrics {
     pub poll_duration: Histogram,
     pub last_success: Gauge,
     pub polls: IntCounterVec,
+    /// Polls on which a queue's keys (or `unacked`) could not be read.
+    pub key_errors: IntCounterVec,
 }
 
 impl ExporterMetrics {
@@ -194,6 +197,12 @@ impl ExporterMetrics {
                 "Unix time of the last successful poll.",
             ),
             polls: counter_vec(&r, "celery_queue_exporter_polls_total", "Polls of Redis by outcome.", "outcome"),
+            key_errors: counter_vec(
+                &r,
+                EXPORTER_KEY_ERRORS,
+                "Polls on which a queue's keys could not be read (wrong type); queue=\"unacked\" for the unacked hash.",
+                "queue",
+            ),
             registry: r,
         };
         for outcome in ["ok", "error"] {

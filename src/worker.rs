@@ -137,20 +137,21 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
     let queues = args.queue.names()?;
     // Replies may queue behind a busy Redis; a blocking wait needs its block time on top.
     let op_timeout = Duration::from_secs(10);
-    let broker_conn = connection::connect("BROKER_URL", &args.redis.broker_url, op_timeout)?;
+    let master = args.redis.sentinel_master.as_deref();
+    let broker_conn = connection::connect("BROKER_URL", &args.redis.broker_url, master, op_timeout)?;
     // One connection per list for the blocking wait, so a wait on one list never delays another.
     let wait_conns = (0..Fetcher::lists(&queues, &args.queue.priority_steps))
-        .map(|_| connection::connect("BROKER_URL", &args.redis.broker_url, op_timeout + BRPOP_TIMEOUT))
+        .map(|_| connection::connect("BROKER_URL", &args.redis.broker_url, master, op_timeout + BRPOP_TIMEOUT))
         .collect::<Result<Vec<_>, _>>()?;
-    let backend_conn = connection::connect("BACKEND_URL", &args.redis.backend_url, op_timeout)?;
+    let backend_conn = connection::connect("BACKEND_URL", &args.redis.backend_url, master, op_timeout)?;
     let steps = args.queue.priority_steps.clone();
     let hostname = args.hostname.clone().unwrap_or_else(message::hostname);
     let worker = Arc::new(Worker {
         broker: Broker::new(broker_conn, steps.clone()),
         backend: Backend::new(backend_conn, Duration::from_secs(args.result_expires)),
         metrics: WorkerMetrics::new(registry.names()),
-        broker_health: Health::new("broker"),
-        backend_health: Health::new("backend"),
+        broker_health: Health::new("broker", "BROKER_URL", &args.redis.broker_url),
+        backend_health: Health::new("backend", "BACKEND_URL", &args.redis.backend_url),
         shutdown: shutdown.clone(),
         registry,
         in_flight: InFlight::new(),
@@ -251,9 +252,7 @@ impl Worker {
                     backoff = Backoff::default();
                 }
                 Err(e) => {
-                    if self.broker_health.set_disconnected() {
-                        tracing::warn!(error = %e, "cannot read from the broker; reconnecting with backoff");
-                    }
+                    self.broker_health.report_failure(&e, "read from the broker");
                     tokio::select! {
                         () = tokio::time::sleep(backoff.next_delay()) => {}
                         () = self.shutdown.reached(Stage::Graceful) => break,

@@ -252,7 +252,8 @@ async fn a_stored_success_is_never_overwritten_and_every_store_is_published() {
     use celery_autoscale::backend::{Backend, Stored};
     use celery_autoscale::wire::{ExceptionInfo, ResultMeta};
     let redis = Redis::start();
-    let conn = celery_autoscale::connection::connect("BACKEND_URL", &redis.url(1), Duration::from_secs(5)).unwrap();
+    let conn =
+        celery_autoscale::connection::connect("BACKEND_URL", &redis.url(1), None, Duration::from_secs(5)).unwrap();
     let backend = Backend::new(conn, Duration::from_secs(120));
     let id = "00000000-0000-4000-8000-00000000c0de";
     let channel = format!("celery-task-meta-{id}");

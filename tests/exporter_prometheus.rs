@@ -5,61 +5,14 @@
 
 mod common;
 
-use common::{BIN, PythonWorker, Redis, Worker, enqueue, free_port, http_get, metric_value, repo_root, task, wait_for};
+use common::{
+    BIN, Exporter, PythonWorker, Redis, Worker, enqueue, free_port, http_get, metric_value, repo_root, task, wait_for,
+};
 use redis::Commands;
 use serde_json::{Value, json};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-
-/// A `celery-autoscale exporter` process.
-struct Exporter {
-    child: Child,
-    port: u16,
-    log: tempfile::NamedTempFile,
-}
-
-impl Exporter {
-    fn start(broker_url: &str, queues: &str, extra: &[&str]) -> Exporter {
-        let port = free_port();
-        let log = tempfile::NamedTempFile::new().unwrap();
-        let child = Command::new(BIN)
-            .args(["exporter", "--queues", queues, "--interval", "0.5", "--listen", &format!("127.0.0.1:{port}")])
-            .args(extra)
-            .env("BROKER_URL", broker_url)
-            .stdout(Stdio::null())
-            .stderr(log.reopen().unwrap())
-            .spawn()
-            .unwrap();
-        let e = Exporter { child, port, log };
-        wait_for("exporter /healthz", Duration::from_secs(10), || http_get(e.port, "/healthz").map(|_| ()));
-        e
-    }
-
-    fn metrics(&self) -> String {
-        http_get(self.port, "/metrics").expect("exporter /metrics").1
-    }
-
-    fn value(&self, name: &str, labels: &str) -> Option<f64> {
-        let body = self.metrics();
-        let present = body.lines().any(|l| l.starts_with(name) && l.contains(labels));
-        present.then(|| metric_value(&body, name, labels))
-    }
-
-    /// Wait until `name{labels}` reads `want` (None: the series is absent).
-    fn wait_value(&self, name: &str, labels: &str, want: Option<f64>) {
-        wait_for(&format!("{name}{{{labels}}} = {want:?}"), Duration::from_secs(15), || {
-            (self.value(name, labels) == want).then_some(())
-        });
-    }
-}
-
-impl Drop for Exporter {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[test]
 fn depth_sums_every_priority_list_and_queue_and_reserved_counts_held_work() {
@@ -343,5 +296,128 @@ fn ramp_and_oscillate_send_at_their_rate() {
             "{args:?} took {elapsed:?}"
         );
         assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("sent {total} tasks")));
+    }
+}
+
+#[test]
+fn a_key_of_the_wrong_type_withdraws_only_its_own_series() {
+    let redis = Redis::start();
+    let queues: Vec<String> = (0..20).map(|i| format!("q{i:02}")).collect();
+    let mut batch = Vec::new();
+    for q in &queues {
+        let mut t = task("tasks.io_bound", vec![json!(1)]);
+        t.queue = q.clone();
+        batch.push(t);
+    }
+    enqueue(&redis, &batch);
+    let exporter = Exporter::start(&redis.url(0), &queues.join(","), &[]);
+    exporter.wait_value("celery_queue_depth", "queue=\"q19\"", Some(1.0));
+
+    let _: () = redis.conn(0).del("q05").unwrap();
+    let _: () = redis.conn(0).set("q05", "x").unwrap();
+    exporter.wait_value("celery_queue_depth", "queue=\"q05\"", None);
+    wait_for("three polls counted for q05", Duration::from_secs(15), || {
+        (exporter.value("celery_queue_exporter_key_errors_total", "queue=\"q05\"")? >= 3.0).then_some(())
+    });
+    let body = exporter.metrics();
+    for q in queues.iter().filter(|q| *q != "q05") {
+        assert_eq!(metric_value(&body, "celery_queue_depth", &format!("queue=\"{q}\"")), 1.0, "{q}: {body}");
+    }
+    assert_eq!(metric_value(&body, "celery_queue_exporter_last_poll_ok", ""), 1.0);
+    let log = exporter.log_text();
+    assert_eq!(log.matches("cannot read this queue's keys").count(), 1, "logged once: {log}");
+    assert!(log.contains("q05") && log.contains("WRONGTYPE"), "{log}");
+
+    // A wrong-type unacked: depth still served for all 20, reserved withdrawn and counted.
+    let _: () = redis.conn(0).set("unacked", "x").unwrap();
+    exporter.wait_value("celery_queue_reserved", "queue=\"q01\"", None);
+    wait_for("unacked counted", Duration::from_secs(15), || {
+        (exporter.value("celery_queue_exporter_key_errors_total", "queue=\"unacked\"")? >= 1.0).then_some(())
+    });
+    assert_eq!(exporter.value("celery_queue_depth", "queue=\"q01\""), Some(1.0));
+    assert_eq!(exporter.value("celery_queue_exporter_last_poll_ok", ""), Some(1.0));
+
+    // Healed: the series come back.
+    let _: () = redis.conn(0).del(&["q05", "unacked"]).unwrap();
+    exporter.wait_value("celery_queue_depth", "queue=\"q05\"", Some(0.0));
+    exporter.wait_value("celery_queue_reserved", "queue=\"q01\"", Some(0.0));
+    assert!(exporter.log_text().contains("queue keys readable again"));
+}
+
+#[test]
+fn a_poll_slower_than_the_interval_marks_the_data_stale() {
+    let redis = Redis::start();
+    enqueue(&redis, &[task("tasks.io_bound", vec![json!(1)])]);
+    // Polls every 0.5 s; a poll that hangs is given up after 2 s (the floor of the timeout).
+    let exporter = Exporter::start(&redis.url(0), "celery", &[]);
+    exporter.wait_value("celery_queue_depth", "queue=\"celery\"", Some(1.0));
+    exporter.wait_value("celery_queue_exporter_last_poll_ok", "", Some(1.0));
+    // Redis stalls for 1.8 s: shorter than the poll timeout, so a poll answered late still
+    // "succeeds" — before this fix the old depth was served with last_poll_ok 1 all along. Now a
+    // poll in flight for longer than the interval (0.5 s) withdraws the data while it waits.
+    let port = redis.port;
+    let sleeper = std::thread::spawn(move || {
+        let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).unwrap().get_connection().unwrap();
+        let _: () = redis::cmd("DEBUG").arg("SLEEP").arg(1.8).query(&mut c).unwrap();
+    });
+    // While Redis is still asleep the old value must no longer be served as fresh.
+    wait_for("stale data withdrawn during the stall", Duration::from_secs(20), || {
+        let body = exporter.metrics();
+        let stale = metric_value(&body, "celery_queue_exporter_last_poll_ok", "") == 0.0
+            && !body.lines().any(|l| l.starts_with("celery_queue_depth{"));
+        assert!(stale || !sleeper.is_finished(), "Redis woke up before the exporter marked its data stale");
+        stale.then_some(())
+    });
+    sleeper.join().unwrap();
+    exporter.wait_value("celery_queue_exporter_last_poll_ok", "", Some(1.0));
+    exporter.wait_value("celery_queue_depth", "queue=\"celery\"", Some(1.0));
+}
+
+#[test]
+fn no_password_in_logs_metrics_or_errors_for_a_unix_socket_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("redis.sock");
+    let _server = common::Proc::spawn(Command::new("redis-server").args([
+        "--port",
+        "0",
+        "--unixsocket",
+        sock.to_str().unwrap(),
+        "--unixsocketperm",
+        "700",
+        "--requirepass",
+        "s3cret",
+        "--save",
+        "",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]));
+    let url = |db: u8, key: &str| format!("redis+unix://{}?{key}=s3cret&db={db}", sock.display());
+    wait_for("redis on its unix socket", Duration::from_secs(10), || {
+        let mut c = redis::Client::open(url(0, "pass")).ok()?.get_connection().ok()?;
+        redis::cmd("PING").query::<String>(&mut c).ok()
+    });
+
+    let worker = Worker::spawn_urls(&url(0, "pass"), &url(1, "password"), free_port(), &[]);
+    worker.wait_ready(Duration::from_secs(20));
+    let exporter = Exporter::start(&url(0, "password"), "celery", &[]);
+    exporter.wait_value("celery_queue_exporter_last_poll_ok", "", Some(1.0));
+    let started = worker.log_events().into_iter().find(|e| e["message"] == "worker started").expect("started line");
+    assert!(started["broker"].as_str().unwrap().ends_with("?pass=***&db=0"), "{started}");
+    assert!(exporter.log_text().contains("password=***"), "{}", exporter.log_text());
+    let out = Command::new(BIN)
+        .args(["loadgen", "burst", "--n", "1"])
+        .env("BROKER_URL", format!("redis+unix://{}?pass=s3cret&db=zz", sock.display()))
+        .output()
+        .unwrap();
+    let loadgen_err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success() && loadgen_err.contains("BROKER_URL=redis+unix://"), "{loadgen_err}");
+    for (what, text) in [
+        ("worker log", worker.log_text()),
+        ("worker metrics", worker.http_get("/metrics").unwrap().1),
+        ("exporter log", exporter.log_text()),
+        ("exporter metrics", exporter.metrics()),
+        ("loadgen error", loadgen_err),
+    ] {
+        assert!(!text.contains("s3cret"), "password in the {what}:\n{text}");
     }
 }

@@ -60,7 +60,8 @@ impl Redis {
     fn launch(&mut self) {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
-            .args(["--appendfsync", "always", "--dir"])
+            // DEBUG SLEEP simulates a stalled Redis (exporter staleness test).
+            .args(["--appendfsync", "always", "--enable-debug-command", "local", "--dir"])
             .arg(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -190,14 +191,31 @@ impl Worker {
     }
 
     /// Any program that takes `celery-autoscale worker`'s flags (e.g. an example binary).
-    pub fn spawn_command(mut command: Command, redis: &Redis, metrics_port: u16, extra: &[&str]) -> Worker {
+    pub fn spawn_command(command: Command, redis: &Redis, metrics_port: u16, extra: &[&str]) -> Worker {
+        Worker::spawn_command_urls(command, &redis.url(0), &redis.url(1), metrics_port, extra)
+    }
+
+    /// A worker on any broker/backend URL (TLS, Sentinel), passed through the environment.
+    pub fn spawn_urls(broker_url: &str, backend_url: &str, metrics_port: u16, extra: &[&str]) -> Worker {
+        let mut worker = Command::new(BIN);
+        worker.arg("worker");
+        Worker::spawn_command_urls(worker, broker_url, backend_url, metrics_port, extra)
+    }
+
+    fn spawn_command_urls(
+        mut command: Command,
+        broker_url: &str,
+        backend_url: &str,
+        metrics_port: u16,
+        extra: &[&str],
+    ) -> Worker {
         let logdir = tempfile::tempdir().unwrap();
         let log = logdir.path().join("worker.log");
         let child = command
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
             .args(extra)
-            .env("BROKER_URL", redis.url(0))
-            .env("BACKEND_URL", redis.url(1))
+            .env("BROKER_URL", broker_url)
+            .env("BACKEND_URL", backend_url)
             .env("LOG_FORMAT", "json")
             .env("RUST_LOG", "debug,redis=info")
             .stdout(Stdio::null())
@@ -272,6 +290,95 @@ impl Drop for Worker {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A `celery-autoscale exporter` process, killed on drop.
+pub struct Exporter {
+    pub child: Child,
+    pub port: u16,
+    pub log: tempfile::NamedTempFile,
+}
+
+impl Exporter {
+    /// Start on `broker_url` (passed in the environment) polling every 0.5 s; waits for /healthz.
+    pub fn start(broker_url: &str, queues: &str, extra: &[&str]) -> Exporter {
+        Exporter::start_with_env(broker_url, queues, extra, &[])
+    }
+
+    pub fn start_with_env(broker_url: &str, queues: &str, extra: &[&str], env: &[(&str, &str)]) -> Exporter {
+        let port = free_port();
+        let log = tempfile::NamedTempFile::new().unwrap();
+        // 0.5 s between polls unless the caller chose.
+        let interval: &[&str] = if extra.contains(&"--interval") { &[] } else { &["--interval", "0.5"] };
+        let child = Command::new(BIN)
+            .args(["exporter", "--queues", queues, "--listen", &format!("127.0.0.1:{port}")])
+            .args(interval)
+            .args(extra)
+            .env("BROKER_URL", broker_url)
+            .env("LOG_FORMAT", "json")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .unwrap();
+        let e = Exporter { child, port, log };
+        wait_for("exporter /healthz", Duration::from_secs(10), || http_get(e.port, "/healthz").map(|_| ()));
+        e
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.port, "/metrics").expect("exporter /metrics").1
+    }
+
+    pub fn value(&self, name: &str, labels: &str) -> Option<f64> {
+        let body = self.metrics();
+        let present = body.lines().any(|l| l.starts_with(name) && l.contains(labels));
+        present.then(|| metric_value(&body, name, labels))
+    }
+
+    /// Wait until `name{labels}` reads `want` (None: the series is absent).
+    pub fn wait_value(&self, name: &str, labels: &str, want: Option<f64>) {
+        wait_for(&format!("{name}{{{labels}}} = {want:?}"), Duration::from_secs(15), || {
+            (self.value(name, labels) == want).then_some(())
+        });
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+}
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Any helper process (a TLS redis-server, a sentinel), killed on drop.
+pub struct Proc(pub Child);
+
+impl Proc {
+    pub fn spawn(cmd: &mut Command) -> Proc {
+        let program = cmd.get_program().to_string_lossy().into_owned();
+        Proc(
+            cmd.stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {program}: {e}")),
+        )
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -427,13 +534,18 @@ pub fn read(path: impl AsRef<Path>) -> Vec<u8> {
 
 /// Enqueue tasks the way a producer does (LPUSH of the Celery envelope); returns their ids.
 pub fn enqueue(redis: &Redis, tasks: &[celery_autoscale::wire::NewTask]) -> Vec<String> {
+    enqueue_on(&mut redis.conn(0), tasks)
+}
+
+/// [`enqueue`] on any connection (a TLS or Sentinel-managed server).
+pub fn enqueue_on(conn: &mut redis::Connection, tasks: &[celery_autoscale::wire::NewTask]) -> Vec<String> {
     let steps = celery_autoscale::wire::PrioritySteps::default();
     let mut pipe = redis::pipe();
     for t in tasks {
         let (bytes, _) = t.to_message("gen0@tests");
         pipe.lpush(steps.key_for(&t.queue, i64::from(t.priority)), bytes).ignore();
     }
-    let _: () = pipe.query(&mut redis.conn(0)).unwrap();
+    let _: () = pipe.query(conn).unwrap();
     tasks.iter().map(|t| t.id.clone()).collect()
 }
 
