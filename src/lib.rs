@@ -18,6 +18,7 @@ pub mod local;
 pub mod metrics;
 pub mod pattern;
 pub mod plot;
+pub mod scrape;
 pub mod shutdown;
 pub mod simulate;
 pub mod tasks;

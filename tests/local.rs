@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{BIN, Redis, free_port, repo_root, wait_for};
+use common::{BIN, Redis, alive, free_port, repo_root, signal_pid, wait_for};
 use redis::Commands;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -31,14 +31,7 @@ impl Run {
         c.arg("local")
             .args(["--hpa", &fast_hpa(), "--sync-period", "2", "--worker-shutdown-timeout", "10"])
             .args(["--exporter-listen", &format!("127.0.0.1:{}", free_port())])
-            .args([
-                "--data-dir",
-                &self.path("data"),
-                "--timeline",
-                &self.path("timeline.csv"),
-                "--plot",
-                &self.path("plot.svg"),
-            ])
+            .args(["--data-dir", &self.path("data"), "--output-dir", &self.path("out")])
             .args(extra)
             .env_remove("BROKER_URL")
             .env_remove("BACKEND_URL")
@@ -52,7 +45,7 @@ impl Run {
     }
 
     fn timeline(&self) -> Vec<Vec<String>> {
-        let text = std::fs::read_to_string(self.path("timeline.csv")).expect("timeline written");
+        let text = std::fs::read_to_string(self.path("out/timeline.csv")).expect("timeline written");
         let mut lines = text.lines();
         assert!(lines.next().unwrap().starts_with("t,queue_depth,reserved,desired_replicas,running_workers"));
         lines.map(|l| l.split(',').map(str::to_owned).collect()).collect()
@@ -103,14 +96,17 @@ fn a_burst_scales_workers_up_and_back_down_and_every_task_succeeds() {
     // Each scale event in the CSV is one the summary reports, in order.
     let csv_events: Vec<String> =
         rows.iter().filter_map(|r| r[10].split_whitespace().find(|e| e.contains("->")).map(str::to_owned)).collect();
-    let printed: Vec<String> =
-        stdout.lines().filter_map(|l| l.trim().split(':').next()?.split(' ').nth(2).map(str::to_owned)).collect();
+    let printed: Vec<String> = stdout
+        .lines()
+        .filter(|l| l.starts_with("  t="))
+        .filter_map(|l| Some(l.split_whitespace().nth(2)?.trim_end_matches(':').to_owned()))
+        .collect();
     assert_eq!(csv_events, printed, "{stdout}");
     // One log file per worker process started.
     let started: usize = stdout.split(" started,").next().unwrap().rsplit('(').next().unwrap().parse().unwrap();
-    let logs = std::fs::read_dir(run.dir.path().join("data/logs")).unwrap().count();
+    let logs = std::fs::read_dir(run.dir.path().join("out/logs")).unwrap().count();
     assert_eq!(logs, started);
-    assert!(std::fs::read_to_string(run.path("plot.svg")).unwrap().contains("<svg"));
+    assert!(std::fs::read_to_string(run.path("out/timeline.svg")).unwrap().contains("<svg"));
 }
 
 #[test]
@@ -152,25 +148,25 @@ fn ctrl_c_stops_everything_cleanly_and_a_dead_worker_is_replaced() {
         .spawn()
         .unwrap();
     // Wait until at least two workers run, then kill one outright.
-    let local_pid = child.id().to_string();
+    let local_pid = child.id();
     let pids = wait_for("two local workers", Duration::from_secs(30), || {
-        let pids = children(&local_pid);
+        let pids = children(local_pid);
         (pids.len() >= 2).then_some(pids)
     });
-    assert!(Command::new("kill").args(["-KILL", &pids[0]]).status().unwrap().success());
+    assert!(signal_pid(pids[0], "KILL"));
     let mut seen = pids.clone();
     for _ in 0..30 {
         std::thread::sleep(Duration::from_millis(100));
-        seen.extend(children(&local_pid));
+        seen.extend(children(local_pid));
     }
     // Ctrl-C: SIGINT to local alone (its workers are in their own process groups).
-    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    assert!(signal_pid(child.id(), "INT"));
     wait_for("local to exit", Duration::from_secs(60), || child.try_wait().unwrap().map(|_| ()));
     let output = child.wait_with_output().unwrap();
     let (stdout, stderr) = text(&output);
     assert!(output.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("1 replaced after dying"), "{stdout}");
-    assert!(stderr.contains("worker died; it will be replaced"), "{stderr}");
+    assert!(stderr.contains("died (signal: 9 (SIGKILL)); it will be replaced"), "{stderr}");
     let rows = run.timeline();
     assert!(rows.iter().any(|r| r[10].contains("replaced 1")), "the timeline records the replacement");
     // Nothing lost: every task is either done, still queued, or held by the killed worker (it
@@ -185,13 +181,12 @@ fn ctrl_c_stops_everything_cleanly_and_a_dead_worker_is_replaced() {
         done.len()
     );
     assert!(held <= 2, "only the SIGKILLed worker's messages (concurrency 2) wait for the visibility timeout");
-    let alive: Vec<&String> =
-        seen.iter().filter(|p| Command::new("kill").args(["-0", p.as_str()]).status().unwrap().success()).collect();
-    assert!(alive.is_empty(), "no worker left running: {alive:?}");
+    let left: Vec<&u32> = seen.iter().filter(|p| alive(**p)).collect();
+    assert!(left.is_empty(), "no worker left running: {left:?}");
 }
 
 /// The worker processes a `local` run has started (its children other than redis-server).
-fn children(pid: &str) -> Vec<String> {
-    let out = Command::new("pgrep").args(["-P", pid, "-f", "celery-autoscale worker"]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned).collect()
+fn children(pid: u32) -> Vec<u32> {
+    let out = Command::new("pgrep").args(["-P", &pid.to_string(), "-f", "celery-autoscale worker"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect()
 }
