@@ -119,25 +119,33 @@ fn draw(root: &DrawingArea<SVGBackend<'_>, Shift>, title: &str, points: &[Timeli
         .bold_line_style(BLACK.mix(0.08))
         .draw()
         .map_err(|e| err(&e))?;
-    // Desired is drawn wide and underneath so that current stays visible where they agree.
-    let series = [
-        ("desired (HPA spec)", DESIRED_COLOR, 5, stairs(points, |p| p.desired_replicas)),
-        ("current (live workers)", CURRENT_COLOR, 2, stairs(points, |p| p.current_replicas)),
-    ];
-    for (label, color, width, data) in series {
-        replicas
-            .draw_series(LineSeries::new(data, color.stroke_width(width)))
-            .map_err(|e| err(&e))?
-            .label(label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 22, y)], color.stroke_width(3)));
-    }
+    // Where the three agree (most of a run) they lie on one another. Each is drawn so that it
+    // still shows there: desired as a wide translucent band underneath, current as a solid line
+    // inside the band, ready as a thin dashed line on top (current shows between the dashes).
+    let desired_style = DESIRED_COLOR.mix(0.35).stroke_width(12);
+    replicas
+        .draw_series(LineSeries::new(stairs(points, |p| p.desired_replicas), desired_style))
+        .map_err(|e| err(&e))?
+        .label("desired (HPA spec)")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 22, y)], desired_style));
+    let current_style = CURRENT_COLOR.stroke_width(4);
+    replicas
+        .draw_series(LineSeries::new(stairs(points, |p| p.current_replicas), current_style))
+        .map_err(|e| err(&e))?
+        .label("current (live workers)")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 22, y)], current_style));
     if points.iter().any(|p| p.ready_replicas.is_some()) {
         let ready = stairs(points, |p| p.ready_replicas.unwrap_or(0));
+        let ready_style = READY_COLOR.stroke_width(2);
         replicas
-            .draw_series(DashedLineSeries::new(ready, 7, 5, READY_COLOR.stroke_width(2)))
+            .draw_series(DashedLineSeries::new(ready, 6, 6, ready_style))
             .map_err(|e| err(&e))?
             .label("ready (consuming)")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 22, y)], READY_COLOR.stroke_width(3)));
+            .legend(move |(x, y)| {
+                EmptyElement::at((x, y))
+                    + PathElement::new(vec![(0, 0), (6, 0)], ready_style)
+                    + PathElement::new(vec![(12, 0), (18, 0)], ready_style)
+            });
     }
     legend(&mut replicas).map_err(|e| err(&e))?;
     Ok(())

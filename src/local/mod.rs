@@ -575,7 +575,12 @@ impl Run {
             && reading.reserved == Some(0.0)
             && reading.polled_at.is_some_and(|p| p > sent_at);
         let all_done = tasks.is_some_and(|(ok, failed)| ok + failed >= sent as f64);
-        load.done_sending() && all_done && drained && self.desired == self.spec.min_replicas && census.stopping == 0
+        load.done_sending()
+            && all_done
+            && drained
+            && self.desired == self.spec.min_replicas
+            && census.running == self.spec.min_replicas
+            && census.stopping == 0
     }
 
     /// Stop in order: the load, the workers (they finish or return their tasks), the exporter,
