@@ -190,3 +190,105 @@ fn children(pid: u32) -> Vec<u32> {
     let out = Command::new("pgrep").args(["-P", &pid.to_string(), "-f", "celery-autoscale worker"]).output().unwrap();
     String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect()
 }
+
+/// `--worker-command`: real Python Celery workers (tests/python/tasks.py: acks_late, prefetch 1)
+/// scaled by `local` exactly as our own: past one replica under a burst, back to one, every task
+/// SUCCESS, nothing left queued or held, no process left behind, no URL in any argv.
+#[test]
+fn python_celery_workers_run_by_worker_command_scale_up_and_back_and_every_task_succeeds() {
+    let redis = Redis::start();
+    let run = Run::new();
+    // A word unique to this run in every replica's argv, to find its processes.
+    let marker = format!("local-python-{}", redis.port);
+    let command = format!(
+        "{} -m celery -A tasks worker -c 2 --loglevel=info -n {marker}@%h",
+        shell_quote(&common::python().display().to_string())
+    );
+    let mut child = run
+        .command(
+            Some(&redis),
+            &[
+                "--worker-command",
+                &command,
+                "--worker-ready-after",
+                "3",
+                "--load",
+                "burst:60",
+                "--task",
+                "io",
+                "--io-seconds",
+                "0.3:0.5",
+                "--max-duration",
+                "240",
+            ],
+        )
+        .current_dir(repo_root().join("tests/python"))
+        .env("PYTHONPATH", repo_root().join("tests/python"))
+        .spawn()
+        .unwrap();
+    // While it runs: the replicas are the user's command, and no Redis URL is in their argv.
+    let pids = wait_for("a python worker started by local", Duration::from_secs(60), || {
+        // Children of local: its own argv holds the marker too.
+        let out = Command::new("pgrep").args(["-P", &child.id().to_string(), "-f", &marker]).output().unwrap();
+        let pids: Vec<u32> =
+            String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect();
+        (!pids.is_empty()).then_some(pids)
+    });
+    for pid in pids {
+        if let Ok(argv) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+            let argv = String::from_utf8_lossy(&argv).replace('\0', " ");
+            assert!(argv.contains("celery") && !argv.contains("redis://"), "{argv}");
+        }
+    }
+    wait_for("local to finish", Duration::from_secs(300), || child.try_wait().unwrap().map(|_| ()));
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "local failed\n{stdout}\n{stderr}");
+    assert!(stdout.contains("done: 60 tasks succeeded, 0 failed"), "{stdout}\n{stderr}");
+
+    let keys: Vec<String> = redis.conn(1).keys("celery-task-meta-*").unwrap();
+    assert_eq!(keys.len(), 60);
+    let ids: Vec<String> = keys.iter().map(|k| k.trim_start_matches("celery-task-meta-").to_owned()).collect();
+    let statuses = redis.statuses(&ids);
+    assert!(statuses.iter().all(|s| s.as_deref() == Some("SUCCESS")), "{statuses:?}");
+    assert_eq!((redis.depth("celery"), redis.unacked()), (0, 0), "nothing queued or held");
+
+    let rows = run.timeline();
+    let desired = column(&rows, 3);
+    let running = column(&rows, 4);
+    assert!(desired.iter().cloned().fold(0.0, f64::max) > 1.0, "scaled past one worker: {desired:?}");
+    assert!(running.iter().cloned().fold(0.0, f64::max) > 1.0, "more than one python worker ran: {running:?}");
+    assert_eq!(*desired.last().unwrap(), 1.0, "back at the minimum");
+    assert_eq!(column(&rows, 7).last().copied(), Some(60.0), "the CSV counts the results");
+    // Surplus replicas were stopped with SIGTERM (Celery's warm shutdown), not killed.
+    assert!(stderr.contains("stopping: SIGTERM") && !stderr.contains("SIGKILL"), "{stderr}");
+    let log = std::fs::read_to_string(run.dir.path().join("out/logs/worker-1.log")).unwrap();
+    assert!(log.contains("celery@") || log.contains(&marker), "the worker's own output is in its log: {log}");
+    assert!(pgrep(&marker).is_empty(), "no python worker left running");
+}
+
+#[test]
+fn a_worker_command_that_cannot_run_is_said_once_before_anything_starts() {
+    let run = Run::new();
+    for (command, expected) in [
+        ("celery 'unclosed", "a quote is not closed"),
+        ("no-such-celery-program -A tasks worker", "cannot find the program \"no-such-celery-program\""),
+    ] {
+        let out = run.command(None, &["--worker-command", command, "--max-duration", "5"]).output().unwrap();
+        let (_, stderr) = text(&out);
+        assert!(!out.status.success());
+        assert_eq!(stderr.matches(expected).count(), 1, "{stderr}");
+        assert!(!run.dir.path().join("data/redis").exists(), "failed before starting Redis");
+    }
+}
+
+/// Processes whose command line contains `word`.
+fn pgrep(word: &str) -> Vec<u32> {
+    let out = Command::new("pgrep").args(["-f", word]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect()
+}
+
+/// `s` quoted for a POSIX shell's word splitting (what --worker-command applies).
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}

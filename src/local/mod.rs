@@ -154,6 +154,11 @@ pub enum LocalError {
     ExporterGone,
     #[error("cannot use --exporter-listen {addr}: {source} (pass another port, or 127.0.0.1:0 for any)")]
     Listen { addr: String, source: std::io::Error },
+    #[error(
+        "--worker-command: cannot find the program {program:?} (not a file{}); give its full path or fix PATH",
+        if program.contains('/') { "" } else { " in any PATH directory" }
+    )]
+    NoSuchProgram { program: String },
     #[error("cannot find this program to start workers: {0}")]
     SelfExe(std::io::Error),
     #[error("cannot write {path}: {source} (choose another --output-dir / --data-dir)")]
@@ -180,6 +185,14 @@ fn send_signal(child: &tokio::process::Child, sig: Signal) {
     if let Some(pid) = child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
         let _ = rustix::process::kill_process(pid, sig);
     }
+}
+
+/// Whether `program` names a file: a path as given, or a bare name found on PATH (as exec does).
+fn program_exists(program: &str) -> bool {
+    if program.contains('/') {
+        return Path::new(program).is_file();
+    }
+    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
 
 /// Load the HPA and the queue its metric selects.
@@ -337,6 +350,22 @@ impl Run {
             hpa::MetricTarget::AverageValue(milli) => Some(milli as f64 / 1000.0),
             hpa::MetricTarget::Value(_) => None,
         });
+        let kind = match &args.worker_command {
+            Some(WorkerCommand(argv)) => {
+                // Said once, here, rather than as a failed start every second.
+                if !program_exists(&argv[0]) {
+                    return Err(LocalError::NoSuchProgram { program: argv[0].clone() });
+                }
+                WorkerKind::Command {
+                    argv: argv.clone(),
+                    ready_after: Duration::from_secs_f64(args.worker_ready_after),
+                }
+            }
+            None => WorkerKind::Own {
+                exe: std::env::current_exe().map_err(LocalError::SelfExe)?,
+                concurrency: args.concurrency,
+            },
+        };
         let output_dir = args.output_dir.clone();
         let log_dir = output_dir.join("logs");
         prepare_log_dir(&log_dir)?;
@@ -356,16 +385,6 @@ impl Run {
         let backend_url = args.backend_url.clone().unwrap_or_else(|| with_db(&broker_url, 1));
         let exporter = start_exporter(&args, &broker_url, &queue).await?;
 
-        let kind = match &args.worker_command {
-            Some(WorkerCommand(argv)) => WorkerKind::Command {
-                argv: argv.clone(),
-                ready_after: Duration::from_secs_f64(args.worker_ready_after),
-            },
-            None => WorkerKind::Own {
-                exe: std::env::current_exe().map_err(LocalError::SelfExe)?,
-                concurrency: args.concurrency,
-            },
-        };
         let fleet = Fleet::new(
             kind,
             broker_url.clone(),
