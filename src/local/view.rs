@@ -122,7 +122,11 @@ impl View {
 }
 
 fn terminal_width() -> usize {
-    rustix::termios::tcgetwinsize(std::io::stdout()).map_or(100, |w| usize::from(w.ws_col).max(40))
+    // A pseudo-terminal may report 0 columns: unknown, not narrow.
+    match rustix::termios::tcgetwinsize(std::io::stdout()) {
+        Ok(w) if w.ws_col > 0 => usize::from(w.ws_col).max(40),
+        _ => 100,
+    }
 }
 
 /// "1 worker", "3 workers".
