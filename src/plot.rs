@@ -202,4 +202,28 @@ mod tests {
         let steps = stairs(&[p(0.0, 1), p(15.0, 3), p(30.0, 3)], |p| p.desired_replicas);
         assert_eq!(steps, vec![(0.0, 1.0), (15.0, 1.0), (15.0, 3.0), (30.0, 3.0), (30.0, 3.0)]);
     }
+
+    #[test]
+    fn where_the_replica_lines_agree_each_still_shows() {
+        let points: Vec<TimelinePoint> = (0..20)
+            .map(|t| TimelinePoint {
+                t: f64::from(t),
+                queue_depth: 0.0,
+                reserved: 0.0,
+                desired_replicas: 2,
+                current_replicas: 2,
+                ready_replicas: Some(2),
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.svg");
+        write_svg(&path, "t", &points).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        // Drawn in this order, each narrower than the one beneath, the band see-through.
+        let at = |needle: &str| svg.find(needle).unwrap_or_else(|| panic!("{needle} missing"));
+        let desired = at(r##"opacity="0.35" stroke="#D62728" stroke-width="12""##);
+        let current = at(r##"stroke="#2CA02C" stroke-width="4""##);
+        let ready = at(r##"stroke="#9467BD" stroke-width="2""##);
+        assert!(desired < current && current < ready);
+    }
 }
