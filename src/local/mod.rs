@@ -14,11 +14,13 @@
 //! replicas), "ready" those consuming (see [`fleet`] for what ready means for each kind of
 //! worker). The controller's memory is kept for the whole run.
 //!
-//! The modules: [`redis`] the embedded Redis, [`fleet`] the worker processes, [`view`] the
+//! The modules: [`redis`] the embedded Redis, [`fleet`] the worker processes, [`load`] the load
+//! and its results, [`view`] the
 //! terminal panel or log lines, [`timeline`] the CSV and plot. This file holds the run's state
 //! ([`Run`]) and one method per step of a tick.
 
 mod fleet;
+mod load;
 mod redis;
 mod timeline;
 mod view;
@@ -27,13 +29,14 @@ use crate::args::positive_seconds;
 use crate::connection::{self, redact_url};
 use crate::exporter::{self, ExporterArgs};
 use crate::hpa::{self, Autoscaler, HpaSpec, MetricReading, Observation, Timestamp};
-use crate::loadgen::{self, LoadOptions, LoadgenError, SendReport, Span, TaskKind};
+use crate::loadgen::{Span, TaskKind};
 use crate::metrics::{EXPORTER_LAST_SUCCESS, QUEUE_DEPTH, QUEUE_RESERVED};
 use crate::pattern::LoadPattern;
 use crate::scrape;
 use crate::shutdown::{Shutdown, Stage};
 use crate::wire::keys::PrioritySteps;
 use fleet::{Census, Fleet, WorkerKind};
+use load::Load;
 use redis::OwnedRedis;
 use rustix::process::Signal;
 use std::io::IsTerminal;
@@ -239,60 +242,6 @@ impl ExporterHandle {
     }
 }
 
-/// The load generator's part of the run.
-struct Load {
-    pattern: LoadPattern,
-    task: Option<JoinHandle<Result<SendReport, LoadgenError>>>,
-    /// Tasks confirmed in Redis, and when (unix time) sending finished.
-    sent: Option<(u64, f64)>,
-    note: String,
-    /// Results of the load's tasks read from the backend, for workers that report no counters.
-    results: Option<ResultCounter>,
-}
-
-impl Load {
-    fn done_sending(&self) -> bool {
-        self.task.is_none()
-    }
-}
-
-/// Counts the load's tasks that reached SUCCESS or FAILURE in the result backend.
-struct ResultCounter {
-    conn: ::redis::aio::ConnectionManager,
-    pending: Vec<String>,
-    succeeded: f64,
-    failed: f64,
-}
-
-impl ResultCounter {
-    /// Ids looked up per tick: a big load is counted over a few seconds instead of one huge MGET.
-    const PER_TICK: usize = 2000;
-
-    async fn refresh(&mut self) {
-        if self.pending.is_empty() {
-            return;
-        }
-        let n = self.pending.len().min(Self::PER_TICK);
-        let keys: Vec<String> = self.pending[..n].iter().map(|id| format!("celery-task-meta-{id}")).collect();
-        let Ok(raw) = ::redis::cmd("MGET").arg(&keys).query_async::<Vec<Option<String>>>(&mut self.conn).await else {
-            return;
-        };
-        let mut still = Vec::with_capacity(n);
-        for (id, doc) in self.pending.drain(..n).zip(raw) {
-            let status = doc
-                .and_then(|d| serde_json::from_str::<serde_json::Value>(&d).ok())
-                .and_then(|v| v["status"].as_str().map(str::to_owned));
-            match status.as_deref() {
-                Some("SUCCESS") => self.succeeded += 1.0,
-                Some("FAILURE") => self.failed += 1.0,
-                _ => still.push(id),
-            }
-        }
-        // Unfinished ones go to the back, so every id gets its turn.
-        self.pending.extend(still);
-    }
-}
-
 /// Tasks per second over windows of five seconds.
 struct RateMeter {
     last: Option<(f64, Instant)>,
@@ -394,7 +343,7 @@ impl Run {
             log_dir,
         );
         let load = match &args.load {
-            Some(pattern) => Some(start_load(&args, pattern, &broker_url, &backend_url, &queue)?),
+            Some(pattern) => Some(load::start(&args, pattern, &broker_url, &backend_url, &queue)?),
             None => None,
         };
         let terminal = std::io::stdout().is_terminal();
@@ -725,46 +674,6 @@ async fn start_exporter(args: &LocalArgs, broker_url: &str, queue: &str) -> Resu
         };
     }
     Ok(handle)
-}
-
-/// Start sending the load (it runs alongside the first worker).
-fn start_load(
-    args: &LocalArgs,
-    pattern: &LoadPattern,
-    broker_url: &str,
-    backend_url: &str,
-    queue: &str,
-) -> Result<Load, LocalError> {
-    let options = LoadOptions {
-        broker_url: broker_url.to_owned(),
-        backend_url: backend_url.to_owned(),
-        task: args.task,
-        queue: queue.to_owned(),
-        priority: 0,
-        priority_steps: PrioritySteps::default(),
-        cpu_n: args.cpu_n,
-        io_seconds: args.io_seconds,
-        seed: None,
-        batch: 500,
-        wait: false,
-        wait_timeout: 0.0,
-    };
-    // A foreign worker reports no counters: the load's results are read from the backend.
-    let results = match args.worker_command {
-        Some(_) => Some(ResultCounter {
-            conn: connection::connect("BACKEND_URL", backend_url, Duration::from_secs(10))?,
-            pending: Vec::new(),
-            succeeded: 0.0,
-            failed: 0.0,
-        }),
-        None => None,
-    };
-    let send_pattern = pattern.clone();
-    let task = tokio::spawn(async move {
-        let conn = connection::connect("BROKER_URL", &options.broker_url, Duration::from_secs(10))?;
-        loadgen::send(&conn, &send_pattern, &options, |_, _| {}).await
-    });
-    Ok(Load { pattern: pattern.clone(), task: Some(task), sent: None, note: String::new(), results })
 }
 
 /// Run the whole system until the story ends (with `--load`), `--max-duration`, or Ctrl-C.
