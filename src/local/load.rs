@@ -15,8 +15,8 @@ pub(super) struct Load {
     /// Tasks confirmed in Redis, and when (unix time) sending finished.
     pub(super) sent: Option<(u64, f64)>,
     pub(super) note: String,
-    /// Results of the load's tasks read from the backend, for workers that report no counters.
-    pub(super) results: Option<ResultCounter>,
+    /// Results of the load's tasks, read from the backend.
+    pub(super) results: ResultCounter,
 }
 
 impl Load {
@@ -84,15 +84,14 @@ pub(super) fn start(
         wait: false,
         wait_timeout: 0.0,
     };
-    // A foreign worker reports no counters: the load's results are read from the backend.
-    let results = match args.worker_command {
-        Some(_) => Some(ResultCounter {
-            conn: connection::connect("BACKEND_URL", backend_url, Duration::from_secs(10))?,
-            pending: Vec::new(),
-            succeeded: 0.0,
-            failed: 0.0,
-        }),
-        None => None,
+    // What became of the load is read from the result backend, not from worker counters: a
+    // foreign worker has none, and ours lose the last tasks a stopping worker finishes between
+    // two scrapes.
+    let results = ResultCounter {
+        conn: connection::connect("BACKEND_URL", backend_url, Duration::from_secs(10))?,
+        pending: Vec::new(),
+        succeeded: 0.0,
+        failed: 0.0,
     };
     let send_pattern = pattern.clone();
     let task = tokio::spawn(async move {

@@ -465,9 +465,7 @@ impl Run {
             load.note = match task.await {
                 Ok(Ok(report)) => {
                     load.sent = Some((report.sent, crate::wire::time::unix_seconds(chrono::Utc::now())));
-                    if let Some(counter) = &mut load.results {
-                        counter.pending = report.sent_at.into_iter().map(|(id, _)| id).collect();
-                    }
+                    load.results.pending = report.sent_at.into_iter().map(|(id, _)| id).collect();
                     format!("{}: all {} tasks sent", load.pattern, report.sent)
                 }
                 Ok(Err(e)) => format!("{}: failed: {e}", load.pattern),
@@ -477,15 +475,13 @@ impl Run {
             let t = self.start.elapsed().as_secs_f64();
             self.view.event(t, &fleet::Event { warn, text: format!("load {}", load.note) });
         }
-        if let Some(counter) = &mut load.results {
-            counter.refresh().await;
-        }
+        load.results.refresh().await;
     }
 
-    /// Tasks done so far: the workers' own counters, or the load's results in the backend for
-    /// workers that report none.
+    /// Tasks done so far: the load's results in the backend when there is a load, else what the
+    /// workers report (ours count every task they ran, foreign ones report nothing).
     fn tasks(&self, census: &Census) -> Option<(f64, f64)> {
-        census.tasks.or_else(|| self.load.as_ref()?.results.as_ref().map(|c| (c.succeeded, c.failed)))
+        self.load.as_ref().map(|l| (l.results.succeeded, l.results.failed)).or(census.tasks)
     }
 
     /// The controller's sync: decide from the exporter's depth. Returns the timeline event.

@@ -134,22 +134,22 @@ pub(super) fn workers(n: i32) -> String {
     if n == 1 { "1 worker".to_owned() } else { format!("{n} workers") }
 }
 
-/// Why a decision was held or limited, in words, with the HPA's own reason name.
-fn why(c: &Condition) -> Option<String> {
-    let words = match (c.reason, c.status) {
-        (Reason::ScaleUpStabilized, true) => "held by the scale-up stabilization window",
-        (Reason::ScaleDownStabilized, true) => "held by the scale-down stabilization window",
-        (Reason::ScaleUpLimit, true) => "limited by the scale-up policy",
-        (Reason::ScaleDownLimit, true) => "limited by the scale-down policy",
-        (Reason::TooManyReplicas, true) => "capped at maxReplicas",
-        (Reason::TooFewReplicas, true) => "raised to minReplicas",
-        (Reason::FailedGetExternalMetric, _) => "metric unavailable, no change",
+/// Why the rate limits or min/max changed the stabilized count, in words, with the HPA's own
+/// reason name (the ScalingLimited condition; AbleToScale is no guide: a rescale overwrites it
+/// with SucceededRescale).
+fn limit(c: &Condition) -> Option<String> {
+    let words = match c.reason {
+        Reason::ScaleUpLimit => "limited by the scale-up policy",
+        Reason::ScaleDownLimit => "limited by the scale-down policy",
+        Reason::TooManyReplicas => "capped at maxReplicas",
+        Reason::TooFewReplicas => "raised to minReplicas",
         _ => return None,
     };
-    Some(format!("{words} ({})", c.reason))
+    c.status.then(|| format!("{words} ({})", c.reason))
 }
 
-/// A decision in one line: what the metric proposes, and why it was held or limited.
+/// A decision in one line: what the metric proposes, what the stabilization window made of it,
+/// and what limited it.
 pub(super) fn explain(d: &Decision, target_per_pod: Option<f64>) -> String {
     let mut parts = Vec::new();
     if let (Some(m), Some(t)) = (d.metrics.first(), target_per_pod) {
@@ -158,10 +158,21 @@ pub(super) fn explain(d: &Decision, target_per_pod: Option<f64>) -> String {
             _ => parts.push(format!("metric unavailable: {}", m.error.as_deref().unwrap_or("no reading"))),
         }
     }
-    for kind in [ConditionType::AbleToScale, ConditionType::ScalingLimited, ConditionType::ScalingActive] {
-        if let Some(text) = d.condition(kind).and_then(why) {
-            parts.push(text);
-        }
+    if d.condition(ConditionType::ScalingActive).is_some_and(|c| c.reason == Reason::FailedGetExternalMetric) {
+        parts.push(format!("no change without a metric ({})", Reason::FailedGetExternalMetric));
+    }
+    if let (Some(proposed), Some(stabilized)) = (d.metric_replicas, d.stabilized_replicas)
+        && proposed != stabilized
+    {
+        let (window, reason) = if stabilized > proposed {
+            ("scale-down", Reason::ScaleDownStabilized)
+        } else {
+            ("scale-up", Reason::ScaleUpStabilized)
+        };
+        parts.push(format!("held at {stabilized} by the {window} stabilization window ({reason})"));
+    }
+    if let Some(text) = d.condition(ConditionType::ScalingLimited).and_then(limit) {
+        parts.push(text);
     }
     parts.push(format!("→ {}", workers(d.replicas)));
     parts.join("; ")
@@ -194,6 +205,22 @@ mod tests {
         let text = explain(&d, Some(10.0));
         assert!(text.ends_with("→ 1 worker"), "{text}");
         assert!(!text.contains("1 workers"), "{text}");
+    }
+
+    #[test]
+    fn a_scale_down_held_by_the_window_says_so() {
+        let mut a = project_hpa();
+        let busy = |r| Observation::settled(r, vec![MetricReading::total(Some(400_000))]);
+        let idle = |r| Observation::settled(r, vec![MetricReading::total(Some(0))]);
+        let d = a.sync(Timestamp::from_secs_f64(0.0), &busy(1));
+        let d = a.sync(Timestamp::from_secs_f64(15.0), &busy(d.replicas));
+        assert_eq!(d.replicas, 9);
+        // The queue is empty, but the last 60 s recommended 40: the window keeps 9.
+        let d = a.sync(Timestamp::from_secs_f64(30.0), &idle(9));
+        assert_eq!(
+            explain(&d, Some(10.0)),
+            "0 waiting / 10 per worker → 0 workers; held at 9 by the scale-down stabilization window (ScaleDownStabilized); → 9 workers"
+        );
     }
 
     #[test]
