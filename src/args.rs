@@ -57,11 +57,6 @@ pub fn check_rate(v: f64) -> Result<f64, String> {
     }
 }
 
-/// Kept for `local`'s flags until they take [`duration`]: the same check, in seconds.
-pub fn positive_seconds(s: &str) -> Result<f64, String> {
-    duration(s).map(|d| d.as_secs_f64())
-}
-
 /// Where the queues and results live; worker, exporter and loadgen flatten this.
 #[derive(Clone, Debug, clap::Args)]
 pub struct RedisArgs {
@@ -128,7 +123,6 @@ mod tests {
             assert!(err.contains(&format!("{bad:?}")), "{bad}: {err}");
         }
         assert!(non_negative_duration("-0.001").is_err());
-        assert!(positive_seconds("0").is_err());
     }
 
     #[test]

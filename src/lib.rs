@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod pattern;
 pub mod plot;
 pub mod redis_url;
+pub mod scrape;
 pub mod shutdown;
 pub mod simulate;
 pub mod task;

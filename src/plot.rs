@@ -119,25 +119,33 @@ fn draw(root: &DrawingArea<SVGBackend<'_>, Shift>, title: &str, points: &[Timeli
         .bold_line_style(BLACK.mix(0.08))
         .draw()
         .map_err(|e| err(&e))?;
-    // Desired is drawn wide and underneath so that current stays visible where they agree.
-    let series = [
-        ("desired (HPA spec)", DESIRED_COLOR, 5, stairs(points, |p| p.desired_replicas)),
-        ("current (live workers)", CURRENT_COLOR, 2, stairs(points, |p| p.current_replicas)),
-    ];
-    for (label, color, width, data) in series {
-        replicas
-            .draw_series(LineSeries::new(data, color.stroke_width(width)))
-            .map_err(|e| err(&e))?
-            .label(label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 22, y)], color.stroke_width(3)));
-    }
+    // Where the three agree (most of a run) they lie on one another. Each is drawn so that it
+    // still shows there: desired as a wide translucent band underneath, current as a solid line
+    // inside the band, ready as a thin dashed line on top (current shows between the dashes).
+    let desired_style = DESIRED_COLOR.mix(0.35).stroke_width(12);
+    replicas
+        .draw_series(LineSeries::new(stairs(points, |p| p.desired_replicas), desired_style))
+        .map_err(|e| err(&e))?
+        .label("desired (HPA spec)")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 22, y)], desired_style));
+    let current_style = CURRENT_COLOR.stroke_width(4);
+    replicas
+        .draw_series(LineSeries::new(stairs(points, |p| p.current_replicas), current_style))
+        .map_err(|e| err(&e))?
+        .label("current (live workers)")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 22, y)], current_style));
     if points.iter().any(|p| p.ready_replicas.is_some()) {
         let ready = stairs(points, |p| p.ready_replicas.unwrap_or(0));
+        let ready_style = READY_COLOR.stroke_width(2);
         replicas
-            .draw_series(DashedLineSeries::new(ready, 7, 5, READY_COLOR.stroke_width(2)))
+            .draw_series(DashedLineSeries::new(ready, 6, 6, ready_style))
             .map_err(|e| err(&e))?
             .label("ready (consuming)")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 22, y)], READY_COLOR.stroke_width(3)));
+            .legend(move |(x, y)| {
+                EmptyElement::at((x, y))
+                    + PathElement::new(vec![(0, 0), (6, 0)], ready_style)
+                    + PathElement::new(vec![(12, 0), (18, 0)], ready_style)
+            });
     }
     legend(&mut replicas).map_err(|e| err(&e))?;
     Ok(())
@@ -193,5 +201,29 @@ mod tests {
         };
         let steps = stairs(&[p(0.0, 1), p(15.0, 3), p(30.0, 3)], |p| p.desired_replicas);
         assert_eq!(steps, vec![(0.0, 1.0), (15.0, 1.0), (15.0, 3.0), (30.0, 3.0), (30.0, 3.0)]);
+    }
+
+    #[test]
+    fn where_the_replica_lines_agree_each_still_shows() {
+        let points: Vec<TimelinePoint> = (0..20)
+            .map(|t| TimelinePoint {
+                t: f64::from(t),
+                queue_depth: 0.0,
+                reserved: 0.0,
+                desired_replicas: 2,
+                current_replicas: 2,
+                ready_replicas: Some(2),
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.svg");
+        write_svg(&path, "t", &points).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        // Drawn in this order, each narrower than the one beneath, the band see-through.
+        let at = |needle: &str| svg.find(needle).unwrap_or_else(|| panic!("{needle} missing"));
+        let desired = at(r##"opacity="0.35" stroke="#D62728" stroke-width="12""##);
+        let current = at(r##"stroke="#2CA02C" stroke-width="4""##);
+        let ready = at(r##"stroke="#9467BD" stroke-width="2""##);
+        assert!(desired < current && current < ready);
     }
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{BIN, Redis, free_port, repo_root, wait_for};
+use common::{BIN, Redis, alive, free_port, repo_root, signal_pid, wait_for};
 use redis::Commands;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -31,14 +31,7 @@ impl Run {
         c.arg("local")
             .args(["--hpa", &fast_hpa(), "--sync-period", "2", "--worker-shutdown-timeout", "10"])
             .args(["--exporter-listen", &format!("127.0.0.1:{}", free_port())])
-            .args([
-                "--data-dir",
-                &self.path("data"),
-                "--timeline",
-                &self.path("timeline.csv"),
-                "--plot",
-                &self.path("plot.svg"),
-            ])
+            .args(["--data-dir", &self.path("data"), "--output-dir", &self.path("out")])
             .args(extra)
             .env_remove("BROKER_URL")
             .env_remove("BACKEND_URL")
@@ -52,7 +45,7 @@ impl Run {
     }
 
     fn timeline(&self) -> Vec<Vec<String>> {
-        let text = std::fs::read_to_string(self.path("timeline.csv")).expect("timeline written");
+        let text = std::fs::read_to_string(self.path("out/timeline.csv")).expect("timeline written");
         let mut lines = text.lines();
         assert!(lines.next().unwrap().starts_with("t,queue_depth,reserved,desired_replicas,running_workers"));
         lines.map(|l| l.split(',').map(str::to_owned).collect()).collect()
@@ -103,14 +96,17 @@ fn a_burst_scales_workers_up_and_back_down_and_every_task_succeeds() {
     // Each scale event in the CSV is one the summary reports, in order.
     let csv_events: Vec<String> =
         rows.iter().filter_map(|r| r[10].split_whitespace().find(|e| e.contains("->")).map(str::to_owned)).collect();
-    let printed: Vec<String> =
-        stdout.lines().filter_map(|l| l.trim().split(':').next()?.split(' ').nth(2).map(str::to_owned)).collect();
+    let printed: Vec<String> = stdout
+        .lines()
+        .filter(|l| l.starts_with("  t="))
+        .filter_map(|l| Some(l.split_whitespace().nth(2)?.trim_end_matches(':').to_owned()))
+        .collect();
     assert_eq!(csv_events, printed, "{stdout}");
     // One log file per worker process started.
     let started: usize = stdout.split(" started,").next().unwrap().rsplit('(').next().unwrap().parse().unwrap();
-    let logs = std::fs::read_dir(run.dir.path().join("data/logs")).unwrap().count();
+    let logs = std::fs::read_dir(run.dir.path().join("out/logs")).unwrap().count();
     assert_eq!(logs, started);
-    assert!(std::fs::read_to_string(run.path("plot.svg")).unwrap().contains("<svg"));
+    assert!(std::fs::read_to_string(run.path("out/timeline.svg")).unwrap().contains("<svg"));
 }
 
 #[test]
@@ -152,25 +148,25 @@ fn ctrl_c_stops_everything_cleanly_and_a_dead_worker_is_replaced() {
         .spawn()
         .unwrap();
     // Wait until at least two workers run, then kill one outright.
-    let local_pid = child.id().to_string();
+    let local_pid = child.id();
     let pids = wait_for("two local workers", Duration::from_secs(30), || {
-        let pids = children(&local_pid);
+        let pids = children(local_pid);
         (pids.len() >= 2).then_some(pids)
     });
-    assert!(Command::new("kill").args(["-KILL", &pids[0]]).status().unwrap().success());
+    assert!(signal_pid(pids[0], "KILL"));
     let mut seen = pids.clone();
     for _ in 0..30 {
         std::thread::sleep(Duration::from_millis(100));
-        seen.extend(children(&local_pid));
+        seen.extend(children(local_pid));
     }
     // Ctrl-C: SIGINT to local alone (its workers are in their own process groups).
-    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    assert!(signal_pid(child.id(), "INT"));
     wait_for("local to exit", Duration::from_secs(60), || child.try_wait().unwrap().map(|_| ()));
     let output = child.wait_with_output().unwrap();
     let (stdout, stderr) = text(&output);
     assert!(output.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("1 replaced after dying"), "{stdout}");
-    assert!(stderr.contains("worker died; it will be replaced"), "{stderr}");
+    assert!(stderr.contains("died (signal: 9 (SIGKILL)); it will be replaced"), "{stderr}");
     let rows = run.timeline();
     assert!(rows.iter().any(|r| r[10].contains("replaced 1")), "the timeline records the replacement");
     // Nothing lost: every task is either done, still queued, or held by the killed worker (it
@@ -185,13 +181,114 @@ fn ctrl_c_stops_everything_cleanly_and_a_dead_worker_is_replaced() {
         done.len()
     );
     assert!(held <= 2, "only the SIGKILLed worker's messages (concurrency 2) wait for the visibility timeout");
-    let alive: Vec<&String> =
-        seen.iter().filter(|p| Command::new("kill").args(["-0", p.as_str()]).status().unwrap().success()).collect();
-    assert!(alive.is_empty(), "no worker left running: {alive:?}");
+    let left: Vec<&u32> = seen.iter().filter(|p| alive(**p)).collect();
+    assert!(left.is_empty(), "no worker left running: {left:?}");
 }
 
 /// The worker processes a `local` run has started (its children other than redis-server).
-fn children(pid: &str) -> Vec<String> {
-    let out = Command::new("pgrep").args(["-P", pid, "-f", "celery-autoscale worker"]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned).collect()
+fn children(pid: u32) -> Vec<u32> {
+    let out = Command::new("pgrep").args(["-P", &pid.to_string(), "-f", "celery-autoscale worker"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect()
+}
+
+/// `--worker-command`: real Python Celery workers (tests/python/tasks.py: acks_late, prefetch 1)
+/// scaled by `local` exactly as our own: past one replica under a burst, back to one, every task
+/// SUCCESS, nothing left queued or held, no process left behind, no URL in any argv.
+#[test]
+fn python_celery_workers_run_by_worker_command_scale_up_and_back_and_every_task_succeeds() {
+    let redis = Redis::start();
+    let run = Run::new();
+    // A word unique to this run in every replica's argv, to find its processes.
+    let marker = format!("local-python-{}", redis.port);
+    let command = format!(
+        "{} -m celery -A tasks worker -c 2 --loglevel=info -n {marker}@%h",
+        shell_quote(&common::python().display().to_string())
+    );
+    let mut child = run
+        .command(
+            Some(&redis),
+            &[
+                "--worker-command",
+                &command,
+                "--worker-ready-after",
+                "3",
+                "--load",
+                "burst:60",
+                "--task",
+                "io",
+                "--io-seconds",
+                "0.3:0.5",
+                "--max-duration",
+                "240",
+            ],
+        )
+        .current_dir(repo_root().join("tests/python"))
+        .env("PYTHONPATH", repo_root().join("tests/python"))
+        .spawn()
+        .unwrap();
+    // While it runs: the replicas are the user's command, and no Redis URL is in their argv.
+    let pids = wait_for("a python worker started by local", Duration::from_secs(60), || {
+        // Children of local: its own argv holds the marker too.
+        let out = Command::new("pgrep").args(["-P", &child.id().to_string(), "-f", &marker]).output().unwrap();
+        let pids: Vec<u32> =
+            String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect();
+        (!pids.is_empty()).then_some(pids)
+    });
+    for pid in pids {
+        if let Ok(argv) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+            let argv = String::from_utf8_lossy(&argv).replace('\0', " ");
+            assert!(argv.contains("celery") && !argv.contains("redis://"), "{argv}");
+        }
+    }
+    wait_for("local to finish", Duration::from_secs(300), || child.try_wait().unwrap().map(|_| ()));
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "local failed\n{stdout}\n{stderr}");
+    assert!(stdout.contains("done: 60 tasks succeeded, 0 failed"), "{stdout}\n{stderr}");
+
+    let keys: Vec<String> = redis.conn(1).keys("celery-task-meta-*").unwrap();
+    assert_eq!(keys.len(), 60);
+    let ids: Vec<String> = keys.iter().map(|k| k.trim_start_matches("celery-task-meta-").to_owned()).collect();
+    let statuses = redis.statuses(&ids);
+    assert!(statuses.iter().all(|s| s.as_deref() == Some("SUCCESS")), "{statuses:?}");
+    assert_eq!((redis.depth("celery"), redis.unacked()), (0, 0), "nothing queued or held");
+
+    let rows = run.timeline();
+    let desired = column(&rows, 3);
+    let running = column(&rows, 4);
+    assert!(desired.iter().cloned().fold(0.0, f64::max) > 1.0, "scaled past one worker: {desired:?}");
+    assert!(running.iter().cloned().fold(0.0, f64::max) > 1.0, "more than one python worker ran: {running:?}");
+    assert_eq!(*desired.last().unwrap(), 1.0, "back at the minimum");
+    assert_eq!(column(&rows, 7).last().copied(), Some(60.0), "the CSV counts the results");
+    // Surplus replicas were stopped with SIGTERM (Celery's warm shutdown), not killed.
+    assert!(stderr.contains("stopping: SIGTERM") && !stderr.contains("SIGKILL"), "{stderr}");
+    let log = std::fs::read_to_string(run.dir.path().join("out/logs/worker-1.log")).unwrap();
+    assert!(log.contains("celery@") || log.contains(&marker), "the worker's own output is in its log: {log}");
+    assert!(pgrep(&marker).is_empty(), "no python worker left running");
+}
+
+#[test]
+fn a_worker_command_that_cannot_run_is_said_once_before_anything_starts() {
+    let run = Run::new();
+    for (command, expected) in [
+        ("celery 'unclosed", "a quote is not closed"),
+        ("no-such-celery-program -A tasks worker", "cannot find the program \"no-such-celery-program\""),
+    ] {
+        let out = run.command(None, &["--worker-command", command, "--max-duration", "5"]).output().unwrap();
+        let (_, stderr) = text(&out);
+        assert!(!out.status.success());
+        assert_eq!(stderr.matches(expected).count(), 1, "{stderr}");
+        assert!(!run.dir.path().join("data/redis").exists(), "failed before starting Redis");
+    }
+}
+
+/// Processes whose command line contains `word`.
+fn pgrep(word: &str) -> Vec<u32> {
+    let out = Command::new("pgrep").args(["-f", word]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect()
+}
+
+/// `s` quoted for a POSIX shell's word splitting (what --worker-command applies).
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
 }

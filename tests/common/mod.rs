@@ -243,9 +243,7 @@ impl Worker {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok =
-            Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status().unwrap().success();
-        assert!(ok, "kill -{sig} failed");
+        assert!(signal_pid(self.child.id(), sig), "kill -{sig}: the worker is gone");
     }
 
     /// Wait for exit; panics after `timeout`.
@@ -383,28 +381,37 @@ impl Drop for Proc {
 }
 
 /// Minimal HTTP/1.1 GET on loopback: (status, body).
+/// GET on loopback: (status, body); the library's own reader (`celery_autoscale::scrape`).
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    // axum sends these small bodies with Content-Length, never chunked.
-    Some((status, body))
+    celery_autoscale::scrape::get_blocking(port, path, Duration::from_secs(5))
 }
 
-/// Sum of the samples of `name` whose label set contains `labels` (e.g. `task_name="x"`).
+/// Sum of the samples of `name` whose label set contains `labels` (e.g. `task_name="x"`); 0
+/// when there is none.
 pub fn metric_value(exposition: &str, name: &str, labels: &str) -> f64 {
-    exposition
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{' | b' ')))
-        .filter(|l| labels.is_empty() || l.contains(labels))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    celery_autoscale::scrape::sample(exposition, name, labels).unwrap_or(0.0)
+}
+
+/// Send `sig` (e.g. "TERM", "KILL", "INT") to process `pid` through kill(2), not the `kill`
+/// program. Returns whether the process existed.
+pub fn signal_pid(pid: u32, sig: &str) -> bool {
+    use rustix::process::{Pid, Signal, kill_process, test_kill_process};
+    let pid = Pid::from_raw(pid as i32).expect("a real pid");
+    let sig = match sig {
+        "TERM" => Signal::TERM,
+        "INT" => Signal::INT,
+        "KILL" => Signal::KILL,
+        "QUIT" => Signal::QUIT,
+        "HUP" => Signal::HUP,
+        "0" => return test_kill_process(pid).is_ok(),
+        other => panic!("signal_pid: add {other} to the table"),
+    };
+    kill_process(pid, sig).is_ok()
+}
+
+/// Whether process `pid` still exists (a zombie counts until it is reaped).
+pub fn alive(pid: u32) -> bool {
+    signal_pid(pid, "0")
 }
 
 /// The Python interpreter of the Celery venv (`.venv`, created by scripts/test.sh), or
