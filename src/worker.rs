@@ -16,6 +16,8 @@ use crate::args::{StartError, non_negative_seconds, positive_seconds};
 use crate::backend::{Backend, DEFAULT_RESULT_EXPIRES, Stored};
 use crate::broker::{BRPOP_TIMEOUT, Broker, End, Fetcher, Taken};
 use crate::connection::{self, Backoff, Health, redact_url};
+use crate::control::{self, WorkerState};
+use crate::events::{Events, WorkerCounts};
 use crate::http;
 use crate::metrics::WorkerMetrics;
 use crate::shutdown::{Shutdown, Stage};
@@ -85,9 +87,18 @@ pub struct WorkerArgs {
     /// Where /metrics, /healthz and /readyz are served.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9191")]
     pub metrics_addr: String,
-    /// Worker name in logs and extended results (default: the host name, i.e. the pod name).
+    /// Node name, Celery's `-n`: `name@host` (`%h`, `%n`, `%d` expand to the host name, its first
+    /// label, its domain; a bare value is a host). Used in events, remote-control replies, logs
+    /// and extended results. Default: `celery@<host name>` (the pod name in Kubernetes).
     #[arg(long)]
     pub hostname: Option<String>,
+    /// Send task events (Celery's `-E`), for Flower and `celery events`. Worker heartbeats are
+    /// sent either way, as Celery does.
+    #[arg(long, env = "WORKER_SEND_EVENTS")]
+    pub events: bool,
+    /// Store STARTED when a task starts (Celery's `task_track_started`).
+    #[arg(long)]
+    pub track_started: bool,
 }
 
 /// A message the worker has taken and not yet acknowledged.
@@ -114,8 +125,11 @@ struct Worker {
     run_slots: Arc<Semaphore>,
     /// Finished tasks whose results are being stored.
     finishing: Arc<Semaphore>,
-    hostname: String,
+    /// Celery node name (`celery@host`).
+    node: String,
     origin: String,
+    /// Events, remote control, the revoked set.
+    state: Arc<WorkerState>,
 }
 
 /// Run a worker until it is told to stop. Returns after a clean shutdown.
@@ -138,10 +152,13 @@ pub async fn run_with_shutdown(args: WorkerArgs, shutdown: Shutdown) -> Result<(
         .collect::<Result<Vec<_>, _>>()?;
     let backend_conn = connection::connect("BACKEND_URL", &args.backend_url, op_timeout)?;
     let steps = args.priority_steps.clone();
-    let hostname = args.hostname.clone().unwrap_or_else(message::hostname);
+    let node = control::node_name(args.hostname.as_deref(), &message::hostname());
+    let backend = Backend::new(backend_conn, Duration::from_secs(args.result_expires));
+    let (events, pending_events) = Events::new(&args.broker_url, &node, args.events)?;
+    let state = WorkerState::new(control_settings(&args, &node), events.clone(), backend.clone(), shutdown.clone());
     let worker = Arc::new(Worker {
-        broker: Broker::new(broker_conn, steps.clone()),
-        backend: Backend::new(backend_conn, Duration::from_secs(args.result_expires)),
+        broker: Broker::new(broker_conn.clone(), steps.clone()),
+        backend,
         metrics: WorkerMetrics::new(),
         broker_health: Health::new("broker"),
         backend_health: Health::new("backend"),
@@ -151,8 +168,9 @@ pub async fn run_with_shutdown(args: WorkerArgs, shutdown: Shutdown) -> Result<(
         give_up: AtomicBool::new(false),
         run_slots: Arc::new(Semaphore::new(args.concurrency as usize)),
         finishing: Arc::new(Semaphore::new(2 * args.concurrency as usize)),
-        origin: format!("gen{}@{hostname}", std::process::id()),
-        hostname,
+        origin: format!("gen{}@{}", std::process::id(), node.split_once('@').map_or(node.as_str(), |(_, h)| h)),
+        node,
+        state: state.clone(),
         args,
     });
     worker.metrics.concurrency.set(i64::from(worker.args.concurrency));
@@ -177,18 +195,27 @@ pub async fn run_with_shutdown(args: WorkerArgs, shutdown: Shutdown) -> Result<(
     tracing::info!(
         broker = %redact_url(&worker.args.broker_url),
         backend = %redact_url(&worker.args.backend_url),
+        node = %worker.node,
         queues = ?worker.args.queues,
+        events = worker.args.events,
         concurrency = worker.args.concurrency,
         prefetch = worker.args.concurrency * worker.args.prefetch_multiplier,
         metrics = %addr,
         "worker started"
     );
 
+    let counts: Arc<dyn WorkerCounts> = state.clone();
+    let event_loop = tokio::spawn(events.clone().run(pending_events, counts));
+    let pidbox = tokio::spawn(control::serve(state.clone(), worker.args.broker_url.clone(), broker_conn));
     let restorer = tokio::spawn(worker.clone().restore_loop());
     let mut fetcher = Fetcher::new(worker.broker.connection(), wait_conns, &worker.args.queues, &steps);
     let mut deliveries = worker.clone().fetch_loop(&mut fetcher).await;
     worker.drain(&mut deliveries).await;
     restorer.abort();
+    pidbox.abort();
+    events.finish();
+    // worker-offline, unless Redis is gone: then Flower notices the missing heartbeats.
+    let _ = tokio::time::timeout(Duration::from_secs(3), event_loop).await;
     shutdown.advance(Stage::Immediate);
     let _ = server.await;
     tracing::info!("worker stopped");
@@ -315,12 +342,17 @@ impl Worker {
             return;
         }
 
+        if self.state.revoked.contains(&msg.id) {
+            return self.skip_revoked(&msg, &tag).await;
+        }
         if let Some(expires) = msg.expires.filter(|e| *e <= Utc::now()) {
             tracing::info!(task_id = %msg.id, task = %msg.task, %expires, "task expired before it could run; storing REVOKED");
             self.metrics.revoked.with_label_values(&[&msg.task]).inc();
             self.store(&msg, ResultMeta::revoked(&msg.id, &ExceptionInfo::revoked_expired(), Utc::now())).await;
+            self.state.revoked_task(&msg.id, false, true);
             return self.ack(&tag).await;
         }
+        self.state.received(&msg, &queue);
         let mut fetch_slot = Some(fetch_slot);
         if let Some(eta) = msg.eta.filter(|e| *e > Utc::now()) {
             // Like Celery, a scheduled task does not count against prefetch while it waits.
@@ -329,17 +361,40 @@ impl Worker {
             tracing::debug!(task_id = %msg.id, %eta, "holding task until its ETA");
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
+                () = self.state.revoked.wait(&msg.id, false) => {}
                 () = self.shutdown.reached(Stage::Graceful) => return, // the drain puts it back
             }
+            self.state.due(&msg.id);
         }
         let run_slot = tokio::select! {
             p = self.run_slots.clone().acquire_owned() => p.expect("semaphore never closed"),
             () = self.shutdown.reached(Stage::Graceful) => return,
         };
+        if self.state.revoked.contains(&msg.id) {
+            return self.skip_revoked(&msg, &tag).await;
+        }
         if !self.start(&tag) {
+            self.state.released(&msg.id);
             return; // the drain took it back before it could start
         }
-        let Some((outcome, elapsed)) = self.execute(&msg, call).await else {
+        self.state.started(&msg);
+        if self.args.track_started {
+            self.store(&msg, ResultMeta::started(&msg.id, std::process::id(), &self.node)).await;
+        }
+        let executed = tokio::select! {
+            r = self.execute(&msg, call) => r,
+            () = self.state.revoked.wait(&msg.id, true) => {
+                // `revoke --terminate`: the task's future is dropped (an async task stops at
+                // once; a CPU-bound one finishes its computation on the blocking pool unseen).
+                tracing::info!(task_id = %msg.id, task = %msg.task, "task terminated by remote control; storing REVOKED");
+                self.metrics.revoked.with_label_values(&[&msg.task]).inc();
+                self.store(&msg, ResultMeta::revoked(&msg.id, &ExceptionInfo::revoked("terminated"), Utc::now())).await;
+                self.state.revoked_task(&msg.id, true, false);
+                return self.ack(&tag).await;
+            }
+        };
+        let Some((outcome, elapsed)) = executed else {
+            self.state.released(&msg.id);
             return self.ack(&tag).await;
         };
         // The slot is free once the task has run: store and ack off the critical path, so the
@@ -351,6 +406,16 @@ impl Worker {
         self.finish(&msg, outcome, &queue, elapsed).await;
         self.ack(&tag).await;
         drop(finishing);
+    }
+
+    /// A revoked task never runs: REVOKED is stored (again: remote revoke already stored it)
+    /// and the message acknowledged, as Celery's `Request.revoked()` does.
+    async fn skip_revoked(&self, msg: &TaskMessage, tag: &str) {
+        tracing::info!(task_id = %msg.id, task = %msg.task, "task revoked; not running it");
+        self.metrics.revoked.with_label_values(&[&msg.task]).inc();
+        self.store(msg, ResultMeta::revoked(&msg.id, &ExceptionInfo::revoked("revoked"), Utc::now())).await;
+        self.state.revoked_task(&msg.id, false, false);
+        self.ack(tag).await;
     }
 
     /// Register a taken message; false if the drain has started (the caller puts it back).
@@ -420,6 +485,7 @@ impl Worker {
                 self.metrics.success.with_label_values(&[task]).inc();
                 self.metrics.duration.with_label_values(&[task]).observe(elapsed.as_secs_f64());
                 tracing::debug!(task_id = %msg.id, task, seconds = elapsed.as_secs_f64(), "task succeeded");
+                self.state.succeeded(msg, &value, elapsed);
                 self.store(msg, ResultMeta::success(&msg.id, value.clone(), now)).await;
                 for sig in &msg.embed.callbacks {
                     self.send(NewTask::from_signature(sig, Some(value.clone()), msg, keys::DEFAULT_QUEUE)).await;
@@ -434,12 +500,14 @@ impl Worker {
                 self.metrics.failure.with_label_values(&[task]).inc();
                 self.metrics.duration.with_label_values(&[task]).observe(elapsed.as_secs_f64());
                 tracing::info!(task_id = %msg.id, task, "task failed: {}", exc.summary());
+                self.state.failed(msg, &exc);
                 self.store(msg, ResultMeta::failure(&msg.id, task, &exc, now)).await;
                 self.send_errbacks(msg).await;
             }
             Outcome::Retry { exc, countdown } => {
                 self.metrics.retried.with_label_values(&[task]).inc();
                 tracing::info!(task_id = %msg.id, task, retries = msg.retries + 1, ?countdown, "task retry: {}", exc.summary());
+                self.state.retried(msg, &exc);
                 self.store(msg, ResultMeta::retry(&msg.id, task, &exc)).await;
                 self.send(retry_message(msg, queue, countdown)).await;
             }
@@ -458,7 +526,7 @@ impl Worker {
                 name: msg.task.clone(),
                 args: msg.args.clone(),
                 kwargs: msg.kwargs.clone(),
-                worker: self.hostname.clone(),
+                worker: self.node.clone(),
                 retries: msg.retries,
                 queue: msg.routing_key().unwrap_or_default().to_owned(),
             });
@@ -494,6 +562,14 @@ impl Worker {
             self.redis("keep a rejected message", || self.broker.dead_letter(raw)).await;
         }
         let Some(task_id) = &r.task_id else { return };
+        match r.reason {
+            // As Celery's consumer reports an unknown task.
+            RejectReason::UnknownTask => {
+                let task = r.task_name.as_deref().unwrap_or("unknown");
+                self.state.events.task_failed(task_id, task, &ExceptionInfo::not_registered(task));
+            }
+            _ => self.state.rejected(task_id),
+        }
         if msg.is_some_and(|m| m.ignore_result == Some(true)) {
             return;
         }
@@ -610,6 +686,29 @@ impl Worker {
         }
         self.give_up.store(true, Ordering::Relaxed);
         deliveries.abort_all();
+    }
+}
+
+/// What remote control reports about this worker's configuration.
+fn control_settings(args: &WorkerArgs, node: &str) -> control::Settings {
+    let mut conf = serde_json::Map::new();
+    conf.insert("broker_url".into(), redact_url(&args.broker_url).into());
+    conf.insert("result_backend".into(), redact_url(&args.backend_url).into());
+    conf.insert("worker_concurrency".into(), args.concurrency.into());
+    conf.insert("worker_prefetch_multiplier".into(), args.prefetch_multiplier.into());
+    conf.insert("task_acks_late".into(), true.into());
+    conf.insert("task_track_started".into(), args.track_started.into());
+    conf.insert("worker_send_task_events".into(), args.events.into());
+    conf.insert("result_extended".into(), args.result_extended.into());
+    conf.insert("result_expires".into(), args.result_expires.into());
+    control::Settings {
+        node: node.to_owned(),
+        concurrency: args.concurrency,
+        prefetch_multiplier: args.prefetch_multiplier,
+        broker_url: args.broker_url.clone(),
+        queues: args.queues.iter().map(|q| q.trim().to_owned()).filter(|q| !q.is_empty()).collect(),
+        registered: tasks::REGISTERED.iter().map(|t| (*t).to_owned()).collect(),
+        conf,
     }
 }
 
