@@ -255,8 +255,13 @@ impl Worker {
         let slots = Arc::new(Semaphore::new((self.args.concurrency * self.args.prefetch_multiplier) as usize));
         let mut deliveries = JoinSet::new();
         let mut backoff = Backoff::default();
+        let mut queue_changes = self.state.queue_changes();
         loop {
             while deliveries.try_join_next().is_some() {}
+            if queue_changes.has_changed().unwrap_or(false) {
+                queue_changes.mark_unchanged();
+                self.consume_from(fetcher, &self.state.queues());
+            }
             let permit = tokio::select! {
                 p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
                 () = self.shutdown.reached(Stage::Graceful) => break,
@@ -286,6 +291,21 @@ impl Worker {
             }
         }
         deliveries
+    }
+
+    /// Switch the fetcher to `queues` (remote add_consumer/cancel_consumer).
+    fn consume_from(&self, fetcher: &mut Fetcher, queues: &[String]) {
+        let steps = &self.args.priority_steps;
+        let conns = (0..Fetcher::lists(queues, steps))
+            .map(|_| connection::connect("BROKER_URL", &self.args.broker_url, Duration::from_secs(10) + BRPOP_TIMEOUT))
+            .collect::<Result<Vec<_>, _>>();
+        match conns {
+            Ok(conns) => {
+                *fetcher = Fetcher::new(self.broker.connection(), conns, queues, steps);
+                tracing::info!(?queues, "now consuming from");
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot change queues"),
+        }
     }
 
     /// Handle one message from `key`, from parsing to acknowledgement.
