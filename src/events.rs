@@ -307,7 +307,8 @@ pub fn broker_db(url: &str) -> i64 {
 /// Celery's `utcoffset()`: hours west of UTC, as Python's `time.timezone // 3600`.
 fn utcoffset() -> f64 {
     let east = chrono::Local::now().offset().local_minus_utc();
-    (-f64::from(east) / 3600.0).floor()
+    // `+ 0.0` turns UTC's -0.0 into the 0.0 Python sends.
+    (-f64::from(east) / 3600.0).floor() + 0.0
 }
 
 /// `os.getloadavg()` rounded to 2 places, as Celery reports it.

@@ -582,14 +582,6 @@ impl Worker {
             self.redis("keep a rejected message", || self.broker.dead_letter(raw)).await;
         }
         let Some(task_id) = &r.task_id else { return };
-        match r.reason {
-            // As Celery's consumer reports an unknown task.
-            RejectReason::UnknownTask => {
-                let task = r.task_name.as_deref().unwrap_or("unknown");
-                self.state.events.task_failed(task_id, task, &ExceptionInfo::not_registered(task));
-            }
-            _ => self.state.rejected(task_id),
-        }
         if msg.is_some_and(|m| m.ignore_result == Some(true)) {
             return;
         }
@@ -605,6 +597,12 @@ impl Worker {
                 ExceptionInfo::new("kombu.exceptions", "DecodeError", vec![r.detail.clone().into()])
             }
         };
+        match r.reason {
+            // Python reports these as failures: the consumer for an unknown task, the task
+            // itself (a TypeError) for arguments that do not fit.
+            RejectReason::UnknownTask | RejectReason::BadArguments => self.state.events.task_failed(task_id, task, &exc),
+            _ => self.state.rejected(task_id),
+        }
         let mut meta = ResultMeta::failure(task_id, task, &exc, Utc::now());
         if let Some(m) = msg {
             meta.group_id = m.group.clone();
