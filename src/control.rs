@@ -116,7 +116,12 @@ impl Revoked {
 
     pub fn ids(&self) -> Vec<String> {
         let inner = self.inner.lock().expect("revoked lock");
-        inner.order.iter().filter(|id| inner.when.get(*id).is_some_and(|t| t.elapsed() < REVOKE_EXPIRES)).cloned().collect()
+        inner
+            .order
+            .iter()
+            .filter(|id| inner.when.get(*id).is_some_and(|t| t.elapsed() < REVOKE_EXPIRES))
+            .cloned()
+            .collect()
     }
 
     /// Resolves once `id` is revoked (`terminate`: revoked with `--terminate`).
@@ -494,9 +499,11 @@ impl WorkerState {
             }
             "add_consumer" => self.set_queue(args, method, true)?,
             "cancel_consumer" => self.set_queue(args, method, false)?,
-            "enable_events" => {
-                ok(if self.events.set_task_events(true) { "task events already enabled" } else { "task events enabled" })
-            }
+            "enable_events" => ok(if self.events.set_task_events(true) {
+                "task events already enabled"
+            } else {
+                "task events enabled"
+            }),
             "disable_events" => ok(if self.events.set_task_events(false) {
                 "task events disabled"
             } else {
@@ -519,7 +526,7 @@ impl WorkerState {
                     json!({"revoked": revoked, "clock": self.events.forward_clock()})
                 }
             }
-            // Not a reply Python users expect here: reported as not supported, in Celery's `nok`.
+            // Python sends a heartbeat now and replies None; ours go out every 2 s regardless.
             "heartbeat" => Value::Null,
             _ => return Err(format!("KeyError({})", repr(&Value::String(method.to_owned())))),
         };
@@ -529,7 +536,12 @@ impl WorkerState {
 
 impl WorkerCounts for WorkerState {
     fn active(&self) -> usize {
-        self.requests.lock().expect("requests lock").values().filter(|r| matches!(r.phase, Phase::Active { .. })).count()
+        self.requests
+            .lock()
+            .expect("requests lock")
+            .values()
+            .filter(|r| matches!(r.phase, Phase::Active { .. }))
+            .count()
     }
 
     fn processed(&self) -> u64 {
@@ -666,9 +678,9 @@ fn parse_request(bytes: &[u8]) -> Result<Request0, String> {
     };
     let text = |k: &str| body.get(k).and_then(Value::as_str).map(str::to_owned);
     let pattern = text("pattern").zip(text("matcher"));
-    let reply_to = body.get("reply_to").and_then(|r| {
-        Some((r.get("exchange")?.as_str()?.to_owned(), r.get("routing_key")?.as_str()?.to_owned()))
-    });
+    let reply_to = body
+        .get("reply_to")
+        .and_then(|r| Some((r.get("exchange")?.as_str()?.to_owned(), r.get("routing_key")?.as_str()?.to_owned())));
     let headers = env.get("headers");
     let clock = headers.and_then(|h| h.get("clock")).and_then(Value::as_u64).unwrap_or(0);
     let ticket = text("ticket").or_else(|| headers?.get("ticket")?.as_str().map(str::to_owned));
@@ -754,7 +766,7 @@ impl RateLimit {
 impl WorkerState {
     fn addressed_to_me(&self, req: &Request0) -> bool {
         match (&req.destination, &req.pattern) {
-            (Some(d), _) if !d.is_empty() => d.iter().any(|n| *n == self.node),
+            (Some(d), _) if !d.is_empty() => d.contains(&self.node),
             (_, Some((pattern, matcher))) => matches(&self.node, pattern, matcher),
             _ => true,
         }
@@ -858,7 +870,14 @@ mod tests {
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        for bad in [&b""[..], b"null", b"[]", b"{}", b"{\"body\": 5}", b"{\"body\": \"!!\", \"properties\": {\"body_encoding\": \"base64\"}}"] {
+        for bad in [
+            &b""[..],
+            b"null",
+            b"[]",
+            b"{}",
+            b"{\"body\": 5}",
+            b"{\"body\": \"!!\", \"properties\": {\"body_encoding\": \"base64\"}}",
+        ] {
             assert!(parse_request(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
     }
@@ -874,7 +893,10 @@ mod tests {
     fn revoke_reply_prints_a_python_set() {
         assert_eq!(python_set(&["b".into(), "a".into()]), "{'a', 'b'}");
         assert_eq!(python_set(&[]), "set()");
-        assert_eq!(missing("revoke", "task_id"), "TypeError(\"revoke() missing 1 required positional argument: 'task_id'\")");
+        assert_eq!(
+            missing("revoke", "task_id"),
+            "TypeError(\"revoke() missing 1 required positional argument: 'task_id'\")"
+        );
     }
 
     #[test]

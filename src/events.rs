@@ -146,7 +146,9 @@ impl Events {
         fields(&mut m);
         Self::tail(&mut m, kind);
         if self.queue.try_send(m).is_err() && self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
-            tracing::warn!("task events are produced faster than Redis takes them; dropping some (events are best-effort, tasks are not affected)");
+            tracing::warn!(
+                "task events are produced faster than Redis takes them; dropping some (events are best-effort, tasks are not affected)"
+            );
         }
     }
 
@@ -219,7 +221,20 @@ impl Events {
     /// Publish one kombu fanout message; failures are logged at debug level only (the broker
     /// health is reported by the task path).
     async fn publish(&self, routing_key: &str, body: &Value) -> bool {
-        let envelope = EnvelopeOut {
+        let envelope = self.envelope(routing_key, body);
+        let channel = format!("/{}.{EXCHANGE}/{routing_key}", self.db);
+        match self.conn.clone().publish::<_, _, i64>(channel, envelope).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, routing_key, "event not published (Redis unavailable)");
+                false
+            }
+        }
+    }
+
+    /// The kombu message carrying `body` (an event or a list of them).
+    fn envelope(&self, routing_key: &str, body: &Value) -> Vec<u8> {
+        pyjson::to_vec(&EnvelopeOut {
             body: B64.encode(pyjson::to_vec(body)),
             content_encoding: "utf-8",
             content_type: "application/json",
@@ -231,15 +246,7 @@ impl Events {
                 body_encoding: "base64",
                 delivery_tag: crate::wire::message::new_uuid(),
             },
-        };
-        let channel = format!("/{}.{EXCHANGE}/{routing_key}", self.db);
-        match self.conn.clone().publish::<_, _, i64>(channel, pyjson::to_vec(&envelope)).await {
-            Ok(_) => true,
-            Err(e) => {
-                tracing::debug!(error = %e, routing_key, "event not published (Redis unavailable)");
-                false
-            }
-        }
+        })
     }
 
     /// Ask [`Events::run`] to send `worker-offline` and return.
@@ -364,6 +371,50 @@ mod tests {
         assert_eq!(exception_repr(&ExceptionInfo::builtin("ValueError", "bad")), "ValueError('bad')");
         assert_eq!(exception_repr(&ExceptionInfo::new("m", "E", vec![])), "E()");
         assert_eq!(exception_repr(&ExceptionInfo::new("m", "E", vec![json!(1), json!("it's")])), "E(1, \"it's\")");
+    }
+
+    /// Key order and types of envelope and body as in the capture of a Python worker (e02).
+    #[test]
+    fn worker_online_is_shaped_like_pythons() {
+        struct Idle;
+        impl WorkerCounts for Idle {
+            fn active(&self) -> usize {
+                0
+            }
+            fn processed(&self) -> u64 {
+                0
+            }
+        }
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (ev, _p) = rt.block_on(async { Events::new("redis://127.0.0.1:1/0", "evw@vm", false).unwrap() });
+        let body = Value::Object(ev.worker_event("worker-online", &Idle));
+        let ours: Value = serde_json::from_slice(&ev.envelope("worker.online", &body)).unwrap();
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/celery/events/e02__0.celeryev_worker.online.worker-online.json"
+        );
+        let theirs: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        let shape = |v: &Value| -> Vec<(String, &'static str)> {
+            fn kind(v: &Value) -> &'static str {
+                match v {
+                    Value::Null => "null",
+                    Value::Bool(_) => "bool",
+                    Value::Number(n) if n.is_f64() => "float",
+                    Value::Number(_) => "int",
+                    Value::String(_) => "str",
+                    Value::Array(_) => "list",
+                    Value::Object(_) => "dict",
+                }
+            }
+            v.as_object().unwrap().iter().map(|(k, v)| (k.clone(), kind(v))).collect()
+        };
+        assert_eq!(shape(&ours), shape(&theirs));
+        assert_eq!(shape(&ours["properties"]), shape(&theirs["properties"]));
+        assert_eq!(ours["properties"]["delivery_info"], theirs["properties"]["delivery_info"]);
+        assert_eq!(ours["headers"], theirs["headers"]);
+        let decode =
+            |v: &Value| -> Value { serde_json::from_slice(&B64.decode(v["body"].as_str().unwrap()).unwrap()).unwrap() };
+        assert_eq!(shape(&decode(&ours)), shape(&decode(&theirs)));
     }
 
     #[test]

@@ -600,7 +600,9 @@ impl Worker {
         match r.reason {
             // Python reports these as failures: the consumer for an unknown task, the task
             // itself (a TypeError) for arguments that do not fit.
-            RejectReason::UnknownTask | RejectReason::BadArguments => self.state.events.task_failed(task_id, task, &exc),
+            RejectReason::UnknownTask | RejectReason::BadArguments => {
+                self.state.events.task_failed(task_id, task, &exc)
+            }
             _ => self.state.rejected(task_id),
         }
         let mut meta = ResultMeta::failure(task_id, task, &exc, Utc::now());

@@ -85,7 +85,8 @@ fn celery_inspect_and_control_see_our_worker() {
     });
 
     // terminate (the CLI's form of revoke with terminate=True) stops the running task.
-    let (ok, out) = celery_cli(&redis, &["control", "terminate", "SIGTERM", running, "-d", NODE, "--timeout", "5"], CLI);
+    let (ok, out) =
+        celery_cli(&redis, &["control", "terminate", "SIGTERM", running, "-d", NODE, "--timeout", "5"], CLI);
     assert!(ok && out.contains(&format!("terminate: {running}")), "{out}");
     wait_all(&redis, std::slice::from_ref(running), "REVOKED", Duration::from_secs(30));
     assert_eq!(redis.result(running).unwrap()["result"]["exc_message"], json!(["terminated"]));
@@ -110,9 +111,8 @@ fn a_task_revoked_before_it_arrives_never_runs_and_started_is_tracked() {
     let slow = task("tasks.io_bound", vec![json!(3)]);
     let ids = enqueue(&redis, &[revoked_task, slow]);
     // STARTED, with the node and pid Celery stores, while the slow task runs.
-    let started = wait_for("STARTED", Duration::from_secs(30), || {
-        redis.result(&ids[1]).filter(|r| r["status"] == "STARTED")
-    });
+    let started =
+        wait_for("STARTED", Duration::from_secs(30), || redis.result(&ids[1]).filter(|r| r["status"] == "STARTED"));
     assert_eq!(started["result"], json!({"pid": worker.child.id(), "hostname": NODE}));
     assert_eq!(started["date_done"], Value::Null);
     wait_all(&redis, &ids[1..], "SUCCESS", Duration::from_secs(30));
@@ -204,7 +204,7 @@ fn garbage_and_floods_on_the_pidbox_do_not_stop_or_slow_the_worker() {
     assert_eq!(inspect(&redis, &["ping"]), json!({"ok": "pong"}));
     assert!(worker.child.try_wait().unwrap().is_none(), "worker exited:\n{}", worker.log_text());
     let complaints = worker.log_text().matches("malformed remote-control message").count();
-    assert!(complaints >= 1 && complaints <= 2, "malformed messages logged {complaints} times (rate limited)");
+    assert!((1..=2).contains(&complaints), "malformed messages logged {complaints} times (rate limited)");
     eprintln!("50 tasks during a 5000-message pidbox flood: {elapsed:?}");
 }
 

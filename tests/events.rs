@@ -68,8 +68,7 @@ fn workload(redis: &Redis, log: &EventLog, node: &str) {
     let long = send(redis, json!([{"task": "tasks.io_bound", "args": [600]}])).remove(0);
     log.wait("task-started of the long task", WAIT, |e| e["type"] == "task-started" && e["uuid"] == long.as_str());
     log.wait("task-retried", WAIT, |e| e["type"] == "task-retried");
-    let (ok, out) =
-        celery_cli(redis, &["control", "terminate", "SIGTERM", &long, "-d", node, "--timeout", "5"], WAIT);
+    let (ok, out) = celery_cli(redis, &["control", "terminate", "SIGTERM", &long, "-d", node, "--timeout", "5"], WAIT);
     assert!(ok, "{out}");
     log.wait("task-revoked", WAIT, |e| e["type"] == "task-revoked" && e["uuid"] == long.as_str());
     log.wait("task-failed", WAIT, |e| e["type"] == "task-failed");
@@ -95,10 +94,11 @@ fn celerys_event_receiver_sees_every_event_kind_with_python_field_names() {
     }
     // task-rejected is sent only by tasks that raise Reject in Python: its fields, from
     // celery/worker/request.py (`send_event('task-rejected', requeue=requeue)`).
-    let common: BTreeSet<String> = ["hostname", "utcoffset", "pid", "clock", "uuid", "timestamp", "type", "local_received"]
-        .into_iter()
-        .map(String::from)
-        .collect();
+    let common: BTreeSet<String> =
+        ["hostname", "utcoffset", "pid", "clock", "uuid", "timestamp", "type", "local_received"]
+            .into_iter()
+            .map(String::from)
+            .collect();
     let mut rejected = common.clone();
     rejected.insert("requeue".into());
     reference.insert("task-rejected".into(), rejected);
@@ -171,6 +171,9 @@ fn without_events_only_worker_events_are_sent() {
     wait_all(&redis, &ids, "SUCCESS", WAIT);
     let beat = log.wait("a heartbeat", WAIT, |e| e["type"] == "worker-heartbeat" && e["processed"] == 1);
     assert_eq!(beat["hostname"], "quiet@testhost");
-    assert!(log.events().iter().all(|e| !e["type"].as_str().unwrap().starts_with("task-")), "task events sent without --events");
+    assert!(
+        log.events().iter().all(|e| !e["type"].as_str().unwrap().starts_with("task-")),
+        "task events sent without --events"
+    );
     drop(worker);
 }
