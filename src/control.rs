@@ -6,7 +6,7 @@
 //! `pattern` + `matcher`, a `ticket` and a `reply_to` (`{exchange, routing_key}`). A worker answers
 //! `{node: reply}` on the direct exchange `reply.celery.pidbox` with the request's ticket in the
 //! headers; kombu routes that through the `_kombu.binding.reply.celery.pidbox` set to the
-//! client's `<uuid>.reply.celery.pidbox` list (fixtures: tests/fixtures/celery/ops).
+//! client's `<uuid>.reply.celery.pidbox` list (fixtures e08 and e11 in tests/fixtures/celery/events).
 //!
 //! Replies have the shapes Python workers send (celery/worker/control.py), so the CLI and
 //! Flower print them the same way. Bad control messages are logged (rate limited) and dropped:
@@ -639,6 +639,33 @@ fn rusage() -> Value {
     })
 }
 
+/// kombu's reply message: `{node: reply}` with the request's ticket (fixture e11).
+fn reply_envelope(
+    node: &str,
+    exchange: &str,
+    routing_key: &str,
+    ticket: Option<&str>,
+    clock: u64,
+    reply: Value,
+) -> Vec<u8> {
+    let mut body = Map::new();
+    body.insert(node.to_owned(), reply);
+    let envelope = json!({
+        "body": B64.encode(pyjson::to_vec(&Value::Object(body))),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {"ticket": ticket, "clock": clock},
+        "properties": {
+            "delivery_mode": 1,
+            "delivery_info": {"exchange": exchange, "routing_key": routing_key},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": crate::wire::message::new_uuid(),
+        },
+    });
+    pyjson::to_vec(&envelope)
+}
+
 /// A control request, as far as it could be read.
 #[derive(Debug, PartialEq)]
 struct Request0 {
@@ -817,22 +844,7 @@ impl WorkerState {
         if queues.is_empty() {
             return Ok(()); // nobody waits for this reply any more
         }
-        let mut body = Map::new();
-        body.insert(self.node.clone(), reply);
-        let envelope = json!({
-            "body": B64.encode(pyjson::to_vec(&Value::Object(body))),
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
-            "headers": {"ticket": ticket, "clock": self.events.forward_clock()},
-            "properties": {
-                "delivery_mode": 1,
-                "delivery_info": {"exchange": exchange, "routing_key": routing_key},
-                "priority": 0,
-                "body_encoding": "base64",
-                "delivery_tag": crate::wire::message::new_uuid(),
-            },
-        });
-        let bytes = pyjson::to_vec(&envelope);
+        let bytes = reply_envelope(&self.node, exchange, routing_key, ticket, self.events.forward_clock(), reply);
         for q in queues {
             conn.lpush::<_, _, i64>(q, &bytes).await?;
         }
@@ -866,6 +878,21 @@ mod tests {
         assert_eq!(req.clock, 1);
         assert_eq!(req.reply_to.as_ref().unwrap().0, "reply.celery.pidbox");
         assert!(req.ticket.is_some());
+    }
+
+    #[test]
+    fn ping_reply_is_byte_identical_to_pythons_but_the_delivery_tag() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/celery/events/e11_reply.celery.pidbox.ping-reply.json"
+        );
+        let theirs: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        let ticket = theirs["headers"]["ticket"].as_str().unwrap();
+        let rk = theirs["properties"]["delivery_info"]["routing_key"].as_str().unwrap();
+        let ours = reply_envelope("probe1@testhost", REPLY_EXCHANGE, rk, Some(ticket), 3, json!({"ok": "pong"}));
+        let mut ours: Value = serde_json::from_slice(&ours).unwrap();
+        ours["properties"]["delivery_tag"] = theirs["properties"]["delivery_tag"].clone();
+        assert_eq!(pyjson::to_string(&ours), pyjson::to_string(&theirs));
     }
 
     #[test]
