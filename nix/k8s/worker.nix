@@ -1,15 +1,24 @@
 # Celery worker Deployment (scaled by the HPA in autoscaling.nix) and its PodDisruptionBudget.
-{ images, ... }:
+{ images, lib, config, ... }:
 let
   c = import ./constants.nix;
   app = c.apps.worker;
+  cfg = config.celeryAutoscale.worker;
   # Warm shutdown on SIGTERM: stop fetching, finish or return held tasks, exit 0 within this time.
   shutdownTimeoutSeconds = 30;
 in
 {
   imports = [ ./common.nix ];
 
-  kubernetes.resources = {
+  # Task events for Flower and `celery events` (Celery's -E); off by default, as in Celery.
+  # Worker heartbeats are sent either way. docs/Stretch.md shows how to run Flower beside it.
+  options.celeryAutoscale.worker.events = lib.mkOption {
+    type = lib.types.bool;
+    default = false;
+    description = "Send Celery task events (WORKER_SEND_EVENTS=true, the worker's --events).";
+  };
+
+  config.kubernetes.resources = {
     deployments.worker.spec = {
       # No `replicas`: the HPA owns spec.replicas, and a value here would reset it on every apply.
       selector.matchLabels = c.selectorLabels app;
@@ -33,7 +42,8 @@ in
               "--shutdown-timeout"
               (toString shutdownTimeoutSeconds)
             ];
-            env = c.appEnv ++ [{ name = "WORKER_CONCURRENCY"; value = "2"; }];
+            env = c.appEnv ++ [{ name = "WORKER_CONCURRENCY"; value = "2"; }]
+              ++ lib.optional cfg.events { name = "WORKER_SEND_EVENTS"; value = "true"; };
             ports = [{ name = "metrics"; containerPort = c.ports.worker; }];
             # 200 only while connected to Redis and not shutting down.
             readinessProbe = {
