@@ -148,10 +148,8 @@ enum Phase {
 
 struct Request {
     msg_info: Map<String, Value>,
-    args: Value,
-    kwargs: Value,
-    args_repr: String,
-    kwargs_repr: String,
+    args: Vec<Value>,
+    kwargs: Map<String, Value>,
     priority: i64,
     phase: Phase,
 }
@@ -246,10 +244,8 @@ impl WorkerState {
         info.insert("delivery_info".into(), Value::Object(delivery));
         let req = Request {
             msg_info: info,
-            args: Value::Array(msg.args.clone()),
-            kwargs: Value::Object(msg.kwargs.clone()),
-            args_repr: args_repr(&msg.args),
-            kwargs_repr: kwargs_repr(&msg.kwargs),
+            args: msg.args.clone(),
+            kwargs: msg.kwargs.clone(),
             priority: msg.priority,
             phase,
         };
@@ -316,8 +312,9 @@ impl WorkerState {
         let mut m = Map::new();
         m.insert("id".into(), r.msg_info["id"].clone());
         m.insert("name".into(), r.msg_info["name"].clone());
-        m.insert("args".into(), if safe { r.args_repr.clone().into() } else { r.args.clone() });
-        m.insert("kwargs".into(), if safe { r.kwargs_repr.clone().into() } else { r.kwargs.clone() });
+        // `safe` (Flower asks for it): reprs, as Python's argsrepr/kwargsrepr.
+        m.insert("args".into(), if safe { args_repr(&r.args).into() } else { Value::Array(r.args.clone()) });
+        m.insert("kwargs".into(), if safe { kwargs_repr(&r.kwargs).into() } else { Value::Object(r.kwargs.clone()) });
         m.insert("type".into(), r.msg_info["name"].clone());
         m.insert("hostname".into(), self.node.clone().into());
         let (start, acked) = match r.phase {
