@@ -94,7 +94,7 @@ pub struct WorkerArgs {
     pub hostname: Option<String>,
     /// Send task events (Celery's `-E`), for Flower and `celery events`. Worker heartbeats are
     /// sent either way, as Celery does.
-    #[arg(long, env = "WORKER_SEND_EVENTS")]
+    #[arg(long, env = "WORKER_SEND_EVENTS", value_parser = clap::builder::BoolishValueParser::new())]
     pub events: bool,
     /// Store STARTED when a task starts (Celery's `task_track_started`).
     #[arg(long)]
