@@ -38,6 +38,8 @@ pub const SW_VER: &str = env!("CARGO_PKG_VERSION");
 const BUFFER: usize = 8192;
 /// Most task events in one `task.multi` message.
 const MAX_BATCH: usize = 256;
+/// How long the first task event of a batch may wait for company.
+const LINGER: Duration = Duration::from_millis(50);
 
 /// Counts a worker reports in its worker events.
 pub trait WorkerCounts: Send + Sync {
@@ -268,6 +270,7 @@ impl Events {
             tokio::select! {
                 n = rx.recv_many(&mut batch, MAX_BATCH) => {
                     if n > 0 {
+                        Self::gather(&mut rx, &mut batch).await;
                         self.publish_tasks(&mut batch).await;
                     }
                 }
@@ -281,6 +284,20 @@ impl Events {
             self.publish_tasks(&mut batch).await;
         }
         self.publish("worker.offline", &Value::Object(self.worker_event("worker-offline", &*counts))).await;
+    }
+
+    /// Add what arrives within [`LINGER`] (up to [`MAX_BATCH`]): at thousands of tasks a second
+    /// one PUBLISH per event would add a Redis command per event; batched, events cost the
+    /// worker little (docs/Performance.md, "Events").
+    async fn gather(rx: &mut mpsc::Receiver<Map<String, Value>>, batch: &mut Vec<Map<String, Value>>) {
+        let deadline = tokio::time::sleep(LINGER);
+        tokio::pin!(deadline);
+        while batch.len() < MAX_BATCH {
+            tokio::select! {
+                n = rx.recv_many(batch, MAX_BATCH - batch.len()) => if n == 0 { break },
+                () = &mut deadline => break,
+            }
+        }
     }
 
     async fn publish_tasks(&self, batch: &mut Vec<Map<String, Value>>) {
