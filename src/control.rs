@@ -419,7 +419,14 @@ impl WorkerState {
     async fn revoke(&self, args: &Map<String, Value>) -> Result<Value, String> {
         let ids = string_list(args.get("task_id")).ok_or_else(|| missing("revoke", "task_id"))?;
         let terminate = args.get("terminate").is_some_and(truthy);
-        self.revoked.add(&ids, terminate);
+        // Which ids this worker holds, before the revoke lets them end: the reply names them.
+        let known: Vec<String> = {
+            let reqs = self.requests.lock().expect("requests lock");
+            ids.iter().filter(|id| reqs.contains_key(*id)).cloned().collect()
+        };
+        // Celery's order: flag, store REVOKED ("revoked"), then terminate (which stores
+        // "terminated" when the task stops).
+        self.revoked.add(&ids, false);
         // Celery 5.7 stores REVOKED at once, so a caller's AsyncResult sees it before the ETA.
         for id in &ids {
             let meta = ResultMeta::revoked(id, &ExceptionInfo::revoked("revoked"), Utc::now());
@@ -428,13 +435,10 @@ impl WorkerState {
             }
         }
         if terminate {
-            let known: Vec<String> = {
-                let reqs = self.requests.lock().expect("requests lock");
-                ids.iter().filter(|id| reqs.contains_key(*id)).cloned().collect()
-            };
             for id in &known {
                 tracing::info!(task_id = %id, "terminating task (remote revoke --terminate)");
             }
+            self.revoked.add(&known, true);
             return Ok(if known.is_empty() {
                 ok("terminate: tasks unknown")
             } else {
