@@ -124,6 +124,20 @@ impl Revoked {
             .collect()
     }
 
+    /// The ids with the Unix time they were revoked.
+    fn ids_with_time(&self) -> Vec<(String, f64)> {
+        let now = unix_seconds(Utc::now());
+        let inner = self.inner.lock().expect("revoked lock");
+        inner
+            .order
+            .iter()
+            .filter_map(|id| {
+                let age = inner.when.get(id)?.elapsed();
+                (age < REVOKE_EXPIRES).then(|| (id.clone(), now - age.as_secs_f64()))
+            })
+            .collect()
+    }
+
     /// Resolves once `id` is revoked (`terminate`: revoked with `--terminate`).
     pub async fn wait(&self, id: &str, terminate: bool) {
         let mut rx = self.changed.subscribe();
@@ -523,7 +537,9 @@ impl WorkerState {
                     }) {
                         self.revoked.add(&ids, false);
                     }
-                    let revoked: Map<String, Value> = self.revoked.ids().into_iter().map(|id| (id, 0.into())).collect();
+                    // Python's LimitedSet data: id -> insertion time (a float, or it refuses it).
+                    let revoked: Map<String, Value> =
+                        self.revoked.ids_with_time().into_iter().map(|(id, t)| (id, t.into())).collect();
                     json!({"revoked": revoked, "clock": self.events.forward_clock()})
                 }
             }
