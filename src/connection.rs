@@ -262,10 +262,7 @@ impl Inner {
         if let Some(live) = self.live() {
             return Ok(live);
         }
-        let conn = match &self.target {
-            Target::Direct(client) => client.get_multiplexed_async_connection_with_config(&self.config).await?,
-            Target::Sentinel { url, master, certs } => self.connect_master(url, master, certs.as_ref()).await?,
-        };
+        let conn = self.node_client().await?.get_multiplexed_async_connection_with_config(&self.config).await?;
         let mut current = self.current();
         current.0 += 1;
         current.1 = Some(conn.clone());
@@ -279,14 +276,15 @@ impl Inner {
         }
     }
 
-    /// Ask each sentinel in turn for the master's address, connect to it and check that it
-    /// is a master (a sentinel can briefly name a demoted one during a failover).
-    async fn connect_master(
+    /// Ask each sentinel in turn for the master's address and check that the node it names is
+    /// a master (a sentinel can briefly name a demoted one during a failover); returns a client
+    /// for that node.
+    async fn master_client(
         &self,
         url: &SentinelUrl,
         master: &str,
         certs: Option<&redis::TlsCertificates>,
-    ) -> RedisResult<MultiplexedConnection> {
+    ) -> RedisResult<Client> {
         let mut last_err = None;
         let sentinel_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
@@ -305,10 +303,10 @@ impl Inner {
                     )));
                 };
                 let node = client(&url.node_url(&mhost, mport, false), url.tls.as_ref(), certs)?;
-                let mut conn = node.get_multiplexed_async_connection_with_config(&self.config).await?;
+                let mut conn = node.get_multiplexed_async_connection_with_config(&sentinel_config).await?;
                 let role: Vec<Value> = redis::cmd("ROLE").query_async(&mut conn).await?;
                 match role.first() {
-                    Some(Value::BulkString(r)) if r == b"master" => Ok(conn),
+                    Some(Value::BulkString(r)) if r == b"master" => Ok(node),
                     _ => Err(RedisError::from((
                         redis::ErrorKind::Io,
                         "sentinel named a node that is not a master (failover in progress)",
@@ -317,15 +315,34 @@ impl Inner {
                 }
             };
             match attempt.await {
-                Ok(conn) => return Ok(conn),
+                Ok(node) => return Ok(node),
                 Err(e) => last_err = Some(e),
             }
         }
         Err(last_err.unwrap_or_else(|| RedisError::from((redis::ErrorKind::EmptySentinelList, "no sentinels"))))
     }
+
+    /// A client for the node commands go to now: the URL's, or the master the sentinels name.
+    async fn node_client(&self) -> RedisResult<Client> {
+        match &self.target {
+            Target::Direct(client) => Ok(client.clone()),
+            Target::Sentinel { url, master, certs } => self.master_client(url, master, certs.as_ref()).await,
+        }
+    }
 }
 
 impl Conn {
+    /// The database number commands run in (kombu names its fanout channels after it).
+    pub fn db(&self) -> i64 {
+        self.db
+    }
+
+    /// A new Pub/Sub connection to the same node, with the same TLS settings (for Sentinel, the
+    /// current master). Pub/Sub ignores the database number.
+    pub async fn pubsub(&self) -> RedisResult<redis::aio::PubSub> {
+        self.inner.node_client().await?.get_async_pubsub().await
+    }
+
     async fn run<T>(&self, op: impl AsyncFnOnce(&mut MultiplexedConnection) -> RedisResult<T>) -> RedisResult<T> {
         let (generation, mut conn) = self.inner.get().await?;
         let result = op(&mut conn).await;

@@ -11,6 +11,8 @@ pub mod args;
 pub mod backend;
 pub mod broker;
 pub mod connection;
+pub mod control;
+pub mod events;
 pub mod exporter;
 pub mod hpa;
 pub mod http;

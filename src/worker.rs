@@ -17,6 +17,8 @@ use crate::args::{self, QueueArgs, RedisArgs, StartError};
 use crate::backend::{Backend, DEFAULT_RESULT_EXPIRES, Stored};
 use crate::broker::{BRPOP_TIMEOUT, Broker, End, Fetcher, Taken};
 use crate::connection::{self, Backoff, Health, redact_url};
+use crate::control::{self, WorkerState};
+use crate::events::{Events, WorkerCounts};
 use crate::http;
 use crate::metrics::WorkerMetrics;
 use crate::shutdown::{Shutdown, Stage};
@@ -84,9 +86,18 @@ pub struct WorkerArgs {
     /// Where /metrics, /healthz and /readyz are served.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9191")]
     pub metrics_addr: String,
-    /// Worker name in logs and extended results (default: the host name, i.e. the pod name).
+    /// Node name, Celery's `-n`: `name@host` (`%h`, `%n`, `%d` expand to the host name, its first
+    /// label, its domain; a bare value is a host). Used in events, remote-control replies, logs
+    /// and extended results. Default: `celery@<host name>` (the pod name in Kubernetes).
     #[arg(long)]
     pub hostname: Option<String>,
+    /// Send task events (Celery's `-E`), for Flower and `celery events`. Worker heartbeats are
+    /// sent either way, as Celery does.
+    #[arg(long, env = "WORKER_SEND_EVENTS", value_parser = clap::builder::BoolishValueParser::new())]
+    pub events: bool,
+    /// Store STARTED when a task starts (Celery's `task_track_started`).
+    #[arg(long)]
+    pub track_started: bool,
 }
 
 pub mod inflight;
@@ -121,8 +132,11 @@ struct Worker {
     run_slots: Arc<Semaphore>,
     /// Finished tasks whose results are being stored.
     finishing: Arc<Semaphore>,
-    hostname: String,
+    /// Celery node name (`celery@host`).
+    node: String,
     origin: String,
+    /// Events, remote control, the revoked set.
+    state: Arc<WorkerState>,
 }
 
 /// Run a worker serving `registry`'s tasks until SIGTERM/SIGINT. Returns after a clean
@@ -145,10 +159,18 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
         .collect::<Result<Vec<_>, _>>()?;
     let backend_conn = connection::connect("BACKEND_URL", &args.redis.backend_url, master, op_timeout)?;
     let steps = args.queue.priority_steps.clone();
-    let hostname = args.hostname.clone().unwrap_or_else(message::hostname);
+    let node = control::node_name(args.hostname.as_deref(), &message::hostname());
+    let backend = Backend::new(backend_conn, Duration::from_secs(args.result_expires));
+    let (events, pending_events) = Events::new(broker_conn.clone(), &node, args.events);
+    let state = WorkerState::new(
+        control_settings(&args, &node, &queues, &registry),
+        events.clone(),
+        backend.clone(),
+        shutdown.clone(),
+    );
     let worker = Arc::new(Worker {
-        broker: Broker::new(broker_conn, steps.clone()),
-        backend: Backend::new(backend_conn, Duration::from_secs(args.result_expires)),
+        broker: Broker::new(broker_conn.clone(), steps.clone()),
+        backend,
         metrics: WorkerMetrics::new(registry.names()),
         broker_health: Health::new("broker", "BROKER_URL", &args.redis.broker_url),
         backend_health: Health::new("backend", "BACKEND_URL", &args.redis.backend_url),
@@ -158,8 +180,9 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
         give_up: AtomicBool::new(false),
         run_slots: Arc::new(Semaphore::new(args.concurrency as usize)),
         finishing: Arc::new(Semaphore::new(2 * args.concurrency as usize)),
-        origin: format!("gen{}@{hostname}", std::process::id()),
-        hostname,
+        origin: format!("gen{}@{}", std::process::id(), node.split_once('@').map_or(node.as_str(), |(_, h)| h)),
+        node,
+        state: state.clone(),
         args,
     });
     worker.metrics.concurrency.set(i64::from(worker.args.concurrency));
@@ -184,7 +207,9 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
     tracing::info!(
         broker = %redact_url(&worker.args.redis.broker_url),
         backend = %redact_url(&worker.args.redis.backend_url),
+        node = %worker.node,
         queues = ?queues,
+        events = worker.args.events,
         tasks = ?worker.registry,
         concurrency = worker.args.concurrency,
         prefetch = worker.args.concurrency * worker.args.prefetch_multiplier,
@@ -192,11 +217,18 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
         "worker started"
     );
 
+    let counts: Arc<dyn WorkerCounts> = state.clone();
+    let event_loop = tokio::spawn(events.clone().run(pending_events, counts));
+    let pidbox = tokio::spawn(control::serve(state.clone(), broker_conn));
     let restorer = tokio::spawn(worker.clone().restore_loop());
     let mut fetcher = Fetcher::new(worker.broker.connection(), wait_conns, &queues, &steps);
     let mut deliveries = worker.clone().fetch_loop(&mut fetcher).await;
     worker.drain(&mut deliveries).await;
     restorer.abort();
+    pidbox.abort();
+    events.finish();
+    // worker-offline, unless Redis is gone: then Flower notices the missing heartbeats.
+    let _ = tokio::time::timeout(Duration::from_secs(3), event_loop).await;
     shutdown.advance(Stage::Immediate);
     let _ = server.await;
     tracing::info!("worker stopped");
@@ -232,8 +264,13 @@ impl Worker {
         let slots = Arc::new(Semaphore::new((self.args.concurrency * self.args.prefetch_multiplier) as usize));
         let mut deliveries = JoinSet::new();
         let mut backoff = Backoff::default();
+        let mut queue_changes = self.state.queue_changes();
         loop {
             while deliveries.try_join_next().is_some() {}
+            if queue_changes.has_changed().unwrap_or(false) {
+                queue_changes.mark_unchanged();
+                self.consume_from(fetcher, &self.state.queues());
+            }
             let permit = tokio::select! {
                 p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
                 () = self.shutdown.reached(Stage::Graceful) => break,
@@ -261,6 +298,29 @@ impl Worker {
             }
         }
         deliveries
+    }
+
+    /// Switch the fetcher to `queues` (remote add_consumer/cancel_consumer).
+    fn consume_from(&self, fetcher: &mut Fetcher, queues: &[String]) {
+        let steps = &self.args.queue.priority_steps;
+        let master = self.args.redis.sentinel_master.as_deref();
+        let conns = (0..Fetcher::lists(queues, steps))
+            .map(|_| {
+                connection::connect(
+                    "BROKER_URL",
+                    &self.args.redis.broker_url,
+                    master,
+                    Duration::from_secs(10) + BRPOP_TIMEOUT,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>();
+        match conns {
+            Ok(conns) => {
+                *fetcher = Fetcher::new(self.broker.connection(), conns, queues, steps);
+                tracing::info!(?queues, "now consuming from");
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot change queues"),
+        }
     }
 
     /// Handle one message from `key`, from parsing to acknowledgement.
@@ -319,12 +379,17 @@ impl Worker {
             return;
         }
 
+        if self.state.revoked.contains(&msg.id) {
+            return self.skip_revoked(&msg, &*task, &tag).await;
+        }
         if let Some(expires) = msg.expires.filter(|e| *e <= Utc::now()) {
             tracing::info!(task_id = %msg.id, task = %msg.task, %expires, "task expired before it could run; storing REVOKED");
             self.metrics.revoked.with_label_values(&[&msg.task]).inc();
             self.store(&msg, &*task, ResultMeta::revoked(&msg.id, &ExceptionInfo::revoked_expired(), Utc::now())).await;
+            self.state.revoked_task(&msg.id, false, true);
             return self.ack(&tag).await;
         }
+        self.state.received(&msg, &queue);
         let mut fetch_slot = Some(fetch_slot);
         if let Some(eta) = msg.eta.filter(|e| *e > Utc::now()) {
             // Like Celery, a scheduled task does not count against prefetch while it waits.
@@ -333,17 +398,40 @@ impl Worker {
             tracing::debug!(task_id = %msg.id, %eta, "holding task until its ETA");
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
+                () = self.state.revoked.wait(&msg.id, false) => {}
                 () = self.shutdown.reached(Stage::Graceful) => return, // the drain puts it back
             }
+            self.state.due(&msg.id);
         }
         let run_slot = tokio::select! {
             p = self.run_slots.clone().acquire_owned() => p.expect("semaphore never closed"),
             () = self.shutdown.reached(Stage::Graceful) => return,
         };
+        if self.state.revoked.contains(&msg.id) {
+            return self.skip_revoked(&msg, &*task, &tag).await;
+        }
         if !self.in_flight.start(&tag) {
+            self.state.released(&msg.id);
             return; // the drain took it back before it could start
         }
-        let Some((outcome, elapsed)) = self.execute(&msg, &*task, call).await else {
+        self.state.started(&msg);
+        if self.args.track_started {
+            self.store(&msg, &*task, ResultMeta::started(&msg.id, std::process::id(), &self.node)).await;
+        }
+        let executed = tokio::select! {
+            r = self.execute(&msg, &*task, call) => r,
+            () = self.state.revoked.wait(&msg.id, true) => {
+                // `revoke --terminate`: the task's future is dropped (an async task stops at
+                // once; a CPU-bound one finishes its computation on the blocking pool unseen).
+                tracing::info!(task_id = %msg.id, task = %msg.task, "task terminated by remote control; storing REVOKED");
+                self.metrics.revoked.with_label_values(&[&msg.task]).inc();
+                self.store(&msg, &*task, ResultMeta::revoked(&msg.id, &ExceptionInfo::revoked("terminated"), Utc::now())).await;
+                self.state.revoked_task(&msg.id, true, false);
+                return self.ack(&tag).await;
+            }
+        };
+        let Some((outcome, elapsed)) = executed else {
+            self.state.released(&msg.id);
             return self.ack(&tag).await;
         };
         // The slot is free once the task has run: store and ack off the critical path, so the
@@ -355,6 +443,16 @@ impl Worker {
         self.finish(&msg, &*task, outcome, &queue, elapsed).await;
         self.ack(&tag).await;
         drop(finishing);
+    }
+
+    /// A revoked task never runs: REVOKED is stored (again: remote revoke already stored it)
+    /// and the message acknowledged, as Celery's `Request.revoked()` does.
+    async fn skip_revoked(&self, msg: &TaskMessage, task: &dyn Task, tag: &str) {
+        tracing::info!(task_id = %msg.id, task = %msg.task, "task revoked; not running it");
+        self.metrics.revoked.with_label_values(&[&msg.task]).inc();
+        self.store(msg, task, ResultMeta::revoked(&msg.id, &ExceptionInfo::revoked("revoked"), Utc::now())).await;
+        self.state.revoked_task(&msg.id, false, false);
+        self.ack(tag).await;
     }
 
     /// Run the task; `None` when a redelivered task had already succeeded (nothing to do).
@@ -385,6 +483,7 @@ impl Worker {
                 self.metrics.success.with_label_values(&[task]).inc();
                 self.metrics.duration.with_label_values(&[task]).observe(elapsed.as_secs_f64());
                 tracing::debug!(task_id = %msg.id, task, seconds = elapsed.as_secs_f64(), "task succeeded");
+                self.state.succeeded(msg, &value, elapsed);
                 self.store(msg, t, ResultMeta::success(&msg.id, value.clone(), now)).await;
                 for sig in &msg.embed.callbacks {
                     self.send(NewTask::from_signature(sig, Some(value.clone()), msg, keys::DEFAULT_QUEUE)).await;
@@ -399,12 +498,14 @@ impl Worker {
                 self.metrics.failure.with_label_values(&[task]).inc();
                 self.metrics.duration.with_label_values(&[task]).observe(elapsed.as_secs_f64());
                 tracing::info!(task_id = %msg.id, task, "task failed: {}", exc.summary());
+                self.state.failed(msg, &exc);
                 self.store(msg, t, ResultMeta::failure(&msg.id, task, &exc, now)).await;
                 self.send_errbacks(msg).await;
             }
             Err(TaskError::Retry { exc, countdown }) => {
                 self.metrics.retried.with_label_values(&[task]).inc();
                 tracing::info!(task_id = %msg.id, task, retries = msg.retries + 1, ?countdown, "task retry: {}", exc.summary());
+                self.state.retried(msg, &exc);
                 self.store(msg, t, ResultMeta::retry(&msg.id, task, &exc)).await;
                 self.send(NewTask::retry_of(msg, queue, countdown)).await;
             }
@@ -423,7 +524,7 @@ impl Worker {
                 name: msg.task.clone(),
                 args: msg.args.clone(),
                 kwargs: msg.kwargs.clone(),
-                worker: self.hostname.clone(),
+                worker: self.node.clone(),
                 retries: msg.retries,
                 queue: msg.routing_key().unwrap_or_default().to_owned(),
             });
@@ -478,6 +579,14 @@ impl Worker {
                 ExceptionInfo::new("kombu.exceptions", "DecodeError", vec![r.detail.clone().into()])
             }
         };
+        match r.reason {
+            // Python reports these as failures: the consumer for an unknown task, the task
+            // itself (a TypeError) for arguments that do not fit.
+            RejectReason::UnknownTask | RejectReason::BadArguments => {
+                self.state.events.task_failed(task_id, task, &exc)
+            }
+            _ => self.state.rejected(task_id),
+        }
         let mut meta = ResultMeta::failure(task_id, task, &exc, Utc::now());
         if let Some(m) = msg {
             meta.group_id = m.group.clone();
@@ -597,6 +706,29 @@ fn time_limit(msg: &TaskMessage, task: &TaskOptions, args: &WorkerArgs) -> (Opti
 /// else the task's option.
 fn ignores_result(msg: &TaskMessage, task: Option<&dyn Task>) -> bool {
     msg.ignore_result.unwrap_or_else(|| task.is_some_and(|t| t.options().ignore_result))
+}
+
+/// What remote control reports about this worker's configuration.
+fn control_settings(args: &WorkerArgs, node: &str, queues: &[String], registry: &Registry) -> control::Settings {
+    let mut conf = serde_json::Map::new();
+    conf.insert("broker_url".into(), redact_url(&args.redis.broker_url).into());
+    conf.insert("result_backend".into(), redact_url(&args.redis.backend_url).into());
+    conf.insert("worker_concurrency".into(), args.concurrency.into());
+    conf.insert("worker_prefetch_multiplier".into(), args.prefetch_multiplier.into());
+    conf.insert("task_acks_late".into(), true.into());
+    conf.insert("task_track_started".into(), args.track_started.into());
+    conf.insert("worker_send_task_events".into(), args.events.into());
+    conf.insert("result_extended".into(), args.result_extended.into());
+    conf.insert("result_expires".into(), args.result_expires.into());
+    control::Settings {
+        node: node.to_owned(),
+        concurrency: args.concurrency,
+        prefetch_multiplier: args.prefetch_multiplier,
+        broker_url: args.redis.broker_url.clone(),
+        queues: queues.to_vec(),
+        registered: registry.names().iter().map(|n| n.to_string()).collect(),
+        conf,
+    }
 }
 
 #[cfg(test)]

@@ -84,9 +84,11 @@ pub(super) fn start(
         io_seconds: args.io_seconds,
         seed: None,
         batch: 500,
-        wait: false,
+        // Keep the sent ids: the result counter below follows them (`send` itself never waits).
+        wait: true,
         wait_timeout: Duration::ZERO,
     };
+    options.check(pattern).map_err(|e| LocalError::Load(e.to_string()))?;
     // What became of the load is read from the result backend, not from worker counters: a
     // foreign worker has none, and ours lose the last tasks a stopping worker finishes between
     // two scrapes.

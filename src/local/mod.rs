@@ -141,6 +141,8 @@ impl FromStr for WorkerCommand {
 pub enum LocalError {
     #[error(transparent)]
     Hpa(#[from] hpa::HpaError),
+    #[error("--load: {0}")]
+    Load(String),
     #[error(
         "HPA {hpa}: local mode scales on celery_queue_depth for one queue; the HPA's first metric must be \
          celery_queue_depth with a selector matchLabels {{queue: <name>}} (found {found})"

@@ -25,6 +25,13 @@ pub fn kwargs_repr(kwargs: &Map<String, Value>) -> String {
     truncate(s)
 }
 
+/// `repr(value)`, e.g. a task's return value in a `task-succeeded` event.
+pub fn repr(v: &Value) -> String {
+    let mut s = String::new();
+    repr_into(v, &mut s);
+    truncate(s)
+}
+
 fn truncate(mut s: String) -> String {
     if s.len() > MAX_REPR {
         let mut cut = MAX_REPR - 3;

@@ -14,6 +14,8 @@ pub enum TaskState {
     Failure,
     Retry,
     Revoked,
+    /// Stored when a task starts, with `--track-started` (Celery's `task_track_started`).
+    Started,
 }
 
 impl TaskState {
@@ -23,6 +25,7 @@ impl TaskState {
             TaskState::Failure => "FAILURE",
             TaskState::Retry => "RETRY",
             TaskState::Revoked => "REVOKED",
+            TaskState::Started => "STARTED",
         }
     }
 }
@@ -73,6 +76,11 @@ impl ExceptionInfo {
     /// REVOKED for an `expires` in the past (fixture r30).
     pub fn revoked_expired() -> Self {
         Self::new("celery.exceptions", "TaskRevokedError", vec![Value::String("expired".into())]).decided_by_worker()
+    }
+
+    /// REVOKED by remote control (`reason` "revoked", or "terminated" for a stopped task).
+    pub fn revoked(reason: &str) -> Self {
+        Self::new("celery.exceptions", "TaskRevokedError", vec![Value::String(reason.into())]).decided_by_worker()
     }
 
     pub fn to_value(&self) -> Value {
@@ -134,6 +142,12 @@ impl ResultMeta {
 
     pub fn revoked(task_id: &str, exc: &ExceptionInfo, now: DateTime<Utc>) -> Self {
         Self::base(task_id, TaskState::Revoked, exc.to_value(), None, Some(now))
+    }
+
+    /// STARTED: `{"pid", "hostname"}` of the worker as the result and no `date_done`, as
+    /// Celery's `task_track_started` stores it.
+    pub fn started(task_id: &str, pid: u32, hostname: &str) -> Self {
+        Self::base(task_id, TaskState::Started, json!({"pid": pid, "hostname": hostname}), None, None)
     }
 
     /// RETRY has no `date_done` (fixture r07).

@@ -583,3 +583,82 @@ pub fn wait_all(redis: &Redis, ids: &[String], status: &str, timeout: Duration) 
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Run the venv's Celery command line (`python -m celery -b <broker> <args>`), as an operator
+/// would; returns whether it exited 0 and what it printed (stdout, then stderr).
+pub fn celery_cli(redis: &Redis, args: &[&str], timeout: Duration) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("out");
+    let mut child = Command::new(python())
+        .args(["-m", "celery", "-b", &redis.url(0), "--result-backend", &redis.url(1)])
+        .args(args)
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn celery CLI");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            panic!("celery {args:?} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    (status.success(), format!("{}{err}", std::fs::read_to_string(&out_path).unwrap()))
+}
+
+/// Celery's `EventReceiver` (tests/python/events.py) printing every event to a file; it is
+/// subscribed when this returns.
+pub struct EventLog {
+    child: Child,
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl EventLog {
+    pub fn start(redis: &Redis, seconds: u32) -> EventLog {
+        let mut c = redis.conn(0);
+        let before: i64 = redis::cmd("PUBSUB").arg("NUMPAT").query(&mut c).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let child = Command::new(python())
+            .arg(repo_root().join("tests/python/events.py"))
+            .arg(seconds.to_string())
+            .env("BROKER_URL", redis.url(0))
+            .stdout(std::fs::File::create(&path).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn events.py");
+        // kombu subscribes to the event exchange with PSUBSCRIBE.
+        wait_for("the event receiver to subscribe", Duration::from_secs(30), || {
+            let n: i64 = redis::cmd("PUBSUB").arg("NUMPAT").query(&mut c).ok()?;
+            (n > before).then_some(())
+        });
+        EventLog { child, path, _dir: dir }
+    }
+
+    pub fn events(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Wait until an event matches `pred`; returns it.
+    pub fn wait(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        wait_for(what, timeout, || self.events().into_iter().find(|e| pred(e)))
+    }
+}
+
+impl Drop for EventLog {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

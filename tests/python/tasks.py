@@ -50,3 +50,13 @@ def cpu_bound(n):
 def io_bound(seconds):
     time.sleep(seconds)
     return seconds
+
+
+@app.task(name="tasks.flaky", bind=True, max_retries=3)
+def flaky(self, fail_times, countdown=1.0):
+    """Fails with a retry until retried `fail_times` times, then returns the retry count."""
+    if self.request.retries >= fail_times:
+        return self.request.retries
+    attempt = self.request.retries + 1
+    raise self.retry(exc=RuntimeError(f"flaky: attempt {attempt} of {fail_times + 1} fails on purpose"),
+                     countdown=countdown)

@@ -1,0 +1,953 @@
+//! Remote control (Celery's pidbox) and the worker state it reports.
+//!
+//! `celery inspect …` / `celery control …` publish a kombu message on the `celery.pidbox`
+//! fanout exchange, which kombu's Redis transport turns into `PUBLISH /{db}.celery.pidbox`.
+//! The body names a `method`, its `arguments`, an optional `destination` (node names) or
+//! `pattern` + `matcher`, a `ticket` and a `reply_to` (`{exchange, routing_key}`). A worker answers
+//! `{node: reply}` on the direct exchange `reply.celery.pidbox` with the request's ticket in the
+//! headers; kombu routes that through the `_kombu.binding.reply.celery.pidbox` set to the
+//! client's `<uuid>.reply.celery.pidbox` list (fixtures e08 and e11 in tests/fixtures/celery/events).
+//!
+//! Replies have the shapes Python workers send (celery/worker/control.py), so the CLI and
+//! Flower print them the same way. Bad control messages are logged (rate limited) and dropped:
+//! they never stop the worker, and the pidbox runs on its own connection and task, so a flood of
+//! them does not hold up task messages.
+
+use crate::backend::Backend;
+use crate::connection::{Backoff, Conn, redact_url};
+use crate::events::{Events, WorkerCounts};
+use crate::shutdown::{Shutdown, Stage};
+use crate::wire::pyjson;
+use crate::wire::pyrepr::{args_repr, kwargs_repr, repr};
+use crate::wire::time::{python_isoformat, unix_seconds};
+use crate::wire::{ExceptionInfo, ResultMeta, TaskMessage};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use redis::AsyncCommands;
+use serde_json::{Map, Value, json};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Celery's mailbox exchange and reply exchange for the app namespace `celery`.
+pub const EXCHANGE: &str = "celery.pidbox";
+pub const REPLY_EXCHANGE: &str = "reply.celery.pidbox";
+/// Celery's `REVOKES_MAX` and `REVOKE_EXPIRES` (seconds): the revoked set forgets the oldest ids
+/// beyond this count or age.
+const REVOKES_MAX: usize = 50_000;
+const REVOKE_EXPIRES: Duration = Duration::from_secs(10_800);
+/// kombu's binding entry separator.
+const SEP: &str = "\x06\x16";
+
+/// The node name Celery derives from `-n`: `name@host`; a value without `@` is a host name
+/// (`celery@<value>`), and `%h`, `%n`, `%d` expand to the host name, its first label, its domain.
+pub fn node_name(given: Option<&str>, host: &str) -> String {
+    let (short, domain) = host.split_once('.').unwrap_or((host, ""));
+    let expand = |s: &str| s.replace("%h", host).replace("%n", short).replace("%d", domain);
+    match given.map(str::trim).filter(|g| !g.is_empty()) {
+        None => format!("celery@{host}"),
+        Some(g) => match g.split_once('@') {
+            Some((name, h)) => {
+                let name = if name.is_empty() { "celery" } else { name };
+                let h = if h.is_empty() { host.to_owned() } else { expand(h) };
+                format!("{}@{h}", expand(name))
+            }
+            None => format!("celery@{}", expand(g)),
+        },
+    }
+}
+
+/// Celery's revoked set: ids that must never run, with the ones asked to stop if running.
+pub struct Revoked {
+    inner: Mutex<RevokedInner>,
+    /// Bumped on every change, so waiting tasks re-check.
+    changed: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct RevokedInner {
+    when: HashMap<String, Instant>,
+    order: VecDeque<String>,
+    terminate: HashSet<String>,
+}
+
+impl Default for Revoked {
+    fn default() -> Self {
+        Revoked { inner: Mutex::default(), changed: watch::channel(0).0 }
+    }
+}
+
+impl Revoked {
+    pub fn contains(&self, id: &str) -> bool {
+        let inner = self.inner.lock().expect("revoked lock");
+        inner.when.get(id).is_some_and(|t| t.elapsed() < REVOKE_EXPIRES)
+    }
+
+    fn terminate_requested(&self, id: &str) -> bool {
+        self.inner.lock().expect("revoked lock").terminate.contains(id)
+    }
+
+    pub fn add(&self, ids: &[String], terminate: bool) {
+        {
+            let mut inner = self.inner.lock().expect("revoked lock");
+            for id in ids {
+                if inner.when.insert(id.clone(), Instant::now()).is_none() {
+                    inner.order.push_back(id.clone());
+                }
+                if terminate {
+                    inner.terminate.insert(id.clone());
+                }
+            }
+            while inner.order.len() > REVOKES_MAX
+                || inner.order.front().is_some_and(|f| inner.when.get(f).is_none_or(|t| t.elapsed() >= REVOKE_EXPIRES))
+            {
+                let Some(old) = inner.order.pop_front() else { break };
+                inner.when.remove(&old);
+                inner.terminate.remove(&old);
+            }
+        }
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    pub fn ids(&self) -> Vec<String> {
+        let inner = self.inner.lock().expect("revoked lock");
+        inner
+            .order
+            .iter()
+            .filter(|id| inner.when.get(*id).is_some_and(|t| t.elapsed() < REVOKE_EXPIRES))
+            .cloned()
+            .collect()
+    }
+
+    /// The ids with the Unix time they were revoked.
+    fn ids_with_time(&self) -> Vec<(String, f64)> {
+        let now = unix_seconds(Utc::now());
+        let inner = self.inner.lock().expect("revoked lock");
+        inner
+            .order
+            .iter()
+            .filter_map(|id| {
+                let age = inner.when.get(id)?.elapsed();
+                (age < REVOKE_EXPIRES).then(|| (id.clone(), now - age.as_secs_f64()))
+            })
+            .collect()
+    }
+
+    /// Resolves once `id` is revoked (`terminate`: revoked with `--terminate`).
+    pub async fn wait(&self, id: &str, terminate: bool) {
+        let mut rx = self.changed.subscribe();
+        loop {
+            if self.contains(id) && (!terminate || self.terminate_requested(id)) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+}
+
+/// Where a task the worker holds is.
+#[derive(Clone, Debug, PartialEq)]
+enum Phase {
+    Reserved,
+    Scheduled { eta: DateTime<Utc> },
+    Active { since: f64 },
+}
+
+struct Request {
+    msg_info: Map<String, Value>,
+    args: Vec<Value>,
+    kwargs: Map<String, Value>,
+    priority: i64,
+    phase: Phase,
+}
+
+/// What the worker is doing, for inspect replies and heartbeats, and the event hooks the
+/// worker calls at each step of a task.
+pub struct WorkerState {
+    pub events: Arc<Events>,
+    pub revoked: Revoked,
+    node: String,
+    started: Instant,
+    concurrency: u32,
+    prefetch: u32,
+    broker_url: String,
+    queues: Mutex<Vec<String>>,
+    /// Bumped when add_consumer/cancel_consumer change `queues`.
+    queues_changed: watch::Sender<u64>,
+    registered: Vec<String>,
+    requests: Mutex<HashMap<String, Request>>,
+    total: Mutex<BTreeMap<String, u64>>,
+    processed: AtomicU64,
+    backend: Backend,
+    shutdown: Shutdown,
+    conf: Map<String, Value>,
+}
+
+/// How the worker is configured, for `stats` and `conf` replies.
+pub struct Settings {
+    pub node: String,
+    pub concurrency: u32,
+    pub prefetch_multiplier: u32,
+    pub broker_url: String,
+    pub queues: Vec<String>,
+    pub registered: Vec<String>,
+    pub conf: Map<String, Value>,
+}
+
+impl WorkerState {
+    pub fn new(settings: Settings, events: Arc<Events>, backend: Backend, shutdown: Shutdown) -> Arc<Self> {
+        let mut registered = settings.registered;
+        registered.sort();
+        Arc::new(WorkerState {
+            events,
+            revoked: Revoked::default(),
+            node: settings.node,
+            started: Instant::now(),
+            concurrency: settings.concurrency,
+            prefetch: settings.concurrency * settings.prefetch_multiplier,
+            broker_url: settings.broker_url,
+            queues: Mutex::new(settings.queues),
+            queues_changed: watch::channel(0).0,
+            registered,
+            requests: Mutex::default(),
+            total: Mutex::default(),
+            processed: AtomicU64::new(0),
+            backend,
+            shutdown,
+            conf: settings.conf,
+        })
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The queues to consume now (changed by add_consumer/cancel_consumer).
+    pub fn queues(&self) -> Vec<String> {
+        self.queues.lock().expect("queues lock").clone()
+    }
+
+    /// Notified when [`WorkerState::queues`] changes.
+    pub fn queue_changes(&self) -> watch::Receiver<u64> {
+        self.queues_changed.subscribe()
+    }
+
+    // ---- hooks the worker calls ----
+
+    /// A task message was accepted (parsed, bound, not revoked or expired).
+    pub fn received(&self, msg: &TaskMessage, queue: &str) {
+        let phase = match msg.eta.filter(|e| *e > Utc::now()) {
+            Some(eta) => Phase::Scheduled { eta },
+            None => Phase::Reserved,
+        };
+        let mut delivery = Map::new();
+        delivery.insert("exchange".into(), "".into());
+        delivery.insert("routing_key".into(), msg.routing_key().unwrap_or(queue).into());
+        delivery.insert("priority".into(), msg.priority.into());
+        delivery.insert("redelivered".into(), msg.redelivered.into());
+        let mut info = Map::new();
+        info.insert("id".into(), msg.id.clone().into());
+        info.insert("name".into(), msg.task.clone().into());
+        info.insert("delivery_info".into(), Value::Object(delivery));
+        let req = Request {
+            msg_info: info,
+            args: msg.args.clone(),
+            kwargs: msg.kwargs.clone(),
+            priority: msg.priority,
+            phase,
+        };
+        self.requests.lock().expect("requests lock").insert(msg.id.clone(), req);
+        self.events.task_received(msg);
+    }
+
+    /// An ETA task's time has come: it now waits for a slot like any reserved task.
+    pub fn due(&self, id: &str) {
+        if let Some(r) = self.requests.lock().expect("requests lock").get_mut(id) {
+            r.phase = Phase::Reserved;
+        }
+    }
+
+    pub fn started(&self, msg: &TaskMessage) {
+        if let Some(r) = self.requests.lock().expect("requests lock").get_mut(&msg.id) {
+            r.phase = Phase::Active { since: unix_seconds(Utc::now()) };
+        }
+        *self.total.lock().expect("total lock").entry(msg.task.clone()).or_default() += 1;
+        self.processed.fetch_add(1, Ordering::Relaxed);
+        self.events.task_started(&msg.id);
+    }
+
+    fn forget(&self, id: &str) {
+        self.requests.lock().expect("requests lock").remove(id);
+    }
+
+    pub fn succeeded(&self, msg: &TaskMessage, result: &Value, runtime: Duration) {
+        self.forget(&msg.id);
+        self.events.task_succeeded(&msg.id, result, runtime);
+    }
+
+    pub fn failed(&self, msg: &TaskMessage, exc: &ExceptionInfo) {
+        self.forget(&msg.id);
+        self.events.task_failed(&msg.id, &msg.task, exc);
+    }
+
+    pub fn retried(&self, msg: &TaskMessage, exc: &ExceptionInfo) {
+        self.forget(&msg.id);
+        self.events.task_retried(&msg.id, &msg.task, exc);
+    }
+
+    /// A message that will not run (bad arguments, unsupported canvas, unreadable headers).
+    pub fn rejected(&self, task_id: &str) {
+        self.forget(task_id);
+        self.events.task_rejected(task_id, false);
+    }
+
+    /// The task will not run or was stopped: revoked (`terminated` when stopped while running)
+    /// or `expired`.
+    pub fn revoked_task(&self, id: &str, terminated: bool, expired: bool) {
+        self.forget(id);
+        self.events.task_revoked(id, terminated, terminated.then_some("15"), expired);
+    }
+
+    /// Dropped without an outcome (put back at shutdown, duplicate of a finished task).
+    pub fn released(&self, id: &str) {
+        self.forget(id);
+    }
+
+    // ---- inspect replies ----
+
+    fn info(&self, r: &Request, safe: bool) -> Value {
+        let mut m = Map::new();
+        m.insert("id".into(), r.msg_info["id"].clone());
+        m.insert("name".into(), r.msg_info["name"].clone());
+        // `safe` (Flower asks for it): reprs, as Python's argsrepr/kwargsrepr.
+        m.insert("args".into(), if safe { args_repr(&r.args).into() } else { Value::Array(r.args.clone()) });
+        m.insert("kwargs".into(), if safe { kwargs_repr(&r.kwargs).into() } else { Value::Object(r.kwargs.clone()) });
+        m.insert("type".into(), r.msg_info["name"].clone());
+        m.insert("hostname".into(), self.node.clone().into());
+        let (start, acked) = match r.phase {
+            Phase::Active { since } => (Value::from(since), true),
+            _ => (Value::Null, false),
+        };
+        m.insert("time_start".into(), start);
+        m.insert("acknowledged".into(), acked.into());
+        m.insert("delivery_info".into(), r.msg_info["delivery_info"].clone());
+        m.insert("worker_pid".into(), if acked { std::process::id().into() } else { Value::Null });
+        Value::Object(m)
+    }
+
+    fn list(&self, safe: bool, want: impl Fn(&Phase) -> bool) -> Vec<Value> {
+        let reqs = self.requests.lock().expect("requests lock");
+        reqs.values().filter(|r| want(&r.phase)).map(|r| self.info(r, safe)).collect()
+    }
+
+    fn scheduled(&self) -> Value {
+        let reqs = self.requests.lock().expect("requests lock");
+        let items = reqs.values().filter_map(|r| match r.phase {
+            Phase::Scheduled { eta } => {
+                Some(json!({"eta": python_isoformat(eta), "priority": r.priority, "request": self.info(r, false)}))
+            }
+            _ => None,
+        });
+        Value::Array(items.collect())
+    }
+
+    fn query_task(&self, ids: &[String]) -> Value {
+        let reqs = self.requests.lock().expect("requests lock");
+        let mut out = Map::new();
+        for id in ids {
+            if let Some(r) = reqs.get(id) {
+                let state = match r.phase {
+                    Phase::Active { .. } => "active",
+                    Phase::Reserved => "reserved",
+                    Phase::Scheduled { .. } => "ready",
+                };
+                out.insert(id.clone(), json!([state, self.info(r, false)]));
+            }
+        }
+        Value::Object(out)
+    }
+
+    fn stats(&self) -> Value {
+        let pid = std::process::id();
+        let total: Map<String, Value> =
+            self.total.lock().expect("total lock").iter().map(|(k, v)| (k.clone(), (*v).into())).collect();
+        let (host, port, db) = match redis::Client::open(self.broker_url.as_str()) {
+            Ok(c) => {
+                let info = c.get_connection_info();
+                let (host, port) = match info.addr() {
+                    redis::ConnectionAddr::Tcp(h, p) | redis::ConnectionAddr::TcpTls { host: h, port: p, .. } => {
+                        (h.clone(), *p)
+                    }
+                    other => (other.to_string(), 0),
+                };
+                (host, port, info.redis_settings().db())
+            }
+            Err(_) => (String::new(), 0, 0),
+        };
+        json!({
+            "total": total,
+            "pid": pid,
+            "clock": self.events.clock().to_string(),
+            "uptime": self.started.elapsed().as_secs(),
+            "pool": {
+                "implementation": "celery_autoscale:tokio",
+                "max-concurrency": self.concurrency,
+                "processes": [pid],
+                "max-tasks-per-child": "N/A",
+                "put-guarded-by-semaphore": false,
+                "timeouts": [0, 0],
+            },
+            "broker": {
+                "hostname": host,
+                "userid": null,
+                "virtual_host": db.to_string(),
+                "port": port,
+                "insist": false,
+                "ssl": self.broker_url.starts_with("rediss://"),
+                "transport": "redis",
+                "connect_timeout": 4,
+                "transport_options": {},
+                "login_method": null,
+                "uri_prefix": null,
+                "heartbeat": 120.0,
+                "failover_strategy": "round-robin",
+                "alternates": [],
+            },
+            "prefetch_count": self.prefetch,
+            "rusage": rusage(),
+        })
+    }
+
+    fn active_queues(&self) -> Value {
+        let queues = self.queues();
+        Value::Array(queues.iter().map(|q| queue_dict(q)).collect())
+    }
+
+    async fn revoke(&self, args: &Map<String, Value>) -> Result<Value, String> {
+        let ids = string_list(args.get("task_id")).ok_or_else(|| missing("revoke", "task_id"))?;
+        let terminate = args.get("terminate").is_some_and(truthy);
+        // Which ids this worker holds, before the revoke lets them end: the reply names them.
+        let known: Vec<String> = {
+            let reqs = self.requests.lock().expect("requests lock");
+            ids.iter().filter(|id| reqs.contains_key(*id)).cloned().collect()
+        };
+        // Celery's order: flag, store REVOKED ("revoked"), then terminate (which stores
+        // "terminated" when the task stops).
+        self.revoked.add(&ids, false);
+        // Celery 5.7 stores REVOKED at once, so a caller's AsyncResult sees it before the ETA.
+        for id in &ids {
+            let meta = ResultMeta::revoked(id, &ExceptionInfo::revoked("revoked"), Utc::now());
+            if let Err(e) = self.backend.store(&meta).await {
+                tracing::warn!(task_id = %id, error = %e, "could not store REVOKED; the task still will not run here");
+            }
+        }
+        if terminate {
+            for id in &known {
+                tracing::info!(task_id = %id, "terminating task (remote revoke --terminate)");
+            }
+            self.revoked.add(&known, true);
+            return Ok(if known.is_empty() {
+                ok("terminate: tasks unknown")
+            } else {
+                ok(&format!("terminate: {}", known.join(", ")))
+            });
+        }
+        tracing::info!(ids = %ids.join(", "), "tasks flagged as revoked");
+        Ok(ok(&format!("tasks {} flagged as revoked", python_set(&ids))))
+    }
+
+    fn set_queue(&self, args: &Map<String, Value>, method: &str, add: bool) -> Result<Value, String> {
+        let queue = args.get("queue").and_then(Value::as_str).filter(|q| !q.trim().is_empty());
+        let queue = queue.ok_or_else(|| missing(method, "queue"))?.trim().to_owned();
+        let changed = {
+            let mut qs = self.queues.lock().expect("queues lock");
+            let had = qs.contains(&queue);
+            if add && !had {
+                qs.push(queue.clone());
+                true
+            } else if !add && had && qs.len() > 1 {
+                qs.retain(|q| *q != queue);
+                true
+            } else {
+                false
+            }
+        };
+        if changed {
+            tracing::info!(queue, add, "queues changed by remote control");
+            self.queues_changed.send_modify(|v| *v += 1);
+        }
+        Ok(if add { ok(&format!("add consumer {queue}")) } else { ok(&format!("no longer consuming from {queue}")) })
+    }
+
+    /// Run one command; `Ok(None)` means no reply (shutdown), `Err` is the message of the
+    /// Python exception the handler would raise.
+    async fn call(&self, method: &str, args: &Map<String, Value>) -> Result<Option<Value>, String> {
+        let reply = match method {
+            "ping" => ok("pong"),
+            "stats" => self.stats(),
+            "active" | "dump_active" => {
+                Value::Array(self.list(args.get("safe").is_some_and(truthy), |p| matches!(p, Phase::Active { .. })))
+            }
+            "reserved" | "dump_reserved" => Value::Array(self.list(false, |p| *p == Phase::Reserved)),
+            "scheduled" | "dump_schedule" => self.scheduled(),
+            "registered" | "dump_tasks" => json!(self.registered),
+            "active_queues" => self.active_queues(),
+            "query_task" => self.query_task(&string_list(args.get("ids")).unwrap_or_default()),
+            "revoked" | "dump_revoked" => json!(self.revoked.ids()),
+            "revoke" => self.revoke(args).await?,
+            "terminate" => {
+                let mut a = args.clone();
+                a.insert("terminate".into(), true.into());
+                self.revoke(&a).await?
+            }
+            "shutdown" => {
+                tracing::warn!("Got shutdown from remote");
+                self.shutdown.advance(Stage::Graceful);
+                return Ok(None);
+            }
+            "add_consumer" => self.set_queue(args, method, true)?,
+            "cancel_consumer" => self.set_queue(args, method, false)?,
+            "enable_events" => ok(if self.events.set_task_events(true) {
+                "task events already enabled"
+            } else {
+                "task events enabled"
+            }),
+            "disable_events" => ok(if self.events.set_task_events(false) {
+                "task events disabled"
+            } else {
+                "task events already disabled"
+            }),
+            "clock" => json!({"clock": self.events.clock()}),
+            "conf" | "dump_conf" => Value::Object(self.conf.clone()),
+            "hello" => {
+                let from = args.get("from_node").and_then(Value::as_str).ok_or_else(|| missing(method, "from_node"))?;
+                if from == self.node {
+                    Value::Null
+                } else {
+                    if let Some(ids) = args.get("revoked").and_then(|r| match r {
+                        Value::Object(m) => Some(m.keys().cloned().collect::<Vec<_>>()),
+                        other => string_list(Some(other)),
+                    }) {
+                        self.revoked.add(&ids, false);
+                    }
+                    // Python's LimitedSet data: id -> insertion time (a float, or it refuses it).
+                    let revoked: Map<String, Value> =
+                        self.revoked.ids_with_time().into_iter().map(|(id, t)| (id, t.into())).collect();
+                    json!({"revoked": revoked, "clock": self.events.forward_clock()})
+                }
+            }
+            // Python sends a heartbeat now and replies None; ours go out every 2 s regardless.
+            "heartbeat" => Value::Null,
+            _ => return Err(format!("KeyError({})", repr(&Value::String(method.to_owned())))),
+        };
+        Ok(Some(reply))
+    }
+}
+
+impl WorkerCounts for WorkerState {
+    fn active(&self) -> usize {
+        self.requests
+            .lock()
+            .expect("requests lock")
+            .values()
+            .filter(|r| matches!(r.phase, Phase::Active { .. }))
+            .count()
+    }
+
+    fn processed(&self) -> u64 {
+        self.processed.load(Ordering::Relaxed)
+    }
+}
+
+fn ok(s: &str) -> Value {
+    json!({ "ok": s })
+}
+
+fn missing(method: &str, arg: &str) -> String {
+    let text = format!("{method}() missing 1 required positional argument: '{arg}'");
+    format!("TypeError({})", repr(&Value::String(text)))
+}
+
+fn truthy(v: &Value) -> bool {
+    match v {
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
+        Value::String(s) => matches!(s.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"),
+        _ => false,
+    }
+}
+
+/// Celery's `maybe_list`: one id or a list of ids.
+fn string_list(v: Option<&Value>) -> Option<Vec<String>> {
+    match v? {
+        Value::String(s) => Some(vec![s.clone()]),
+        Value::Array(items) => Some(items.iter().filter_map(|i| i.as_str().map(str::to_owned)).collect()),
+        _ => None,
+    }
+}
+
+/// Python's repr of a set of strings, as Celery's revoke reply prints it.
+fn python_set(ids: &[String]) -> String {
+    if ids.is_empty() {
+        return "set()".into();
+    }
+    let unique: Vec<String> = ids
+        .iter()
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .map(|i| repr(&Value::String(i.clone())))
+        .collect();
+    format!("{{{}}}", unique.join(", "))
+}
+
+/// kombu's `Queue.as_dict(recurse=True)` for a queue bound to its direct exchange.
+fn queue_dict(q: &str) -> Value {
+    json!({
+        "name": q,
+        "exchange": {"name": q, "type": "direct", "arguments": null, "durable": true, "passive": false,
+                     "auto_delete": false, "delivery_mode": null, "no_declare": false},
+        "routing_key": q,
+        "queue_arguments": null,
+        "binding_arguments": null,
+        "consumer_arguments": null,
+        "durable": true,
+        "exclusive": false,
+        "auto_delete": false,
+        "no_ack": false,
+        "alias": null,
+        "bindings": [],
+        "no_declare": null,
+        "expires": null,
+        "message_ttl": null,
+        "max_length": null,
+        "max_length_bytes": null,
+        "max_priority": null,
+    })
+}
+
+/// `resource.getrusage(RUSAGE_SELF)` fields Celery reports, from /proc (Linux); zeros elsewhere.
+fn rusage() -> Value {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start at the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // USER_HZ is 100 on Linux.
+    let (minflt, majflt, utime, stime) = (field(7), field(9), field(11) / 100.0, field(12) / 100.0);
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    json!({
+        "utime": utime, "stime": stime, "maxrss": kb("VmHWM:"), "ixrss": 0, "idrss": 0, "isrss": 0,
+        "minflt": minflt as u64, "majflt": majflt as u64, "nswap": 0, "inblock": 0, "oublock": 0,
+        "msgsnd": 0, "msgrcv": 0, "nsignals": 0,
+        "nvcsw": kb("voluntary_ctxt_switches:"), "nivcsw": kb("nonvoluntary_ctxt_switches:"),
+    })
+}
+
+/// kombu's reply message: `{node: reply}` with the request's ticket (fixture e11).
+fn reply_envelope(
+    node: &str,
+    exchange: &str,
+    routing_key: &str,
+    ticket: Option<&str>,
+    clock: u64,
+    reply: Value,
+) -> Vec<u8> {
+    let mut body = Map::new();
+    body.insert(node.to_owned(), reply);
+    let envelope = json!({
+        "body": B64.encode(pyjson::to_vec(&Value::Object(body))),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {"ticket": ticket, "clock": clock},
+        "properties": {
+            "delivery_mode": 1,
+            "delivery_info": {"exchange": exchange, "routing_key": routing_key},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": crate::wire::message::new_uuid(),
+        },
+    });
+    pyjson::to_vec(&envelope)
+}
+
+/// A control request, as far as it could be read.
+#[derive(Debug, PartialEq)]
+struct Request0 {
+    method: String,
+    arguments: Map<String, Value>,
+    destination: Option<Vec<String>>,
+    pattern: Option<(String, String)>,
+    ticket: Option<String>,
+    reply_to: Option<(String, String)>,
+    clock: u64,
+}
+
+/// Read a pidbox message (kombu envelope, base64 JSON body). Errors say what was wrong.
+fn parse_request(bytes: &[u8]) -> Result<Request0, String> {
+    let env: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON ({e})"))?;
+    let env = env.as_object().ok_or("not a kombu envelope (JSON object)")?;
+    let body = env.get("body").ok_or("no body")?;
+    let base64 = env.get("properties").and_then(|p| p.get("body_encoding")).and_then(Value::as_str) == Some("base64");
+    let body: Value = match body {
+        Value::String(s) if base64 => {
+            let raw = B64.decode(s).map_err(|e| format!("body is not base64 ({e})"))?;
+            serde_json::from_slice(&raw).map_err(|e| format!("body is not JSON ({e})"))?
+        }
+        Value::String(s) => serde_json::from_str(s).map_err(|e| format!("body is not JSON ({e})"))?,
+        other => other.clone(),
+    };
+    let body = body.as_object().ok_or("body is not a JSON object")?;
+    let method = body.get("method").and_then(Value::as_str).ok_or("no method")?.to_owned();
+    let arguments = match body.get("arguments") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(_) => return Err("arguments is not an object".into()),
+    };
+    let destination = match body.get("destination") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(string_list(Some(v)).ok_or("destination is not a list of node names")?),
+    };
+    let text = |k: &str| body.get(k).and_then(Value::as_str).map(str::to_owned);
+    let pattern = text("pattern").zip(text("matcher"));
+    let reply_to = body
+        .get("reply_to")
+        .and_then(|r| Some((r.get("exchange")?.as_str()?.to_owned(), r.get("routing_key")?.as_str()?.to_owned())));
+    let headers = env.get("headers");
+    let clock = headers.and_then(|h| h.get("clock")).and_then(Value::as_u64).unwrap_or(0);
+    let ticket = text("ticket").or_else(|| headers?.get("ticket")?.as_str().map(str::to_owned));
+    Ok(Request0 { method, arguments, destination, pattern, ticket, reply_to, clock })
+}
+
+/// kombu's `match(hostname, pattern, matcher)`: glob or pcre.
+fn matches(node: &str, pattern: &str, matcher: &str) -> bool {
+    match matcher {
+        "pcre" => regex::Regex::new(pattern).is_ok_and(|re| re.is_match(node)),
+        _ => {
+            let re = format!("^{}$", regex::escape(pattern).replace("\\*", ".*").replace("\\?", "."));
+            regex::Regex::new(&re).is_ok_and(|re| re.is_match(node))
+        }
+    }
+}
+
+/// Consume the pidbox until shutdown begins, answering what is addressed to this node.
+/// Reconnects with backoff when Redis goes away.
+pub async fn serve(state: Arc<WorkerState>, broker: Conn) {
+    let channel = format!("/{}.{EXCHANGE}", broker.db());
+    let mut backoff = Backoff::default();
+    let mut complaints = RateLimit::default();
+    loop {
+        let stream = async {
+            let mut pubsub = broker.pubsub().await?;
+            // kombu subscribes with PSUBSCRIBE (its fanout_patterns); the name has no wildcard.
+            pubsub.psubscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(pubsub.into_on_message())
+        };
+        let mut messages = tokio::select! {
+            s = stream => match s {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(error = %e, url = %redact_url(&state.broker_url), "pidbox: cannot subscribe; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff.next_delay()) => continue,
+                        () = state.shutdown.reached(Stage::Graceful) => return,
+                    }
+                }
+            },
+            () = state.shutdown.reached(Stage::Graceful) => return,
+        };
+        backoff = Backoff::default();
+        tracing::debug!(channel, node = %state.node, "pidbox listening");
+        loop {
+            let msg = tokio::select! {
+                m = messages.next() => m,
+                () = state.shutdown.reached(Stage::Graceful) => return,
+            };
+            let Some(msg) = msg else { break };
+            let bytes: &[u8] = msg.get_payload_bytes();
+            match parse_request(bytes) {
+                Ok(req) => state.handle(req, &broker).await,
+                Err(why) => {
+                    if complaints.allow() {
+                        tracing::warn!(
+                            reason = %why,
+                            "ignored a malformed remote-control message on {channel} (further ones are logged at most every 10 s)"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// At most one log line per 10 s for a repeated complaint.
+#[derive(Default)]
+struct RateLimit(Option<Instant>);
+
+impl RateLimit {
+    fn allow(&mut self) -> bool {
+        if self.0.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
+            return false;
+        }
+        self.0 = Some(Instant::now());
+        true
+    }
+}
+
+impl WorkerState {
+    fn addressed_to_me(&self, req: &Request0) -> bool {
+        match (&req.destination, &req.pattern) {
+            (Some(d), _) if !d.is_empty() => d.contains(&self.node),
+            (_, Some((pattern, matcher))) => matches(&self.node, pattern, matcher),
+            _ => true,
+        }
+    }
+
+    async fn handle(&self, req: Request0, replies: &Conn) {
+        self.events.adjust_clock(req.clock);
+        self.events.forward_clock();
+        if !self.addressed_to_me(&req) {
+            return;
+        }
+        tracing::debug!(method = %req.method, "pidbox command");
+        let reply = match self.call(&req.method, &req.arguments).await {
+            Ok(Some(v)) => v,
+            Ok(None) => return,
+            Err(exc) => {
+                tracing::warn!(method = %req.method, "pidbox command error: {exc}");
+                json!({ "error": exc })
+            }
+        };
+        let Some((exchange, routing_key)) = req.reply_to else { return };
+        if let Err(e) = self.reply(replies, &exchange, &routing_key, req.ticket.as_deref(), reply).await {
+            tracing::debug!(error = %e, "pidbox reply not delivered");
+        }
+    }
+
+    /// kombu's `_publish_reply`: a direct-exchange publish routed through the exchange's
+    /// binding set to each bound queue.
+    async fn reply(
+        &self,
+        conn: &Conn,
+        exchange: &str,
+        routing_key: &str,
+        ticket: Option<&str>,
+        reply: Value,
+    ) -> redis::RedisResult<()> {
+        let mut conn = conn.clone();
+        let members: Vec<Vec<u8>> = conn.smembers(format!("_kombu.binding.{exchange}")).await?;
+        let queues: Vec<String> = members
+            .iter()
+            .filter_map(|m| {
+                let m = String::from_utf8_lossy(m);
+                let mut parts = m.splitn(3, SEP);
+                let (rk, _pattern, queue) = (parts.next()?, parts.next()?, parts.next()?);
+                (rk == routing_key).then(|| queue.to_owned())
+            })
+            .collect();
+        if queues.is_empty() {
+            return Ok(()); // nobody waits for this reply any more
+        }
+        let bytes = reply_envelope(&self.node, exchange, routing_key, ticket, self.events.forward_clock(), reply);
+        for q in queues {
+            conn.lpush::<_, _, i64>(q, &bytes).await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names_follow_celery() {
+        assert_eq!(node_name(None, "pod-1"), "celery@pod-1");
+        assert_eq!(node_name(Some("w1@box"), "pod-1"), "w1@box");
+        assert_eq!(node_name(Some("box"), "pod-1"), "celery@box");
+        assert_eq!(node_name(Some("w1@%h"), "pod-1.ns"), "w1@pod-1.ns");
+        assert_eq!(node_name(Some("w%n@%d"), "pod-1.ns"), "wpod-1@ns");
+        assert_eq!(node_name(Some(""), "h"), "celery@h");
+    }
+
+    #[test]
+    fn reads_the_captured_ping() {
+        let raw = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/celery/events/e08__0.celery.pidbox.ping.json"
+        ))
+        .unwrap();
+        let req = parse_request(&raw).unwrap();
+        assert_eq!(req.method, "ping");
+        assert_eq!(req.clock, 1);
+        assert_eq!(req.reply_to.as_ref().unwrap().0, "reply.celery.pidbox");
+        assert!(req.ticket.is_some());
+    }
+
+    #[test]
+    fn ping_reply_is_byte_identical_to_pythons_but_the_delivery_tag() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/celery/events/e11_reply.celery.pidbox.ping-reply.json"
+        );
+        let theirs: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        let ticket = theirs["headers"]["ticket"].as_str().unwrap();
+        let rk = theirs["properties"]["delivery_info"]["routing_key"].as_str().unwrap();
+        let ours = reply_envelope("probe1@testhost", REPLY_EXCHANGE, rk, Some(ticket), 3, json!({"ok": "pong"}));
+        let mut ours: Value = serde_json::from_slice(&ours).unwrap();
+        ours["properties"]["delivery_tag"] = theirs["properties"]["delivery_tag"].clone();
+        assert_eq!(pyjson::to_string(&ours), pyjson::to_string(&theirs));
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for bad in [
+            &b""[..],
+            b"null",
+            b"[]",
+            b"{}",
+            b"{\"body\": 5}",
+            b"{\"body\": \"!!\", \"properties\": {\"body_encoding\": \"base64\"}}",
+        ] {
+            assert!(parse_request(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn glob_and_pcre() {
+        assert!(matches("celery@a1", "celery@a*", "glob"));
+        assert!(!matches("celery@b1", "celery@a*", "glob"));
+        assert!(matches("celery@a1", "^celery@a\\d$", "pcre"));
+    }
+
+    #[test]
+    fn revoke_reply_prints_a_python_set() {
+        assert_eq!(python_set(&["b".into(), "a".into()]), "{'a', 'b'}");
+        assert_eq!(python_set(&[]), "set()");
+        assert_eq!(
+            missing("revoke", "task_id"),
+            "TypeError(\"revoke() missing 1 required positional argument: 'task_id'\")"
+        );
+    }
+
+    #[test]
+    fn revoked_set_is_bounded() {
+        let r = Revoked::default();
+        let ids: Vec<String> = (0..REVOKES_MAX + 10).map(|i| i.to_string()).collect();
+        r.add(&ids, false);
+        assert!(!r.contains("0"));
+        assert!(r.contains(&(REVOKES_MAX + 9).to_string()));
+        assert_eq!(r.ids().len(), REVOKES_MAX);
+    }
+}
