@@ -726,7 +726,7 @@ fn control_settings(args: &WorkerArgs, node: &str, queues: &[String], registry: 
         prefetch_multiplier: args.prefetch_multiplier,
         broker_url: args.redis.broker_url.clone(),
         queues: queues.to_vec(),
-        registered: registry.names().iter().map(|n| n.to_string()).collect(),
+        registered: registry.names().map(str::to_owned).collect(),
         conf,
     }
 }
