@@ -13,6 +13,7 @@ pub mod connection;
 pub mod exporter;
 pub mod hpa;
 pub mod http;
+pub mod lease;
 pub mod loadgen;
 pub mod local;
 pub mod metrics;

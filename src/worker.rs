@@ -17,6 +17,7 @@ use crate::backend::{Backend, DEFAULT_RESULT_EXPIRES, Stored};
 use crate::broker::{BRPOP_TIMEOUT, Broker, End, Fetcher, Taken};
 use crate::connection::{self, Backoff, Health, redact_url};
 use crate::http;
+use crate::lease;
 use crate::metrics::WorkerMetrics;
 use crate::shutdown::{Shutdown, Stage};
 use crate::tasks::{self, BindError, Call, Context, Outcome};
@@ -56,15 +57,17 @@ pub struct WorkerArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub prefetch_multiplier: u32,
     /// Seconds after which a taken but unacknowledged message is returned to its queue by any
-    /// live worker (kombu's visibility_timeout). Must exceed your longest task and ETA wait.
+    /// live worker (kombu's visibility_timeout). This worker renews the lease of every message
+    /// it holds every quarter of this, so long tasks and ETAs are safe; only Python workers in
+    /// the same fleet (they do not renew) need it above their longest task and ETA wait.
     #[arg(long, default_value_t = 3600.0, value_parser = positive_seconds)]
     pub visibility_timeout: f64,
     /// Seconds to let running tasks finish after SIGTERM before putting them back and exiting.
     /// Keep Kubernetes' terminationGracePeriodSeconds above this.
     #[arg(long, default_value_t = 30.0, value_parser = non_negative_seconds)]
     pub shutdown_timeout: f64,
-    /// Seconds between visibility-timeout restore rounds (kombu restores at start, then
-    /// periodically).
+    /// Longest wait in seconds between visibility-timeout restore rounds; a round also runs as
+    /// soon as the oldest unacknowledged message falls due.
     #[arg(long, default_value_t = 30.0, value_parser = positive_seconds)]
     pub restore_interval: f64,
     /// Priority buckets, as kombu's priority_steps; producers and consumers must agree.
@@ -185,10 +188,17 @@ pub async fn run_with_shutdown(args: WorkerArgs, shutdown: Shutdown) -> Result<(
     );
 
     let restorer = tokio::spawn(worker.clone().restore_loop());
+    let renewer = {
+        let w = worker.clone();
+        let held: lease::HeldTags = Arc::new(move || w.held_tags());
+        let visibility = Duration::from_secs_f64(worker.args.visibility_timeout);
+        tokio::spawn(lease::renew_loop(worker.broker.clone(), held, visibility))
+    };
     let mut fetcher = Fetcher::new(worker.broker.connection(), wait_conns, &worker.args.queues, &steps);
     let mut deliveries = worker.clone().fetch_loop(&mut fetcher).await;
     worker.drain(&mut deliveries).await;
     restorer.abort();
+    renewer.abort();
     shutdown.advance(Stage::Immediate);
     let _ = server.await;
     tracing::info!("worker stopped");
@@ -544,25 +554,26 @@ impl Worker {
         connection::retry(&self.backend_health, what, &self.give_up, op).await
     }
 
-    /// kombu's restore_visible at start and every `--restore-interval`.
+    /// Restore orphans as they fall due (see [`lease::restore_loop`]), counting and logging.
     async fn restore_loop(self: Arc<Self>) {
         let visibility = Duration::from_secs_f64(self.args.visibility_timeout);
-        let mut tick = tokio::time::interval(Duration::from_secs_f64(self.args.restore_interval));
-        loop {
-            tick.tick().await;
-            match self.broker.restore_visible(visibility, unix_seconds(Utc::now())).await {
-                Ok(r) if r.restored > 0 || r.unroutable > 0 => {
-                    self.metrics.restored.inc_by(r.restored as u64);
-                    tracing::info!(
-                        restored = r.restored,
-                        unroutable = r.unroutable,
-                        "restored messages past the visibility timeout"
-                    );
-                }
-                Ok(_) => {}
-                Err(e) => tracing::debug!(error = %e, "restore round skipped: Redis unavailable"),
+        let longest = Duration::from_secs_f64(self.args.restore_interval);
+        lease::restore_loop(self.broker.clone(), visibility, longest, |r| {
+            if r.restored > 0 || r.unroutable > 0 {
+                self.metrics.restored.inc_by(r.restored as u64);
+                tracing::info!(
+                    restored = r.restored,
+                    unroutable = r.unroutable,
+                    "restored messages past the visibility timeout"
+                );
             }
-        }
+        })
+        .await;
+    }
+
+    /// The delivery tags this worker holds, for lease renewal.
+    fn held_tags(&self) -> Vec<String> {
+        self.held.lock().expect("held lock").keys().cloned().collect()
     }
 
     /// Graceful stop: put back what has not started, wait for what runs (up to the shutdown

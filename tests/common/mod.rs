@@ -184,6 +184,11 @@ impl Worker {
     }
 
     pub fn spawn_with_metrics_port(redis: &Redis, metrics_port: u16, extra: &[&str]) -> Worker {
+        Worker::spawn_with_env(redis, metrics_port, extra, &[])
+    }
+
+    /// [`Worker::spawn_with_metrics_port`] with extra environment variables (test hooks).
+    pub fn spawn_with_env(redis: &Redis, metrics_port: u16, extra: &[&str], env: &[(&str, &str)]) -> Worker {
         let logdir = tempfile::tempdir().unwrap();
         let log = logdir.path().join("worker.log");
         let child = Command::new(BIN)
@@ -194,6 +199,7 @@ impl Worker {
             .env("BACKEND_URL", redis.url(1))
             .env("LOG_FORMAT", "json")
             .env("RUST_LOG", "debug,redis=info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
