@@ -13,7 +13,7 @@
 //! nobody sees them. Queue depth stays an honest autoscaling signal.
 
 use crate::args::{StartError, non_negative_seconds, positive_seconds};
-use crate::backend::{Backend, DEFAULT_RESULT_EXPIRES, Stored};
+use crate::backend::{self, Backend, DEFAULT_RESULT_EXPIRES, Stored};
 use crate::broker::{BRPOP_TIMEOUT, Broker, End, Fetcher, Taken};
 use crate::connection::{self, Backoff, Health, redact_url};
 use crate::http;
@@ -144,7 +144,8 @@ pub async fn run_with_shutdown(args: WorkerArgs, shutdown: Shutdown) -> Result<(
     let hostname = args.hostname.clone().unwrap_or_else(message::hostname);
     let worker = Arc::new(Worker {
         broker: Broker::new(broker_conn, steps.clone()),
-        backend: Backend::new(backend_conn, Duration::from_secs(args.result_expires)),
+        backend: Backend::new(backend_conn, Duration::from_secs(args.result_expires))
+            .with_shared_broker(backend::shared_broker_db(&args.broker_url, &args.backend_url)),
         metrics: WorkerMetrics::new(),
         broker_health: Health::new("broker"),
         backend_health: Health::new("backend"),
@@ -358,8 +359,9 @@ impl Worker {
         let finishing = self.finishing.clone().acquire_owned().await.expect("semaphore never closed");
         drop(run_slot);
         drop(fetch_slot);
-        self.finish(&msg, outcome, &queue, elapsed).await;
-        self.ack(&tag).await;
+        if !self.finish(&msg, outcome, &queue, elapsed, &tag).await {
+            self.ack(&tag).await;
+        }
         drop(finishing);
     }
 
@@ -422,7 +424,9 @@ impl Worker {
         }
     }
 
-    async fn finish(&self, msg: &TaskMessage, outcome: Outcome, queue: &str, elapsed: Duration) {
+    /// Store the outcome and send follow-ups; true when the message was acknowledged with its
+    /// result (only when nothing else must be sent before the ack).
+    async fn finish(&self, msg: &TaskMessage, outcome: Outcome, queue: &str, elapsed: Duration, tag: &str) -> bool {
         let now = Utc::now();
         let task = msg.task.as_str();
         match outcome {
@@ -430,6 +434,9 @@ impl Worker {
                 self.metrics.success.with_label_values(&[task]).inc();
                 self.metrics.duration.with_label_values(&[task]).observe(elapsed.as_secs_f64());
                 tracing::debug!(task_id = %msg.id, task, seconds = elapsed.as_secs_f64(), "task succeeded");
+                if msg.embed.callbacks.is_empty() && msg.embed.chain.is_empty() {
+                    return self.store_and_ack(msg, ResultMeta::success(&msg.id, value, now), tag).await;
+                }
                 self.store(msg, ResultMeta::success(&msg.id, value.clone(), now)).await;
                 for sig in &msg.embed.callbacks {
                     self.send(NewTask::from_signature(sig, Some(value.clone()), msg, keys::DEFAULT_QUEUE)).await;
@@ -444,6 +451,9 @@ impl Worker {
                 self.metrics.failure.with_label_values(&[task]).inc();
                 self.metrics.duration.with_label_values(&[task]).observe(elapsed.as_secs_f64());
                 tracing::info!(task_id = %msg.id, task, "task failed: {}", exc.summary());
+                if msg.embed.errbacks.is_empty() {
+                    return self.store_and_ack(msg, ResultMeta::failure(&msg.id, task, &exc, now), tag).await;
+                }
                 self.store(msg, ResultMeta::failure(&msg.id, task, &exc, now)).await;
                 self.send_errbacks(msg).await;
             }
@@ -454,12 +464,43 @@ impl Worker {
                 self.send(retry_message(msg, queue, countdown)).await;
             }
         }
+        false
     }
 
     /// Store a result unless the message asked not to.
-    async fn store(&self, msg: &TaskMessage, mut meta: ResultMeta) {
+    async fn store(&self, msg: &TaskMessage, meta: ResultMeta) {
+        let Some(meta) = self.complete_meta(msg, meta) else { return };
+        if self.redis_backend("store a result", || self.backend.store(&meta)).await == Some(Stored::KeptSuccess) {
+            tracing::info!(task_id = %msg.id, "a SUCCESS was already stored for this task; kept it");
+        }
+    }
+
+    /// Store a result and acknowledge `tag` in one round trip when broker and backend share a
+    /// server; true when it did (otherwise the caller acknowledges).
+    async fn store_and_ack(&self, msg: &TaskMessage, meta: ResultMeta, tag: &str) -> bool {
+        let meta = match self.complete_meta(msg, meta) {
+            Some(meta) if self.backend.shares_broker() => meta,
+            Some(meta) => {
+                self.store(msg, meta).await;
+                return false;
+            }
+            None => return false,
+        };
+        let stored = self.redis_backend("store a result", || self.backend.store_and_ack(&meta, tag)).await.flatten();
+        if stored == Some(Stored::KeptSuccess) {
+            tracing::info!(task_id = %msg.id, "a SUCCESS was already stored for this task; kept it");
+        }
+        if stored.is_some() {
+            self.held.lock().expect("held lock").remove(tag);
+        }
+        stored.is_some()
+    }
+
+    /// The result as stored: group, parent and (with --result-extended) the call; `None` when
+    /// the message asked for no result.
+    fn complete_meta(&self, msg: &TaskMessage, mut meta: ResultMeta) -> Option<ResultMeta> {
         if msg.ignore_result == Some(true) {
-            return;
+            return None;
         }
         meta.group_id = msg.group.clone();
         meta.parent_id = msg.parent_id.clone();
@@ -473,9 +514,7 @@ impl Worker {
                 queue: msg.routing_key().unwrap_or_default().to_owned(),
             });
         }
-        if self.redis_backend("store a result", || self.backend.store(&meta)).await == Some(Stored::KeptSuccess) {
-            tracing::info!(task_id = %msg.id, "a SUCCESS was already stored for this task; kept it");
-        }
+        Some(meta)
     }
 
     async fn send(&self, task: NewTask) {

@@ -152,3 +152,100 @@ fn a_take_whose_reply_is_lost_runs_once_within_a_second_of_its_timeout() {
     let entry: Option<Value> = redis.result(&ids[0]);
     assert_eq!(entry.map(|r| r["result"].clone()), Some(json!(0.1)));
 }
+
+/// The take script's tag finder: kombu's layout through the string-search shortcut, anything
+/// else through the full decode, and never a `delivery_tag` key outside `properties`.
+#[test]
+fn the_take_records_the_properties_delivery_tag_whatever_the_layout() {
+    use celery_autoscale::broker::Fetcher;
+    use celery_autoscale::connection::connect;
+    use celery_autoscale::wire::PrioritySteps;
+
+    let redis = Redis::start();
+    let (bytes, kombu_tag) = task("tasks.io_bound", vec![json!(0)]).to_message("gen0@tests");
+    let cases: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
+        ("kombu layout", bytes, Some(kombu_tag.as_str())),
+        (
+            "compact, properties first",
+            br#"{"properties":{"delivery_tag":"P1","delivery_info":{"exchange":"","routing_key":"celery"}},"body":"e30="}"#
+                .to_vec(),
+            Some("P1"),
+        ),
+        (
+            "the only delivery_tag is in a sibling object",
+            br#"{"properties": {"priority": 0}, "headers": {"delivery_tag": "H"}, "body": "e30="}"#.to_vec(),
+            None,
+        ),
+        (
+            "a header key of the same name before properties",
+            br#"{"headers": {"delivery_tag": "H"}, "properties": {"delivery_info": {"exchange": ""}, "delivery_tag": "P2"}}"#
+                .to_vec(),
+            Some("P2"),
+        ),
+        (
+            "nested object inside properties before the tag",
+            br#"{"body": "e30=", "properties": {"delivery_info": {"exchange": "", "routing_key": "celery"}, "delivery_tag": "P3"}}"#
+                .to_vec(),
+            Some("P3"),
+        ),
+        ("not JSON", b"\x00garbage".to_vec(), None),
+    ];
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let steps = PrioritySteps::default();
+        let queues = vec!["celery".to_owned()];
+        let conn = || connect("BROKER_URL", &redis.url(0), Duration::from_secs(10)).unwrap();
+        let waits = (0..Fetcher::lists(&queues, &steps)).map(|_| conn()).collect();
+        let mut fetcher = Fetcher::new(conn(), waits, &queues, &steps);
+        for (what, bytes, want) in cases {
+            let _: () = redis.conn(0).lpush("celery", &bytes).unwrap();
+            let taken = fetcher.try_take().await.unwrap().unwrap_or_else(|| panic!("{what}: nothing taken"));
+            assert_eq!(taken.bytes, bytes, "{what}");
+            assert_eq!(taken.recorded_as.as_deref(), want, "{what}");
+            let entry: Option<Vec<u8>> = redis.conn(0).hget("unacked", want.unwrap_or("H")).unwrap();
+            assert_eq!(entry.is_some(), want.is_some(), "{what}: recorded in unacked iff a tag was found");
+            if let Some(tag) = want {
+                let score: Option<f64> = redis.conn(0).zscore("unacked_index", tag).unwrap();
+                assert!(score.is_some(), "{what}: indexed");
+                let _: () = redis.conn(0).hdel("unacked", tag).unwrap();
+                let _: () = redis.conn(0).zrem("unacked_index", tag).unwrap();
+            }
+        }
+    });
+}
+
+/// Store and ack in one script: the result is written and the message leaves `unacked` in the
+/// same step; a stored SUCCESS is kept and the message still acknowledged.
+#[test]
+fn a_result_and_its_ack_travel_together_when_broker_and_backend_share_a_server() {
+    use celery_autoscale::backend::{Backend, Stored, shared_broker_db};
+    use celery_autoscale::connection::connect;
+    use celery_autoscale::wire::ResultMeta;
+
+    let redis = Redis::start();
+    assert_eq!(shared_broker_db(&redis.url(0), &redis.url(1)), Some(0));
+    let mut c0 = redis.conn(0);
+    let _: () = c0.hset("unacked", "T", "[{}, \"\", \"celery\"]").unwrap();
+    let _: () = c0.zadd("unacked_index", "T", 1.0).unwrap();
+    let _: () = c0.hset("unacked", "U", "[{}, \"\", \"celery\"]").unwrap();
+    let _: () = c0.zadd("unacked_index", "U", 1.0).unwrap();
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let conn = connect("BACKEND_URL", &redis.url(1), Duration::from_secs(10)).unwrap();
+        let backend = Backend::new(conn, Duration::from_secs(60)).with_shared_broker(Some(0));
+        let ok = ResultMeta::success("id-1", json!(4), Utc::now());
+        assert_eq!(backend.store_and_ack(&ok, "T").await.unwrap(), Some(Stored::Written));
+        let again = ResultMeta::success("id-1", json!(5), Utc::now());
+        assert_eq!(backend.store_and_ack(&again, "U").await.unwrap(), Some(Stored::KeptSuccess));
+        let elsewhere =
+            Backend::new(connect("BACKEND_URL", &redis.url(1), Duration::from_secs(10)).unwrap(), Duration::ZERO);
+        assert_eq!(elsewhere.store_and_ack(&ok, "T").await.unwrap(), None, "no shared server: nothing done");
+    });
+    assert_eq!(redis.result("id-1").map(|r| r["result"].clone()), Some(json!(4)));
+    assert_eq!(redis.unacked(), 0, "both acknowledged");
+    let left: usize = c0.zcard("unacked_index").unwrap();
+    assert_eq!(left, 0);
+    let ttl: i64 = redis.conn(1).ttl("celery-task-meta-id-1").unwrap();
+    assert!(ttl > 0 && ttl <= 60, "stored with result_expires: {ttl}");
+}
