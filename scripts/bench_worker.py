@@ -2,11 +2,13 @@
 """Worker benchmark: our Rust worker vs the Python Celery worker, same Redis, same run.
 
     .venv/bin/python scripts/bench_worker.py [--tasks 5000] [--rounds 3] [--binary target/release/celery-autoscale]
+                                             [--baseline another/celery-autoscale]
 
 Three configurations, each draining N tasks.cpu_bound(10) with results stored:
   rust           ours: concurrency 2, prefetch one message per slot (the default)
   python         like for like: prefork, concurrency 2, acks_late, prefetch multiplier 1
   python-default Celery's defaults: prefork, concurrency 2, acks early, prefetch multiplier 4
+  baseline       (with --baseline) another build of ours, e.g. the previous commit, same flags
 Every run starts the same way: the N messages are queued under a parking key, the worker starts
 and is idle (ready), then the parking key is RENAMEd onto the queue, which is t0. Completion is
 watched cheaply (DBSIZE of the result db every 50 ms, one O(1) command), so the watcher takes
@@ -88,10 +90,10 @@ class Bench:
     def env(self):
         return dict(os.environ, BROKER_URL=self.broker, BACKEND_URL=self.backend, PYTHONPATH=os.path.join(ROOT, "tests/python"))
 
-    def start_rust(self):
+    def start_rust(self, binary=None):
         metrics = free_port()
         proc = subprocess.Popen(
-            [self.binary, "worker", "--concurrency", "2", "--metrics-addr", f"127.0.0.1:{metrics}"],
+            [binary or self.binary, "worker", "--concurrency", "2", "--metrics-addr", f"127.0.0.1:{metrics}"],
             env=dict(self.env(), RUST_LOG="warn"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(lambda: http_status(metrics, "/readyz") == 200, 30, "rust worker ready")
         return proc
@@ -220,15 +222,19 @@ def main():
     ap.add_argument("--tasks", type=int, default=5000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/celery-autoscale"))
+    ap.add_argument("--baseline", help="another build of the worker to run alongside, same flags")
     a = ap.parse_args()
-    if not os.access(a.binary, os.X_OK):
-        raise SystemExit(f"{a.binary} not found: cargo build --release")
+    for binary in filter(None, (a.binary, a.baseline)):
+        if not os.access(binary, os.X_OK):
+            raise SystemExit(f"{binary} not found: cargo build --release")
     b = Bench(a.tasks, a.binary)
     configs = [
         ("rust", b.start_rust),
         ("python", lambda: b.start_python(acks_late=True, prefetch=1)),
         ("python-default", lambda: b.start_python(acks_late=False, prefetch=4)),
     ]
+    if a.baseline:
+        configs.insert(1, ("baseline", lambda: b.start_rust(a.baseline)))
     runs = {label: [] for label, _ in configs}
     try:
         for rnd in range(a.rounds):
@@ -257,6 +263,8 @@ def main():
     print(f"throughput rust/python-default:         {rust['rate'] / pyd['rate']:.1f}×")
     print(f"memory python/rust:                     {py['rss_mb'] / rust['rss_mb']:.1f}×")
     print(f"idle pickup p50 rust:                   {rust['p50']:.2f} ms (goal < 1 ms)")
+    if a.baseline:
+        print(f"throughput rust/baseline:               {rust['rate'] / summary['baseline']['rate']:.2f}×")
 
 
 if __name__ == "__main__":

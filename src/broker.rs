@@ -304,41 +304,15 @@ impl Broker {
 /// A message without a readable tag (garbage, some non-Python producers) comes back unrecorded.
 /// KEYS: the lists in order, then `unacked`, `unacked_index`. ARGV: now, then each list's queue
 /// name as a JSON string.
-///
-/// Finding the tag: decoding a whole envelope with cjson costs Redis about 30 µs; kombu's
-/// layout (`"delivery_tag": "<tag>"`) is found with plain string searches in about 5 µs. The
-/// shortcut is taken only when it cannot pick the wrong key: `"delivery_tag"` and
-/// `"properties": {` each occur exactly once (an occurrence inside a JSON string is escaped
-/// and never matches), the key lies inside `properties` at its top level (braces balanced in between, never closing it), and the value
-/// has no escape. Anything else is decoded as before.
 const TAKE: &str = r#"
-local function fast_tag(m)
-  local ks, ke = string.find(m, '"delivery_tag": "', 1, true)
-  if not ks or string.find(m, '"delivery_tag"', ke, true) then return nil end
-  local ps, pe = string.find(m, '"properties": {', 1, true)
-  if not ps or ps > ks or string.find(m, '"properties"', pe, true) then return nil end
-  local depth = 0
-  for c in string.gmatch(string.sub(m, pe + 1, ks - 1), '[{}]') do
-    if c == '{' then depth = depth + 1 else depth = depth - 1 end
-    if depth < 0 then return nil end
-  end
-  if depth ~= 0 then return nil end
-  local q = string.find(m, '"', ke + 1, true)
-  if not q then return nil end
-  local tag = string.sub(m, ke + 1, q - 1)
-  if string.find(tag, '\\', 1, true) then return nil end
-  return tag
-end
 local n = #KEYS - 2
 for i = 1, n do
   local m = redis.call('RPOP', KEYS[i])
   if m then
-    local tag = fast_tag(m)
-    if tag == nil then
-      local ok, env = pcall(cjson.decode, m)
-      if ok and type(env) == 'table' and type(env['properties']) == 'table' then
-        tag = env['properties']['delivery_tag']
-      end
+    local ok, env = pcall(cjson.decode, m)
+    local tag = nil
+    if ok and type(env) == 'table' and type(env['properties']) == 'table' then
+      tag = env['properties']['delivery_tag']
     end
     if type(tag) == 'string' and #tag > 0 then
       redis.call('ZADD', KEYS[n + 2], ARGV[1], tag)

@@ -153,8 +153,8 @@ fn a_take_whose_reply_is_lost_runs_once_within_a_second_of_its_timeout() {
     assert_eq!(entry.map(|r| r["result"].clone()), Some(json!(0.1)));
 }
 
-/// The take script's tag finder: kombu's layout through the string-search shortcut, anything
-/// else through the full decode, and never a `delivery_tag` key outside `properties`.
+/// The take script records a message under `properties.delivery_tag`, whatever the layout, and
+/// never under a key of the same name elsewhere in the envelope.
 #[test]
 fn the_take_records_the_properties_delivery_tag_whatever_the_layout() {
     use celery_autoscale::broker::Fetcher;
