@@ -1,15 +1,24 @@
 #!/usr/bin/env python3
 """Worker benchmark: our Rust worker vs the Python Celery worker, same Redis, same run.
 
-    .venv/bin/python scripts/bench_worker.py [--tasks 3000] [--binary target/release/celery-autoscale]
+    .venv/bin/python scripts/bench_worker.py [--tasks 5000] [--rounds 3] [--binary target/release/celery-autoscale]
+                                             [--baseline another/celery-autoscale]
 
-For each worker: drain N pre-enqueued tasks.cpu_bound(10) with results stored, and report
-tasks/s (first to last result, from the results' own date_done), the wall time from start,
-and the peak RSS of the worker's whole process tree (Python prefork = parent + children).
-Then the pickup latency on an idle worker: LPUSH of one io_bound(0) message to the result's
-PUBLISH, measured by a subscriber, 200 times. The Python worker runs prefork, concurrency 2,
-acks_late, prefetch multiplier 1; ours runs concurrency 2, prefetch 1 per slot.
-Everything runs on loopback and stops by itself. Prints a table and the ratios.
+Three configurations, each draining N tasks.cpu_bound(10) with results stored:
+  rust           ours: concurrency 2, prefetch one message per slot (the default)
+  python         like for like: prefork, concurrency 2, acks_late, prefetch multiplier 1
+  python-default Celery's defaults: prefork, concurrency 2, acks early, prefetch multiplier 4
+  baseline       (with --baseline) another build of ours, e.g. the previous commit, same flags
+Every run starts the same way: the N messages are queued under a parking key, the worker starts
+and is idle (ready), then the parking key is RENAMEd onto the queue, which is t0. Completion is
+watched cheaply (DBSIZE of the result db every 50 ms, one O(1) command), so the watcher takes
+no CPU from the worker it measures; results are checked once, after the clock stops.
+Rounds alternate the configurations (rust, python, python-default, rust, ...) so load drift on
+the machine hits all of them alike; the table shows each run and the median of the rounds.
+Reported: tasks/s from t0 to the last result (wall) and between the first and the last result's
+own date_done (span), peak RSS of the worker's whole process tree (Python prefork = parent +
+children), and pickup latency on an idle worker: LPUSH of one io_bound(0) message to the PUBLISH
+of its result, seen by a subscriber, 200 times. Everything runs on loopback and stops by itself.
 """
 import argparse
 import datetime
@@ -81,18 +90,24 @@ class Bench:
     def env(self):
         return dict(os.environ, BROKER_URL=self.broker, BACKEND_URL=self.backend, PYTHONPATH=os.path.join(ROOT, "tests/python"))
 
-    def start_rust(self):
+    def start_rust(self, binary=None):
         metrics = free_port()
-        return subprocess.Popen(
-            [self.binary, "worker", "--concurrency", "2", "--metrics-addr", f"127.0.0.1:{metrics}"],
+        proc = subprocess.Popen(
+            [binary or self.binary, "worker", "--concurrency", "2", "--metrics-addr", f"127.0.0.1:{metrics}"],
             env=dict(self.env(), RUST_LOG="warn"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: http_status(metrics, "/readyz") == 200, 30, "rust worker ready")
+        return proc
 
-    def start_python(self):
-        return subprocess.Popen(
+    def start_python(self, acks_late=True, prefetch=1):
+        log = os.path.join(self.tmp, f"python-{uuid.uuid4().hex}.log")
+        proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool", "prefork", "--concurrency", "2",
-             "--loglevel", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"],
-            cwd=os.path.join(ROOT, "tests/python"), env=dict(self.env(), ACKS_LATE="1", PREFETCH_MULTIPLIER="1"),
+             "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat", "--logfile", log],
+            cwd=os.path.join(ROOT, "tests/python"),
+            env=dict(self.env(), ACKS_LATE="1" if acks_late else "0", PREFETCH_MULTIPLIER=str(prefetch)),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: " ready." in read_text(log), 60, "python worker ready")
+        return proc
 
     def enqueue(self, n, task="tasks.cpu_bound", args=(10,)):
         ids = [str(uuid.uuid4()) for _ in range(n)]
@@ -104,29 +119,28 @@ class Bench:
     def drain(self, start_worker, label):
         self.r0.flushall()
         ids = self.enqueue(self.n)
-        keys = [f"celery-task-meta-{i}" for i in ids]
+        self.r0.rename("celery", PARKED)
+        proc = start_worker()  # idle and ready: nothing to take yet
+        peak = tree_rss_kb(proc.pid)
         t0 = time.monotonic()
-        proc = start_worker()
-        peak = 0
-        done = 0
-        while done < self.n:
+        self.r0.rename(PARKED, "celery")
+        while self.r1.dbsize() < self.n:
             time.sleep(0.05)
             peak = max(peak, tree_rss_kb(proc.pid))
-            done = sum(1 for v in self.r1.mget(keys) if v is not None)
             if time.monotonic() - t0 > 600:
-                raise SystemExit(f"{label}: only {done}/{self.n} results after 600 s")
+                raise SystemExit(f"{label}: only {self.r1.dbsize()}/{self.n} results after 600 s")
         wall = time.monotonic() - t0
-        metas = [redis_json(v) for v in self.r1.mget(keys)]
-        bad = [m for m in metas if m["status"] != "SUCCESS" or m["result"] != 4]
+        metas = [redis_json(v) for v in self.r1.mget([f"celery-task-meta-{i}" for i in ids])]
+        bad = [m for m in metas if m is None or m["status"] != "SUCCESS" or m["result"] != 4]
         if bad:
-            raise SystemExit(f"{label}: {len(bad)} wrong results, e.g. {bad[0]}")
+            raise SystemExit(f"{label}: {len(bad)} missing or wrong results, e.g. {bad[0]}")
         dates = sorted(datetime.datetime.fromisoformat(m["date_done"]) for m in metas)
         span = (dates[-1] - dates[0]).total_seconds()
         latency = self.pickup_latency(proc)
         proc.terminate()
         proc.wait(timeout=60)
-        return {"label": label, "rate": (self.n - 1) / span if span > 0 else float("inf"), "wall": wall,
-                "rss_mb": peak / 1024, "latency": latency}
+        return {"label": label, "rate": self.n / wall, "span_rate": (self.n - 1) / span if span > 0 else float("inf"),
+                "wall": wall, "rss_mb": peak / 1024, "latency": latency}
 
     def pickup_latency(self, proc, samples=200):
         """LPUSH → PUBLISH of the result on an idle worker, measured by a subscriber."""
@@ -156,9 +170,37 @@ class Bench:
         return {"p50": statistics.median(out), "p99": out[int(len(out) * 0.99) - 1]}
 
 
+PARKED = "bench-parked"
+
+
 def redis_json(v):
     import json
-    return json.loads(v)
+    return None if v is None else json.loads(v)
+
+
+def read_text(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def http_status(port, path):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+            return int(s.recv(64).split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def wait_until(cond, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
 
 
 def build_envelope(app, msg):
@@ -177,25 +219,52 @@ def build_envelope(app, msg):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", type=int, default=3000)
+    ap.add_argument("--tasks", type=int, default=5000)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/celery-autoscale"))
+    ap.add_argument("--baseline", help="another build of the worker to run alongside, same flags")
     a = ap.parse_args()
-    if not os.access(a.binary, os.X_OK):
-        raise SystemExit(f"{a.binary} not found: cargo build --release")
+    for binary in filter(None, (a.binary, a.baseline)):
+        if not os.access(binary, os.X_OK):
+            raise SystemExit(f"{binary} not found: cargo build --release")
     b = Bench(a.tasks, a.binary)
+    configs = [
+        ("rust", b.start_rust),
+        ("python", lambda: b.start_python(acks_late=True, prefetch=1)),
+        ("python-default", lambda: b.start_python(acks_late=False, prefetch=4)),
+    ]
+    if a.baseline:
+        configs.insert(1, ("baseline", lambda: b.start_rust(a.baseline)))
+    runs = {label: [] for label, _ in configs}
     try:
-        rust = b.drain(b.start_rust, "rust worker")
-        py = b.drain(b.start_python, "python celery")
+        for rnd in range(a.rounds):
+            for label, start in configs:
+                r = b.drain(start, label)
+                runs[label].append(r)
+                print(f"round {rnd + 1} {label:<15} {r['rate']:>7.0f} tasks/s", file=sys.stderr, flush=True)
     finally:
         b.close()
-    print(f"\nDrain {a.tasks} × tasks.cpu_bound(10), results stored, concurrency 2, one Redis on loopback")
-    print(f"{'worker':<16}{'tasks/s':>10}{'wall s':>9}{'peak RSS MB':>13}{'pickup p50 ms':>15}{'p99 ms':>9}")
-    for r in (rust, py):
-        print(f"{r['label']:<16}{r['rate']:>10.0f}{r['wall']:>9.2f}{r['rss_mb']:>13.1f}"
-              f"{r['latency']['p50']:>15.2f}{r['latency']['p99']:>9.2f}")
-    print(f"\nthroughput ratio rust/python: {rust['rate'] / py['rate']:.1f}×   (goal ≥ 10×)")
-    print(f"memory ratio python/rust:     {py['rss_mb'] / rust['rss_mb']:.1f}×   (goal ≥ 10×)")
-    print(f"idle pickup p50 rust:         {rust['latency']['p50']:.2f} ms (goal < 2 ms)")
+    med = lambda xs: statistics.median(xs)
+    print(f"\nDrain {a.tasks} × tasks.cpu_bound(10), results stored, concurrency 2, one Redis on loopback;"
+          f" {a.rounds} alternated rounds")
+    print(f"{'worker':<16}{'tasks/s (each run)':>28}{'median':>8}{'span/s':>8}{'RSS MB':>8}"
+          f"{'pickup p50 ms':>15}{'p99 ms':>8}")
+    summary = {}
+    for label, rs in runs.items():
+        each = " ".join(f"{r['rate']:.0f}" for r in rs)
+        summary[label] = s = {
+            "rate": med([r["rate"] for r in rs]), "span_rate": med([r["span_rate"] for r in rs]),
+            "rss_mb": med([r["rss_mb"] for r in rs]), "p50": med([r["latency"]["p50"] for r in rs]),
+            "p99": med([r["latency"]["p99"] for r in rs])}
+        print(f"{label:<16}{each:>28}{s['rate']:>8.0f}{s['span_rate']:>8.0f}{s['rss_mb']:>8.1f}"
+              f"{s['p50']:>15.2f}{s['p99']:>8.2f}")
+    rust, py, pyd = summary["rust"], summary["python"], summary["python-default"]
+    print(f"\nthroughput rust/python (like for like): {rust['rate'] / py['rate']:.1f}×   (goal ≥ 10×)")
+    print(f"throughput rust/python-default:         {rust['rate'] / pyd['rate']:.1f}×")
+    print(f"memory python/rust:                     {py['rss_mb'] / rust['rss_mb']:.1f}×")
+    print(f"idle pickup p50 rust:                   {rust['p50']:.2f} ms (goal < 1 ms)")
+    if a.baseline:
+        print(f"throughput rust/baseline:               {rust['rate'] / summary['baseline']['rate']:.2f}×")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,16 @@ use crate::wire::keys::{self, PrioritySteps};
 use redis::{AsyncCommands, RedisResult, Script};
 use std::time::Duration;
 
+/// Entries examined per restore batch (one ZRANGE and one HMGET each).
+const RESTORE_BATCH: usize = 500;
+
+/// Entries moved (or skipped) per restore round, so one round holds `unacked_mutex` for a
+/// bounded time; its expiry is [`keys::UNACKED_MUTEX_EXPIRE_MS`].
+const RESTORE_MAX_PER_ROUND: usize = 5_000;
+
+/// Tags per `ZADD` of a lease renewal.
+const RENEW_CHUNK: usize = 1_000;
+
 /// kombu's `brpop_timeout`: how long one blocking wait lasts before the loop looks around again.
 pub const BRPOP_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -190,33 +200,87 @@ impl Broker {
     async fn restore_locked(&self, visibility_timeout: Duration, now_unix: f64) -> RedisResult<RestoreReport> {
         let mut conn = self.conn.clone();
         let ceiling = now_unix - visibility_timeout.as_secs_f64();
-        let tags: Vec<(String, f64)> = conn.zrevrangebyscore_withscores(keys::UNACKED_INDEX, ceiling, 0).await?;
         let mut report = RestoreReport::default();
-        for (tag, _score) in tags {
-            let entry: Option<Vec<u8>> = conn.hget(keys::UNACKED, &tag).await?;
-            let Some(entry) = entry else {
-                // Index without payload (acked between our reads, or a crash mid-ack): drop the index entry like kombu.
-                let _: i64 = conn.zrem(keys::UNACKED_INDEX, &tag).await?;
-                continue;
-            };
-            let parsed = match UnackedEntry::parse(&entry) {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::error!(delivery_tag = %tag, error = %e, "unacked entry is unreadable; leaving it for inspection");
-                    report.unroutable += 1;
+        // In batches, newest first like kombu, so Redis never builds one huge reply and the
+        // mutex is not held for an unbounded time with 100 000 entries due. A round stops
+        // after RESTORE_MAX_PER_ROUND; the restore loop comes straight back for the rest.
+        // Entries left in place (unroutable) are skipped over with the offset.
+        let mut skip = 0;
+        while report.restored + report.unroutable < RESTORE_MAX_PER_ROUND {
+            let batch: Vec<(String, f64)> = redis::cmd("ZRANGE")
+                .arg(keys::UNACKED_INDEX)
+                .arg(ceiling)
+                .arg(0)
+                .arg("BYSCORE")
+                .arg("REV")
+                .arg("LIMIT")
+                .arg(skip)
+                .arg(RESTORE_BATCH)
+                .arg("WITHSCORES")
+                .query_async(&mut conn)
+                .await?;
+            if batch.is_empty() {
+                break;
+            }
+            let full = batch.len() == RESTORE_BATCH;
+            let tags: Vec<&str> = batch.iter().map(|(t, _)| t.as_str()).collect();
+            let entries: Vec<Option<Vec<u8>>> =
+                redis::cmd("HMGET").arg(keys::UNACKED).arg(&tags).query_async(&mut conn).await?;
+            for ((tag, score), entry) in batch.iter().zip(entries) {
+                let Some(entry) = entry else {
+                    // Index without payload (acked between our reads, or a crash mid-ack): drop the index entry like kombu.
+                    let _: i64 = conn.zrem(keys::UNACKED_INDEX, tag).await?;
                     continue;
-                }
-            };
-            match self.route(&parsed).await? {
-                Some(queue) => {
-                    if self.move_entry(&tag, &entry, &parsed, &queue, End::Front).await? {
-                        report.restored += 1;
+                };
+                let parsed = match UnackedEntry::parse(&entry) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(delivery_tag = %tag, error = %e, "unacked entry is unreadable; leaving it for inspection");
+                        report.unroutable += 1;
+                        skip += 1;
+                        continue;
+                    }
+                };
+                match self.route(&parsed).await? {
+                    Some(queue) => {
+                        if self.move_entry(tag, &entry, &parsed, &queue, End::Front).await? {
+                            tracing::debug!(delivery_tag = %tag, score, overdue_s = ceiling - score, "restored a message past the visibility timeout");
+                            report.restored += 1;
+                        }
+                    }
+                    None => {
+                        report.unroutable += 1;
+                        skip += 1;
                     }
                 }
-                None => report.unroutable += 1,
+            }
+            if !full {
+                break;
             }
         }
         Ok(report)
+    }
+
+    /// Lease renewal: set the `unacked_index` score of each tag still present to `now_unix`
+    /// (`ZADD XX`, so an entry acked or restored meanwhile is never re-added), one command per
+    /// chunk, all chunks in one pipeline. Returns how many tags were renewed.
+    pub async fn renew(&self, tags: &[String], now_unix: f64) -> RedisResult<usize> {
+        let mut pipe = redis::pipe();
+        for chunk in tags.chunks(RENEW_CHUNK) {
+            let cmd = pipe.cmd("ZADD").arg(keys::UNACKED_INDEX).arg("XX").arg("CH");
+            for tag in chunk {
+                cmd.arg(now_unix).arg(tag);
+            }
+        }
+        let changed: Vec<usize> = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(changed.into_iter().sum())
+    }
+
+    /// When the oldest `unacked_index` entry falls due (its score + `visibility_timeout`, Unix
+    /// seconds), or `None` when nothing is unacked. O(log n).
+    pub async fn next_due(&self, visibility_timeout: Duration) -> RedisResult<Option<f64>> {
+        let oldest: Vec<(String, f64)> = self.conn.clone().zrange_withscores(keys::UNACKED_INDEX, 0, 0).await?;
+        Ok(oldest.first().map(|(_, score)| score + visibility_timeout.as_secs_f64()))
     }
 
     /// Keep what is known of a rejected message (a [`crate::wire::dead_letter_entry`]: reason,
@@ -293,6 +357,23 @@ pub struct Fetcher {
     /// The queue name of each key, as a JSON string (the tail of its `unacked` entries).
     queue_json: Vec<String>,
     take: Script,
+    /// Test hook: how many take replies that carry a message to throw away, as if the
+    /// connection broke mid-reply (see [`DROP_TAKE_REPLIES_ENV`]).
+    drop_replies: u32,
+}
+
+/// Test-only: a worker started with this set to N discards the first N take replies that carry
+/// a message and reports a broken connection instead, stranding those messages in `unacked`
+/// exactly as a reply lost to a network failure or a Redis restart does. The tests use it to
+/// show such a message still runs, once, within about a second of its visibility timeout.
+pub const DROP_TAKE_REPLIES_ENV: &str = "CELERY_AUTOSCALE_TEST_DROP_TAKE_REPLIES";
+
+fn drop_replies_from_env() -> u32 {
+    let Ok(raw) = std::env::var(DROP_TAKE_REPLIES_ENV) else { return 0 };
+    raw.trim().parse().unwrap_or_else(|_| {
+        tracing::warn!(value = %raw, "{DROP_TAKE_REPLIES_ENV} is not a count; ignoring it (unset it, or give a whole number)");
+        0
+    })
 }
 
 impl Fetcher {
@@ -301,7 +382,14 @@ impl Fetcher {
     pub fn new(take_conn: Conn, wait_conns: Vec<Conn>, queues: &[String], steps: &PrioritySteps) -> Self {
         let keys = steps.brpop_keys(queues);
         let queue_json = keys.iter().map(|k| crate::wire::pyjson::to_string(keys::queue_of_key(k))).collect();
-        Fetcher { take_conn, wait: Wait::Rotate(wait_conns), keys, queue_json, take: Script::new(TAKE) }
+        Fetcher {
+            take_conn,
+            wait: Wait::Rotate(wait_conns),
+            keys,
+            queue_json,
+            take: Script::new(TAKE),
+            drop_replies: drop_replies_from_env(),
+        }
     }
 
     /// How many wait connections [`Fetcher::new`] needs.
@@ -382,6 +470,13 @@ impl Fetcher {
             invocation.arg(q);
         }
         let reply: Option<(String, Vec<u8>, String)> = invocation.invoke_async(&mut self.take_conn).await?;
+        if reply.is_some() && self.drop_replies > 0 {
+            self.drop_replies -= 1;
+            tracing::warn!("{DROP_TAKE_REPLIES_ENV}: discarding a take reply; its message stays in unacked");
+            return Err(
+                std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "take reply discarded (test hook)").into()
+            );
+        }
         Ok(reply.map(|(key, bytes, tag)| Taken { key, bytes, recorded_as: (!tag.is_empty()).then_some(tag) }))
     }
 }

@@ -16,6 +16,7 @@ pub mod events;
 pub mod exporter;
 pub mod hpa;
 pub mod http;
+pub mod lease;
 pub mod loadgen;
 pub mod local;
 pub mod metrics;

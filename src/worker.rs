@@ -14,12 +14,13 @@
 //! nobody sees them. Queue depth stays an honest autoscaling signal.
 
 use crate::args::{self, QueueArgs, RedisArgs, StartError};
-use crate::backend::{Backend, DEFAULT_RESULT_EXPIRES, Stored};
+use crate::backend::{self, Backend, DEFAULT_RESULT_EXPIRES, Stored};
 use crate::broker::{BRPOP_TIMEOUT, Broker, End, Fetcher, Taken};
 use crate::connection::{self, Backoff, Health, redact_url};
 use crate::control::{self, WorkerState};
 use crate::events::{Events, WorkerCounts};
 use crate::http;
+use crate::lease;
 use crate::metrics::WorkerMetrics;
 use crate::shutdown::{Shutdown, Stage};
 use crate::task::{Call, Context, Registry, Task, TaskError, TaskOptions, TaskResult};
@@ -55,15 +56,17 @@ pub struct WorkerArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub prefetch_multiplier: u32,
     /// Seconds after which a taken but unacknowledged message is returned to its queue by any
-    /// live worker (kombu's visibility_timeout). Must exceed your longest task and ETA wait.
+    /// live worker (kombu's visibility_timeout). This worker renews the lease of every message
+    /// it holds every quarter of this, so long tasks and ETAs are safe; only Python workers in
+    /// the same fleet (they do not renew) need it above their longest task and ETA wait.
     #[arg(long, default_value = "3600", value_parser = args::duration)]
     pub visibility_timeout: Duration,
     /// Seconds to let running tasks finish after SIGTERM before putting them back and exiting.
     /// Keep Kubernetes' terminationGracePeriodSeconds above this.
     #[arg(long, default_value = "30", value_parser = args::non_negative_duration)]
     pub shutdown_timeout: Duration,
-    /// Seconds between visibility-timeout restore rounds (kombu restores at start, then
-    /// periodically).
+    /// Longest wait in seconds between visibility-timeout restore rounds; a round also runs as
+    /// soon as the oldest unacknowledged message falls due.
     #[arg(long, default_value = "30", value_parser = args::duration)]
     pub restore_interval: Duration,
     /// Seconds results are kept (Celery's result_expires); 0 keeps them forever.
@@ -170,7 +173,7 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
     );
     let worker = Arc::new(Worker {
         broker: Broker::new(broker_conn.clone(), steps.clone()),
-        backend,
+        backend: backend.with_shared_broker(backend::shared_broker_db(&args.redis.broker_url, &args.redis.backend_url)),
         metrics: WorkerMetrics::new(registry.names()),
         broker_health: Health::new("broker", "BROKER_URL", &args.redis.broker_url),
         backend_health: Health::new("backend", "BACKEND_URL", &args.redis.backend_url),
@@ -221,10 +224,16 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
     let event_loop = tokio::spawn(events.clone().run(pending_events, counts));
     let pidbox = tokio::spawn(control::serve(state.clone(), broker_conn));
     let restorer = tokio::spawn(worker.clone().restore_loop());
+    let renewer = {
+        let w = worker.clone();
+        let held: lease::HeldTags = Arc::new(move || w.in_flight.tags());
+        tokio::spawn(lease::renew_loop(worker.broker.clone(), held, worker.args.visibility_timeout))
+    };
     let mut fetcher = Fetcher::new(worker.broker.connection(), wait_conns, &queues, &steps);
     let mut deliveries = worker.clone().fetch_loop(&mut fetcher).await;
     worker.drain(&mut deliveries).await;
     restorer.abort();
+    renewer.abort();
     pidbox.abort();
     events.finish();
     // worker-offline, unless Redis is gone: then Flower notices the missing heartbeats.
@@ -440,8 +449,9 @@ impl Worker {
         let finishing = self.finishing.clone().acquire_owned().await.expect("semaphore never closed");
         drop(run_slot);
         drop(fetch_slot);
-        self.finish(&msg, &*task, outcome, &queue, elapsed).await;
-        self.ack(&tag).await;
+        if !self.finish(&msg, &*task, outcome, &queue, elapsed, &tag).await {
+            self.ack(&tag).await;
+        }
         drop(finishing);
     }
 
@@ -475,7 +485,17 @@ impl Worker {
         Some((outcome, started.elapsed()))
     }
 
-    async fn finish(&self, msg: &TaskMessage, t: &dyn Task, outcome: TaskResult, queue: &str, elapsed: Duration) {
+    /// Store the outcome and send follow-ups; true when the message was acknowledged with its
+    /// result (only when nothing else must be sent before the ack).
+    async fn finish(
+        &self,
+        msg: &TaskMessage,
+        t: &dyn Task,
+        outcome: TaskResult,
+        queue: &str,
+        elapsed: Duration,
+        tag: &str,
+    ) -> bool {
         let now = Utc::now();
         let task = msg.task.as_str();
         match outcome {
@@ -484,6 +504,9 @@ impl Worker {
                 self.metrics.duration.with_label_values(&[task]).observe(elapsed.as_secs_f64());
                 tracing::debug!(task_id = %msg.id, task, seconds = elapsed.as_secs_f64(), "task succeeded");
                 self.state.succeeded(msg, &value, elapsed);
+                if msg.embed.callbacks.is_empty() && msg.embed.chain.is_empty() {
+                    return self.store_and_ack(msg, t, ResultMeta::success(&msg.id, value, now), tag).await;
+                }
                 self.store(msg, t, ResultMeta::success(&msg.id, value.clone(), now)).await;
                 for sig in &msg.embed.callbacks {
                     self.send(NewTask::from_signature(sig, Some(value.clone()), msg, keys::DEFAULT_QUEUE)).await;
@@ -499,6 +522,9 @@ impl Worker {
                 self.metrics.duration.with_label_values(&[task]).observe(elapsed.as_secs_f64());
                 tracing::info!(task_id = %msg.id, task, "task failed: {}", exc.summary());
                 self.state.failed(msg, &exc);
+                if msg.embed.errbacks.is_empty() {
+                    return self.store_and_ack(msg, t, ResultMeta::failure(&msg.id, task, &exc, now), tag).await;
+                }
                 self.store(msg, t, ResultMeta::failure(&msg.id, task, &exc, now)).await;
                 self.send_errbacks(msg).await;
             }
@@ -510,12 +536,46 @@ impl Worker {
                 self.send(NewTask::retry_of(msg, queue, countdown)).await;
             }
         }
+        false
     }
 
     /// Store a result unless the message (or, if it does not say, the task) ignores results.
-    async fn store(&self, msg: &TaskMessage, task: &dyn Task, mut meta: ResultMeta) {
+    async fn store(&self, msg: &TaskMessage, task: &dyn Task, meta: ResultMeta) {
+        let Some(meta) = self.complete_meta(msg, task, meta) else { return };
+        if self.redis_backend("store a result", || self.backend.store(&meta)).await == Some(Stored::KeptSuccess) {
+            tracing::info!(task_id = %msg.id, "a SUCCESS was already stored for this task; kept it");
+        }
+    }
+
+    /// Store a result and acknowledge `tag` in one round trip when broker and backend share a
+    /// server; true when it did (otherwise the caller acknowledges).
+    async fn store_and_ack(&self, msg: &TaskMessage, task: &dyn Task, meta: ResultMeta, tag: &str) -> bool {
+        let meta = match self.complete_meta(msg, task, meta) {
+            Some(meta) if self.backend.shares_broker() => meta,
+            Some(meta) => {
+                if self.redis_backend("store a result", || self.backend.store(&meta)).await == Some(Stored::KeptSuccess)
+                {
+                    tracing::info!(task_id = %msg.id, "a SUCCESS was already stored for this task; kept it");
+                }
+                return false;
+            }
+            None => return false,
+        };
+        let stored = self.redis_backend("store a result", || self.backend.store_and_ack(&meta, tag)).await.flatten();
+        if stored == Some(Stored::KeptSuccess) {
+            tracing::info!(task_id = %msg.id, "a SUCCESS was already stored for this task; kept it");
+        }
+        if stored.is_some() {
+            self.in_flight.finish(tag);
+        }
+        stored.is_some()
+    }
+
+    /// The result as stored: group, parent and (with --result-extended) the call; `None` when
+    /// the message (or, if it does not say, the task) ignores results.
+    fn complete_meta(&self, msg: &TaskMessage, task: &dyn Task, mut meta: ResultMeta) -> Option<ResultMeta> {
         if ignores_result(msg, Some(task)) {
-            return;
+            return None;
         }
         meta.group_id = msg.group.clone();
         meta.parent_id = msg.parent_id.clone();
@@ -529,9 +589,7 @@ impl Worker {
                 queue: msg.routing_key().unwrap_or_default().to_owned(),
             });
         }
-        if self.redis_backend("store a result", || self.backend.store(&meta)).await == Some(Stored::KeptSuccess) {
-            tracing::info!(task_id = %msg.id, "a SUCCESS was already stored for this task; kept it");
-        }
+        Some(meta)
     }
 
     async fn send(&self, task: NewTask) {
@@ -622,25 +680,21 @@ impl Worker {
         connection::retry(&self.backend_health, what, &self.give_up, op).await
     }
 
-    /// kombu's restore_visible at start and every `--restore-interval`.
+    /// Restore orphans as they fall due (see [`lease::restore_loop`]), counting and logging.
     async fn restore_loop(self: Arc<Self>) {
         let visibility = self.args.visibility_timeout;
-        let mut tick = tokio::time::interval(self.args.restore_interval);
-        loop {
-            tick.tick().await;
-            match self.broker.restore_visible(visibility, unix_seconds(Utc::now())).await {
-                Ok(r) if r.restored > 0 || r.unroutable > 0 => {
-                    self.metrics.restored.inc_by(r.restored as u64);
-                    tracing::info!(
-                        restored = r.restored,
-                        unroutable = r.unroutable,
-                        "restored messages past the visibility timeout"
-                    );
-                }
-                Ok(_) => {}
-                Err(e) => tracing::debug!(error = %e, "restore round skipped: Redis unavailable"),
+        let longest = self.args.restore_interval;
+        lease::restore_loop(self.broker.clone(), visibility, longest, |r| {
+            if r.restored > 0 || r.unroutable > 0 {
+                self.metrics.restored.inc_by(r.restored as u64);
+                tracing::info!(
+                    restored = r.restored,
+                    unroutable = r.unroutable,
+                    "restored messages past the visibility timeout"
+                );
             }
-        }
+        })
+        .await;
     }
 
     /// Graceful stop: put back what has not started, wait for what runs (up to the shutdown

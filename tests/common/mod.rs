@@ -190,6 +190,13 @@ impl Worker {
         Worker::spawn_command(worker, redis, metrics_port, extra)
     }
 
+    /// [`Worker::spawn_with_metrics_port`] with extra environment variables (test hooks).
+    pub fn spawn_with_env(redis: &Redis, metrics_port: u16, extra: &[&str], env: &[(&str, &str)]) -> Worker {
+        let mut worker = Command::new(BIN);
+        worker.arg("worker").envs(env.iter().copied());
+        Worker::spawn_command(worker, redis, metrics_port, extra)
+    }
+
     /// Any program that takes `celery-autoscale worker`'s flags (e.g. an example binary).
     pub fn spawn_command(command: Command, redis: &Redis, metrics_port: u16, extra: &[&str]) -> Worker {
         Worker::spawn_command_urls(command, &redis.url(0), &redis.url(1), metrics_port, extra)

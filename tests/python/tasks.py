@@ -3,7 +3,8 @@
 Same names and algorithms as src/task/builtin.rs, so a Python worker and a Rust worker are
 interchangeable on a queue and benchmarks compare like with like. Configured from the
 environment: BROKER_URL, BACKEND_URL, VISIBILITY_TIMEOUT (seconds), ACKS_LATE (1/0),
-PREFETCH_MULTIPLIER.
+PREFETCH_MULTIPLIER, UNACKED_RESTORE_INTERVAL (seconds between kombu's restore checks) and
+UNACKED_RESTORE_THROTTLE (kombu scans on every Nth check; 1 = every check).
 """
 import os
 import time
@@ -18,7 +19,11 @@ app = Celery(
 app.conf.update(
     task_acks_late=os.environ.get("ACKS_LATE", "1") == "1",
     worker_prefetch_multiplier=int(os.environ.get("PREFETCH_MULTIPLIER", "1")),
-    broker_transport_options={"visibility_timeout": float(os.environ.get("VISIBILITY_TIMEOUT", "3600"))},
+    broker_transport_options={
+        "visibility_timeout": float(os.environ.get("VISIBILITY_TIMEOUT", "3600")),
+        "unacked_restore_interval": float(os.environ.get("UNACKED_RESTORE_INTERVAL", "10")),
+        "unacked_restore_throttle": int(os.environ.get("UNACKED_RESTORE_THROTTLE", "10")),
+    },
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
 )

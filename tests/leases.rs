@@ -1,0 +1,251 @@
+//! Leases and prompt restore, with real redis-server, real workers and a real Python Celery
+//! worker: a live worker's message is never restored however long it holds it, and a message
+//! nobody holds (a SIGKILLed worker's, or one whose take reply was lost) is back within a second
+//! of falling due.
+
+mod common;
+
+use chrono::{DateTime, Utc};
+use common::{PythonWorker, Redis, Worker, enqueue, free_port, task, wait_all, wait_for};
+use redis::Commands;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// How late a restore may come after an entry falls due (score + visibility timeout).
+const PROMPT: f64 = 1.0;
+
+/// `(delivery tag, score, log time)` of every message a worker restored, from its debug log.
+fn restores(w: &Worker) -> Vec<(String, f64, f64)> {
+    w.log_events()
+        .into_iter()
+        .filter(|e| e["message"] == "restored a message past the visibility timeout")
+        .map(|e| {
+            let at: DateTime<Utc> = e["timestamp"].as_str().expect("timestamp").parse().expect("RFC 3339 timestamp");
+            let at = at.timestamp_micros() as f64 / 1e6;
+            (e["delivery_tag"].as_str().expect("tag").to_owned(), e["score"].as_f64().expect("score"), at)
+        })
+        .collect()
+}
+
+/// Runs per task id across workers.
+fn runs(workers: &[&Worker]) -> HashMap<String, usize> {
+    let mut runs = HashMap::new();
+    for w in workers {
+        for id in w.started_task_ids() {
+            *runs.entry(id).or_default() += 1;
+        }
+    }
+    runs
+}
+
+#[test]
+fn long_tasks_and_countdowns_beyond_the_timeout_run_exactly_once() {
+    let redis = Redis::start();
+    // A Python worker on another queue: its kombu restore scans the same unacked_index every
+    // second with a 2 s visibility timeout.
+    let python = PythonWorker::start(
+        &redis,
+        &["-Q", "elsewhere", "--pool", "solo"],
+        &[("VISIBILITY_TIMEOUT", "2"), ("UNACKED_RESTORE_INTERVAL", "1"), ("UNACKED_RESTORE_THROTTLE", "1")],
+    );
+    let flags = ["--concurrency", "4", "--visibility-timeout", "2", "--restore-interval", "1"];
+    let a = Worker::start(&redis, &flags);
+    let b = Worker::start(&redis, &flags);
+
+    // Four tasks running 3× the visibility timeout, two countdowns 2.5× beyond it.
+    let mut tasks: Vec<_> = (0..4).map(|_| task("tasks.io_bound", vec![json!(6.0)])).collect();
+    for _ in 0..2 {
+        let mut t = task("tasks.io_bound", vec![json!(0.1)]);
+        t.eta = Some(Utc::now() + chrono::Duration::seconds(5));
+        tasks.push(t);
+    }
+    let ids = enqueue(&redis, &tasks);
+    wait_all(&redis, &ids, "SUCCESS", Duration::from_secs(90));
+
+    let runs = runs(&[&a, &b]);
+    for id in &ids {
+        assert_eq!(runs.get(id), Some(&1), "task {id} ran {:?} times", runs.get(id));
+    }
+    assert_eq!(runs.len(), ids.len(), "only these tasks ran");
+    for w in [&a, &b] {
+        assert_eq!(w.metric("celery_worker_restored_total", ""), 0.0, "nothing was restored");
+    }
+    assert_eq!(redis.depth("celery"), 0);
+    assert_eq!(redis.depth("elsewhere"), 0);
+
+    // The control: the same Python restore does take back a message whose worker stopped
+    // renewing (SIGSTOP freezes both our workers mid-task), so it was live all along.
+    let ids = enqueue(&redis, &[task("tasks.io_bound", vec![json!(30.0)])]);
+    wait_for("the long task to start", Duration::from_secs(20), || runs_of(&[&a, &b], &ids[0]).then_some(()));
+    a.signal("STOP");
+    b.signal("STOP");
+    wait_for("the Python worker to restore the frozen worker's message", Duration::from_secs(30), || {
+        (redis.depth("celery") == 1).then_some(())
+    });
+    a.signal("CONT");
+    b.signal("CONT");
+    drop(python);
+}
+
+fn runs_of(workers: &[&Worker], id: &str) -> bool {
+    workers.iter().any(|w| w.started_task_ids().iter().any(|i| i == id))
+}
+
+#[test]
+fn orphans_of_a_sigkilled_worker_are_back_within_a_second_of_falling_due() {
+    let redis = Redis::start();
+    let vt = 5.0;
+    let tasks: Vec<_> = (0..300).map(|i| task("tasks.io_bound", vec![json!(0.1 + (i % 4) as f64 * 0.1)])).collect();
+    let ids = enqueue(&redis, &tasks);
+    // A long --restore-interval: promptness must come from the due time, not from a tick.
+    let common_flags = ["--visibility-timeout", "5", "--restore-interval", "30"];
+    let mut killed =
+        Worker::start(&redis, &[&common_flags[..], &["--concurrency", "8", "--prefetch-multiplier", "2"]].concat());
+    let survivor = Worker::start(&redis, &[&common_flags[..], &["--concurrency", "4"]].concat());
+    wait_for("the burst under way", Duration::from_secs(60), || (redis.depth("celery") < 250).then_some(()));
+
+    killed.signal("KILL");
+    assert!(!killed.wait_exit(Duration::from_secs(5)).success());
+    let snapshot: HashMap<String, f64> =
+        redis.conn(0).zrange_withscores::<_, Vec<(String, f64)>>("unacked_index", 0, -1).unwrap().into_iter().collect();
+    assert!(!snapshot.is_empty(), "messages were in flight when the kill landed");
+
+    wait_all(&redis, &ids, "SUCCESS", Duration::from_secs(120));
+    wait_for("unacked to empty", Duration::from_secs(20), || (redis.unacked() == 0).then_some(()));
+
+    let restored = restores(&survivor);
+    assert!(!restored.is_empty(), "the survivor restored the killed worker's messages");
+    for (tag, score, at) in &restored {
+        let taken = snapshot.get(tag).unwrap_or_else(|| panic!("restored {tag}, which was not in flight at the kill"));
+        assert_eq!(score, taken, "{tag}: the restored score is the killed worker's last");
+        let late = at - (score + vt);
+        assert!(late <= PROMPT, "{tag} came back {late:.3} s after falling due (allowed {PROMPT} s)");
+        assert!(late >= 0.0, "{tag} was restored {:.3} s before falling due", -late);
+    }
+    // Completeness needs no count: every task succeeded and `unacked` emptied, and a dead
+    // worker's message leaves `unacked` only through a restore, each of which was timed above.
+}
+
+#[test]
+fn a_take_whose_reply_is_lost_runs_once_within_a_second_of_its_timeout() {
+    let redis = Redis::start();
+    let vt = 3.0;
+    let w = Worker::spawn_with_env(
+        &redis,
+        free_port(),
+        &["--visibility-timeout", "3", "--restore-interval", "30"],
+        &[(celery_autoscale::broker::DROP_TAKE_REPLIES_ENV, "1")],
+    );
+    w.wait_ready(Duration::from_secs(20));
+    let ids = enqueue(&redis, &[task("tasks.io_bound", vec![json!(0.1)])]);
+    wait_all(&redis, &ids, "SUCCESS", Duration::from_secs(30));
+
+    assert!(w.log_text().contains("discarding a take reply"), "the hook dropped the reply:\n{}", w.log_text());
+    let restored = restores(&w);
+    assert_eq!(restored.len(), 1, "the stranded message was restored once: {restored:?}");
+    let (_, score, at) = &restored[0];
+    let late = at - (score + vt);
+    assert!((0.0..=PROMPT).contains(&late), "the stranded message came back {late:.3} s after falling due");
+    assert_eq!(w.started_task_ids(), ids, "it ran exactly once");
+    wait_for("unacked to empty", Duration::from_secs(10), || (redis.unacked() == 0).then_some(()));
+    let entry: Option<Value> = redis.result(&ids[0]);
+    assert_eq!(entry.map(|r| r["result"].clone()), Some(json!(0.1)));
+}
+
+/// The take script records a message under `properties.delivery_tag`, whatever the layout, and
+/// never under a key of the same name elsewhere in the envelope.
+#[test]
+fn the_take_records_the_properties_delivery_tag_whatever_the_layout() {
+    use celery_autoscale::broker::Fetcher;
+    use celery_autoscale::connection::connect;
+    use celery_autoscale::wire::PrioritySteps;
+
+    let redis = Redis::start();
+    let (bytes, kombu_tag) = task("tasks.io_bound", vec![json!(0)]).to_message("gen0@tests");
+    let cases: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
+        ("kombu layout", bytes, Some(kombu_tag.as_str())),
+        (
+            "compact, properties first",
+            br#"{"properties":{"delivery_tag":"P1","delivery_info":{"exchange":"","routing_key":"celery"}},"body":"e30="}"#
+                .to_vec(),
+            Some("P1"),
+        ),
+        (
+            "the only delivery_tag is in a sibling object",
+            br#"{"properties": {"priority": 0}, "headers": {"delivery_tag": "H"}, "body": "e30="}"#.to_vec(),
+            None,
+        ),
+        (
+            "a header key of the same name before properties",
+            br#"{"headers": {"delivery_tag": "H"}, "properties": {"delivery_info": {"exchange": ""}, "delivery_tag": "P2"}}"#
+                .to_vec(),
+            Some("P2"),
+        ),
+        (
+            "nested object inside properties before the tag",
+            br#"{"body": "e30=", "properties": {"delivery_info": {"exchange": "", "routing_key": "celery"}, "delivery_tag": "P3"}}"#
+                .to_vec(),
+            Some("P3"),
+        ),
+        ("not JSON", b"\x00garbage".to_vec(), None),
+    ];
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let steps = PrioritySteps::default();
+        let queues = vec!["celery".to_owned()];
+        let conn = || connect("BROKER_URL", &redis.url(0), None, Duration::from_secs(10)).unwrap();
+        let waits = (0..Fetcher::lists(&queues, &steps)).map(|_| conn()).collect();
+        let mut fetcher = Fetcher::new(conn(), waits, &queues, &steps);
+        for (what, bytes, want) in cases {
+            let _: () = redis.conn(0).lpush("celery", &bytes).unwrap();
+            let taken = fetcher.try_take().await.unwrap().unwrap_or_else(|| panic!("{what}: nothing taken"));
+            assert_eq!(taken.bytes, bytes, "{what}");
+            assert_eq!(taken.recorded_as.as_deref(), want, "{what}");
+            let entry: Option<Vec<u8>> = redis.conn(0).hget("unacked", want.unwrap_or("H")).unwrap();
+            assert_eq!(entry.is_some(), want.is_some(), "{what}: recorded in unacked iff a tag was found");
+            if let Some(tag) = want {
+                let score: Option<f64> = redis.conn(0).zscore("unacked_index", tag).unwrap();
+                assert!(score.is_some(), "{what}: indexed");
+                let _: () = redis.conn(0).hdel("unacked", tag).unwrap();
+                let _: () = redis.conn(0).zrem("unacked_index", tag).unwrap();
+            }
+        }
+    });
+}
+
+/// Store and ack in one script: the result is written and the message leaves `unacked` in the
+/// same step; a stored SUCCESS is kept and the message still acknowledged.
+#[test]
+fn a_result_and_its_ack_travel_together_when_broker_and_backend_share_a_server() {
+    use celery_autoscale::backend::{Backend, Stored, shared_broker_db};
+    use celery_autoscale::connection::connect;
+    use celery_autoscale::wire::ResultMeta;
+
+    let redis = Redis::start();
+    assert_eq!(shared_broker_db(&redis.url(0), &redis.url(1)), Some(0));
+    let mut c0 = redis.conn(0);
+    let _: () = c0.hset("unacked", "T", "[{}, \"\", \"celery\"]").unwrap();
+    let _: () = c0.zadd("unacked_index", "T", 1.0).unwrap();
+    let _: () = c0.hset("unacked", "U", "[{}, \"\", \"celery\"]").unwrap();
+    let _: () = c0.zadd("unacked_index", "U", 1.0).unwrap();
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let conn = connect("BACKEND_URL", &redis.url(1), None, Duration::from_secs(10)).unwrap();
+        let backend = Backend::new(conn, Duration::from_secs(60)).with_shared_broker(Some(0));
+        let ok = ResultMeta::success("id-1", json!(4), Utc::now());
+        assert_eq!(backend.store_and_ack(&ok, "T").await.unwrap(), Some(Stored::Written));
+        let again = ResultMeta::success("id-1", json!(5), Utc::now());
+        assert_eq!(backend.store_and_ack(&again, "U").await.unwrap(), Some(Stored::KeptSuccess));
+        let elsewhere =
+            Backend::new(connect("BACKEND_URL", &redis.url(1), None, Duration::from_secs(10)).unwrap(), Duration::ZERO);
+        assert_eq!(elsewhere.store_and_ack(&ok, "T").await.unwrap(), None, "no shared server: nothing done");
+    });
+    assert_eq!(redis.result("id-1").map(|r| r["result"].clone()), Some(json!(4)));
+    assert_eq!(redis.unacked(), 0, "both acknowledged");
+    let left: usize = c0.zcard("unacked_index").unwrap();
+    assert_eq!(left, 0);
+    let ttl: i64 = redis.conn(1).ttl("celery-task-meta-id-1").unwrap();
+    assert!(ttl > 0 && ttl <= 60, "stored with result_expires: {ttl}");
+}
