@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 pub use crate::redis_url::redact as redact_url;
 
-/// Default broker URL (DESIGN.md).
+/// Default broker URL (the README's configuration table).
 pub const DEFAULT_BROKER_URL: &str = "redis://127.0.0.1:6379/0";
-/// Default result backend URL (DESIGN.md).
+/// Default result backend URL (the README's configuration table).
 pub const DEFAULT_BACKEND_URL: &str = "redis://127.0.0.1:6379/1";
 
 /// How long to wait for a TCP/TLS connect (per node, sentinels included).

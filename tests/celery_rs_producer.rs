@@ -1,8 +1,8 @@
 //! A producer written with celery-rs (the `celery` crate) → our worker → results.
 //!
 //! celery-rs writes messages a Python worker loses (no `delivery_info`: kombu raises
-//! `KeyError('exchange')` after the BRPOP and the message is gone — fixture
-//! celery_rs_0.5.5/python_worker_outcome.json in the project brief). Our worker runs them:
+//! `KeyError('exchange')` after the BRPOP and the message is gone, as observed when these
+//! fixtures were captured; docs/celery-wire.md §4). Our worker runs them:
 //! a Rust service that already produces with celery-rs can use it unchanged.
 
 // celery-rs 0.5.5's #[celery::task] expands to impl blocks inside a const item.

@@ -141,10 +141,10 @@ fn percent_artefacts_match_go() {
     assert_eq!(percent_scale_down(7, 50), 3);
 }
 
-/// docs/hpa-algorithm.md §1.8 claims 116 up and 119 down cases over percent 1..300 and
-/// periodStart 1..200 differ from exact rational arithmetic. The Go-order computation gives 116
-/// up but 463 down over 1..300; 119 is the down count over percent 1..100 (above 100 % the
-/// product is negative and more truncations differ). See docs/HPA-findings.md.
+/// docs/hpa-algorithm.md §1.8: over percent 1..300 and periodStart 1..200, the Go-order
+/// computation differs from exact rational arithmetic in 116 scale-up and 463 scale-down cases;
+/// 119 of the down cases lie in percent 1..100 (an earlier restatement gave 119 for the whole
+/// range; docs/HPA-findings.md).
 fn percent_artefact_counts(percents: std::ops::RangeInclusive<i64>) -> (usize, usize) {
     let (mut up, mut down) = (0, 0);
     for percent in percents {
