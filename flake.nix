@@ -85,9 +85,10 @@
 
         # What the integration tests start for real. nixpkgs' Celery may be newer than the 5.7
         # the wire fixtures were captured from; the tests use $CELERY_PYTHON when it is set.
-        celeryPython = pkgs.python3.withPackages (ps: [ ps.celery ps.redis ]);
+        celeryPython = pkgs.python3.withPackages (ps: [ ps.celery ps.redis ps.flower ]);
         testTools = [
-          pkgs.redis # redis-server
+          pkgs.redis # redis-server (built with TLS: the rediss:// tests start it with --tls-port)
+          pkgs.openssl # the TLS tests make a throwaway CA with the openssl CLI
           pkgs.prometheus
           pkgs.prometheus.cli # promtool
           pkgs.procps # kill, pkill

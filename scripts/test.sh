@@ -21,10 +21,11 @@ need python3 "python3 python3-venv"
 need cargo "a Rust toolchain (rustup)"
 need nix-instantiate nix-bin
 need shellcheck shellcheck
+need openssl openssl
 if ((${#missing[@]})); then
   printf 'scripts/test.sh: missing tools the tests start for real:\n' >&2
   printf '  - %s\n' "${missing[@]}" >&2
-  printf 'On Debian/Ubuntu: sudo apt-get install -y redis-server prometheus python3-venv nix-bin shellcheck\n' >&2
+  printf 'On Debian/Ubuntu: sudo apt-get install -y redis-server prometheus python3-venv nix-bin shellcheck openssl\n' >&2
   exit 2
 fi
 

@@ -410,6 +410,8 @@ pub fn signal_pid(pid: u32, sig: &str) -> bool {
         "KILL" => Signal::KILL,
         "QUIT" => Signal::QUIT,
         "HUP" => Signal::HUP,
+        "STOP" => Signal::STOP,
+        "CONT" => Signal::CONT,
         "0" => return test_kill_process(pid).is_ok(),
         other => panic!("signal_pid: add {other} to the table"),
     };
