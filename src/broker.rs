@@ -360,7 +360,13 @@ pub struct Fetcher {
     /// Test hook: how many take replies that carry a message to throw away, as if the
     /// connection broke mid-reply (see [`DROP_TAKE_REPLIES_ENV`]).
     drop_replies: u32,
+    /// A wait returned a huge element: reset the connections once the waits are done.
+    release_buffers_later: bool,
 }
+
+/// Replies larger than this make the fetcher reopen its connections afterwards, so a poison
+/// message of many megabytes does not leave its size behind in every read buffer it crossed.
+const LARGE_REPLY: usize = 1024 * 1024;
 
 /// Test-only: a worker started with this set to N discards the first N take replies that carry
 /// a message and reports a broken connection instead, stranding those messages in `unacked`
@@ -389,6 +395,7 @@ impl Fetcher {
             queue_json,
             take: Script::new(TAKE),
             drop_replies: drop_replies_from_env(),
+            release_buffers_later: false,
         }
     }
 
@@ -404,6 +411,9 @@ impl Fetcher {
     /// The next message, or `None` after about a quiet second.
     pub async fn fetch(&mut self) -> RedisResult<Option<Taken>> {
         if let Some(t) = self.try_take().await? {
+            if t.bytes.len() > LARGE_REPLY {
+                self.release_buffers();
+            }
             return Ok(Some(t));
         }
         match &mut self.wait {
@@ -431,7 +441,10 @@ impl Fetcher {
                 let (mut woken, mut fallback) = (false, false);
                 while let Some(r) = futures::StreamExt::next(&mut waits).await {
                     match r {
-                        Ok(Some(_)) => {
+                        Ok(Some(element)) => {
+                            if element.len() > LARGE_REPLY {
+                                self.release_buffers_later = true;
+                            }
                             woken = true;
                             break;
                         }
@@ -448,13 +461,29 @@ impl Fetcher {
                 if fallback {
                     self.wait = Wait::Brpop(first);
                 }
-                if woken { self.try_take().await } else { Ok(None) }
+                let taken = if woken { self.try_take().await? } else { None };
+                if self.release_buffers_later || taken.as_ref().is_some_and(|t| t.bytes.len() > LARGE_REPLY) {
+                    self.release_buffers();
+                }
+                Ok(taken)
             }
             Wait::Brpop(conn) => {
                 let popped: Option<(String, Vec<u8>)> =
                     redis::cmd("BRPOP").arg(&self.keys).arg(BRPOP_TIMEOUT.as_secs()).query_async(conn).await?;
+                if popped.as_ref().is_some_and(|(_, bytes)| bytes.len() > LARGE_REPLY) {
+                    conn.reset();
+                }
                 Ok(popped.map(|(key, bytes)| Taken { key, bytes, recorded_as: None }))
             }
+        }
+    }
+
+    /// Reopen the take connection and every wait connection (see [`Conn::reset`]).
+    fn release_buffers(&mut self) {
+        self.release_buffers_later = false;
+        self.take_conn.reset();
+        if let Wait::Rotate(conns) = &self.wait {
+            conns.iter().for_each(Conn::reset);
         }
     }
 

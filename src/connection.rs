@@ -332,6 +332,14 @@ impl Inner {
 }
 
 impl Conn {
+    /// Let go of the live connection: the next command opens a new one. A connection keeps its
+    /// read buffer at the size of the largest reply it ever received, so after a huge message
+    /// this gives that memory back. Commands already under way finish on the old connection.
+    pub fn reset(&self) {
+        let mut current = self.inner.current();
+        current.1 = None;
+    }
+
     /// The database number commands run in (kombu names its fanout channels after it).
     pub fn db(&self) -> i64 {
         self.db
