@@ -11,13 +11,12 @@
 //! This plays the parts of the HPA controller (every sync) and of the ReplicaSet (every
 //! second: replace what died, start or stop processes to match the decision). "desired" is the
 //! last decision (spec replicas), "running" the worker processes not stopping (status
-//! replicas), "ready" those consuming (see `fleet` for what ready means for each kind of
+//! replicas), "ready" those consuming (see `fleet.rs` for what ready means for each kind of
 //! worker). The controller's memory is kept for the whole run.
 //!
-//! The modules: `redis` the embedded Redis, `fleet` the worker processes, `load` the load
-//! and its results, `view` the
-//! terminal panel or log lines, `timeline` the CSV and plot. This file holds the run's state
-//! (`Run`) and one method per step of a tick.
+//! The modules: `redis.rs` the embedded Redis, `fleet.rs` the worker processes, `load.rs` the
+//! load and its results, `view.rs` the terminal panel or log lines, `timeline.rs` the CSV and
+//! plot. This file holds the run's state (`Run`) and one method per step of a tick.
 
 mod fleet;
 mod load;
