@@ -431,20 +431,13 @@ impl Run {
         let tasks = self.tasks(&census);
         let rate = self.rate.update(tasks.map(|(ok, failed)| ok + failed), now);
         let row = timeline::Row {
-            t,
-            depth: reading.depth,
-            reserved: reading.reserved,
-            desired: self.desired,
-            running: census.running,
-            ready: census.ready,
-            stopping: census.stopping,
             succeeded: tasks.map(|(ok, _)| ok),
             failed: tasks.map(|(_, f)| f),
             rate,
             event,
+            ..self.row(t, &reading, &census)
         };
-        let frame = frame(&self.queue, self.load.as_ref(), &self.last_sync, &row);
-        self.view.draw(&frame);
+        self.view.draw(&frame(&self.queue, self.load.as_ref(), &self.last_sync, &row));
         self.rows.push(row);
 
         if self.story_over(&reading, &census, tasks) {
@@ -483,6 +476,23 @@ impl Run {
     }
 
     /// The controller's sync: decide from the exporter's depth. Returns the timeline event.
+    /// The numbers of second `t`, without task counts or events.
+    fn row(&self, t: f64, reading: &QueueReading, census: &Census) -> timeline::Row {
+        timeline::Row {
+            t,
+            depth: reading.depth,
+            reserved: reading.reserved,
+            desired: self.desired,
+            running: census.running,
+            ready: census.ready,
+            stopping: census.stopping,
+            succeeded: None,
+            failed: None,
+            rate: None,
+            event: String::new(),
+        }
+    }
+
     fn sync(&mut self, now: Instant, t: f64, reading: &QueueReading, census: &Census) -> String {
         self.next_sync += self.args.sync_period;
         let metric = match reading.depth {
@@ -505,25 +515,8 @@ impl Run {
         }
         self.last_sync = format!("t={t:.0}s: {explanation}");
         self.desired = decision.replicas;
-        let frame = frame(
-            &self.queue,
-            self.load.as_ref(),
-            &self.last_sync,
-            &timeline::Row {
-                t,
-                depth: reading.depth,
-                reserved: reading.reserved,
-                desired: self.desired,
-                running: census.running,
-                ready: census.ready,
-                stopping: census.stopping,
-                succeeded: None,
-                failed: None,
-                rate: None,
-                event: String::new(),
-            },
-        );
-        self.view.sync(&frame);
+        let row = self.row(t, reading, census);
+        self.view.sync(&frame(&self.queue, self.load.as_ref(), &self.last_sync, &row));
         event
     }
 
@@ -600,24 +593,11 @@ impl Run {
     }
 }
 
-/// What the panel shows for a row.
-fn frame<'a>(queue: &'a str, load: Option<&'a Load>, last_sync: &'a str, row: &timeline::Row) -> Frame<'a> {
-    Frame {
-        t: row.t,
-        queue,
-        depth: row.depth,
-        reserved: row.reserved,
-        desired: row.desired,
-        running: row.running,
-        ready: row.ready,
-        stopping: row.stopping,
-        tasks: row.succeeded.zip(row.failed),
-        rate: row.rate,
-        load: load.map_or("none (scaling on whatever arrives)", |l| {
-            if l.note.is_empty() { "sending…" } else { l.note.as_str() }
-        }),
-        last_sync,
-    }
+/// What the panel shows for `row`.
+fn frame<'a>(queue: &'a str, load: Option<&'a Load>, last_sync: &'a str, row: &'a timeline::Row) -> Frame<'a> {
+    let load = load
+        .map_or("none (scaling on whatever arrives)", |l| if l.note.is_empty() { "sending…" } else { l.note.as_str() });
+    Frame { queue, row, load, last_sync }
 }
 
 /// Create the log directory and remove a previous run's worker logs (one file per worker of

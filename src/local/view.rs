@@ -6,6 +6,7 @@
 //! per sync and one per event.
 
 use super::fleet::Event;
+use super::timeline::Row;
 use crate::hpa::{Condition, ConditionType, Decision, Reason};
 use std::collections::VecDeque;
 use std::io::Write;
@@ -15,17 +16,9 @@ const RECENT: usize = 6;
 
 /// One frame of the panel.
 pub(super) struct Frame<'a> {
-    pub t: f64,
     pub queue: &'a str,
-    pub depth: Option<f64>,
-    pub reserved: Option<f64>,
-    pub desired: i32,
-    pub running: i32,
-    pub ready: i32,
-    pub stopping: i32,
-    /// (succeeded, failed), when known.
-    pub tasks: Option<(f64, f64)>,
-    pub rate: Option<f64>,
+    /// The numbers: the timeline row of this second.
+    pub row: &'a Row,
     pub load: &'a str,
     pub last_sync: &'a str,
 }
@@ -62,10 +55,10 @@ impl View {
     pub(super) fn sync(&self, f: &Frame<'_>) {
         if !self.terminal {
             tracing::info!(
-                t = format!("{:.0}", f.t),
-                depth = f.depth,
-                reserved = f.reserved,
-                workers = f.desired,
+                t = format!("{:.0}", f.row.t),
+                depth = f.row.depth,
+                reserved = f.row.reserved,
+                workers = f.row.desired,
                 "sync: {}",
                 f.last_sync
             );
@@ -78,18 +71,19 @@ impl View {
             return;
         }
         let n = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
-        let tasks = match f.tasks {
+        let r = f.row;
+        let tasks = match r.succeeded.zip(r.failed) {
             Some((ok, failed)) => format!("{ok:.0} done, {failed:.0} failed"),
             None => "-".to_owned(),
         };
-        let rate = f.rate.map_or(String::new(), |r| format!(", {r:.1}/s"));
+        let rate = r.rate.map_or(String::new(), |r| format!(", {r:.1}/s"));
         let mut lines = vec![
-            format!("{}   t = {:.0} s", self.title, f.t),
+            format!("{}   t = {:.0} s", self.title, r.t),
             String::new(),
-            format!("queue {:<10} {} waiting, {} in workers' hands", f.queue, n(f.depth), n(f.reserved)),
+            format!("queue {:<10} {} waiting, {} in workers' hands", f.queue, n(r.depth), n(r.reserved)),
             format!(
                 "workers          {} desired, {} running, {} ready, {} stopping",
-                f.desired, f.running, f.ready, f.stopping
+                r.desired, r.running, r.ready, r.stopping
             ),
             format!("tasks            {tasks}{rate}"),
             format!("load             {}", f.load),
