@@ -430,8 +430,8 @@ impl Worker {
         let executed = tokio::select! {
             r = self.execute(&msg, &*task, call) => r,
             () = self.state.revoked.wait(&msg.id, true) => {
-                // `revoke --terminate`: the task's future is dropped (an async task stops at
-                // once; a CPU-bound one finishes its computation on the blocking pool unseen).
+                // `revoke --terminate`: the task's future is dropped: an async task stops at
+                // once, a blocking one has its cancel flag set (task::Call::run's drop guard).
                 tracing::info!(task_id = %msg.id, task = %msg.task, "task terminated by remote control; storing REVOKED");
                 self.metrics.revoked.with_label_values(&[&msg.task]).inc();
                 self.store(&msg, &*task, ResultMeta::revoked(&msg.id, &ExceptionInfo::revoked("terminated"), Utc::now())).await;
