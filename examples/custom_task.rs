@@ -18,7 +18,9 @@ struct Cli {
     worker: WorkerArgs,
 }
 
-#[tokio::main]
+// One thread for the worker's waiting on Redis, as `celery-autoscale worker` runs; blocking
+// bodies (add_blocking) run on tokio's blocking pool, so `--concurrency` of them run at once.
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);

@@ -1,7 +1,9 @@
 //! Celery's Redis result backend (celery-wire.md §2): `SETEX celery-task-meta-<id>` and
-//! `PUBLISH` on the same name, atomically, never replacing a stored SUCCESS.
+//! `PUBLISH` on the same name, atomically, never replacing a stored SUCCESS (the `store` of
+//! [`crate::scripts`]).
 
 use crate::connection::Conn;
+use crate::scripts;
 use crate::wire::ResultMeta;
 use crate::wire::keys;
 use redis::{AsyncCommands, RedisResult, Script};
@@ -10,45 +12,6 @@ use std::time::Duration;
 
 /// Celery's `result_expires` default: one day.
 pub const DEFAULT_RESULT_EXPIRES: Duration = Duration::from_secs(86_400);
-
-/// The store Celery does (`GET`, skip if SUCCESS, `SETEX` or `SET`, `PUBLISH`), as Lua shared by
-/// the two scripts below; leaves 1 (written) or 0 (a SUCCESS kept) in `written`.
-macro_rules! store_lua {
-    () => {
-        r"
-local written = 1
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local ok, meta = pcall(cjson.decode, cur)
-  if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then written = 0 end
-end
-if written == 1 then
-  local ttl = tonumber(ARGV[2])
-  if ttl and ttl > 0 then redis.call('SETEX', KEYS[1], ttl, ARGV[1]) else redis.call('SET', KEYS[1], ARGV[1]) end
-  redis.call('PUBLISH', KEYS[1], ARGV[1])
-end
-"
-    };
-}
-
-/// The store as one atomic script, so two workers finishing the same redelivered task cannot
-/// overwrite a SUCCESS.
-const STORE: &str = concat!(store_lua!(), "return written\n");
-
-/// The store, then the ack (`ZREM unacked_index`, `HDEL unacked`) in the broker's database of
-/// the same server: one round trip instead of two. A script may SELECT another database for
-/// its own commands (the caller's connection keeps its own). If the store fails the script
-/// stops before the ack, so the message is never acknowledged without its result.
-/// KEYS: result key, `unacked`, `unacked_index`. ARGV: meta, ttl, delivery tag, broker db.
-const STORE_AND_ACK: &str = concat!(
-    store_lua!(),
-    r"
-redis.call('SELECT', ARGV[4])
-redis.call('ZREM', KEYS[3], ARGV[3])
-redis.call('HDEL', KEYS[2], ARGV[3])
-return written
-"
-);
 
 /// The broker's database number when the broker and the result backend are databases of one
 /// Redis server (same address and credentials), so a result and its ack can travel together.
@@ -73,46 +36,43 @@ pub struct Backend {
     conn: Conn,
     expires: Duration,
     store: Script,
-    store_and_ack: Script,
     /// See [`shared_broker_db`]; `None` when the broker is elsewhere.
     broker_db: Option<i64>,
+}
+
+/// A store to run inside the broker's [`crate::broker::Broker::finish`] script (broker and
+/// backend share a server): the result key, its database, the meta and the ttl.
+#[derive(Clone, Debug)]
+pub struct SharedStore {
+    pub key: String,
+    pub db: i64,
+    pub meta: Vec<u8>,
+    pub ttl: u64,
 }
 
 impl Backend {
     /// `expires` of zero stores without a TTL (Celery's `result_expires=None`).
     pub fn new(conn: Conn, expires: Duration) -> Self {
-        Backend { conn, expires, store: Script::new(STORE), store_and_ack: Script::new(STORE_AND_ACK), broker_db: None }
+        Backend { conn, expires, store: Script::new(scripts::STORE), broker_db: None }
     }
 
-    /// Acknowledge together with the store ([`Backend::store_and_ack`]) when the broker is
-    /// database `broker_db` of this backend's server (see [`shared_broker_db`]).
+    /// Store together with the ack ([`Backend::shared_store`]) when the broker is database
+    /// `broker_db` of this backend's server (see [`shared_broker_db`]).
     pub fn with_shared_broker(mut self, broker_db: Option<i64>) -> Self {
         self.broker_db = broker_db;
         self
     }
 
-    /// Whether [`Backend::store_and_ack`] can acknowledge.
-    pub fn shares_broker(&self) -> bool {
-        self.broker_db.is_some()
-    }
-
-    /// Store a result and, in the same atomic script, acknowledge the message `tag`. Returns
-    /// `None` without doing anything when the broker is on another server (store, then ack,
-    /// separately).
-    pub async fn store_and_ack(&self, meta: &ResultMeta, tag: &str) -> RedisResult<Option<Stored>> {
-        let Some(db) = self.broker_db else { return Ok(None) };
-        let written: i64 = self
-            .store_and_ack
-            .key(keys::result_key(&meta.task_id))
-            .key(keys::UNACKED)
-            .key(keys::UNACKED_INDEX)
-            .arg(meta.to_json())
-            .arg(self.expires.as_secs())
-            .arg(tag)
-            .arg(db)
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        Ok(Some(if written == 1 { Stored::Written } else { Stored::KeptSuccess }))
+    /// The store of `meta` as the broker's finish script runs it, or `None` when the broker is
+    /// on another server (then [`Backend::store`] first, and acknowledge after).
+    pub fn shared_store(&self, meta: &ResultMeta) -> Option<SharedStore> {
+        self.broker_db?;
+        Some(SharedStore {
+            key: keys::result_key(&meta.task_id),
+            db: self.conn.db(),
+            meta: meta.to_json(),
+            ttl: self.expires.as_secs(),
+        })
     }
 
     pub async fn store(&self, meta: &ResultMeta) -> RedisResult<Stored> {
@@ -140,7 +100,7 @@ mod tests {
     use super::shared_broker_db;
 
     #[test]
-    fn store_and_ack_only_when_both_urls_name_one_server() {
+    fn a_shared_server_only_when_both_urls_name_one() {
         assert_eq!(shared_broker_db("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/1"), Some(0));
         assert_eq!(shared_broker_db("redis://:pw@h:6379/3", "redis://:pw@h:6379/1"), Some(3));
         assert_eq!(shared_broker_db("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6380/1"), None);

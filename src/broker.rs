@@ -3,10 +3,14 @@
 //! `unacked_mutex`, and putting messages back at the front of their queue. Python workers and
 //! ours share these keys, so each restores the other's orphans.
 
+use crate::backend::{SharedStore, Stored};
 use crate::connection::Conn;
+use crate::scripts;
 use crate::wire::UnackedEntry;
 use crate::wire::keys::{self, PrioritySteps};
 use redis::{AsyncCommands, RedisResult, Script};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 /// Entries examined per restore batch (one ZRANGE and one HMGET each).
@@ -66,11 +70,18 @@ pub struct Broker {
     steps: PrioritySteps,
     move_back: Script,
     release_mutex: Script,
+    finish: Script,
 }
 
 impl Broker {
     pub fn new(conn: Conn, steps: PrioritySteps) -> Self {
-        Broker { conn, steps, move_back: Script::new(MOVE_BACK), release_mutex: Script::new(RELEASE_MUTEX) }
+        Broker {
+            conn,
+            steps,
+            move_back: Script::new(MOVE_BACK),
+            release_mutex: Script::new(RELEASE_MUTEX),
+            finish: Script::new(scripts::FINISH),
+        }
     }
 
     pub fn steps(&self) -> &PrioritySteps {
@@ -103,6 +114,53 @@ impl Broker {
             .ignore()
             .query_async(&mut self.conn.clone())
             .await
+    }
+
+    /// Finish a message in one round trip ([`scripts::FINISH`]): store its result when
+    /// `store` is given (broker and backend share a server), acknowledge `tag`, and take the
+    /// next message from `next`'s lists when given (recorded in `unacked` like any take).
+    pub async fn finish(
+        &self,
+        tag: &str,
+        store: Option<&SharedStore>,
+        next: Option<&TakeList>,
+        now_unix: f64,
+    ) -> RedisResult<Finished> {
+        let mut invocation = self.finish.prepare_invoke();
+        invocation.key(keys::UNACKED).key(keys::UNACKED_INDEX).key(store.map_or("", |s| s.key.as_str()));
+        invocation.arg(tag).arg(self.conn.db());
+        match store {
+            Some(s) => invocation.arg(s.db).arg(&s.meta).arg(s.ttl),
+            None => invocation.arg("").arg("").arg(0),
+        };
+        invocation.arg(now_unix);
+        if let Some(lists) = next {
+            lists.add_to(&mut invocation);
+        }
+        let reply: Vec<redis::Value> = invocation.invoke_async(&mut self.conn.clone()).await?;
+        let mut reply = reply.into_iter();
+        let written: i64 = match reply.next() {
+            Some(v) => redis::from_redis_value(v)?,
+            None => return Err(unexpected_reply("finish")),
+        };
+        let stored = match written {
+            1 => Some(Stored::Written),
+            0 => Some(Stored::KeptSuccess),
+            _ => None,
+        };
+        let taken = match (reply.next(), reply.next(), reply.next()) {
+            (Some(key), Some(bytes), Some(tag)) => Some(Taken::from_reply(
+                redis::from_redis_value(key)?,
+                redis::from_redis_value(bytes)?,
+                redis::from_redis_value(tag)?,
+            )),
+            (None, ..) => None,
+            _ => return Err(unexpected_reply("finish")),
+        };
+        if taken.is_some() && lost_reply_for_test("finish") {
+            return Err(lost_reply_error());
+        }
+        Ok(Finished { stored, next: taken })
     }
 
     /// Publish a task message to `queue` with `priority`, as a producer does (LPUSH).
@@ -297,35 +355,6 @@ impl Broker {
     }
 }
 
-/// Take the next message and record it in `unacked` in one atomic step: the first non-empty
-/// list in kombu's BRPOP order is popped, and if the message carries a delivery tag it is
-/// written to `unacked`/`unacked_index` exactly as kombu's QoS.append writes it
-/// (`[<envelope>, "", "<queue>"]`, score = now) before the script returns. kombu's BRPOP then
-/// MULTI leaves an instant where a killed consumer loses the message; this does not.
-/// A message without a readable tag (garbage, some non-Python producers) comes back unrecorded.
-/// KEYS: the lists in order, then `unacked`, `unacked_index`. ARGV: now, then each list's queue
-/// name as a JSON string.
-const TAKE: &str = r#"
-local n = #KEYS - 2
-for i = 1, n do
-  local m = redis.call('RPOP', KEYS[i])
-  if m then
-    local ok, env = pcall(cjson.decode, m)
-    local tag = nil
-    if ok and type(env) == 'table' and type(env['properties']) == 'table' then
-      tag = env['properties']['delivery_tag']
-    end
-    if type(tag) == 'string' and #tag > 0 then
-      redis.call('ZADD', KEYS[n + 2], ARGV[1], tag)
-      redis.call('HSET', KEYS[n + 1], tag, '[' .. m .. ', "", ' .. ARGV[i + 1] .. ']')
-      return {KEYS[i], m, tag}
-    end
-    return {KEYS[i], m, ''}
-  end
-end
-return false
-"#;
-
 /// One message taken from a queue.
 #[derive(Debug)]
 pub struct Taken {
@@ -335,6 +364,52 @@ pub struct Taken {
     /// The delivery tag it was recorded under in `unacked` by the take itself (the caller must
     /// not record it again, and must ack it); `None` when it was taken unrecorded.
     pub recorded_as: Option<String>,
+}
+
+impl Taken {
+    fn from_reply(key: String, bytes: Vec<u8>, tag: String) -> Self {
+        Taken { key, bytes, recorded_as: (!tag.is_empty()).then_some(tag) }
+    }
+}
+
+/// What [`Broker::finish`] did.
+#[derive(Debug)]
+pub struct Finished {
+    /// The result's store, when the script stored it.
+    pub stored: Option<Stored>,
+    /// The next message, when lists were given and one was not empty.
+    pub next: Option<Taken>,
+}
+
+/// The lists a worker takes from, in kombu's BRPOP order, with what a take script needs for
+/// each: the key and the queue name as JSON (the tail of its `unacked` entries).
+#[derive(Debug)]
+pub struct TakeList {
+    keys: Vec<String>,
+    queue_json: Vec<String>,
+}
+
+impl TakeList {
+    pub fn new(queues: &[String], steps: &PrioritySteps) -> Self {
+        let keys = steps.brpop_keys(queues);
+        let queue_json = keys.iter().map(|k| crate::wire::pyjson::to_string(keys::queue_of_key(k))).collect();
+        TakeList { keys, queue_json }
+    }
+
+    pub fn keys(&self) -> &[String] {
+        &self.keys
+    }
+
+    /// Append the lists as a take script reads them: the keys after the script's own, and
+    /// their queue names after its own arguments.
+    fn add_to(&self, invocation: &mut redis::ScriptInvocation<'_>) {
+        for k in &self.keys {
+            invocation.key(k);
+        }
+        for q in &self.queue_json {
+            invocation.arg(q);
+        }
+    }
 }
 
 /// How the fetcher waits for work.
@@ -353,59 +428,69 @@ enum Wait {
 pub struct Fetcher {
     take_conn: Conn,
     wait: Wait,
-    keys: Vec<String>,
-    /// The queue name of each key, as a JSON string (the tail of its `unacked` entries).
-    queue_json: Vec<String>,
+    lists: Arc<TakeList>,
     take: Script,
-    /// Test hook: how many take replies that carry a message to throw away, as if the
-    /// connection broke mid-reply (see [`DROP_TAKE_REPLIES_ENV`]).
-    drop_replies: u32,
     /// A wait returned a huge element: reset the connections once the waits are done.
     release_buffers_later: bool,
 }
 
 /// Replies larger than this make the fetcher reopen its connections afterwards, so a poison
 /// message of many megabytes does not leave its size behind in every read buffer it crossed.
-const LARGE_REPLY: usize = 1024 * 1024;
+pub const LARGE_REPLY: usize = 1024 * 1024;
 
-/// Test-only: a worker started with this set to N discards the first N take replies that carry
-/// a message and reports a broken connection instead, stranding those messages in `unacked`
-/// exactly as a reply lost to a network failure or a Redis restart does. The tests use it to
-/// show such a message still runs, once, within about a second of its visibility timeout.
+/// Test-only: a worker started with this set to a list of ordinals (`1,3`) discards those
+/// take replies that carry a message — counting the fetcher's takes and the finish script's
+/// alike, from 1 — and reports a broken connection instead, stranding those messages in
+/// `unacked` exactly as a reply lost to a network failure or a Redis restart does. The tests
+/// use it to show such a message still runs, once, within about a second of its visibility
+/// timeout.
 pub const DROP_TAKE_REPLIES_ENV: &str = "CELERY_AUTOSCALE_TEST_DROP_TAKE_REPLIES";
 
-fn drop_replies_from_env() -> u32 {
-    let Ok(raw) = std::env::var(DROP_TAKE_REPLIES_ENV) else { return 0 };
-    raw.trim().parse().unwrap_or_else(|_| {
-        tracing::warn!(value = %raw, "{DROP_TAKE_REPLIES_ENV} is not a count; ignoring it (unset it, or give a whole number)");
-        0
-    })
+/// Whether to discard this take reply ([`DROP_TAKE_REPLIES_ENV`], read once per process);
+/// `via` names the path for the log.
+fn lost_reply_for_test(via: &str) -> bool {
+    static DROP: LazyLock<Vec<u32>> = LazyLock::new(|| {
+        let Ok(raw) = std::env::var(DROP_TAKE_REPLIES_ENV) else { return Vec::new() };
+        raw.split(',').map(|n| n.trim().parse()).collect::<Result<_, _>>().unwrap_or_else(|_| {
+            tracing::warn!(value = %raw, "{DROP_TAKE_REPLIES_ENV} is not a list of ordinals like 1,3; ignoring it");
+            Vec::new()
+        })
+    });
+    static SEEN: AtomicU32 = AtomicU32::new(0);
+    if DROP.is_empty() {
+        return false;
+    }
+    let ordinal = SEEN.fetch_add(1, Ordering::Relaxed) + 1;
+    let dropped = DROP.contains(&ordinal);
+    if dropped {
+        tracing::warn!(ordinal, via, "{DROP_TAKE_REPLIES_ENV}: discarding a take reply; its message stays in unacked");
+    }
+    dropped
+}
+
+fn lost_reply_error() -> redis::RedisError {
+    std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "take reply discarded (test hook)").into()
+}
+
+fn unexpected_reply(script: &str) -> redis::RedisError {
+    (redis::ErrorKind::UnexpectedReturnType, "unexpected reply from a script", script.to_owned()).into()
 }
 
 impl Fetcher {
-    /// `wait_conns`: one connection per list (see [`Fetcher::keys`]), each with a response
-    /// timeout longer than [`BRPOP_TIMEOUT`].
-    pub fn new(take_conn: Conn, wait_conns: Vec<Conn>, queues: &[String], steps: &PrioritySteps) -> Self {
-        let keys = steps.brpop_keys(queues);
-        let queue_json = keys.iter().map(|k| crate::wire::pyjson::to_string(keys::queue_of_key(k))).collect();
+    /// `wait_conns`: one connection per list of `lists`, each with a response timeout longer
+    /// than [`BRPOP_TIMEOUT`].
+    pub fn new(take_conn: Conn, wait_conns: Vec<Conn>, lists: Arc<TakeList>) -> Self {
         Fetcher {
             take_conn,
             wait: Wait::Rotate(wait_conns),
-            keys,
-            queue_json,
-            take: Script::new(TAKE),
-            drop_replies: drop_replies_from_env(),
+            lists,
+            take: Script::new(scripts::TAKE),
             release_buffers_later: false,
         }
     }
 
-    /// How many wait connections [`Fetcher::new`] needs.
-    pub fn lists(queues: &[String], steps: &PrioritySteps) -> usize {
-        steps.brpop_keys(queues).len()
-    }
-
     pub fn keys(&self) -> &[String] {
-        &self.keys
+        self.lists.keys()
     }
 
     /// The next message, or `None` after about a quiet second.
@@ -421,7 +506,7 @@ impl Fetcher {
                 let first = conns[0].clone();
                 let mut waits: futures::stream::FuturesUnordered<_> = conns
                     .iter()
-                    .zip(&self.keys)
+                    .zip(self.lists.keys())
                     .map(|(c, k)| {
                         let mut c = c.clone();
                         async move {
@@ -469,7 +554,7 @@ impl Fetcher {
             }
             Wait::Brpop(conn) => {
                 let popped: Option<(String, Vec<u8>)> =
-                    redis::cmd("BRPOP").arg(&self.keys).arg(BRPOP_TIMEOUT.as_secs()).query_async(conn).await?;
+                    redis::cmd("BRPOP").arg(self.lists.keys()).arg(BRPOP_TIMEOUT.as_secs()).query_async(conn).await?;
                 if popped.as_ref().is_some_and(|(_, bytes)| bytes.len() > LARGE_REPLY) {
                     conn.reset();
                 }
@@ -490,22 +575,13 @@ impl Fetcher {
     /// One atomic take; `None` when every list is empty.
     pub async fn try_take(&mut self) -> RedisResult<Option<Taken>> {
         let mut invocation = self.take.prepare_invoke();
-        for k in &self.keys {
-            invocation.key(k);
-        }
         invocation.key(keys::UNACKED).key(keys::UNACKED_INDEX);
         invocation.arg(crate::wire::time::unix_seconds(chrono::Utc::now()));
-        for q in &self.queue_json {
-            invocation.arg(q);
-        }
+        self.lists.add_to(&mut invocation);
         let reply: Option<(String, Vec<u8>, String)> = invocation.invoke_async(&mut self.take_conn).await?;
-        if reply.is_some() && self.drop_replies > 0 {
-            self.drop_replies -= 1;
-            tracing::warn!("{DROP_TAKE_REPLIES_ENV}: discarding a take reply; its message stays in unacked");
-            return Err(
-                std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "take reply discarded (test hook)").into()
-            );
+        if reply.is_some() && lost_reply_for_test("fetch") {
+            return Err(lost_reply_error());
         }
-        Ok(reply.map(|(key, bytes, tag)| Taken { key, bytes, recorded_as: (!tag.is_empty()).then_some(tag) }))
+        Ok(reply.map(|(key, bytes, tag)| Taken::from_reply(key, bytes, tag)))
     }
 }

@@ -24,6 +24,7 @@ pub mod pattern;
 pub mod plot;
 pub mod redis_url;
 pub mod scrape;
+pub mod scripts;
 pub mod shutdown;
 pub mod simulate;
 pub mod task;

@@ -36,7 +36,14 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    // The worker's own work is waiting on Redis: one thread does it with no cross-thread
+    // wake-ups (a third of its CPU per task on a multi-thread runtime, docs/Performance.md);
+    // task bodies registered as blocking run on tokio's blocking pool, in parallel.
+    let runtime = match cli.command {
+        Command::Worker(_) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        _ => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+    }
+    .expect("tokio runtime");
     let result: anyhow::Result<()> = runtime.block_on(async {
         match cli.command {
             Command::Worker(args) => worker::run(args, Registry::with_builtins()).await?,

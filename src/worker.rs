@@ -15,7 +15,7 @@
 
 use crate::args::{self, QueueArgs, RedisArgs, StartError};
 use crate::backend::{self, Backend, DEFAULT_RESULT_EXPIRES, Stored};
-use crate::broker::{BRPOP_TIMEOUT, Broker, End, Fetcher, Taken};
+use crate::broker::{BRPOP_TIMEOUT, Broker, End, Fetcher, LARGE_REPLY, TakeList, Taken};
 use crate::connection::{self, Backoff, Health, redact_url};
 use crate::control::{self, WorkerState};
 use crate::events::{Events, WorkerCounts};
@@ -135,6 +135,9 @@ struct Worker {
     run_slots: Arc<Semaphore>,
     /// Finished tasks whose results are being stored.
     finishing: Arc<Semaphore>,
+    /// The lists taken from (the fetcher's; a finishing task takes the next message from them
+    /// in its finish script). Replaced when remote control changes the queues.
+    lists: std::sync::Mutex<Arc<TakeList>>,
     /// Celery node name (`celery@host`).
     node: String,
     origin: String,
@@ -156,8 +159,9 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
     let op_timeout = Duration::from_secs(10);
     let master = args.redis.sentinel_master.as_deref();
     let broker_conn = connection::connect("BROKER_URL", &args.redis.broker_url, master, op_timeout)?;
+    let lists = Arc::new(TakeList::new(&queues, &args.queue.priority_steps));
     // One connection per list for the blocking wait, so a wait on one list never delays another.
-    let wait_conns = (0..Fetcher::lists(&queues, &args.queue.priority_steps))
+    let wait_conns = (0..lists.keys().len())
         .map(|_| connection::connect("BROKER_URL", &args.redis.broker_url, master, op_timeout + BRPOP_TIMEOUT))
         .collect::<Result<Vec<_>, _>>()?;
     let backend_conn = connection::connect("BACKEND_URL", &args.redis.backend_url, master, op_timeout)?;
@@ -183,6 +187,7 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
         give_up: AtomicBool::new(false),
         run_slots: Arc::new(Semaphore::new(args.concurrency as usize)),
         finishing: Arc::new(Semaphore::new(2 * args.concurrency as usize)),
+        lists: std::sync::Mutex::new(lists.clone()),
         origin: format!("gen{}@{}", std::process::id(), node.split_once('@').map_or(node.as_str(), |(_, h)| h)),
         node,
         state: state.clone(),
@@ -229,7 +234,7 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
         let held: lease::HeldTags = Arc::new(move || w.in_flight.tags());
         tokio::spawn(lease::renew_loop(worker.broker.clone(), held, worker.args.visibility_timeout))
     };
-    let mut fetcher = Fetcher::new(worker.broker.connection(), wait_conns, &queues, &steps);
+    let mut fetcher = Fetcher::new(worker.broker.connection(), wait_conns, lists);
     let mut deliveries = worker.clone().fetch_loop(&mut fetcher).await;
     worker.drain(&mut deliveries).await;
     restorer.abort();
@@ -276,12 +281,12 @@ impl Worker {
         let mut queue_changes = self.state.queue_changes();
         loop {
             while deliveries.try_join_next().is_some() {}
-            if queue_changes.has_changed().unwrap_or(false) {
-                queue_changes.mark_unchanged();
-                self.consume_from(fetcher, &self.state.queues());
-            }
             let permit = tokio::select! {
                 p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
+                Ok(()) = queue_changes.changed() => {
+                    self.consume_from(fetcher, &self.state.queues());
+                    continue;
+                }
                 () = self.shutdown.reached(Stage::Graceful) => break,
             };
             if self.shutdown.stage() != Stage::Running {
@@ -311,9 +316,9 @@ impl Worker {
 
     /// Switch the fetcher to `queues` (remote add_consumer/cancel_consumer).
     fn consume_from(&self, fetcher: &mut Fetcher, queues: &[String]) {
-        let steps = &self.args.queue.priority_steps;
+        let lists = Arc::new(TakeList::new(queues, &self.args.queue.priority_steps));
         let master = self.args.redis.sentinel_master.as_deref();
-        let conns = (0..Fetcher::lists(queues, steps))
+        let conns = (0..lists.keys().len())
             .map(|_| {
                 connection::connect(
                     "BROKER_URL",
@@ -325,15 +330,27 @@ impl Worker {
             .collect::<Result<Vec<_>, _>>();
         match conns {
             Ok(conns) => {
-                *fetcher = Fetcher::new(self.broker.connection(), conns, queues, steps);
+                *self.lists.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = lists.clone();
+                *fetcher = Fetcher::new(self.broker.connection(), conns, lists);
                 tracing::info!(?queues, "now consuming from");
             }
             Err(e) => tracing::warn!(error = %e, "cannot change queues"),
         }
     }
 
-    /// Handle one message from `key`, from parsing to acknowledgement.
+    /// Handle one message, from parsing to acknowledgement, then each next message its finish
+    /// script takes on the same fetch slot, until one finishes without taking another.
     async fn deliver(self: Arc<Self>, taken: Taken, fetch_slot: OwnedSemaphorePermit) {
+        let mut fetch_slot = Some(fetch_slot);
+        let mut next = Some(taken);
+        while let Some(taken) = next.take() {
+            next = self.deliver_one(taken, &mut fetch_slot).await;
+        }
+    }
+
+    /// Handle one message from `key`, from parsing to acknowledgement. Returns the next
+    /// message when the finish took one (only while `fetch_slot` is held: it passes to it).
+    async fn deliver_one(&self, taken: Taken, fetch_slot: &mut Option<OwnedSemaphorePermit>) -> Option<Taken> {
         let Taken { key, bytes, recorded_as } = taken;
         let queue = keys::queue_of_key(&key).to_owned();
         let msg = match parse_message_within(&bytes, self.args.max_message_bytes as usize) {
@@ -342,9 +359,9 @@ impl Worker {
                 self.reject(rejection, &bytes, None, None).await;
                 if let Some(tag) = &recorded_as {
                     // Taken with a readable tag but unusable otherwise: done with it.
-                    self.ack(tag).await;
+                    return self.complete(tag, None, fetch_slot).await;
                 }
-                return;
+                return None;
             }
         };
         let bound = match self.registry.get(&msg.task) {
@@ -361,9 +378,9 @@ impl Worker {
                     Rejection { reason, detail, task_id: Some(msg.id.clone()), task_name: Some(msg.task.clone()) };
                 self.reject(rejection, &bytes, Some(&msg), task.as_deref()).await;
                 if let Some(tag) = &recorded_as {
-                    self.ack(tag).await;
+                    return self.complete(tag, None, fetch_slot).await;
                 }
-                return;
+                return None;
             }
         };
         self.metrics.received.with_label_values(&[&msg.task]).inc();
@@ -379,27 +396,27 @@ impl Worker {
                 .is_none()
         {
             tracing::error!(task_id = %msg.id, message = %String::from_utf8_lossy(&bytes), "exiting with a message Redis never took back; it is logged here in full");
-            return;
+            return None;
         }
         let msg = Arc::new(msg);
         if let Err(held) = self.in_flight.hold(&tag, Held::new(msg.clone(), queue.clone(), entry)) {
             // Shutdown began while we were recording it: it goes straight back.
             self.put_back(&tag, &held.entry).await;
-            return;
+            return None;
         }
 
         if self.state.revoked.contains(&msg.id) {
-            return self.skip_revoked(&msg, &*task, &tag).await;
+            self.skip_revoked(&msg, &*task, &tag).await;
+            return None;
         }
         if let Some(expires) = msg.expires.filter(|e| *e <= Utc::now()) {
             tracing::info!(task_id = %msg.id, task = %msg.task, %expires, "task expired before it could run; storing REVOKED");
             self.metrics.revoked.with_label_values(&[&msg.task]).inc();
             self.store(&msg, &*task, ResultMeta::revoked(&msg.id, &ExceptionInfo::revoked_expired(), Utc::now())).await;
             self.state.revoked_task(&msg.id, false, true);
-            return self.ack(&tag).await;
+            return self.complete(&tag, None, fetch_slot).await;
         }
         self.state.received(&msg, &queue);
-        let mut fetch_slot = Some(fetch_slot);
         if let Some(eta) = msg.eta.filter(|e| *e > Utc::now()) {
             // Like Celery, a scheduled task does not count against prefetch while it waits.
             fetch_slot.take();
@@ -408,20 +425,21 @@ impl Worker {
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
                 () = self.state.revoked.wait(&msg.id, false) => {}
-                () = self.shutdown.reached(Stage::Graceful) => return, // the drain puts it back
+                () = self.shutdown.reached(Stage::Graceful) => return None, // the drain puts it back
             }
             self.state.due(&msg.id);
         }
         let run_slot = tokio::select! {
             p = self.run_slots.clone().acquire_owned() => p.expect("semaphore never closed"),
-            () = self.shutdown.reached(Stage::Graceful) => return,
+            () = self.shutdown.reached(Stage::Graceful) => return None,
         };
         if self.state.revoked.contains(&msg.id) {
-            return self.skip_revoked(&msg, &*task, &tag).await;
+            self.skip_revoked(&msg, &*task, &tag).await;
+            return None;
         }
         if !self.in_flight.start(&tag) {
             self.state.released(&msg.id);
-            return; // the drain took it back before it could start
+            return None; // the drain took it back before it could start
         }
         self.state.started(&msg);
         if self.args.track_started {
@@ -436,23 +454,22 @@ impl Worker {
                 self.metrics.revoked.with_label_values(&[&msg.task]).inc();
                 self.store(&msg, &*task, ResultMeta::revoked(&msg.id, &ExceptionInfo::revoked("terminated"), Utc::now())).await;
                 self.state.revoked_task(&msg.id, true, false);
-                return self.ack(&tag).await;
+                return self.complete(&tag, None, fetch_slot).await;
             }
         };
         let Some((outcome, elapsed)) = executed else {
             self.state.released(&msg.id);
-            return self.ack(&tag).await;
+            return self.complete(&tag, None, fetch_slot).await;
         };
-        // The slot is free once the task has run: store and ack off the critical path, so the
-        // next message is fetched while this result travels. Bounded by `finishing` so a stalled
-        // result backend stops fetching instead of piling up finished tasks in memory.
-        let finishing = self.finishing.clone().acquire_owned().await.expect("semaphore never closed");
+        // The run slot is free once the task has run, so a waiting message starts while this
+        // result travels. Bounded by `finishing` so a stalled result backend stops fetching
+        // instead of piling up finished tasks in memory.
+        let finishing = self.finishing.acquire().await.expect("semaphore never closed");
         drop(run_slot);
-        drop(fetch_slot);
-        if !self.finish(&msg, &*task, outcome, &queue, elapsed, &tag).await {
-            self.ack(&tag).await;
-        }
+        let last = self.follow_up(&msg, &*task, outcome, &queue, elapsed).await;
+        let next = self.complete(&tag, last, fetch_slot).await;
         drop(finishing);
+        next
     }
 
     /// A revoked task never runs: REVOKED is stored (again: remote revoke already stored it)
@@ -485,17 +502,16 @@ impl Worker {
         Some((outcome, started.elapsed()))
     }
 
-    /// Store the outcome and send follow-ups; true when the message was acknowledged with its
-    /// result (only when nothing else must be sent before the ack).
-    async fn finish(
+    /// Count and log the outcome, store it and send follow-ups; returns the result to store
+    /// together with the ack instead, when nothing else must be sent before it.
+    async fn follow_up(
         &self,
         msg: &TaskMessage,
         t: &dyn Task,
         outcome: TaskResult,
         queue: &str,
         elapsed: Duration,
-        tag: &str,
-    ) -> bool {
+    ) -> Option<ResultMeta> {
         let now = Utc::now();
         let task = msg.task.as_str();
         match outcome {
@@ -505,7 +521,7 @@ impl Worker {
                 tracing::debug!(task_id = %msg.id, task, seconds = elapsed.as_secs_f64(), "task succeeded");
                 self.state.succeeded(msg, &value, elapsed);
                 if msg.embed.callbacks.is_empty() && msg.embed.chain.is_empty() {
-                    return self.store_and_ack(msg, t, ResultMeta::success(&msg.id, value, now), tag).await;
+                    return self.complete_meta(msg, t, ResultMeta::success(&msg.id, value, now));
                 }
                 self.store(msg, t, ResultMeta::success(&msg.id, value.clone(), now)).await;
                 for sig in &msg.embed.callbacks {
@@ -523,7 +539,7 @@ impl Worker {
                 tracing::info!(task_id = %msg.id, task, "task failed: {}", exc.summary());
                 self.state.failed(msg, &exc);
                 if msg.embed.errbacks.is_empty() {
-                    return self.store_and_ack(msg, t, ResultMeta::failure(&msg.id, task, &exc, now), tag).await;
+                    return self.complete_meta(msg, t, ResultMeta::failure(&msg.id, task, &exc, now));
                 }
                 self.store(msg, t, ResultMeta::failure(&msg.id, task, &exc, now)).await;
                 self.send_errbacks(msg).await;
@@ -536,7 +552,7 @@ impl Worker {
                 self.send(NewTask::retry_of(msg, queue, countdown)).await;
             }
         }
-        false
+        None
     }
 
     /// Store a result unless the message (or, if it does not say, the task) ignores results.
@@ -547,28 +563,51 @@ impl Worker {
         }
     }
 
-    /// Store a result and acknowledge `tag` in one round trip when broker and backend share a
-    /// server; true when it did (otherwise the caller acknowledges).
-    async fn store_and_ack(&self, msg: &TaskMessage, task: &dyn Task, meta: ResultMeta, tag: &str) -> bool {
-        let meta = match self.complete_meta(msg, task, meta) {
-            Some(meta) if self.backend.shares_broker() => meta,
-            Some(meta) => {
-                if self.redis_backend("store a result", || self.backend.store(&meta)).await == Some(Stored::KeptSuccess)
-                {
-                    tracing::info!(task_id = %msg.id, "a SUCCESS was already stored for this task; kept it");
-                }
-                return false;
+    /// Store `last` (if any), acknowledge `tag`, and — while this task still holds its fetch
+    /// slot and the worker runs — take the next message: one round trip when broker and backend
+    /// share a server (else the store goes first, on its own). Returns the message taken, which
+    /// keeps the slot; without one the slot is freed for the fetch loop.
+    async fn complete(
+        &self,
+        tag: &str,
+        last: Option<ResultMeta>,
+        fetch_slot: &mut Option<OwnedSemaphorePermit>,
+    ) -> Option<Taken> {
+        let store = last.as_ref().and_then(|meta| self.backend.shared_store(meta));
+        if let (Some(meta), None) = (&last, &store) {
+            if self.redis_backend("store a result", || self.backend.store(meta)).await == Some(Stored::KeptSuccess) {
+                tracing::info!(task_id = %meta.task_id, "a SUCCESS was already stored for this task; kept it");
             }
-            None => return false,
-        };
-        let stored = self.redis_backend("store a result", || self.backend.store_and_ack(&meta, tag)).await.flatten();
-        if stored == Some(Stored::KeptSuccess) {
-            tracing::info!(task_id = %msg.id, "a SUCCESS was already stored for this task; kept it");
         }
-        if stored.is_some() {
-            self.in_flight.finish(tag);
+        let lists = (fetch_slot.is_some() && self.shutdown.stage() == Stage::Running)
+            .then(|| self.lists.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone());
+        // A retry after an error takes nothing: whatever the lost reply took is in `unacked`
+        // and comes back when it falls due.
+        let mut next_from = lists.as_deref();
+        let finished = self
+            .redis("acknowledge", || {
+                let lists = next_from.take();
+                self.broker.finish(tag, store.as_ref(), lists, unix_seconds(Utc::now()))
+            })
+            .await;
+        self.in_flight.finish(tag);
+        let finished = finished?;
+        if let (Some(Stored::KeptSuccess), Some(meta)) = (finished.stored, &last) {
+            tracing::info!(task_id = %meta.task_id, "a SUCCESS was already stored for this task; kept it");
         }
-        stored.is_some()
+        match finished.next {
+            Some(next) => {
+                self.broker_health.set_connected();
+                if next.bytes.len() > LARGE_REPLY {
+                    self.broker.connection().reset();
+                }
+                Some(next)
+            }
+            None => {
+                fetch_slot.take();
+                None
+            }
+        }
     }
 
     /// The result as stored: group, parent and (with --result-extended) the call; `None` when

@@ -127,6 +127,8 @@ fn orphans_of_a_sigkilled_worker_are_back_within_a_second_of_falling_due() {
     // worker's message leaves `unacked` only through a restore, each of which was timed above.
 }
 
+/// Concurrency 1 and three tasks: the 1st take reply (the fetcher's, task 1) and the 3rd (the
+/// finish script of task 2 taking task 3) are discarded, so both paths strand a message.
 #[test]
 fn a_take_whose_reply_is_lost_runs_once_within_a_second_of_its_timeout() {
     let redis = Redis::start();
@@ -134,30 +136,43 @@ fn a_take_whose_reply_is_lost_runs_once_within_a_second_of_its_timeout() {
     let w = Worker::spawn_with_env(
         &redis,
         free_port(),
-        &["--visibility-timeout", "3", "--restore-interval", "30"],
-        &[(celery_autoscale::broker::DROP_TAKE_REPLIES_ENV, "1")],
+        &["--visibility-timeout", "3", "--restore-interval", "30", "--concurrency", "1"],
+        &[(celery_autoscale::broker::DROP_TAKE_REPLIES_ENV, "1,3")],
     );
     w.wait_ready(Duration::from_secs(20));
-    let ids = enqueue(&redis, &[task("tasks.io_bound", vec![json!(0.1)])]);
+    let ids = enqueue(&redis, &[0, 1, 2].map(|_| task("tasks.io_bound", vec![json!(0.1)])));
     wait_all(&redis, &ids, "SUCCESS", Duration::from_secs(30));
 
-    assert!(w.log_text().contains("discarding a take reply"), "the hook dropped the reply:\n{}", w.log_text());
+    let discarded: Vec<String> = w
+        .log_events()
+        .into_iter()
+        .filter(|e| e["message"].as_str().is_some_and(|m| m.contains("discarding a take reply")))
+        .map(|e| e["via"].as_str().unwrap_or("?").to_owned())
+        .collect();
+    assert_eq!(discarded, ["fetch", "finish"], "the hook dropped a fetch reply and a finish reply:\n{}", w.log_text());
     let restored = restores(&w);
-    assert_eq!(restored.len(), 1, "the stranded message was restored once: {restored:?}");
-    let (_, score, at) = &restored[0];
-    let late = at - (score + vt);
-    assert!((0.0..=PROMPT).contains(&late), "the stranded message came back {late:.3} s after falling due");
-    assert_eq!(w.started_task_ids(), ids, "it ran exactly once");
+    assert_eq!(restored.len(), 2, "each stranded message was restored once: {restored:?}");
+    for (tag, score, at) in &restored {
+        let late = at - (score + vt);
+        assert!((0.0..=PROMPT).contains(&late), "{tag} came back {late:.3} s after falling due");
+    }
+    let mut started = w.started_task_ids();
+    started.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(started, want, "each ran exactly once");
     wait_for("unacked to empty", Duration::from_secs(10), || (redis.unacked() == 0).then_some(()));
-    let entry: Option<Value> = redis.result(&ids[0]);
-    assert_eq!(entry.map(|r| r["result"].clone()), Some(json!(0.1)));
+    for id in &ids {
+        let entry: Option<Value> = redis.result(id);
+        assert_eq!(entry.map(|r| r["result"].clone()), Some(json!(0.1)), "{id}");
+    }
 }
 
 /// The take script records a message under `properties.delivery_tag`, whatever the layout, and
 /// never under a key of the same name elsewhere in the envelope.
 #[test]
 fn the_take_records_the_properties_delivery_tag_whatever_the_layout() {
-    use celery_autoscale::broker::Fetcher;
+    use celery_autoscale::broker::{Fetcher, TakeList};
     use celery_autoscale::connection::connect;
     use celery_autoscale::wire::PrioritySteps;
 
@@ -195,8 +210,9 @@ fn the_take_records_the_properties_delivery_tag_whatever_the_layout() {
         let steps = PrioritySteps::default();
         let queues = vec!["celery".to_owned()];
         let conn = || connect("BROKER_URL", &redis.url(0), None, Duration::from_secs(10)).unwrap();
-        let waits = (0..Fetcher::lists(&queues, &steps)).map(|_| conn()).collect();
-        let mut fetcher = Fetcher::new(conn(), waits, &queues, &steps);
+        let lists = std::sync::Arc::new(TakeList::new(&queues, &steps));
+        let waits = (0..lists.keys().len()).map(|_| conn()).collect();
+        let mut fetcher = Fetcher::new(conn(), waits, lists);
         for (what, bytes, want) in cases {
             let _: () = redis.conn(0).lpush("celery", &bytes).unwrap();
             let taken = fetcher.try_take().await.unwrap().unwrap_or_else(|| panic!("{what}: nothing taken"));
@@ -214,38 +230,60 @@ fn the_take_records_the_properties_delivery_tag_whatever_the_layout() {
     });
 }
 
-/// Store and ack in one script: the result is written and the message leaves `unacked` in the
-/// same step; a stored SUCCESS is kept and the message still acknowledged.
+/// The finish script: the result is stored, the message acknowledged and the next one taken
+/// (and recorded in `unacked`) in one step; a stored SUCCESS is kept and the message still
+/// acknowledged; with nothing to store or take it is a plain ack.
 #[test]
-fn a_result_and_its_ack_travel_together_when_broker_and_backend_share_a_server() {
+fn a_finish_stores_acks_and_takes_the_next_message_in_one_script() {
     use celery_autoscale::backend::{Backend, Stored, shared_broker_db};
+    use celery_autoscale::broker::{Broker, TakeList};
     use celery_autoscale::connection::connect;
-    use celery_autoscale::wire::ResultMeta;
+    use celery_autoscale::wire::{PrioritySteps, ResultMeta};
 
     let redis = Redis::start();
     assert_eq!(shared_broker_db(&redis.url(0), &redis.url(1)), Some(0));
     let mut c0 = redis.conn(0);
-    let _: () = c0.hset("unacked", "T", "[{}, \"\", \"celery\"]").unwrap();
-    let _: () = c0.zadd("unacked_index", "T", 1.0).unwrap();
-    let _: () = c0.hset("unacked", "U", "[{}, \"\", \"celery\"]").unwrap();
-    let _: () = c0.zadd("unacked_index", "U", 1.0).unwrap();
+    for tag in ["T", "U", "V"] {
+        let _: () = c0.hset("unacked", tag, "[{}, \"\", \"celery\"]").unwrap();
+        let _: () = c0.zadd("unacked_index", tag, 1.0).unwrap();
+    }
+    let (next, next_tag) = task("tasks.io_bound", vec![json!(0)]).to_message("gen0@tests");
+    let _: () = c0.lpush("celery", &next).unwrap();
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let conn = connect("BACKEND_URL", &redis.url(1), None, Duration::from_secs(10)).unwrap();
-        let backend = Backend::new(conn, Duration::from_secs(60)).with_shared_broker(Some(0));
-        let ok = ResultMeta::success("id-1", json!(4), Utc::now());
-        assert_eq!(backend.store_and_ack(&ok, "T").await.unwrap(), Some(Stored::Written));
-        let again = ResultMeta::success("id-1", json!(5), Utc::now());
-        assert_eq!(backend.store_and_ack(&again, "U").await.unwrap(), Some(Stored::KeptSuccess));
-        let elsewhere =
-            Backend::new(connect("BACKEND_URL", &redis.url(1), None, Duration::from_secs(10)).unwrap(), Duration::ZERO);
-        assert_eq!(elsewhere.store_and_ack(&ok, "T").await.unwrap(), None, "no shared server: nothing done");
+        let connect = |db| connect("BROKER_URL", &redis.url(db), None, Duration::from_secs(10)).unwrap();
+        let steps = PrioritySteps::default();
+        let broker = Broker::new(connect(0), steps.clone());
+        let backend = Backend::new(connect(1), Duration::from_secs(60)).with_shared_broker(Some(0));
+        let lists = TakeList::new(&["celery".to_owned()], &steps);
+
+        let ok = backend.shared_store(&ResultMeta::success("id-1", json!(4), Utc::now())).expect("shared server");
+        let done = broker.finish("T", Some(&ok), Some(&lists), 1e9).await.unwrap();
+        assert_eq!(done.stored, Some(Stored::Written));
+        let taken = done.next.expect("the queued message was taken");
+        assert_eq!((taken.key.as_str(), taken.bytes.as_slice()), ("celery", next.as_slice()));
+        assert_eq!(taken.recorded_as.as_deref(), Some(next_tag.as_str()), "recorded by the take");
+
+        let again = backend.shared_store(&ResultMeta::success("id-1", json!(5), Utc::now())).unwrap();
+        let done = broker.finish("U", Some(&again), Some(&lists), 1e9).await.unwrap();
+        assert_eq!(done.stored, Some(Stored::KeptSuccess), "a stored SUCCESS is kept");
+        assert!(done.next.is_none(), "the queue is empty");
+
+        let done = broker.finish("V", None, None, 1e9).await.unwrap();
+        assert_eq!((done.stored, done.next.is_none()), (None, true), "a plain ack");
+
+        let elsewhere = Backend::new(connect(1), Duration::ZERO);
+        assert!(
+            elsewhere.shared_store(&ResultMeta::success("id-2", json!(4), Utc::now())).is_none(),
+            "no shared server"
+        );
     });
     assert_eq!(redis.result("id-1").map(|r| r["result"].clone()), Some(json!(4)));
-    assert_eq!(redis.unacked(), 0, "both acknowledged");
-    let left: usize = c0.zcard("unacked_index").unwrap();
-    assert_eq!(left, 0);
+    let left: Vec<String> = c0.hkeys("unacked").unwrap();
+    assert_eq!(left, [next_tag.clone()], "T, U, V acknowledged; the taken message recorded");
+    let score: Option<f64> = c0.zscore("unacked_index", &next_tag).unwrap();
+    assert_eq!(score, Some(1e9), "indexed at the finish's time");
     let ttl: i64 = redis.conn(1).ttl("celery-task-meta-id-1").unwrap();
     assert!(ttl > 0 && ttl <= 60, "stored with result_expires: {ttl}");
 }

@@ -1,0 +1,90 @@
+//! Every Lua script the worker runs on its hot path, built from two functions — `store`
+//! (Celery's result store) and `take` (kombu's pop plus its `unacked` bookkeeping) — so each
+//! rule is written once (celery-wire.md §1.2, §2). A script runs atomically: nothing else
+//! happens in Redis between its steps, and a worker killed at any instant leaves either all of
+//! a script's effects or none.
+
+/// `store(key, meta, ttl)`: what Celery's Redis backend does (`GET`, keep a stored SUCCESS,
+/// else `SETEX` — or `SET` with no expiry — and `PUBLISH` on the key's name). 1 = written,
+/// 0 = a SUCCESS was already there (a redelivered duplicate finished first) and is kept.
+///
+/// `take(unacked, index, first, now, qjson)`: pop the first non-empty list among
+/// `KEYS[first..]` (kombu's BRPOP order) and, when the message carries
+/// `properties.delivery_tag`, record it in `unacked`/`unacked_index` exactly as kombu's
+/// `QoS.append` does (`[<envelope>, "", "<queue>"]`, score = now) before returning. kombu's BRPOP
+/// then MULTI leaves an instant where a killed consumer loses the message; this does not. A
+/// message without a readable tag (garbage, some non-Python producers) comes back unrecorded
+/// (tag `''`). `ARGV[qjson + i - first]` is the queue name of `KEYS[i]` as a JSON string.
+macro_rules! functions {
+    () => {
+        r#"
+local function store(key, meta, ttl)
+  local cur = redis.call('GET', key)
+  if cur then
+    local ok, m = pcall(cjson.decode, cur)
+    if ok and type(m) == 'table' and m['status'] == 'SUCCESS' then return 0 end
+  end
+  ttl = tonumber(ttl)
+  if ttl and ttl > 0 then redis.call('SETEX', key, ttl, meta) else redis.call('SET', key, meta) end
+  redis.call('PUBLISH', key, meta)
+  return 1
+end
+local function take(unacked, index, first, now, qjson)
+  for i = first, #KEYS do
+    local m = redis.call('RPOP', KEYS[i])
+    if m then
+      local ok, env = pcall(cjson.decode, m)
+      local tag = nil
+      if ok and type(env) == 'table' and type(env['properties']) == 'table' then
+        tag = env['properties']['delivery_tag']
+      end
+      if type(tag) == 'string' and #tag > 0 then
+        redis.call('ZADD', index, now, tag)
+        redis.call('HSET', unacked, tag, '[' .. m .. ', "", ' .. ARGV[qjson + i - first] .. ']')
+        return {KEYS[i], m, tag}
+      end
+      return {KEYS[i], m, ''}
+    end
+  end
+  return false
+end
+"#
+    };
+}
+
+/// Store a result. KEYS: the result key. ARGV: meta (JSON), ttl in seconds (0 = none).
+/// Returns 1 (written) or 0 (a SUCCESS kept).
+pub const STORE: &str = concat!(functions!(), "return store(KEYS[1], ARGV[1], ARGV[2])\n");
+
+/// Take the next message. KEYS: `unacked`, `unacked_index`, then the lists in kombu's BRPOP
+/// order. ARGV: now (Unix seconds), then each list's queue name as a JSON string.
+/// Returns `{list, message, tag}` (tag `''` when unrecorded) or nil when every list is empty.
+pub const TAKE: &str = concat!(functions!(), "return take(KEYS[1], KEYS[2], 3, ARGV[1], 2)\n");
+
+/// Finish a message and take the next in one round trip: store its result (when `ARGV[3]`
+/// names the result database: broker and backend are databases of one server), acknowledge it
+/// (`ZREM unacked_index`, `HDEL unacked`), then take as [`TAKE`] from the lists that follow, if
+/// any. If the store fails the script stops before the ack, so a message is never acknowledged
+/// without its result. A script may SELECT another database for its own commands; the
+/// caller's connection keeps its own.
+/// KEYS: `unacked`, `unacked_index`, the result key (`''` when storing nothing), then the lists.
+/// ARGV: delivery tag, broker db, result db (`''` = store nothing), meta, ttl, now, then each
+/// list's queue name as a JSON string.
+/// Returns `{written}` or `{written, list, message, tag}`; written is 1, 0 (a SUCCESS kept) or
+/// -1 (nothing stored).
+pub const FINISH: &str = concat!(
+    functions!(),
+    r"
+local written = -1
+if ARGV[3] ~= '' then
+  redis.call('SELECT', ARGV[3])
+  written = store(KEYS[3], ARGV[4], ARGV[5])
+  redis.call('SELECT', ARGV[2])
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[1], ARGV[1])
+local t = take(KEYS[1], KEYS[2], 4, ARGV[6], 7)
+if t then return {written, t[1], t[2], t[3]} end
+return {written}
+"
+);
