@@ -574,10 +574,10 @@ impl Worker {
         fetch_slot: &mut Option<OwnedSemaphorePermit>,
     ) -> Option<Taken> {
         let store = last.as_ref().and_then(|meta| self.backend.shared_store(meta));
-        if let (Some(meta), None) = (&last, &store) {
-            if self.redis_backend("store a result", || self.backend.store(meta)).await == Some(Stored::KeptSuccess) {
-                tracing::info!(task_id = %meta.task_id, "a SUCCESS was already stored for this task; kept it");
-            }
+        if let (Some(meta), None) = (&last, &store)
+            && self.redis_backend("store a result", || self.backend.store(meta)).await == Some(Stored::KeptSuccess)
+        {
+            tracing::info!(task_id = %meta.task_id, "a SUCCESS was already stored for this task; kept it");
         }
         let lists = (fetch_slot.is_some() && self.shutdown.stage() == Stage::Running)
             .then(|| self.lists.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone());

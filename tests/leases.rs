@@ -281,7 +281,7 @@ fn a_finish_stores_acks_and_takes_the_next_message_in_one_script() {
     });
     assert_eq!(redis.result("id-1").map(|r| r["result"].clone()), Some(json!(4)));
     let left: Vec<String> = c0.hkeys("unacked").unwrap();
-    assert_eq!(left, [next_tag.clone()], "T, U, V acknowledged; the taken message recorded");
+    assert_eq!(left, std::slice::from_ref(&next_tag), "T, U, V acknowledged; the taken message recorded");
     let score: Option<f64> = c0.zscore("unacked_index", &next_tag).unwrap();
     assert_eq!(score, Some(1e9), "indexed at the finish's time");
     let ttl: i64 = redis.conn(1).ttl("celery-task-meta-id-1").unwrap();
