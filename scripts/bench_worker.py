@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Worker benchmark: our Rust worker vs the Python Celery worker, same Redis, same run.
 
-    .venv/bin/python scripts/bench_worker.py [--tasks 5000] [--rounds 3] [--binary target/release/celery-autoscale]
+    .venv/bin/python scripts/bench_worker.py [--tasks 5000] [--rounds 5] [--binary target/release/celery-autoscale]
                                              [--baseline another/celery-autoscale]
 
 Three configurations, each draining N tasks.cpu_bound(10) with results stored:
@@ -16,8 +16,9 @@ no CPU from the worker it measures; results are checked once, after the clock st
 Rounds alternate the configurations (rust, python, python-default, rust, ...) so load drift on
 the machine hits all of them alike; the table shows each run and the median of the rounds.
 Reported: tasks/s from t0 to the last result (wall) and between the first and the last result's
-own date_done (span), peak RSS of the worker's whole process tree (Python prefork = parent +
-children), and pickup latency on an idle worker: LPUSH of one io_bound(0) message to the PUBLISH
+own date_done (span), CPU time per task of the worker's whole process tree and of Redis (from
+/proc, t0 to the last result), peak RSS of the worker's whole process tree (Python prefork =
+parent + children), and pickup latency on an idle worker: LPUSH of one io_bound(0) message to the PUBLISH
 of its result, seen by a subscriber, 200 times. Everything runs on loopback and stops by itself.
 """
 import argparse
@@ -44,22 +45,46 @@ def free_port():
         return s.getsockname()[1]
 
 
-def tree_rss_kb(pid):
-    """RSS of pid and all its descendants, in kB."""
-    total, todo = 0, [pid]
+def tree(pid):
+    """pid and all its descendants."""
+    out, todo = [], [pid]
     while todo:
         p = todo.pop()
+        out.append(p)
         try:
-            with open(f"/proc/{p}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
             for t in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{t}/children") as f:
                     todo.extend(int(c) for c in f.read().split())
         except (FileNotFoundError, ProcessLookupError):
             pass
+    return out
+
+
+def tree_rss_kb(pid):
+    """RSS of pid and all its descendants, in kB."""
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
     return total
+
+
+def tree_cpu_s(pid):
+    """CPU time (user + system) of pid and all its live descendants, in seconds."""
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 class Bench:
@@ -122,6 +147,7 @@ class Bench:
         self.r0.rename("celery", PARKED)
         proc = start_worker()  # idle and ready: nothing to take yet
         peak = tree_rss_kb(proc.pid)
+        cpu0 = (tree_cpu_s(proc.pid), tree_cpu_s(self.redis_proc.pid))
         t0 = time.monotonic()
         self.r0.rename(PARKED, "celery")
         while self.r1.dbsize() < self.n:
@@ -130,6 +156,7 @@ class Bench:
             if time.monotonic() - t0 > 600:
                 raise SystemExit(f"{label}: only {self.r1.dbsize()}/{self.n} results after 600 s")
         wall = time.monotonic() - t0
+        cpu = (tree_cpu_s(proc.pid) - cpu0[0], tree_cpu_s(self.redis_proc.pid) - cpu0[1])
         metas = [redis_json(v) for v in self.r1.mget([f"celery-task-meta-{i}" for i in ids])]
         bad = [m for m in metas if m is None or m["status"] != "SUCCESS" or m["result"] != 4]
         if bad:
@@ -140,7 +167,8 @@ class Bench:
         proc.terminate()
         proc.wait(timeout=60)
         return {"label": label, "rate": self.n / wall, "span_rate": (self.n - 1) / span if span > 0 else float("inf"),
-                "wall": wall, "rss_mb": peak / 1024, "latency": latency}
+                "wall": wall, "rss_mb": peak / 1024, "latency": latency,
+                "worker_us": cpu[0] / self.n * 1e6, "redis_us": cpu[1] / self.n * 1e6}
 
     def pickup_latency(self, proc, samples=200):
         """LPUSH → PUBLISH of the result on an idle worker, measured by a subscriber."""
@@ -220,7 +248,7 @@ def build_envelope(app, msg):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=5000)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/celery-autoscale"))
     ap.add_argument("--baseline", help="another build of the worker to run alongside, same flags")
     a = ap.parse_args()
@@ -247,20 +275,22 @@ def main():
     med = lambda xs: statistics.median(xs)
     print(f"\nDrain {a.tasks} × tasks.cpu_bound(10), results stored, concurrency 2, one Redis on loopback;"
           f" {a.rounds} alternated rounds")
-    print(f"{'worker':<16}{'tasks/s (each run)':>28}{'median':>8}{'span/s':>8}{'RSS MB':>8}"
-          f"{'pickup p50 ms':>15}{'p99 ms':>8}")
+    print(f"{'worker':<16}{'tasks/s (each run)':>34}{'median':>8}{'span/s':>8}{'CPU µs/task':>13}"
+          f"{'Redis µs/task':>15}{'RSS MB':>8}{'pickup p50 ms':>15}{'p99 ms':>8}")
     summary = {}
     for label, rs in runs.items():
         each = " ".join(f"{r['rate']:.0f}" for r in rs)
         summary[label] = s = {
             "rate": med([r["rate"] for r in rs]), "span_rate": med([r["span_rate"] for r in rs]),
             "rss_mb": med([r["rss_mb"] for r in rs]), "p50": med([r["latency"]["p50"] for r in rs]),
-            "p99": med([r["latency"]["p99"] for r in rs])}
-        print(f"{label:<16}{each:>28}{s['rate']:>8.0f}{s['span_rate']:>8.0f}{s['rss_mb']:>8.1f}"
-              f"{s['p50']:>15.2f}{s['p99']:>8.2f}")
+            "p99": med([r["latency"]["p99"] for r in rs]), "worker_us": med([r["worker_us"] for r in rs]),
+            "redis_us": med([r["redis_us"] for r in rs])}
+        print(f"{label:<16}{each:>34}{s['rate']:>8.0f}{s['span_rate']:>8.0f}{s['worker_us']:>13.0f}"
+              f"{s['redis_us']:>15.0f}{s['rss_mb']:>8.1f}{s['p50']:>15.2f}{s['p99']:>8.2f}")
     rust, py, pyd = summary["rust"], summary["python"], summary["python-default"]
     print(f"\nthroughput rust/python (like for like): {rust['rate'] / py['rate']:.1f}×   (goal ≥ 10×)")
     print(f"throughput rust/python-default:         {rust['rate'] / pyd['rate']:.1f}×")
+    print(f"CPU per task python/rust (worker tree): {py['worker_us'] / rust['worker_us']:.1f}×")
     print(f"memory python/rust:                     {py['rss_mb'] / rust['rss_mb']:.1f}×")
     print(f"idle pickup p50 rust:                   {rust['p50']:.2f} ms (goal < 1 ms)")
     if a.baseline:
