@@ -60,31 +60,30 @@ def tree(pid):
     return out
 
 
-def tree_rss_kb(pid):
-    """RSS of pid and all its descendants, in kB."""
+def over_tree(pid, path, value):
+    """Sum of value(text of /proc/<p>/<path>) over pid and its live descendants."""
     total = 0
     for p in tree(pid):
         try:
-            with open(f"/proc/{p}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
+            with open(f"/proc/{p}/{path}") as f:
+                total += value(f.read())
         except (FileNotFoundError, ProcessLookupError):
             pass
     return total
 
 
+def tree_rss_kb(pid):
+    """RSS of pid and all its descendants, in kB."""
+    rss = lambda status: sum(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+    return over_tree(pid, "status", rss)
+
+
 def tree_cpu_s(pid):
     """CPU time (user + system) of pid and all its live descendants, in seconds."""
-    total = 0
-    for p in tree(pid):
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            pass
-    return total / os.sysconf("SC_CLK_TCK")
+    def cpu(stat):
+        fields = stat.rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime, stime
+    return over_tree(pid, "stat", cpu) / os.sysconf("SC_CLK_TCK")
 
 
 class Bench:
