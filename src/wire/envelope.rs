@@ -219,13 +219,14 @@ fn parse_checked(bytes: &[u8], max_bytes: usize) -> Result<TaskMessage, Rejectio
     let Value::Object(mut envelope) = value else {
         return Err(reject(RejectReason::Malformed, "message is not a JSON object (kombu envelope)".into()));
     };
+    let no_headers = Map::new();
     let headers = match envelope.get("headers") {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(h)) => h.clone(),
+        None | Some(Value::Null) => &no_headers,
+        Some(Value::Object(h)) => h,
         Some(_) => return Err(reject(RejectReason::Malformed, "envelope headers is not a dict".into())),
     };
     let properties = match envelope.get("properties") {
-        Some(Value::Object(p)) => p.clone(),
+        Some(Value::Object(p)) => p,
         _ => return Err(reject(RejectReason::Malformed, "envelope has no properties dict".into())),
     };
     if !envelope.contains_key("body") {
@@ -268,12 +269,12 @@ fn parse_checked(bytes: &[u8], max_bytes: usize) -> Result<TaskMessage, Rejectio
             ));
         }
     }
-    let body_bytes = decode_body(&envelope, &properties, &headers, max_bytes).map_err(|(r, d)| known(r, d))?;
+    let body_bytes = decode_body(&envelope, properties, headers, max_bytes).map_err(|(r, d)| known(r, d))?;
     let body: Value = serde_json::from_slice(&body_bytes)
         .map_err(|e| known(RejectReason::BadBody, format!("body is not JSON ({e})")))?;
 
     let fields = if protocol == 2 {
-        V2Fields::from_headers(&headers, body).map_err(|(r, d)| known(r, d))?
+        V2Fields::from_headers(headers, body).map_err(|(r, d)| known(r, d))?
     } else {
         V2Fields::from_v1_body(body).map_err(|(r, d)| known(r, d))?
     };
@@ -290,9 +291,10 @@ fn parse_checked(bytes: &[u8], max_bytes: usize) -> Result<TaskMessage, Rejectio
         || properties.get("delivery_info").and_then(|d| d.get("redelivered")).and_then(Value::as_bool).unwrap_or(false);
     // kombu names the unacked entry after the delivery tag; a producer that did not set one
     // (celery-rs) gets a fresh one so the message can still be tracked and restored.
-    let (delivery_tag, raw) = match properties.get("delivery_tag").and_then(Value::as_str) {
-        Some(tag) if !tag.is_empty() => (tag.to_owned(), Some(bytes.to_vec())),
-        _ => {
+    let tag = properties.get("delivery_tag").and_then(Value::as_str).filter(|t| !t.is_empty()).map(str::to_owned);
+    let (delivery_tag, raw) = match tag {
+        Some(tag) => (tag, Some(bytes.to_vec())),
+        None => {
             let tag = super::message::new_uuid();
             if let Some(Value::Object(p)) = envelope.get_mut("properties") {
                 p.insert("delivery_tag".into(), Value::String(tag.clone()));
