@@ -432,6 +432,18 @@ pub struct Fetcher {
     take: Script,
     /// A wait returned a huge element: reset the connections once the waits are done.
     release_buffers_later: bool,
+    /// Whether an idle wait takes in the same breath ([`Fetcher::wait_and_take`]): known once a
+    /// `BLMOVE` has worked; never again after Redis refused `CLIENT ID`/`CLIENT UNBLOCK`.
+    taker: Taker,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Taker {
+    /// Not yet: the first waits rotate with `BLMOVE` and take afterwards.
+    Untried,
+    Ready,
+    /// This Redis (or its ACL) refuses `CLIENT ID` or `CLIENT UNBLOCK`: wait, then take.
+    Refused,
 }
 
 /// Replies larger than this make the fetcher reopen its connections afterwards, so a poison
@@ -439,8 +451,8 @@ pub struct Fetcher {
 pub const LARGE_REPLY: usize = 1024 * 1024;
 
 /// Test-only: a worker started with this set to a list of ordinals (`1,3`) discards those
-/// take replies that carry a message — counting the fetcher's takes and the finish script's
-/// alike, from 1 — and reports a broken connection instead, stranding those messages in
+/// take replies that carry a message — counting the fetcher's takes (after a busy check or
+/// behind an idle wait) and the finish script's alike, from 1 — and reports a broken connection instead, stranding those messages in
 /// `unacked` exactly as a reply lost to a network failure or a Redis restart does. The tests
 /// use it to show such a message still runs, once, within about a second of its visibility
 /// timeout.
@@ -486,6 +498,7 @@ impl Fetcher {
             lists,
             take: Script::new(scripts::TAKE),
             release_buffers_later: false,
+            taker: Taker::Untried,
         }
     }
 
@@ -500,6 +513,9 @@ impl Fetcher {
                 self.release_buffers();
             }
             return Ok(Some(t));
+        }
+        if self.taker == Taker::Ready && matches!(self.wait, Wait::Rotate(_)) {
+            return self.wait_and_take().await;
         }
         match &mut self.wait {
             Wait::Rotate(conns) => {
@@ -526,14 +542,17 @@ impl Fetcher {
                 let (mut woken, mut fallback) = (false, false);
                 while let Some(r) = futures::StreamExt::next(&mut waits).await {
                     match r {
-                        Ok(Some(element)) => {
+                        Ok(element) => {
+                            if self.taker == Taker::Untried {
+                                self.taker = Taker::Ready; // this Redis has BLMOVE
+                            }
+                            let Some(element) = element else { continue };
                             if element.len() > LARGE_REPLY {
                                 self.release_buffers_later = true;
                             }
                             woken = true;
                             break;
                         }
-                        Ok(None) => {}
                         Err(e) if e.to_string().contains("unknown command") => {
                             tracing::warn!(error = %e, "this Redis has no BLMOVE (needs 6.2+); waiting with BRPOP as kombu does");
                             fallback = true;
@@ -561,6 +580,98 @@ impl Fetcher {
                 Ok(popped.map(|(key, bytes)| Taken { key, bytes, recorded_as: None }))
             }
         }
+    }
+
+    /// Wait for work and take it in one breath. The first list's wait connection is the taker:
+    /// `BLMOVE` on its list with the take script pipelined behind it, so when a message arrives
+    /// there Redis runs the take at once, without a round trip to us. Every other list has a
+    /// plain `BLMOVE` waker; when one fires first, `CLIENT UNBLOCK` ends the taker's wait and
+    /// its take runs then. Either way exactly one take runs per wait, and its reply is always
+    /// read (the taker is awaited to the end, ≤ [`BRPOP_TIMEOUT`]); wakers take nothing, so they
+    /// may be dropped. The take stamps `unacked` with the server's clock (it may run up to a
+    /// second after this call).
+    async fn wait_and_take(&mut self) -> RedisResult<Option<Taken>> {
+        let Wait::Rotate(conns) = &self.wait else { return Ok(None) };
+        let conns = conns.clone();
+        let lists = self.lists.clone();
+        let keys = lists.keys();
+        let mut taker = conns[0].clone();
+        let id: i64 = match redis::cmd("CLIENT").arg("ID").query_async(&mut taker).await {
+            Ok(id) => id,
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm) => {
+                return self.refuse_taker(&e);
+            }
+            Err(e) => return Err(e),
+        };
+        let mut pipe = redis::pipe();
+        pipe.cmd("BLMOVE").arg(&keys[0]).arg(&keys[0]).arg("RIGHT").arg("RIGHT").arg(BRPOP_TIMEOUT.as_secs()).ignore();
+        let take = pipe.cmd("EVALSHA").arg(self.take.get_hash()).arg(keys.len() + 2);
+        take.arg(keys::UNACKED).arg(keys::UNACKED_INDEX).arg(keys).arg("");
+        take.arg(&lists.queue_json);
+        let taken = pipe.query_async::<(Option<(String, Vec<u8>, String)>,)>(&mut taker);
+        let mut wakers: futures::stream::FuturesUnordered<_> = conns[1..]
+            .iter()
+            .zip(&keys[1..])
+            .map(|(c, k)| {
+                let mut c = c.clone();
+                async move {
+                    redis::cmd("BLMOVE")
+                        .arg(k)
+                        .arg(k)
+                        .arg("RIGHT")
+                        .arg("RIGHT")
+                        .arg(BRPOP_TIMEOUT.as_secs())
+                        .query_async::<Option<Vec<u8>>>(&mut c)
+                        .await
+                }
+            })
+            .collect();
+        tokio::pin!(taken);
+        let mut unblocked = false;
+        let reply = loop {
+            tokio::select! {
+                reply = &mut taken => break reply,
+                Some(woke) = futures::StreamExt::next(&mut wakers), if !unblocked => {
+                    let Ok(Some(element)) = woke else { continue };
+                    if element.len() > LARGE_REPLY {
+                        self.release_buffers_later = true;
+                    }
+                    unblocked = true;
+                    match redis::cmd("CLIENT").arg("UNBLOCK").arg(id).query_async::<i64>(&mut self.take_conn).await {
+                        Ok(ended) => tracing::debug!(ended, "a message on another list: ending the taker's wait"),
+                        // The taker still ends within its timeout, and takes then.
+                        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm) => {
+                            let _ = self.refuse_taker(&e);
+                        }
+                        Err(_) => {}
+                    }
+                }
+            }
+        };
+        drop(wakers);
+        let taken = match reply {
+            Ok((reply,)) => reply.map(|(key, bytes, tag)| Taken::from_reply(key, bytes, tag)),
+            // The script was flushed (a Redis restart): nothing ran; the next take reloads it.
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => None,
+            Err(e) => return Err(e),
+        };
+        if taken.is_some() {
+            tracing::debug!(unblocked, "an idle wait took a message");
+        }
+        if taken.is_some() && lost_reply_for_test("wait") {
+            return Err(lost_reply_error());
+        }
+        if self.release_buffers_later || taken.as_ref().is_some_and(|t| t.bytes.len() > LARGE_REPLY) {
+            self.release_buffers();
+        }
+        Ok(taken)
+    }
+
+    /// Redis refused `CLIENT ID`/`CLIENT UNBLOCK` (an ACL): wait first and take after, from now on.
+    fn refuse_taker(&mut self, e: &redis::RedisError) -> RedisResult<Option<Taken>> {
+        tracing::warn!(error = %e, "Redis refuses CLIENT ID/UNBLOCK to this user; an idle worker waits, then takes (one round trip more per idle pickup). Allow +client|id +client|unblock to avoid it");
+        self.taker = Taker::Refused;
+        Ok(None)
     }
 
     /// Reopen the take connection and every wait connection (see [`Conn::reset`]).

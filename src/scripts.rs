@@ -14,7 +14,8 @@
 /// `QoS.append` does (`[<envelope>, "", "<queue>"]`, score = now) before returning. kombu's BRPOP
 /// then MULTI leaves an instant where a killed consumer loses the message; this does not. A
 /// message without a readable tag (garbage, some non-Python producers) comes back unrecorded
-/// (tag `''`). `ARGV[qjson + i - first]` is the queue name of `KEYS[i]` as a JSON string.
+/// (tag `''`). `ARGV[qjson + i - first]` is the queue name of `KEYS[i]` as a JSON string; `now`
+/// is Unix seconds, or `''` for the server's clock (a take queued behind a blocking wait).
 macro_rules! functions {
     () => {
         r#"
@@ -30,6 +31,10 @@ local function store(key, meta, ttl)
   return 1
 end
 local function take(unacked, index, first, now, qjson)
+  if now == '' then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  end
   for i = first, #KEYS do
     local m = redis.call('RPOP', KEYS[i])
     if m then
@@ -57,7 +62,8 @@ end
 pub const STORE: &str = concat!(functions!(), "return store(KEYS[1], ARGV[1], ARGV[2])\n");
 
 /// Take the next message. KEYS: `unacked`, `unacked_index`, then the lists in kombu's BRPOP
-/// order. ARGV: now (Unix seconds), then each list's queue name as a JSON string.
+/// order. ARGV: now (Unix seconds, or `''`: the server's), then each list's queue name as a
+/// JSON string.
 /// Returns `{list, message, tag}` (tag `''` when unrecorded) or nil when every list is empty.
 pub const TAKE: &str = concat!(functions!(), "return take(KEYS[1], KEYS[2], 3, ARGV[1], 2)\n");
 
