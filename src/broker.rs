@@ -412,6 +412,29 @@ impl TakeList {
     }
 }
 
+/// `BLMOVE key key RIGHT RIGHT <timeout>`: blocks until `key` is non-empty and moves nothing
+/// (the tail goes back to the tail), so a wait can never lose a message.
+fn rotate(key: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("BLMOVE");
+    cmd.arg(key).arg(key).arg("RIGHT").arg("RIGHT").arg(BRPOP_TIMEOUT.as_secs());
+    cmd
+}
+
+/// One [`rotate`] wait per list, each on its own connection, as they complete.
+fn rotate_waits(
+    conns: &[Conn],
+    keys: &[String],
+) -> futures::stream::FuturesUnordered<impl Future<Output = RedisResult<Option<Vec<u8>>>> + use<>> {
+    conns
+        .iter()
+        .zip(keys)
+        .map(|(c, k)| {
+            let (mut c, cmd) = (c.clone(), rotate(k));
+            async move { cmd.query_async::<Option<Vec<u8>>>(&mut c).await }
+        })
+        .collect()
+}
+
 /// How the fetcher waits for work.
 enum Wait {
     /// `BLMOVE k k RIGHT RIGHT` on every list, each on its own connection: blocks until a list
@@ -520,23 +543,7 @@ impl Fetcher {
         match &mut self.wait {
             Wait::Rotate(conns) => {
                 let first = conns[0].clone();
-                let mut waits: futures::stream::FuturesUnordered<_> = conns
-                    .iter()
-                    .zip(self.lists.keys())
-                    .map(|(c, k)| {
-                        let mut c = c.clone();
-                        async move {
-                            redis::cmd("BLMOVE")
-                                .arg(k)
-                                .arg(k)
-                                .arg("RIGHT")
-                                .arg("RIGHT")
-                                .arg(BRPOP_TIMEOUT.as_secs())
-                                .query_async::<Option<Vec<u8>>>(&mut c)
-                                .await
-                        }
-                    })
-                    .collect();
+                let mut waits = rotate_waits(conns, self.lists.keys());
                 // The first list that has something wakes us; the other waits may be dropped:
                 // BLMOVE onto the same list moves nothing, whoever gets the reply.
                 let (mut woken, mut fallback) = (false, false);
@@ -604,28 +611,12 @@ impl Fetcher {
             Err(e) => return Err(e),
         };
         let mut pipe = redis::pipe();
-        pipe.cmd("BLMOVE").arg(&keys[0]).arg(&keys[0]).arg("RIGHT").arg("RIGHT").arg(BRPOP_TIMEOUT.as_secs()).ignore();
+        pipe.add_command(rotate(&keys[0])).ignore();
         let take = pipe.cmd("EVALSHA").arg(self.take.get_hash()).arg(keys.len() + 2);
         take.arg(keys::UNACKED).arg(keys::UNACKED_INDEX).arg(keys).arg("");
         take.arg(&lists.queue_json);
         let taken = pipe.query_async::<(Option<(String, Vec<u8>, String)>,)>(&mut taker);
-        let mut wakers: futures::stream::FuturesUnordered<_> = conns[1..]
-            .iter()
-            .zip(&keys[1..])
-            .map(|(c, k)| {
-                let mut c = c.clone();
-                async move {
-                    redis::cmd("BLMOVE")
-                        .arg(k)
-                        .arg(k)
-                        .arg("RIGHT")
-                        .arg("RIGHT")
-                        .arg(BRPOP_TIMEOUT.as_secs())
-                        .query_async::<Option<Vec<u8>>>(&mut c)
-                        .await
-                }
-            })
-            .collect();
+        let mut wakers = rotate_waits(&conns[1..], &keys[1..]);
         tokio::pin!(taken);
         let mut unblocked = false;
         let reply = loop {
