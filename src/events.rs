@@ -10,12 +10,11 @@
 //! task down — the hot path only formats a map and hands it to a bounded channel.
 
 use crate::connection::Conn;
+use crate::wire::message::{DeliveryInfo, Envelope};
 use crate::wire::pyjson;
 use crate::wire::pyrepr::{args_repr, kwargs_repr, repr};
 use crate::wire::time::{python_isoformat, unix_seconds};
 use crate::wire::{ExceptionInfo, TaskMessage};
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
 use chrono::Utc;
 use redis::AsyncCommands;
 use serde::Serialize;
@@ -234,19 +233,17 @@ impl Events {
 
     /// The kombu message carrying `body` (an event or a list of them).
     fn envelope(&self, routing_key: &str, body: &Value) -> Vec<u8> {
-        pyjson::to_vec(&EnvelopeOut {
-            body: B64.encode(pyjson::to_vec(body)),
-            content_encoding: "utf-8",
-            content_type: "application/json",
-            headers: HeadersOut { hostname: &self.node },
-            properties: PropertiesOut {
+        pyjson::to_vec(&Envelope::json(
+            body,
+            HeadersOut { hostname: &self.node },
+            PropertiesOut {
                 delivery_mode: 1,
-                delivery_info: DeliveryInfoOut { exchange: EXCHANGE, routing_key },
+                delivery_info: DeliveryInfo { exchange: EXCHANGE, routing_key },
                 priority: 0,
                 body_encoding: "base64",
                 delivery_tag: crate::wire::message::new_uuid(),
             },
-        })
+        ))
     }
 
     /// Ask [`Events::run`] to send `worker-offline` and return.
@@ -338,18 +335,7 @@ fn loadavg() -> [f64; 3] {
     out
 }
 
-// The kombu envelope of an event, in kombu's key order (fixture e02).
-
-#[derive(Serialize)]
-struct EnvelopeOut<'a> {
-    body: String,
-    #[serde(rename = "content-encoding")]
-    content_encoding: &'static str,
-    #[serde(rename = "content-type")]
-    content_type: &'static str,
-    headers: HeadersOut<'a>,
-    properties: PropertiesOut<'a>,
-}
+// The headers and properties of an event's kombu envelope, in kombu's key order (fixture e02).
 
 #[derive(Serialize)]
 struct HeadersOut<'a> {
@@ -359,21 +345,17 @@ struct HeadersOut<'a> {
 #[derive(Serialize)]
 struct PropertiesOut<'a> {
     delivery_mode: u8,
-    delivery_info: DeliveryInfoOut<'a>,
+    delivery_info: DeliveryInfo<'a>,
     priority: u8,
     body_encoding: &'static str,
     delivery_tag: String,
 }
 
-#[derive(Serialize)]
-struct DeliveryInfoOut<'a> {
-    exchange: &'static str,
-    routing_key: &'a str,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD as B64;
     use serde_json::json;
 
     #[test]

@@ -135,11 +135,9 @@ impl NewTask {
             },
         );
         let iso = |d: &Option<DateTime<Utc>>| d.map(python_isoformat);
-        let envelope = EnvelopeOut {
-            body: B64.encode(pyjson::to_vec(&body)),
-            content_encoding: "utf-8",
-            content_type: "application/json",
-            headers: HeadersOut {
+        let envelope = Envelope::json(
+            &body,
+            HeadersOut {
                 lang: "py",
                 task: &self.task,
                 id: &self.id,
@@ -160,33 +158,54 @@ impl NewTask {
                 stamped_headers: None,
                 stamps: Map::new(),
             },
-            properties: PropertiesOut {
+            PropertiesOut {
                 correlation_id: &self.id,
                 reply_to: new_uuid(),
                 delivery_mode: 2,
                 // kombu adds the TTL in milliseconds; Redis ignores it, the worker honours `expires`.
                 expiration: self.expires.map(|exp| (exp - Utc::now()).num_milliseconds().max(0).to_string()),
-                delivery_info: DeliveryInfoOut { exchange: "", routing_key: &self.queue },
+                delivery_info: DeliveryInfo { exchange: "", routing_key: &self.queue },
                 priority: self.priority,
                 body_encoding: "base64",
                 delivery_tag: &delivery_tag,
             },
-        };
+        );
         (pyjson::to_vec(&envelope), delivery_tag)
     }
 }
 
 // The envelope as typed structs: field order is Python's key order, and no map is built.
 
+/// A kombu envelope around a JSON body (base64, as kombu sends it), in kombu's key order; task
+/// messages and events differ only in their headers and properties.
 #[derive(Serialize)]
-struct EnvelopeOut<'a> {
+pub(crate) struct Envelope<H, P> {
     body: String,
     #[serde(rename = "content-encoding")]
     content_encoding: &'static str,
     #[serde(rename = "content-type")]
     content_type: &'static str,
-    headers: HeadersOut<'a>,
-    properties: PropertiesOut<'a>,
+    headers: H,
+    properties: P,
+}
+
+impl<H: Serialize, P: Serialize> Envelope<H, P> {
+    pub(crate) fn json(body: &impl Serialize, headers: H, properties: P) -> Self {
+        Envelope {
+            body: B64.encode(pyjson::to_vec(body)),
+            content_encoding: "utf-8",
+            content_type: "application/json",
+            headers,
+            properties,
+        }
+    }
+}
+
+/// `properties.delivery_info`.
+#[derive(Serialize)]
+pub(crate) struct DeliveryInfo<'a> {
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
 }
 
 #[derive(Serialize)]
@@ -219,16 +238,10 @@ struct PropertiesOut<'a> {
     delivery_mode: u8,
     #[serde(skip_serializing_if = "Option::is_none")]
     expiration: Option<String>,
-    delivery_info: DeliveryInfoOut<'a>,
+    delivery_info: DeliveryInfo<'a>,
     priority: u8,
     body_encoding: &'static str,
     delivery_tag: &'a str,
-}
-
-#[derive(Serialize)]
-struct DeliveryInfoOut<'a> {
-    exchange: &'static str,
-    routing_key: &'a str,
 }
 
 #[derive(Serialize)]
