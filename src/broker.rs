@@ -525,10 +525,6 @@ impl Fetcher {
         }
     }
 
-    pub fn keys(&self) -> &[String] {
-        self.lists.keys()
-    }
-
     /// The next message, or `None` after about a quiet second.
     pub async fn fetch(&mut self) -> RedisResult<Option<Taken>> {
         if let Some(t) = self.try_take().await? {
@@ -573,10 +569,7 @@ impl Fetcher {
                     self.wait = Wait::Brpop(first);
                 }
                 let taken = if woken { self.try_take().await? } else { None };
-                if self.release_buffers_later || taken.as_ref().is_some_and(|t| t.bytes.len() > LARGE_REPLY) {
-                    self.release_buffers();
-                }
-                Ok(taken)
+                Ok(self.after_wait(taken))
             }
             Wait::Brpop(conn) => {
                 let popped: Option<(String, Vec<u8>)> =
@@ -652,10 +645,7 @@ impl Fetcher {
         if taken.is_some() && lost_reply_for_test("wait") {
             return Err(lost_reply_error());
         }
-        if self.release_buffers_later || taken.as_ref().is_some_and(|t| t.bytes.len() > LARGE_REPLY) {
-            self.release_buffers();
-        }
-        Ok(taken)
+        Ok(self.after_wait(taken))
     }
 
     /// Redis refused `CLIENT ID`/`CLIENT UNBLOCK` (an ACL): wait first and take after, from now on.
@@ -663,6 +653,14 @@ impl Fetcher {
         tracing::warn!(error = %e, "Redis refuses CLIENT ID/UNBLOCK to this user; an idle worker waits, then takes (one round trip more per idle pickup). Allow +client|id +client|unblock to avoid it");
         self.taker = Taker::Refused;
         Ok(None)
+    }
+
+    /// The end of a wait: if it or its take read a huge reply, reopen the connections.
+    fn after_wait(&mut self, taken: Option<Taken>) -> Option<Taken> {
+        if self.release_buffers_later || taken.as_ref().is_some_and(|t| t.bytes.len() > LARGE_REPLY) {
+            self.release_buffers();
+        }
+        taken
     }
 
     /// Reopen the take connection and every wait connection (see [`Conn::reset`]).

@@ -557,10 +557,15 @@ impl Worker {
 
     /// Store a result unless the message (or, if it does not say, the task) ignores results.
     async fn store(&self, msg: &TaskMessage, task: &dyn Task, meta: ResultMeta) {
-        let Some(meta) = self.complete_meta(msg, task, meta) else { return };
-        if self.redis_backend("store a result", || self.backend.store(&meta)).await == Some(Stored::KeptSuccess) {
-            tracing::info!(task_id = %msg.id, "a SUCCESS was already stored for this task; kept it");
+        if let Some(meta) = self.complete_meta(msg, task, meta) {
+            self.store_meta(&meta).await;
         }
+    }
+
+    /// Store a result as it is, on the backend's own connection.
+    async fn store_meta(&self, meta: &ResultMeta) {
+        let stored = self.redis_backend("store a result", || self.backend.store(meta)).await;
+        log_kept_success(stored, meta);
     }
 
     /// Store `last` (if any), acknowledge `tag`, and — while this task still holds its fetch
@@ -574,10 +579,8 @@ impl Worker {
         fetch_slot: &mut Option<OwnedSemaphorePermit>,
     ) -> Option<Taken> {
         let store = last.as_ref().and_then(|meta| self.backend.shared_store(meta));
-        if let (Some(meta), None) = (&last, &store)
-            && self.redis_backend("store a result", || self.backend.store(meta)).await == Some(Stored::KeptSuccess)
-        {
-            tracing::info!(task_id = %meta.task_id, "a SUCCESS was already stored for this task; kept it");
+        if let (Some(meta), None) = (&last, &store) {
+            self.store_meta(meta).await;
         }
         let lists = (fetch_slot.is_some() && self.shutdown.stage() == Stage::Running)
             .then(|| self.lists.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone());
@@ -592,8 +595,8 @@ impl Worker {
             .await;
         self.in_flight.finish(tag);
         let finished = finished?;
-        if let (Some(Stored::KeptSuccess), Some(meta)) = (finished.stored, &last) {
-            tracing::info!(task_id = %meta.task_id, "a SUCCESS was already stored for this task; kept it");
+        if let Some(meta) = &last {
+            log_kept_success(finished.stored, meta);
         }
         match finished.next {
             Some(next) => {
@@ -775,6 +778,13 @@ impl Worker {
         }
         self.give_up.store(true, Ordering::Relaxed);
         deliveries.abort_all();
+    }
+}
+
+/// A redelivered duplicate may finish after the first run stored SUCCESS: the store keeps it.
+fn log_kept_success(stored: Option<Stored>, meta: &ResultMeta) {
+    if stored == Some(Stored::KeptSuccess) {
+        tracing::info!(task_id = %meta.task_id, "a SUCCESS was already stored for this task; kept it");
     }
 }
 
