@@ -16,7 +16,7 @@
 #    proves the pins themselves: it fetches every input by rev and narHash (docs/CI.md).
 # 4. check-jsonschema --builtin-schema vendor.github-workflows on .github/workflows/*.yml, and every
 #    workflow job that runs Nix evaluates the flake (`nix flake check --no-build`) first
-# 5. shellcheck on every script (scripts/*.sh, nix/deploy-minikube.sh), when shellcheck is installed
+# 5. shellcheck on every script (scripts/*.sh, scripts/control-plane/*.sh, nix/deploy-minikube.sh), when shellcheck is installed
 # 6. decisions the flake must keep (issue "cluster path pre-flight"): nix2container without a
 #    `follows` on nixpkgs (its skopeo builds on the nixpkgs it is tested with), the Nix formatter
 #    reached only through builtins.tryEval (an archived package may become a throwing alias), and
@@ -186,7 +186,7 @@ PY
 
 echo "== 5. shellcheck"
 if command -v shellcheck >/dev/null; then
-  check "shellcheck scripts/*.sh nix/deploy-minikube.sh" shellcheck scripts/*.sh nix/deploy-minikube.sh
+  check "shellcheck scripts/*.sh scripts/control-plane/*.sh nix/deploy-minikube.sh" shellcheck scripts/*.sh scripts/control-plane/*.sh nix/deploy-minikube.sh
 else
   echo "SKIPPED: shellcheck not installed (apt-get install shellcheck)"
 fi

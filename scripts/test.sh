@@ -8,7 +8,10 @@
 # PyYAML and the check tools of scripts/requirements.txt into .venv (PyPI); and the two Nix linters
 # nixpkgs-fmt 1.3.0 and deadnix, which are not Debian packages, built from crates.io with
 # `cargo install --locked` into $TOOLS_DIR (default ~/.cache/celery-autoscale/tools, about 90 s)
-# by scripts/check-nix.sh and reused from there afterwards.
+# by scripts/check-nix.sh and reused from there afterwards; and the upstream control plane
+# (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, prometheus-adapter) from
+# the Go module proxy, pinned by tools/*/go.sum, built by scripts/control-plane/build.sh into
+# ~/.cache/celery-autoscale/control-plane (about 15 min the first time, seconds afterwards).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +25,7 @@ need cargo "a Rust toolchain (rustup)"
 need nix-instantiate nix-bin
 need shellcheck shellcheck
 need openssl openssl
+need go "golang-go, or Go >= 1.26 from go.dev (builds the upstream control plane)"
 if ((${#missing[@]})); then
   printf 'scripts/test.sh: missing tools the tests start for real:\n' >&2
   printf '  - %s\n' "${missing[@]}" >&2
@@ -61,4 +65,6 @@ echo "== Nix files, flake lock and workflows"
 scripts/check-nix.sh
 echo "== manifests, Prometheus config and rules"
 scripts/check-k8s.sh
+echo "== the Kubernetes path on a local control plane built from upstream"
+scripts/control-plane/run.sh
 echo "scripts/test.sh: all checks passed"

@@ -282,6 +282,11 @@ impl WorkerState {
         self.events.task_started(&msg.id);
     }
 
+    /// Tasks started by this process, per task name (Celery's `stats` "total").
+    pub fn started_totals(&self) -> BTreeMap<String, u64> {
+        self.total.lock().map(|t| t.clone()).unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+    }
+
     fn forget(&self, id: &str) {
         self.requests.lock().expect("requests lock").remove(id);
     }

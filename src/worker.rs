@@ -245,7 +245,11 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
     let _ = tokio::time::timeout(Duration::from_secs(3), event_loop).await;
     shutdown.advance(Stage::Immediate);
     let _ = server.await;
-    tracing::info!("worker stopped");
+    // What this process ran, for whoever counts runs across a fleet (the control-plane test
+    // sums these over every worker pod it started to show no task ran twice).
+    let by_task = state.started_totals();
+    let tasks_started: u64 = by_task.values().sum();
+    tracing::info!(tasks_started, by_task = ?by_task, "worker stopped");
     Ok(())
 }
 
