@@ -435,3 +435,36 @@ fn yaml_numbers_are_quantities_and_average_value_wins_over_value() {
     let value = seed_text.replace("{type: AverageValue, averageValue: \"10\"}", "{type: Value, value: 2k}");
     assert_eq!(parse_hpa_manifest(&value, None).unwrap().metrics[0].target, MetricTarget::Value(2_000_000));
 }
+
+/// The real HPA controller (kube-controller-manager v1.34.4, built from the module proxy and run by
+/// scripts/control-plane/run.py): every sync of the burst and the ramp on the rendered
+/// k8s/autoscaling.yaml, with the metric value it read (from its status), the replicas its metric
+/// proposed and the replicas it set. The replica, fed the same values at the same instants
+/// (real sync times, not exact 15 s ticks), proposes and decides the same at every sync.
+#[test]
+fn real_controller_v1_34_4_burst_and_ramp() {
+    let spec = load_hpa_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("k8s/autoscaling.yaml"), None)
+        .expect("rendered HPA loads");
+    let mut autoscaler = Autoscaler::new(spec);
+    let text = std::fs::read_to_string(fixture("real-hpa-v1.34.4-burst-ramp.csv")).expect("fixture");
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("time,t,metric,proposed,current,replicas"));
+    let mut replicas = None;
+    let mut syncs = 0;
+    for line in lines {
+        let f: Vec<&str> = line.split(',').collect();
+        let t: f64 = f[1].parse().unwrap();
+        let metric: i64 = f[2].parse().unwrap();
+        let (proposed, current, set): (i32, i32, i32) =
+            (f[3].parse().unwrap(), f[4].parse().unwrap(), f[5].parse().unwrap());
+        let now = Timestamp::from_millis((t * 1000.0).round() as i64);
+        let before = *replicas.get_or_insert(current);
+        assert_eq!(before, current, "t={t}: the replica holds {before} replicas, the controller found {current}");
+        let d = autoscaler.sync(now, &Observation::settled(before, vec![MetricReading::total(Some(metric * 1000))]));
+        assert_eq!(d.metric_replicas, Some(proposed), "t={t} metric={metric}: proposal");
+        assert_eq!(d.replicas, set, "t={t} metric={metric}: replicas set");
+        replicas = Some(d.replicas);
+        syncs += 1;
+    }
+    assert_eq!(syncs, 32);
+}

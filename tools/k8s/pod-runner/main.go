@@ -436,8 +436,11 @@ func (p *podProc) run(ctx context.Context) {
 	p.startTime = metav1.Now()
 	for _, ct := range p.ctrs {
 		if err := p.start(ctx, pod, ct); err != nil {
+			// E.g. the Node authorizer has not yet seen the pod's binding, so its Secret is
+			// still forbidden: the kubelet retries such a CreateContainerConfigError, so do we.
 			ct.waiting = err.Error()
-			logf("%s/%s: container %s cannot start: %v", p.ns, p.name, ct.spec.Name, err)
+			ct.restartAt = time.Now().Add(2 * time.Second)
+			logf("%s/%s: container %s cannot start yet (retrying): %v", p.ns, p.name, ct.spec.Name, err)
 		}
 	}
 	p.report(ctx)
@@ -464,7 +467,7 @@ func (p *podProc) run(ctx context.Context) {
 					if err := p.start(ctx, pod, ct); err != nil {
 						ct.waiting = err.Error()
 						logf("%s/%s: container %s cannot restart: %v", p.ns, p.name, ct.spec.Name, err)
-						ct.restartAt = time.Now().Add(10 * time.Second)
+						ct.restartAt = time.Now().Add(2 * time.Second)
 					}
 					changed = true
 					allExited = false
