@@ -50,7 +50,10 @@ pub struct ControllerConfig {
     /// the behavior scale-down window when the HPA leaves it unset.
     pub downscale_stabilization_seconds: i32,
     /// Feature gate `HPAConfigurableTolerance` (beta, on by default from 1.35): when off, the
-    /// per-direction `behavior.*.tolerance` fields are ignored.
+    /// per-direction `behavior.*.tolerance` fields are ignored. In 1.34 (the manifests' target)
+    /// it is alpha and off: the v1.34.4 API server drops the field on write and the controller
+    /// uses the flag for both directions (docs/HPA-findings.md, 9). On here, as from 1.35; the
+    /// rendered HPA sets no per-direction tolerance, so its decisions are the same either way.
     pub configurable_tolerance: bool,
     /// What an AverageValue metric proposes inside the tolerance band.
     pub dead_band: DeadBand,
