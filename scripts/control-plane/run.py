@@ -82,7 +82,9 @@ class Harness:
     # ---- processes -------------------------------------------------------------------------------
     def start(self, name, argv, env=None):
         out = open(os.path.join(self.logs, f"{name}.log"), "ab")
-        base = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": self.work, "TMPDIR": self.work}
+        # TZ=UTC: klog stamps kube-controller-manager's log in local time, and parse_syncs matches
+        # those stamps with the HPA watch's UTC arrival times.
+        base = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": self.work, "TMPDIR": self.work, "TZ": "UTC"}
         p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                              env={**base, **(env or {})}, start_new_session=True, cwd=self.work)
         out.close()
