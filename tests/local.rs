@@ -164,7 +164,9 @@ fn ctrl_c_stops_everything_cleanly_and_a_dead_worker_is_replaced() {
     wait_for("local to exit", Duration::from_secs(60), || child.try_wait().unwrap().map(|_| ()));
     let output = child.wait_with_output().unwrap();
     let (stdout, stderr) = text(&output);
-    assert!(output.status.success(), "{stdout}\n{stderr}");
+    // Stopped before every task of its load succeeded: said once, exit 1 (tests/local_endings.rs).
+    assert_eq!(output.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert_eq!(stderr.matches("error: --load burst:300:").count(), 1, "{stderr}");
     assert!(stdout.contains("1 replaced after dying"), "{stdout}");
     assert!(stderr.contains("died (signal: 9 (SIGKILL)); it will be replaced"), "{stderr}");
     let rows = run.timeline();

@@ -36,7 +36,7 @@ pub(super) struct ResultCounter {
 
 impl ResultCounter {
     /// Ids looked up per tick: a big load is counted over a few seconds instead of one huge MGET.
-    const PER_TICK: usize = 2000;
+    pub(super) const PER_TICK: usize = 2000;
 
     pub(super) async fn refresh(&mut self) {
         if self.pending.is_empty() {

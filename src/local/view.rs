@@ -67,7 +67,7 @@ impl View {
 
     /// Redraw the panel (terminal only).
     pub(super) fn draw(&mut self, f: &Frame<'_>) {
-        if !self.terminal {
+        if !self.terminal || super::stdout_gone() {
             return;
         }
         let n = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
@@ -109,8 +109,9 @@ impl View {
         }
         // Anything below (a stray log line) goes too.
         text.push_str("\x1b[J");
-        let _ = out.write_all(text.as_bytes());
-        let _ = out.flush();
+        if out.write_all(text.as_bytes()).and_then(|()| out.flush()).is_err() {
+            super::mark_stdout_gone();
+        }
         self.drawn = lines.len();
     }
 }
