@@ -79,6 +79,7 @@ pub(super) fn start(
         },
         queue: QueueArgs { queues: vec![queue.to_owned()], priority_steps: PrioritySteps::default() },
         task: args.task,
+        custom: args.custom.clone(),
         priority: 0,
         cpu_n: args.cpu_n,
         io_seconds: args.io_seconds,

@@ -28,7 +28,7 @@ use crate::args::{self, QueueArgs, RedisArgs};
 use crate::connection::{self, redact_url};
 use crate::exporter::{self, ExporterArgs};
 use crate::hpa::{self, Autoscaler, HpaSpec, MetricReading, Observation, Timestamp};
-use crate::loadgen::{Span, TaskKind};
+use crate::loadgen::{CustomTask, Span, TaskKind};
 use crate::metrics::{EXPORTER_LAST_SUCCESS, QUEUE_DEPTH, QUEUE_RESERVED};
 use crate::pattern::LoadPattern;
 use crate::scrape;
@@ -67,9 +67,13 @@ pub struct LocalArgs {
     /// back at the minimum.
     #[arg(long)]
     pub load: Option<LoadPattern>,
-    /// Task the load sends.
+    /// Task the load sends (built in; or your own with --task-name).
     #[arg(long, value_enum, default_value_t = TaskKind::Mix)]
     pub task: TaskKind,
+    /// Your own task for the load (--task-name, --task-args, --task-kwargs), e.g. for Python
+    /// workers of your app run by --worker-command.
+    #[command(flatten)]
+    pub custom: CustomTask,
     /// cpu_bound's n range for the load.
     #[arg(long, default_value = "2000000:4000000")]
     pub cpu_n: Span<u64>,
