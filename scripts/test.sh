@@ -61,4 +61,5 @@ echo "== Nix files, flake lock and workflows"
 scripts/check-nix.sh
 echo "== manifests, Prometheus config and rules"
 scripts/check-k8s.sh
+scripts/check-docker.sh
 echo "scripts/test.sh: all checks passed"
