@@ -38,6 +38,9 @@ pub enum PatternArgs {
         /// How many tasks (at most 1000000000).
         #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u64).range(..=MAX_TASKS))]
         n: u64,
+        /// `loadgen burst 400` (the count without --n): refused with the form to write.
+        #[arg(hide = true)]
+        count: Option<String>,
     },
     /// A rate that changes linearly.
     Ramp {
@@ -70,8 +73,14 @@ pub enum PatternArgs {
 
 impl PatternArgs {
     pub fn to_pattern(&self) -> Result<LoadPattern, LoadgenError> {
+        if let PatternArgs::Burst { count: Some(count), .. } = self {
+            return Err(LoadgenError::Config(format!(
+                "loadgen burst takes the count as --n: write `loadgen burst --n {count}` (`burst:{count}` is the \
+                 --load form of local and simulate)"
+            )));
+        }
         let (kind, built) = match *self {
-            PatternArgs::Burst { n } => ("burst", LoadPattern::burst(n)),
+            PatternArgs::Burst { n, .. } => ("burst", LoadPattern::burst(n)),
             PatternArgs::Ramp { from, to, duration } => ("ramp", LoadPattern::ramp(from, to, duration)),
             PatternArgs::Oscillate { mean, amplitude, period, duration } => {
                 ("oscillate", LoadPattern::oscillate(mean, amplitude, period, duration))
@@ -277,11 +286,12 @@ pub enum LoadgenError {
     // The Redis error is part of the sentence, not a `source`: a RedisError's own source repeats
     // its text, so a printed chain would say "Connection refused" three times.
     #[error(
-        "Redis at BROKER_URL={url} failed after {sent} of {total} tasks were confirmed in queue {queue:?}{}: {cause}",
-        if *unconfirmed > 0 { format!(" ({unconfirmed} more were in flight and may or may not have arrived)") } else { String::new() }
+        "Redis at BROKER_URL={url} failed after {sent} of {total} tasks were confirmed in queue {queue:?}{}: {}",
+        if *unconfirmed > 0 { format!(" ({unconfirmed} more were in flight and may or may not have arrived)") } else { String::new() },
+        connection::explain(cause, "BROKER_URL", url)
     )]
     Send { url: String, queue: String, sent: u64, unconfirmed: u64, total: u64, cause: redis::RedisError },
-    #[error("cannot read results from BACKEND_URL={url}: {cause}")]
+    #[error("cannot read results from BACKEND_URL={url}: {}", connection::explain(cause, "BACKEND_URL", url))]
     Results { url: String, cause: redis::RedisError },
 }
 

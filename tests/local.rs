@@ -341,6 +341,7 @@ fn a_worker_command_that_cannot_run_is_said_once_before_anything_starts() {
     for (command, expected) in [
         ("celery 'unclosed", "a quote is not closed"),
         ("no-such-celery-program -A tasks worker", "cannot find the program \"no-such-celery-program\""),
+        ("cd app && celery -A tasks worker", "wrap shell syntax in sh -c"),
     ] {
         let out = run.command(None, &["--worker-command", command, "--max-duration", "5"]).output().unwrap();
         let (_, stderr) = text(&out);

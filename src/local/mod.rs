@@ -163,10 +163,11 @@ pub enum LocalError {
     #[error("cannot use --exporter-listen {addr}: {source} (pass another port, or 127.0.0.1:0 for any)")]
     Listen { addr: String, source: std::io::Error },
     #[error(
-        "--worker-command: cannot find the program {program:?} (not a file{}); give its full path or fix PATH",
-        if program.contains('/') { "" } else { " in any PATH directory" }
+        "--worker-command: cannot find the program {program:?} (not a file{}); {}",
+        if program.contains('/') { "" } else { " in any PATH directory" },
+        if *shell { "it is run without a shell: wrap shell syntax in sh -c '…'" } else { "give its full path or fix PATH" }
     )]
-    NoSuchProgram { program: String },
+    NoSuchProgram { program: String, shell: bool },
     #[error("cannot find this program to start workers: {0}")]
     SelfExe(std::io::Error),
     #[error("cannot write {path}: {source} (choose another --output-dir / --data-dir)")]
@@ -375,7 +376,12 @@ impl Run {
             Some(WorkerCommand(argv)) => {
                 // Said once, here, rather than as a failed start every second.
                 if !program_exists(&argv[0]) {
-                    return Err(LocalError::NoSuchProgram { program: argv[0].clone() });
+                    // `cd app && celery …`: shell syntax, which is not run by a shell here.
+                    let builtins = ["cd", "export", "source", ".", "exec", "set", "ulimit"];
+                    let operators = ["&&", "||", ";", "|", ">", "<", "&"];
+                    let shell = builtins.contains(&argv[0].as_str())
+                        || argv.iter().any(|w| operators.contains(&w.as_str()) || w.ends_with(';'));
+                    return Err(LocalError::NoSuchProgram { program: argv[0].clone(), shell });
                 }
                 WorkerKind::Command { argv: argv.clone(), ready_after: args.worker_ready_after }
             }
