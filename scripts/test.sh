@@ -59,7 +59,8 @@ cargo test --locked "${extra[@]}"
 
 echo "== Nix files, flake lock and workflows"
 scripts/check-nix.sh
+echo "== the Dockerfile (no Docker here: parse and build step)"
+scripts/check-docker.sh
 echo "== manifests, Prometheus config and rules"
 scripts/check-k8s.sh
-scripts/check-docker.sh
 echo "scripts/test.sh: all checks passed"
