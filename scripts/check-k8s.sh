@@ -7,7 +7,7 @@
 # 2. k8s/ is exactly a fresh render of nix/k8s (needs KUBENIX_SRC and NIXPKGS_LIB_SRC; skipped without)
 # 3. kubernetes-validate --strict of every rendered object for Kubernetes 1.33 and 1.34 (Minikube's)
 # 4. kustomize builds: k8s/, k8s/jobs/, k8s/ with the KEDA component and with each k8s/examples/*
-#    component (those builds also kubernetes-validate --strict)
+#    component (those builds also kubernetes-validate --strict), and the README's overlay/
 # 5. promtool: check config and check rules on the shipped Prometheus files, test rules on the alerts
 # 6. policy checks of the rendered objects (python): hardening, images, the HPA's numbers, the adapter
 #    rule and APIService, the KEDA trigger, scrape targets vs Services, NetworkPolicy paths, dashboard,
@@ -111,6 +111,16 @@ for dir in k8s/examples/*/; do
   check "kubernetes-validate --strict the build of k8s + examples/$example" \
     kubernetes-validate --strict --quiet -k "${versions[-1]}" "$tmp/example-$example.yaml"
 done
+
+# The README's overlay (overlay/: resources ../k8s, images renamed), as written and with a
+# component switched on, built with plain kubectl (no standalone kustomize) and validated.
+check "kubectl kustomize overlay" kubectl kustomize overlay -o "$tmp/overlay.yaml"
+check "the overlay renames both images" grep -q "image: ghcr.io/OWNER/celery-queue-exporter:SHA" "$tmp/overlay.yaml"
+check "kubernetes-validate --strict the build of overlay" \
+  kubernetes-validate --strict --quiet -k "${versions[-1]}" "$tmp/overlay.yaml"
+mkdir -p "$tmp/ov" && cp -r k8s overlay "$tmp/ov/"
+sed -i 's|^# components:|components:|; s|^# - ../k8s/examples/python-worker|- ../k8s/examples/python-worker|' "$tmp/ov/overlay/kustomization.yaml"
+check "kubectl kustomize overlay + its commented component" kubectl kustomize "$tmp/ov/overlay" -o "$tmp/overlay-python.yaml"
 
 echo "== 5. promtool"
 files=nix/k8s/files

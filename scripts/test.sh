@@ -63,6 +63,8 @@ cargo test --locked "${extra[@]}"
 
 echo "== Nix files, flake lock and workflows"
 scripts/check-nix.sh
+echo "== the Dockerfile (no Docker here: parse and build step)"
+scripts/check-docker.sh
 echo "== manifests, Prometheus config and rules"
 scripts/check-k8s.sh
 echo "== the Kubernetes path on a local control plane built from upstream"

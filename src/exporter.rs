@@ -73,8 +73,9 @@ pub struct ExporterArgs {
     /// Seconds between polls of Redis.
     #[arg(long, default_value = "5", value_parser = args::duration)]
     pub interval: Duration,
-    /// Where /metrics, /healthz and /readyz are served.
-    #[arg(long, env = "EXPORTER_LISTEN", default_value = "0.0.0.0:9808")]
+    /// Where /metrics, /healthz and /readyz are served (loopback by default; a pod passes
+    /// 0.0.0.0:9808 so Prometheus reaches it).
+    #[arg(long, env = "EXPORTER_LISTEN", default_value = "127.0.0.1:9808")]
     pub listen: String,
     /// `unacked` entries examined per Redis call when counting reserved messages.
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(10..=100_000))]

@@ -38,6 +38,9 @@ pub enum PatternArgs {
         /// How many tasks (at most 1000000000).
         #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u64).range(..=MAX_TASKS))]
         n: u64,
+        /// `loadgen burst 400` (the count without --n): refused with the form to write.
+        #[arg(hide = true)]
+        count: Option<String>,
     },
     /// A rate that changes linearly.
     Ramp {
@@ -70,8 +73,14 @@ pub enum PatternArgs {
 
 impl PatternArgs {
     pub fn to_pattern(&self) -> Result<LoadPattern, LoadgenError> {
+        if let PatternArgs::Burst { count: Some(count), .. } = self {
+            return Err(LoadgenError::Config(format!(
+                "loadgen burst takes the count as --n: write `loadgen burst --n {count}` (`burst:{count}` is the \
+                 --load form of local and simulate)"
+            )));
+        }
         let (kind, built) = match *self {
-            PatternArgs::Burst { n } => ("burst", LoadPattern::burst(n)),
+            PatternArgs::Burst { n, .. } => ("burst", LoadPattern::burst(n)),
             PatternArgs::Ramp { from, to, duration } => ("ramp", LoadPattern::ramp(from, to, duration)),
             PatternArgs::Oscillate { mean, amplitude, period, duration } => {
                 ("oscillate", LoadPattern::oscillate(mean, amplitude, period, duration))
@@ -90,6 +99,69 @@ pub enum TaskKind {
     Io,
     /// Alternating cpu and io.
     Mix,
+}
+
+/// Your own task instead of the built-in ones: a Celery app's task name, its args and kwargs as
+/// JSON (every message the same), so a load drives your app's workers without a producer.
+#[derive(Clone, Debug, Default, PartialEq, clap::Args)]
+pub struct CustomTask {
+    /// Send this task instead of --task's built-in ones: its name as your Celery app registers
+    /// it (e.g. myapp.tasks.resize). Your workers must know it.
+    #[arg(long, value_parser = task_name, global = true)]
+    pub task_name: Option<String>,
+    /// The task's positional arguments as a JSON array, e.g. '[2, 3]' (with --task-name).
+    #[arg(long, value_parser = json_args, requires = "task_name", global = true)]
+    pub task_args: Option<JsonArgs>,
+    /// The task's keyword arguments as a JSON object, e.g. '{"size": 128}' (with --task-name).
+    #[arg(long, value_parser = json_kwargs, requires = "task_name", global = true)]
+    pub task_kwargs: Option<JsonKwargs>,
+}
+
+/// A JSON array: a task's args.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JsonArgs(pub Vec<Value>);
+
+/// A JSON object: a task's kwargs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JsonKwargs(pub Map<String, Value>);
+
+fn task_name(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() || s.chars().any(char::is_control) {
+        return Err("a task name is a non-empty word such as myapp.tasks.add".to_owned());
+    }
+    Ok(s.to_owned())
+}
+
+fn json_args(s: &str) -> Result<JsonArgs, String> {
+    match serde_json::from_str::<Value>(s) {
+        Ok(Value::Array(a)) => Ok(JsonArgs(a)),
+        Ok(_) => Err(format!("{s:?} is JSON but not an array; write the args as a JSON array, e.g. '[2, 3]'")),
+        Err(e) => Err(format!("{s:?} is not JSON ({e}); write the args as a JSON array, e.g. '[2, 3]'")),
+    }
+}
+
+fn json_kwargs(s: &str) -> Result<JsonKwargs, String> {
+    match serde_json::from_str::<Value>(s) {
+        Ok(Value::Object(m)) => Ok(JsonKwargs(m)),
+        Ok(_) => {
+            Err(format!("{s:?} is JSON but not an object; write the kwargs as a JSON object, e.g. '{{\"x\": 1}}'"))
+        }
+        Err(e) => Err(format!("{s:?} is not JSON ({e}); write the kwargs as a JSON object, e.g. '{{\"x\": 1}}'")),
+    }
+}
+
+impl CustomTask {
+    /// What the load sends, in words.
+    pub fn describe(&self, kind: TaskKind) -> String {
+        match &self.task_name {
+            Some(name) => name.clone(),
+            None => match kind {
+                TaskKind::Cpu => "tasks.cpu_bound".to_owned(),
+                TaskKind::Io => "tasks.io_bound".to_owned(),
+                TaskKind::Mix => "tasks.cpu_bound and tasks.io_bound alternating".to_owned(),
+            },
+        }
+    }
 }
 
 /// An inclusive range written `A:B` (or one value `A`).
@@ -150,6 +222,8 @@ pub struct LoadOptions {
     /// Task to send.
     #[arg(long, value_enum, default_value_t = TaskKind::Mix, global = true)]
     pub task: TaskKind,
+    #[command(flatten)]
+    pub custom: CustomTask,
     /// Message priority 0..=9 (on Redis, 0 is served first).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=9), global = true)]
     pub priority: u8,
@@ -212,11 +286,12 @@ pub enum LoadgenError {
     // The Redis error is part of the sentence, not a `source`: a RedisError's own source repeats
     // its text, so a printed chain would say "Connection refused" three times.
     #[error(
-        "Redis at BROKER_URL={url} failed after {sent} of {total} tasks were confirmed in queue {queue:?}{}: {cause}",
-        if *unconfirmed > 0 { format!(" ({unconfirmed} more were in flight and may or may not have arrived)") } else { String::new() }
+        "Redis at BROKER_URL={url} failed after {sent} of {total} tasks were confirmed in queue {queue:?}{}: {}",
+        if *unconfirmed > 0 { format!(" ({unconfirmed} more were in flight and may or may not have arrived)") } else { String::new() },
+        connection::explain(cause, "BROKER_URL", url)
     )]
     Send { url: String, queue: String, sent: u64, unconfirmed: u64, total: u64, cause: redis::RedisError },
-    #[error("cannot read results from BACKEND_URL={url}: {cause}")]
+    #[error("cannot read results from BACKEND_URL={url}: {}", connection::explain(cause, "BACKEND_URL", url))]
     Results { url: String, cause: redis::RedisError },
 }
 
@@ -260,6 +335,7 @@ impl WaitReport {
 /// Builds the task messages: arguments drawn from the configured ranges.
 pub struct TaskFactory {
     kind: TaskKind,
+    custom: CustomTask,
     cpu_n: Span<u64>,
     io_seconds: Span<f64>,
     queue: String,
@@ -274,6 +350,7 @@ impl TaskFactory {
         let rng = o.seed.map_or_else(StdRng::from_os_rng, StdRng::seed_from_u64);
         TaskFactory {
             kind: o.task,
+            custom: o.custom.clone(),
             cpu_n: o.cpu_n,
             io_seconds: o.io_seconds,
             queue,
@@ -286,6 +363,14 @@ impl TaskFactory {
 
     /// The next task and its envelope bytes.
     pub fn next_task(&mut self) -> (NewTask, Vec<u8>) {
+        if let Some(name) = &self.custom.task_name {
+            let args = self.custom.task_args.as_ref().map_or_else(Vec::new, |a| a.0.clone());
+            let kwargs = self.custom.task_kwargs.as_ref().map_or_else(Map::new, |k| k.0.clone());
+            let mut t = NewTask::new(name, args, kwargs, &self.queue);
+            t.priority = self.priority;
+            let (bytes, _) = t.to_message(&self.origin);
+            return (t, bytes);
+        }
         let cpu = match self.kind {
             TaskKind::Cpu => true,
             TaskKind::Io => false,
@@ -507,11 +592,7 @@ pub async fn run(args: LoadgenArgs) -> Result<bool, LoadgenError> {
     let mut progress = Progress::new("sent", total);
     let sent = send(&broker, &pattern, o, |d, t| progress.update(d, t)).await?;
     progress.finish();
-    let tasks = match o.task {
-        TaskKind::Cpu => "tasks.cpu_bound",
-        TaskKind::Io => "tasks.io_bound",
-        TaskKind::Mix => "tasks.cpu_bound and tasks.io_bound alternating",
-    };
+    let tasks = o.custom.describe(o.task);
     println!(
         "sent {} tasks ({tasks}) to queue {queue:?} in {:.3} s: {:.0} tasks/s (pattern {pattern})",
         sent.sent,

@@ -86,8 +86,9 @@ pub struct WorkerArgs {
     #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE_BYTES as u64,
           value_parser = clap::value_parser!(u64).range(1024..=512 * 1024 * 1024))]
     pub max_message_bytes: u64,
-    /// Where /metrics, /healthz and /readyz are served.
-    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9191")]
+    /// Where /metrics, /healthz and /readyz are served (loopback by default; a pod passes
+    /// 0.0.0.0:9191 so the kubelet and Prometheus reach it).
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9191")]
     pub metrics_addr: String,
     /// Node name, Celery's `-n`: `name@host` (`%h`, `%n`, `%d` expand to the host name, its first
     /// label, its domain; a bare value is a host). Used in events, remote-control replies, logs

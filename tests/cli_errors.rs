@@ -107,7 +107,30 @@ fn worker_refuses_absurd_durations() {
 #[test]
 fn loadgen_without_redis_says_connection_refused_once() {
     let url = nobody_url();
-    assert_error(&["loadgen", "burst", "--n", "3", "--broker-url", &url], 1, &["Connection refused", "BROKER_URL="]);
+    assert_error(
+        &["loadgen", "burst", "--n", "3", "--broker-url", &url],
+        1,
+        &["Connection refused", "BROKER_URL=", &format!("is Redis running at {url}?")],
+    );
+}
+
+#[test]
+fn loadgen_burst_with_a_bare_count_says_the_form_to_write() {
+    assert_error(&["loadgen", "burst", "400", "--broker-url", &nobody_url()], 2, &["write `loadgen burst --n 400`"]);
+}
+
+#[test]
+fn standalone_listeners_default_to_loopback_and_the_manifests_pass_their_address() {
+    for (args, default) in [(["worker", "--help"], "127.0.0.1:9191"), (["exporter", "--help"], "127.0.0.1:9808")] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(help.contains(&format!("[default: {default}]")), "{args:?}:\n{help}");
+    }
+    let root = common::repo_root();
+    for (file, addr) in [("k8s/worker.yaml", "- 0.0.0.0:9191"), ("k8s/exporter.yaml", "- 0.0.0.0:9808")] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        assert!(text.contains(addr), "{file} must pass {addr} explicitly (nix/k8s renders it)");
+    }
 }
 
 #[test]

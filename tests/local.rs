@@ -164,7 +164,9 @@ fn ctrl_c_stops_everything_cleanly_and_a_dead_worker_is_replaced() {
     wait_for("local to exit", Duration::from_secs(60), || child.try_wait().unwrap().map(|_| ()));
     let output = child.wait_with_output().unwrap();
     let (stdout, stderr) = text(&output);
-    assert!(output.status.success(), "{stdout}\n{stderr}");
+    // Stopped before every task of its load succeeded: said once, exit 1 (tests/local_endings.rs).
+    assert_eq!(output.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert_eq!(stderr.matches("error: --load burst:300:").count(), 1, "{stderr}");
     assert!(stdout.contains("1 replaced after dying"), "{stdout}");
     assert!(stderr.contains("died (signal: 9 (SIGKILL)); it will be replaced"), "{stderr}");
     let rows = run.timeline();
@@ -267,12 +269,79 @@ fn python_celery_workers_run_by_worker_command_scale_up_and_back_and_every_task_
     assert!(pgrep(&marker).is_empty(), "no python worker left running");
 }
 
+/// The README's "your own Python app": examples/python/myapp.py run by Python Celery workers,
+/// fed by `--load` with `--task-name`/`--task-args`/`--task-kwargs` (no producer written), every
+/// task SUCCESS with the result the app computes from those arguments.
+#[test]
+fn a_load_of_the_users_own_task_runs_on_python_workers_of_their_app() {
+    let redis = Redis::start();
+    let run = Run::new();
+    let python = shell_quote(&common::python().display().to_string());
+    let marker = format!("local-myapp-{}", redis.port);
+    let command = format!("{python} -m celery -A myapp worker -c 2 --loglevel=info -n {marker}@%h");
+    let out = run
+        .command(
+            Some(&redis),
+            &[
+                "--worker-command",
+                &command,
+                "--worker-ready-after",
+                "3",
+                "--load",
+                "burst:30",
+                "--task-name",
+                "myapp.resize",
+                "--task-args",
+                "[640]",
+                "--task-kwargs",
+                r#"{"height": 480, "seconds": 0.2}"#,
+                "--max-duration",
+                "240",
+            ],
+        )
+        .current_dir(repo_root().join("examples/python"))
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "local failed\n{stdout}\n{stderr}");
+    assert!(stdout.contains("done: 30 tasks succeeded, 0 failed"), "{stdout}\n{stderr}");
+    let keys: Vec<String> = redis.conn(1).keys("celery-task-meta-*").unwrap();
+    assert_eq!(keys.len(), 30);
+    for key in keys {
+        let doc: String = redis.conn(1).get(&key).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
+        assert_eq!((doc["status"].as_str(), doc["result"].as_i64()), (Some("SUCCESS"), Some(640 * 480)), "{doc}");
+    }
+    assert_eq!((redis.depth("celery"), redis.unacked()), (0, 0), "nothing queued or held");
+    assert!(pgrep(&marker).is_empty(), "no python worker left running");
+}
+
+#[test]
+fn bad_task_arguments_are_refused_with_the_form_to_write() {
+    let run = Run::new();
+    for (args, expected) in [
+        (&["--task-args", "[1]"][..], "required arguments were not provided"),
+        (&["--task-name", "myapp.resize", "--task-args", "640"][..], "write the args as a JSON array"),
+        (&["--task-name", "myapp.resize", "--task-kwargs", "[1]"][..], "write the kwargs as a JSON object"),
+        (&["--task-name", "myapp.resize", "--task-kwargs", "{height: 1}"][..], "is not JSON"),
+    ] {
+        let mut full = vec!["--load", "burst:1", "--max-duration", "5"];
+        full.extend_from_slice(args);
+        let out = run.command(None, &full).output().unwrap();
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.matches(expected).count(), 1, "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
 #[test]
 fn a_worker_command_that_cannot_run_is_said_once_before_anything_starts() {
     let run = Run::new();
     for (command, expected) in [
         ("celery 'unclosed", "a quote is not closed"),
         ("no-such-celery-program -A tasks worker", "cannot find the program \"no-such-celery-program\""),
+        ("cd app && celery -A tasks worker", "wrap shell syntax in sh -c"),
     ] {
         let out = run.command(None, &["--worker-command", command, "--max-duration", "5"]).output().unwrap();
         let (_, stderr) = text(&out);

@@ -72,8 +72,10 @@ pub(super) struct Fleet {
     workers: Vec<WorkerProc>,
     next_number: u32,
     /// Crash-loop protection: workers that died soon after starting delay the next start.
-    quick_deaths: u32,
+    pub(super) quick_deaths: u32,
     respawn_after: Instant,
+    /// The last unasked-for death, in words (for the reason a crash-looping run stops).
+    pub(super) last_death: String,
     pub started: u32,
     pub replaced: u32,
     /// Counters of workers that have exited.
@@ -102,6 +104,7 @@ impl Fleet {
             next_number: 0,
             quick_deaths: 0,
             respawn_after: Instant::now(),
+            last_death: String::new(),
             started: 0,
             replaced: 0,
             gone_succeeded: 0.0,
@@ -243,6 +246,8 @@ impl Fleet {
                 let log = self.log_path(w.number);
                 let text = std::fs::read_to_string(&log).unwrap_or_default();
                 let last = text.lines().last().unwrap_or("");
+                self.last_death =
+                    format!("worker {} exited with {status}; last line of {}: {last}", w.number, log.display());
                 self.note(
                     true,
                     format!(

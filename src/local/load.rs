@@ -36,7 +36,7 @@ pub(super) struct ResultCounter {
 
 impl ResultCounter {
     /// Ids looked up per tick: a big load is counted over a few seconds instead of one huge MGET.
-    const PER_TICK: usize = 2000;
+    pub(super) const PER_TICK: usize = 2000;
 
     pub(super) async fn refresh(&mut self) {
         if self.pending.is_empty() {
@@ -79,6 +79,7 @@ pub(super) fn start(
         },
         queue: QueueArgs { queues: vec![queue.to_owned()], priority_steps: PrioritySteps::default() },
         task: args.task,
+        custom: args.custom.clone(),
         priority: 0,
         cpu_n: args.cpu_n,
         io_seconds: args.io_seconds,

@@ -28,7 +28,7 @@ use crate::args::{self, QueueArgs, RedisArgs};
 use crate::connection::{self, redact_url};
 use crate::exporter::{self, ExporterArgs};
 use crate::hpa::{self, Autoscaler, HpaSpec, MetricReading, Observation, Timestamp};
-use crate::loadgen::{Span, TaskKind};
+use crate::loadgen::{CustomTask, Span, TaskKind};
 use crate::metrics::{EXPORTER_LAST_SUCCESS, QUEUE_DEPTH, QUEUE_RESERVED};
 use crate::pattern::LoadPattern;
 use crate::scrape;
@@ -67,9 +67,13 @@ pub struct LocalArgs {
     /// back at the minimum.
     #[arg(long)]
     pub load: Option<LoadPattern>,
-    /// Task the load sends.
+    /// Task the load sends (built in; or your own with --task-name).
     #[arg(long, value_enum, default_value_t = TaskKind::Mix)]
     pub task: TaskKind,
+    /// Your own task for the load (--task-name, --task-args, --task-kwargs), e.g. for Python
+    /// workers of your app run by --worker-command.
+    #[command(flatten)]
+    pub custom: CustomTask,
     /// cpu_bound's n range for the load.
     #[arg(long, default_value = "2000000:4000000")]
     pub cpu_n: Span<u64>,
@@ -159,10 +163,11 @@ pub enum LocalError {
     #[error("cannot use --exporter-listen {addr}: {source} (pass another port, or 127.0.0.1:0 for any)")]
     Listen { addr: String, source: std::io::Error },
     #[error(
-        "--worker-command: cannot find the program {program:?} (not a file{}); give its full path or fix PATH",
-        if program.contains('/') { "" } else { " in any PATH directory" }
+        "--worker-command: cannot find the program {program:?} (not a file{}); {}",
+        if program.contains('/') { "" } else { " in any PATH directory" },
+        if *shell { "it is run without a shell: wrap shell syntax in sh -c '…'" } else { "give its full path or fix PATH" }
     )]
-    NoSuchProgram { program: String },
+    NoSuchProgram { program: String, shell: bool },
     #[error("cannot find this program to start workers: {0}")]
     SelfExe(std::io::Error),
     #[error("cannot write {path}: {source} (choose another --output-dir / --data-dir)")]
@@ -173,6 +178,69 @@ pub enum LocalError {
     Exporter(#[from] crate::args::StartError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("cannot reach the broker: {0} (or unset BROKER_URL and --broker-url: local then starts its own Redis)")]
+    BrokerUnreachable(String),
+    /// The run started but did not do what it was asked; the sentence says why and what to do.
+    #[error("{0}")]
+    RunFailed(String),
+}
+
+/// Unasked-for worker deaths in a row, each soon after its start, with no task done: a crash
+/// loop (a wrong --worker-command, a missing module) that would otherwise run until Ctrl-C.
+const CRASH_LOOP_DEATHS: u32 = 4;
+
+/// Set once stdout is closed (`local … | head`): lines go to stderr instead and the run stops.
+static STDOUT_GONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn stdout_gone() -> bool {
+    STDOUT_GONE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn mark_stdout_gone() {
+    STDOUT_GONE.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `println!` that cannot panic: once stdout is closed the line goes to stderr.
+fn say(line: &str) {
+    use std::io::Write;
+    if !stdout_gone() {
+        let mut out = std::io::stdout().lock();
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_ok() {
+            return;
+        }
+        mark_stdout_gone();
+    }
+    eprintln!("{line}");
+}
+
+/// Whether the reader of our stdout has gone (a pipe whose other end is closed reports POLLERR,
+/// a hung-up terminal POLLHUP) — noticed without writing anything.
+fn check_stdout_closed() -> bool {
+    if stdout_gone() {
+        return true;
+    }
+    let mut fd = libc::pollfd { fd: libc::STDOUT_FILENO, events: 0, revents: 0 };
+    // SAFETY: one valid pollfd, zero timeout.
+    let n = unsafe { libc::poll(&mut fd, 1, 0) };
+    if n == 1 && fd.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+        mark_stdout_gone();
+    }
+    stdout_gone()
+}
+
+/// Ask the user's Redis for a PONG before anything starts, so a wrong URL is one error now
+/// instead of a minute of "metric unavailable".
+async fn check_broker(url: &str) -> Result<(), LocalError> {
+    let mut conn = connection::connect("BROKER_URL", url, None, Duration::from_secs(5))?;
+    let ping = ::redis::cmd("PING");
+    match tokio::time::timeout(Duration::from_secs(10), ping.query_async::<String>(&mut conn)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(LocalError::BrokerUnreachable(connection::explain(&e, "BROKER_URL", &redact_url(url)))),
+        Err(_) => Err(LocalError::BrokerUnreachable(format!(
+            "no answer within 10 s — is Redis running at {}? check BROKER_URL",
+            redact_url(url)
+        ))),
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LocalError + '_ {
@@ -291,6 +359,10 @@ struct Run {
     rows: Vec<timeline::Row>,
     /// Scale events, for the summary.
     scale_events: Vec<String>,
+    /// Tasks queued before this run's load (an earlier run's).
+    leftover: u64,
+    /// Why the run could not do what it was asked (the load could not be sent, workers crash-loop).
+    failure: Option<String>,
 }
 
 impl Run {
@@ -304,7 +376,12 @@ impl Run {
             Some(WorkerCommand(argv)) => {
                 // Said once, here, rather than as a failed start every second.
                 if !program_exists(&argv[0]) {
-                    return Err(LocalError::NoSuchProgram { program: argv[0].clone() });
+                    // `cd app && celery …`: shell syntax, which is not run by a shell here.
+                    let builtins = ["cd", "export", "source", ".", "exec", "set", "ulimit"];
+                    let operators = ["&&", "||", ";", "|", ">", "<", "&"];
+                    let shell = builtins.contains(&argv[0].as_str())
+                        || argv.iter().any(|w| operators.contains(&w.as_str()) || w.ends_with(';'));
+                    return Err(LocalError::NoSuchProgram { program: argv[0].clone(), shell });
                 }
                 WorkerKind::Command { argv: argv.clone(), ready_after: args.worker_ready_after }
             }
@@ -320,7 +397,10 @@ impl Run {
 
         // Redis: the user's, or our own with append-only persistence in the data directory.
         let (redis, broker_url) = match &args.broker_url {
-            Some(url) => (None, url.clone()),
+            Some(url) => {
+                check_broker(url).await?;
+                (None, url.clone())
+            }
             None => {
                 let redis_dir = data_dir.join("redis");
                 std::fs::create_dir_all(&redis_dir).map_err(io_err(&redis_dir))?;
@@ -340,6 +420,8 @@ impl Run {
             args.worker_shutdown_timeout,
             log_dir,
         );
+        // Tasks an earlier run left queued are run too; said now and counted apart from the load.
+        let leftover = queue_depth(&broker_url, &queue).await.unwrap_or(0);
         let load = match &args.load {
             Some(pattern) => Some(load::start(&args, pattern, &broker_url, &backend_url, &queue)?),
             None => None,
@@ -353,7 +435,7 @@ impl Run {
             target_per_pod.map_or(String::new(), |t| format!(", {t} waiting per worker")),
             args.sync_period.as_secs_f64(),
         );
-        println!(
+        say(&format!(
             "celery-autoscale local: HPA {} (min {}, max {}), sync every {} s; broker {}{}; exporter http://127.0.0.1:{}/metrics",
             spec.name,
             spec.min_replicas,
@@ -362,11 +444,18 @@ impl Run {
             redact_url(&broker_url),
             if redis.is_some() { " (embedded)" } else { "" },
             exporter.port,
-        );
-        println!(
+        ));
+        say(&format!(
             "writing to {}/: timeline.csv, timeline.svg and logs/ (a previous run's are replaced)",
             output_dir.display()
-        );
+        ));
+        if leftover > 0 {
+            say(&format!(
+                "{leftover} tasks left by an earlier run are queued in {queue:?}: the workers run them too; \
+                 they are counted apart from this run's{}",
+                if args.load.is_some() { " load" } else { "" }
+            ));
+        }
         let start = Instant::now();
         Ok(Run {
             autoscaler: Autoscaler::new(spec.clone()),
@@ -389,6 +478,8 @@ impl Run {
             view: View::new(terminal, title),
             rows: Vec::new(),
             scale_events: Vec::new(),
+            leftover,
+            failure: None,
             args,
         })
     }
@@ -403,14 +494,19 @@ impl Run {
                 () = self.shutdown.reached(Stage::Graceful) => break,
             }
             if let Some(why) = self.step().await {
-                tracing::info!("{why}: stopping");
+                if self.failure.is_some() {
+                    // The reason is the run's error, said once at the end.
+                    tracing::warn!("stopping: the run cannot do what it was asked (the reason follows at the end)");
+                } else {
+                    tracing::info!("{why}: stopping");
+                }
                 break;
             }
         }
     }
 
     /// One tick: read, decide (on sync instants), act, record. Returns why to stop, if so.
-    async fn step(&mut self) -> Option<&'static str> {
+    async fn step(&mut self) -> Option<String> {
         let now = Instant::now();
         let t = now.duration_since(self.start).as_secs_f64();
         self.poll_load().await;
@@ -440,11 +536,26 @@ impl Run {
         self.view.draw(&frame(&self.queue, self.load.as_ref(), &self.last_sync, &row));
         self.rows.push(row);
 
+        if let Some(why) = &self.failure {
+            return Some(why.clone());
+        }
+        if self.fleet.quick_deaths >= CRASH_LOOP_DEATHS && tasks.is_none_or(|(ok, failed)| ok + failed == 0.0) {
+            let why = format!(
+                "workers keep dying: {CRASH_LOOP_DEATHS} in a row within seconds of starting, no task done; {} \
+                 (fix the worker command or its environment and run again)",
+                self.fleet.last_death
+            );
+            self.failure = Some(why.clone());
+            return Some(why);
+        }
         if self.story_over(&reading, &census, tasks) {
-            return Some("load done, queue empty, workers back at the minimum");
+            return Some("load done, queue empty, workers back at the minimum".to_owned());
         }
         if self.args.max_duration.is_some_and(|m| t >= m.as_secs_f64()) {
-            return Some("--max-duration reached");
+            return Some("--max-duration reached".to_owned());
+        }
+        if check_stdout_closed() {
+            return Some("stdout was closed (the reader of the output has gone)".to_owned());
         }
         None
     }
@@ -462,9 +573,14 @@ impl Run {
                 Ok(Err(e)) => format!("{}: failed: {e}", load.pattern),
                 Err(e) => format!("{}: the sender stopped: {e}", load.pattern),
             };
-            let warn = load.sent.is_none();
-            let t = self.start.elapsed().as_secs_f64();
-            self.view.event(t, &fleet::Event { warn, text: format!("load {}", load.note) });
+            if load.sent.is_none() {
+                // Nothing more will come: end the run now instead of scaling on nothing for ever
+                // (the reason is the run's error, said once at the end).
+                self.failure = Some(format!("--load {}", load.note));
+            } else {
+                let t = self.start.elapsed().as_secs_f64();
+                self.view.event(t, &fleet::Event { warn: false, text: format!("load {}", load.note) });
+            }
         }
         load.results.refresh().await;
     }
@@ -544,7 +660,7 @@ impl Run {
         if let Some(task) = self.load.as_mut().and_then(|l| l.task.take()) {
             task.abort();
         }
-        println!("stopping: workers finish or return their tasks…");
+        say("stopping: workers finish or return their tasks…");
         self.fleet
             .stop_all(
                 &self.shutdown,
@@ -552,6 +668,17 @@ impl Run {
             )
             .await;
         let remaining = queue_depth(&self.broker_url, &self.queue).await;
+        // The last results, finished by the stopping workers (Redis is still up).
+        if let Some(load) = &mut self.load {
+            for _ in 0..=load.results.pending.len() / load::ResultCounter::PER_TICK {
+                load.results.refresh().await;
+            }
+        }
+        let tasks = match &self.load {
+            Some(l) => Some((l.results.succeeded, l.results.failed)),
+            None => self.rows.iter().rev().find_map(|r| r.succeeded.zip(r.failed)),
+        };
+        let outcome = self.outcome(tasks);
         self.exporter.shutdown.advance(Stage::Graceful);
         let _ = self.exporter.task.await;
         if let Some(r) = self.redis.take() {
@@ -559,21 +686,23 @@ impl Run {
         }
 
         let written = timeline::write(&self.output_dir, &self.spec, &self.rows)?;
-        let tasks = self.rows.iter().rev().find_map(|r| r.succeeded.zip(r.failed));
         let max_workers = self.rows.iter().map(|r| r.running).max().unwrap_or(0);
         let worker_seconds: f64 = self.rows.iter().map(|r| f64::from(r.running + r.stopping)).sum();
         let tasks = match tasks {
             Some((ok, failed)) => format!("{ok} tasks succeeded, {failed} failed"),
             None => "tasks done: unknown (a --worker-command reports none without a --load)".to_owned(),
         };
-        println!(
+        say(&format!(
             "done: {tasks}; up to {} ({} started, {} replaced after dying); {worker_seconds:.0} worker-seconds",
             view::workers(max_workers),
             self.fleet.started,
             self.fleet.replaced,
-        );
+        ));
+        if self.leftover > 0 {
+            say(&format!("  (not counted above: {} tasks an earlier run had left queued at the start)", self.leftover));
+        }
         for e in &self.scale_events {
-            println!("  {e}");
+            say(&format!("  {e}"));
         }
         if let Some(n) = remaining.filter(|n| *n > 0) {
             let place = if self.args.broker_url.is_some() {
@@ -581,15 +710,46 @@ impl Run {
             } else {
                 self.data_dir.join("redis").display().to_string()
             };
-            println!("{n} tasks are still queued in {place}; they stay there for the next run");
+            say(&format!("{n} tasks are still queued in {place}; they stay there for the next run"));
         }
         let svg = written.svg.map_or("not written".to_owned(), |p| p.display().to_string());
-        println!(
+        say(&format!(
             "timeline: {}  plot: {svg}  worker logs: {}",
             written.csv.display(),
             self.output_dir.join("logs").display()
-        );
-        Ok(())
+        ));
+        outcome
+    }
+
+    /// The exit: an error unless the run did what it was asked — with a load, every task it
+    /// sent succeeded.
+    fn outcome(&self, tasks: Option<(f64, f64)>) -> Result<(), LocalError> {
+        if let Some(why) = &self.failure {
+            return Err(LocalError::RunFailed(why.clone()));
+        }
+        let Some(load) = &self.load else { return Ok(()) };
+        let (ok, failed) = tasks.unwrap_or((0.0, 0.0));
+        let logs = self.output_dir.join("logs");
+        match load.sent {
+            None => Err(LocalError::RunFailed(format!(
+                "--load {}: the run stopped before the load was sent ({ok:.0} succeeded, {failed:.0} failed); \
+                 let it run to the end (or raise --max-duration)",
+                load.pattern
+            ))),
+            Some((sent, _)) if ok < sent as f64 => {
+                let unfinished = (sent as f64 - ok - failed).max(0.0);
+                let fix = if failed > 0.0 {
+                    format!("see why in the worker logs, {}", logs.display())
+                } else {
+                    "the run stopped before they finished; let it run to the end (or raise --max-duration)".to_owned()
+                };
+                Err(LocalError::RunFailed(format!(
+                    "--load {}: {ok:.0} of {sent} tasks succeeded ({failed:.0} failed, {unfinished:.0} unfinished); {fix}",
+                    load.pattern
+                )))
+            }
+            Some(_) => Ok(()),
+        }
     }
 }
 

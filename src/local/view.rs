@@ -67,7 +67,7 @@ impl View {
 
     /// Redraw the panel (terminal only).
     pub(super) fn draw(&mut self, f: &Frame<'_>) {
-        if !self.terminal {
+        if !self.terminal || super::stdout_gone() {
             return;
         }
         let n = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
@@ -77,8 +77,11 @@ impl View {
             None => "-".to_owned(),
         };
         let rate = r.rate.map_or(String::new(), |r| format!(", {r:.1}/s"));
+        let width = terminal_width();
+        // The clock first and the last sync's reason on two lines, so 80 columns cut neither.
+        let (sync1, sync2) = split_at_width(f.last_sync, width.saturating_sub(18));
         let mut lines = vec![
-            format!("{}   t = {:.0} s", self.title, r.t),
+            format!("t = {:>4.0} s   {}", r.t, self.title),
             String::new(),
             format!("queue {:<10} {} waiting, {} in workers' hands", f.queue, n(r.depth), n(r.reserved)),
             format!(
@@ -87,15 +90,14 @@ impl View {
             ),
             format!("tasks            {tasks}{rate}"),
             format!("load             {}", f.load),
-            format!("last sync        {}", f.last_sync),
-            String::new(),
+            format!("last sync        {sync1}"),
+            format!("                 {sync2}"),
             "recent events".to_owned(),
         ];
         lines.extend(self.recent.iter().map(|e| format!("  {e}")));
         lines.resize(9 + RECENT, String::new());
         lines.push(String::new());
         lines.push("Ctrl-C stops: workers finish or return their tasks; nothing is lost.".to_owned());
-        let width = terminal_width();
         let mut out = std::io::stdout().lock();
         let mut text = String::new();
         if self.drawn > 0 {
@@ -109,10 +111,22 @@ impl View {
         }
         // Anything below (a stray log line) goes too.
         text.push_str("\x1b[J");
-        let _ = out.write_all(text.as_bytes());
-        let _ = out.flush();
+        if out.write_all(text.as_bytes()).and_then(|()| out.flush()).is_err() {
+            super::mark_stdout_gone();
+        }
         self.drawn = lines.len();
     }
+}
+
+/// `text` as two lines of at most `width` characters, broken at a space when there is one.
+fn split_at_width(text: &str, width: usize) -> (String, String) {
+    let width = width.max(10);
+    if text.chars().count() <= width {
+        return (text.to_owned(), String::new());
+    }
+    let head: String = text.chars().take(width).collect();
+    let cut = head.rfind(' ').filter(|&i| i > width / 2).unwrap_or(head.len());
+    (text[..cut].to_owned(), text[cut..].trim_start().to_owned())
 }
 
 fn terminal_width() -> usize {
@@ -174,6 +188,17 @@ pub(super) fn explain(d: &Decision, target_per_pod: Option<f64>) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_long_reason_is_split_into_two_lines_at_a_space() {
+        let reason = "t=45s: 37 waiting / 10 per worker → 4 workers; limited by the scale-up policy (ScaleUpLimit)";
+        let (a, b) = super::split_at_width(reason, 62);
+        assert!(a.chars().count() <= 62 && !a.ends_with(' '), "{a:?}");
+        assert_eq!(format!("{a} {b}"), reason);
+        assert_eq!(super::split_at_width("short", 62), ("short".to_owned(), String::new()));
+        let (a, _) = super::split_at_width("ééééééééééééééééééééééééé", 12);
+        assert_eq!(a.chars().count(), 12, "cut on a character, not a byte");
+    }
+
     use super::*;
     use crate::hpa::{self, Autoscaler, MetricReading, Observation, Timestamp};
 
