@@ -16,11 +16,10 @@ pub const DEFAULT_RESULT_EXPIRES: Duration = Duration::from_secs(86_400);
 /// The broker's database number when the broker and the result backend are databases of one
 /// Redis server (same address and credentials), so a result and its ack can travel together.
 pub fn shared_broker_db(broker_url: &str, backend_url: &str) -> Option<i64> {
-    let broker = redis::Client::open(broker_url).ok()?;
-    let backend = redis::Client::open(backend_url).ok()?;
-    let (b, r) = (broker.get_connection_info(), backend.get_connection_info());
-    let (bs, rs) = (b.redis_settings(), r.redis_settings());
-    (b.addr() == r.addr() && bs.username() == rs.username() && bs.password() == rs.password()).then(|| bs.db())
+    if !crate::redis_url::same_server(broker_url, backend_url) {
+        return None;
+    }
+    crate::redis_url::db_of(broker_url)
 }
 
 /// Outcome of a store.

@@ -38,6 +38,7 @@ pub struct WorkerMetrics {
     pub restored: IntCounter,
     pub requeued: IntCounter,
     pub duplicates_skipped: IntCounter,
+    pub delivery_panics: IntCounter,
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
@@ -129,6 +130,11 @@ impl WorkerMetrics {
                 &r,
                 "celery_worker_duplicates_skipped_total",
                 "Redelivered messages whose task had already succeeded (acked, not run again).",
+            ),
+            delivery_panics: int_counter(
+                &r,
+                "celery_worker_delivery_panics_total",
+                "Deliveries that panicked; the message they held was put back (or, on a repeat, failed).",
             ),
             registry: r,
         };

@@ -241,6 +241,86 @@ fn parse_sentinel(raw: &str, flag: Option<&str>) -> Result<RedisUrl, UrlError> {
     }))
 }
 
+/// The same URL naming database `db` instead, everything else kept as written: credentials,
+/// query options (TLS CA and client certificate, `password=`), the fragment. `redis://` and
+/// `rediss://` carry the database in the path, a unix socket in `?db=` (its path is the
+/// socket's), `sentinel://` in the path of its last part.
+pub fn with_db(raw: &str, db: i64) -> Result<String, UrlError> {
+    let scheme = raw.split_once("://").map(|(s, _)| s.to_ascii_lowercase()).unwrap_or_default();
+    let parse = |part: &str| url::Url::parse(part).map_err(|e| UrlError::Syntax(e.to_string()));
+    match scheme.as_str() {
+        "redis" | "rediss" | "valkey" | "valkeys" => {
+            let mut url = parse(raw)?;
+            url.set_path(&format!("/{db}"));
+            Ok(url.to_string())
+        }
+        "unix" | "redis+unix" | "redis+socket" | "socket" => {
+            let mut url = parse(raw)?;
+            let mut replaced = false;
+            let mut pairs: Vec<String> = url
+                .query()
+                .unwrap_or_default()
+                .split('&')
+                .filter(|p| !p.is_empty())
+                .map(|p| match p.split_once('=').map_or(p, |(k, _)| k) {
+                    "db" => {
+                        replaced = true;
+                        format!("db={db}")
+                    }
+                    _ => p.to_owned(),
+                })
+                .collect();
+            if !replaced {
+                pairs.push(format!("db={db}"));
+            }
+            url.set_query(Some(&pairs.join("&")));
+            Ok(url.to_string())
+        }
+        "sentinel" => {
+            let mut parts: Vec<String> = split_multi(raw).into_iter().map(str::to_owned).collect();
+            let last = parts.last_mut().ok_or_else(|| UrlError::Syntax("empty URL".into()))?;
+            let mut url = parse(last)?;
+            url.set_path(&format!("/{db}"));
+            *last = url.to_string();
+            Ok(parts.join(";"))
+        }
+        other => Err(UrlError::Scheme(other.to_owned())),
+    }
+}
+
+/// Whether two URLs reach the same Redis server as the same user (databases aside), so one
+/// connection could serve both. False when either does not parse.
+pub fn same_server(a: &str, b: &str) -> bool {
+    fn server(raw: &str) -> Option<(redis::ConnectionAddr, Option<String>, Option<String>)> {
+        match parse(raw, None) {
+            Ok(RedisUrl::Direct { url, .. }) => {
+                let info = redis::Client::open(url.as_str()).ok()?.get_connection_info().clone();
+                let s = info.redis_settings();
+                Some((info.addr().clone(), s.username().map(str::to_owned), s.password().map(str::to_owned)))
+            }
+            // The master behind the sentinels is only known at run time.
+            _ => None,
+        }
+    }
+    matches!((server(a), server(b)), (Some(x), Some(y)) if x == y)
+}
+
+/// The database a URL names (0 when it names none); `None` when it does not parse.
+pub fn db_of(raw: &str) -> Option<i64> {
+    match parse(raw, None) {
+        Ok(RedisUrl::Direct { url, .. }) => {
+            Some(redis::Client::open(url.as_str()).ok()?.get_connection_info().redis_settings().db())
+        }
+        Ok(RedisUrl::Sentinel(s)) => Some(s.db),
+        // A sentinel URL without its master name still names a database.
+        Err(UrlError::NoMasterName) => match parse(raw, Some("-")) {
+            Ok(RedisUrl::Sentinel(s)) => Some(s.db),
+            _ => None,
+        },
+        Err(_) => None,
+    }
+}
+
 /// Split `a://x;b://y` at each `;` that starts another URL (a password may contain `;`).
 fn split_multi(url: &str) -> Vec<&str> {
     let mut parts = Vec::new();
@@ -400,6 +480,53 @@ mod tests {
             panic!()
         };
         assert_eq!(url, "redis+unix:///tmp/r.sock?pass=x&db=3");
+    }
+
+    #[test]
+    fn with_db_keeps_everything_but_the_database() {
+        let cases = [
+            ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/1"),
+            ("redis://:pw@redis:6379/3", "redis://:pw@redis:6379/1"),
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379/1"),
+            ("redis://127.0.0.1:6379/", "redis://127.0.0.1:6379/1"),
+            ("rediss://:pw@h:6380/0?ssl_ca_certs=/ca.pem", "rediss://:pw@h:6380/1?ssl_ca_certs=/ca.pem"),
+            (
+                "rediss://h/0?ssl_cert_reqs=required&ssl_certfile=/c.pem&ssl_keyfile=/k.pem",
+                "rediss://h/1?ssl_cert_reqs=required&ssl_certfile=/c.pem&ssl_keyfile=/k.pem",
+            ),
+            ("redis+unix:///r.sock?db=0", "redis+unix:///r.sock?db=1"),
+            ("redis+unix:///var/run/r.sock", "redis+unix:///var/run/r.sock?db=1"),
+            ("socket:///tmp/r.sock?password=x&db=2", "socket:///tmp/r.sock?password=x&db=1"),
+            ("unix:///tmp/r.sock?pass=x", "unix:///tmp/r.sock?pass=x&db=1"),
+            ("sentinel://a:1;sentinel://b:2/0?master_name=m", "sentinel://a:1;sentinel://b:2/1?master_name=m"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(with_db(input, 1).as_deref(), Ok(want), "{input}");
+        }
+        // What the new URL means: the CA and the socket path survive the parse too.
+        let RedisUrl::Direct { url, tls: Some(tls) } =
+            parse(&with_db("rediss://h:6380/0?ssl_ca_certs=/ca.pem", 1).unwrap(), None).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((url.as_str(), tls.ca_certs), ("rediss://h:6380/1", Some(PathBuf::from("/ca.pem"))));
+        assert_eq!(db_of(&with_db("redis+unix:///r.sock?db=0", 1).unwrap()), Some(1));
+        assert!(matches!(with_db("http://x/0", 1), Err(UrlError::Scheme(_))));
+        assert!(with_db("redis://[::1", 1).is_err(), "no panic on junk");
+    }
+
+    #[test]
+    fn same_server_ignores_the_database_only() {
+        assert!(same_server("redis://h:6379/0", "redis://h:6379/1"));
+        assert!(same_server("redis://:pw@h/0", "redis://:pw@h:6379/5"));
+        assert!(!same_server("redis://:pw@h/0", "redis://:other@h/0"));
+        assert!(!same_server("redis://h:6379/0", "redis://h:6380/0"));
+        assert!(same_server("rediss://h/0?ssl_ca_certs=/ca.pem", "rediss://h/1?ssl_ca_certs=/ca.pem"));
+        assert!(same_server("socket:///tmp/r.sock?db=0", "redis+unix:///tmp/r.sock?db=1"));
+        assert!(!same_server("sentinel://a:1/0?master_name=m", "sentinel://a:1/1?master_name=m"), "unknown master");
+        assert!(!same_server("junk", "junk"));
+        assert_eq!(db_of("redis://h/4"), Some(4));
+        assert_eq!(db_of("sentinel://a:1/3"), Some(3));
     }
 
     #[test]

@@ -144,7 +144,14 @@ struct Worker {
     origin: String,
     /// Events, remote control, the revoked set.
     state: Arc<WorkerState>,
+    /// Task ids whose delivery panicked here once: a second panic fails the task instead of
+    /// putting it back again (no hot loop on a message that always panics).
+    panicked: std::sync::Mutex<std::collections::HashSet<String>>,
 }
+
+/// At most this many task ids are remembered in [`Worker::panicked`]; past it the set starts
+/// again (a repeat is then put back once more, which is harmless).
+const PANICKED_IDS: usize = 10_000;
 
 /// Run a worker serving `registry`'s tasks until SIGTERM/SIGINT. Returns after a clean
 /// shutdown.
@@ -192,6 +199,7 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
         origin: format!("gen{}@{}", std::process::id(), node.split_once('@').map_or(node.as_str(), |(_, h)| h)),
         node,
         state: state.clone(),
+        panicked: std::sync::Mutex::new(Default::default()),
         args,
     });
     worker.metrics.concurrency.set(i64::from(worker.args.concurrency));
@@ -345,17 +353,77 @@ impl Worker {
 
     /// Handle one message, from parsing to acknowledgement, then each next message its finish
     /// script takes on the same fetch slot, until one finishes without taking another.
+    ///
+    /// A panic inside a delivery (anything outside the task body, which [`Call::run`] already
+    /// catches) does not strand its message: the message it held is taken out of [`InFlight`]
+    /// (so its lease is no longer renewed) and put back at the front of its queue, or, when
+    /// the same task already panicked here once, failed with a `RuntimeError` and acknowledged.
     async fn deliver(self: Arc<Self>, taken: Taken, fetch_slot: OwnedSemaphorePermit) {
+        use futures::FutureExt as _;
         let mut fetch_slot = Some(fetch_slot);
         let mut next = Some(taken);
         while let Some(taken) = next.take() {
-            next = self.deliver_one(taken, &mut fetch_slot).await;
+            let mut holding = None;
+            let delivered = std::panic::AssertUnwindSafe(self.deliver_one(taken, &mut fetch_slot, &mut holding))
+                .catch_unwind()
+                .await;
+            match delivered {
+                Ok(n) => next = n,
+                Err(payload) => {
+                    self.recover_panicked(holding.as_deref(), panic_text(payload.as_ref())).await;
+                    return;
+                }
+            }
         }
+    }
+
+    /// Settle the message a panicked delivery held (see [`Self::deliver`]).
+    async fn recover_panicked(&self, tag: Option<&str>, why: String) {
+        self.metrics.delivery_panics.inc();
+        let Some((tag, held)) = tag.and_then(|t| self.in_flight.finish(t).map(|h| (t, h))) else {
+            // Nothing held (it panicked before holding, or after settling): whatever is in
+            // `unacked` without a lease comes back after the visibility timeout.
+            tracing::error!(panic = %why, "a delivery panicked; it held no message");
+            return;
+        };
+        let msg = &held.msg;
+        let repeat = {
+            let mut seen = self.panicked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if seen.len() >= PANICKED_IDS {
+                seen.clear();
+            }
+            !seen.insert(msg.id.clone())
+        };
+        if !repeat {
+            tracing::error!(task_id = %msg.id, task = %msg.task, panic = %why, "a delivery panicked; putting its message back");
+            self.state.released(&msg.id);
+            self.put_back(tag, &held.entry).await;
+            return;
+        }
+        tracing::error!(task_id = %msg.id, task = %msg.task, panic = %why, "a delivery panicked again for this task; storing FAILURE");
+        let exc = ExceptionInfo::builtin("RuntimeError", format!("worker panicked delivering this task: {why}"));
+        self.metrics.failure.with_label_values(&[&msg.task]).inc();
+        self.state.failed(msg, &exc);
+        // The task's own options may be what panics: only the message's ignore_result counts.
+        if msg.ignore_result != Some(true) {
+            let mut meta = ResultMeta::failure(&msg.id, &msg.task, &exc, Utc::now());
+            meta.group_id = msg.group.clone();
+            meta.parent_id = msg.parent_id.clone();
+            self.redis_backend("store a result", || self.backend.store(&meta)).await;
+        }
+        self.ack(tag).await;
     }
 
     /// Handle one message from `key`, from parsing to acknowledgement. Returns the next
     /// message when the finish took one (only while `fetch_slot` is held: it passes to it).
-    async fn deliver_one(&self, taken: Taken, fetch_slot: &mut Option<OwnedSemaphorePermit>) -> Option<Taken> {
+    /// `holding` is set to the delivery tag once the message is held (for [`Self::deliver`]'s
+    /// panic recovery).
+    async fn deliver_one(
+        &self,
+        taken: Taken,
+        fetch_slot: &mut Option<OwnedSemaphorePermit>,
+        holding: &mut Option<String>,
+    ) -> Option<Taken> {
         let Taken { key, bytes, recorded_as } = taken;
         let queue = keys::queue_of_key(&key).to_owned();
         let msg = match parse_message_within(&bytes, self.args.max_message_bytes as usize) {
@@ -409,6 +477,7 @@ impl Worker {
             self.put_back(&tag, &held.entry).await;
             return None;
         }
+        *holding = Some(tag.clone());
 
         if self.state.revoked.contains(&msg.id) {
             self.skip_revoked(&msg, &*task, &tag).await;
@@ -784,6 +853,15 @@ impl Worker {
         self.give_up.store(true, Ordering::Relaxed);
         deliveries.abort_all();
     }
+}
+
+/// What a panic said, for the log and the stored exception.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// A redelivered duplicate may finish after the first run stored SUCCESS: the store keeps it.

@@ -409,7 +409,12 @@ impl Run {
                 (Some(r), url)
             }
         };
-        let backend_url = args.backend_url.clone().unwrap_or_else(|| with_db(&broker_url, 1));
+        let backend_url = match &args.backend_url {
+            Some(url) => url.clone(),
+            // The broker's URL was checked before anything started; a URL `with_db` cannot
+            // rewrite is kept as is (the backend then shares the broker's database).
+            None => crate::redis_url::with_db(&broker_url, 1).unwrap_or_else(|_| broker_url.clone()),
+        };
         let exporter = start_exporter(&args, &broker_url, &queue).await?;
 
         let fleet = Fleet::new(
@@ -836,24 +841,9 @@ fn default_data_dir() -> PathBuf {
     base.join("celery-autoscale/local")
 }
 
-/// The same Redis URL with another database number.
-fn with_db(url: &str, db: u8) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("redis", url));
-    let host = rest.split_once('/').map_or(rest, |(h, _)| h);
-    format!("{scheme}://{host}/{db}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backend_defaults_to_db1_of_the_broker() {
-        assert_eq!(with_db("redis://127.0.0.1:6379/0", 1), "redis://127.0.0.1:6379/1");
-        assert_eq!(with_db("redis://:pw@redis:6379/3", 1), "redis://:pw@redis:6379/1");
-        assert_eq!(with_db("redis://127.0.0.1:6379", 1), "redis://127.0.0.1:6379/1");
-        assert_eq!(with_db("redis://127.0.0.1:6379/", 1), "redis://127.0.0.1:6379/1");
-    }
 
     #[test]
     fn the_project_hpa_is_built_in_and_names_its_queue() {
