@@ -12,7 +12,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 SELF=$ROOT/scripts/control-plane/build.sh
 TOOLS=$ROOT/tools
-export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
+export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=readonly
 
 command -v go >/dev/null || { echo "build.sh: go is not on PATH; install Go >= 1.26 (the tools modules need it)" >&2; exit 1; }
 
