@@ -370,7 +370,7 @@ impl Worker {
             match delivered {
                 Ok(n) => next = n,
                 Err(payload) => {
-                    self.recover_panicked(holding.as_deref(), panic_text(payload.as_ref())).await;
+                    self.recover_panicked(holding.as_deref(), crate::task::panic_text(payload.as_ref())).await;
                     return;
                 }
             }
@@ -853,15 +853,6 @@ impl Worker {
         self.give_up.store(true, Ordering::Relaxed);
         deliveries.abort_all();
     }
-}
-
-/// What a panic said, for the log and the stored exception.
-fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// A redelivered duplicate may finish after the first run stored SUCCESS: the store keeps it.

@@ -293,12 +293,16 @@ impl Drop for CancelOnDrop {
 }
 
 fn panicked(payload: &(dyn std::any::Any + Send)) -> TaskError {
-    let what = payload
+    TaskError::runtime_error(format!("task panicked: {}", panic_text(payload)))
+}
+
+/// What a panic said (its `&str` or `String` payload), for logs and stored exceptions.
+pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
         .downcast_ref::<&str>()
-        .map(|s| s.to_string())
+        .map(|s| (*s).to_owned())
         .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into());
-    TaskError::runtime_error(format!("task panicked: {what}"))
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// A task the worker can run. Most tasks are closures registered with
