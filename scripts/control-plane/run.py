@@ -119,7 +119,8 @@ class Harness:
             p.wait(10)
 
     def stop_all(self):
-        # The node first, so its pods get their grace while the API server still answers.
+        # Last started, first stopped: the node (and what came after it) before the API server,
+        # so its pods get their grace while the API server still answers.
         for name, p in reversed(self.procs):
             self._stop(name, p, 60 if name == "pod-runner" else 15)
         self.procs.clear()
@@ -389,16 +390,20 @@ class Harness:
         return r.stdout
 
     # ---- the checks (the negative tests call these too) --------------------------------------------
-    def check_apiservice(self, timeout=90):
-        def available():
-            s = self.get_json("apiservice", APISERVICE)
-            cond = {c["type"]: c for c in s.get("status", {}).get("conditions", [])}
-            a = cond.get("Available", {})
-            if a.get("status") == "True":
+    def condition_true(self, what, get, ctype, timeout, hint):
+        """Waits until condition `ctype` of the object `get()` returns is True; the last reason
+        and message go into the failure."""
+        def true():
+            cond = {c["type"]: c for c in get().get("status", {}).get("conditions", [])}.get(ctype, {})
+            if cond.get("status") == "True":
                 return True
-            raise Fail(f"{a.get('reason')}: {a.get('message')}")
-        self.wait(f"APIService {APISERVICE} Available", available, timeout,
-                  f"look at the APIService {APISERVICE} (group, version, service) and {self.logs}/prometheus-adapter.log")
+            raise Fail(f"{ctype}={cond.get('status')} {cond.get('reason')}: {cond.get('message')}")
+        self.wait(what, true, timeout, hint)
+
+    def check_apiservice(self, timeout=90):
+        self.condition_true(f"APIService {APISERVICE} Available", lambda: self.get_json("apiservice", APISERVICE),
+                            "Available", timeout,
+                            f"look at the APIService {APISERVICE} (group, version, service) and {self.logs}/prometheus-adapter.log")
 
     def metric_value(self):
         r = self.kubectl("get", "--raw", METRIC_PATH, check=False)
@@ -422,16 +427,10 @@ class Harness:
                   f"Prometheus' target celery-queue-exporter, and {self.logs}/prometheus-adapter.log", every=2)
 
     def check_hpa(self, timeout=120):
-        def active():
-            h = self.get_json("-n", NS, "hpa", "worker")
-            cond = {c["type"]: c for c in h.get("status", {}).get("conditions", [])}
-            s = cond.get("ScalingActive", {})
-            if s.get("status") == "True":
-                return True
-            raise Fail(f"ScalingActive={s.get('status')} {s.get('reason')}: {s.get('message')}")
-        self.wait(f"HorizontalPodAutoscaler {NS}/worker ScalingActive", active, timeout,
-                  f"look at the HPA's metric (name, selector) in HorizontalPodAutoscaler {NS}/worker and "
-                  f"`kubectl describe hpa worker`; {self.logs}/kube-controller-manager.log")
+        self.condition_true(f"HorizontalPodAutoscaler {NS}/worker ScalingActive",
+                            lambda: self.get_json("-n", NS, "hpa", "worker"), "ScalingActive", timeout,
+                            f"look at the HPA's metric (name, selector) in HorizontalPodAutoscaler {NS}/worker and "
+                            f"`kubectl describe hpa worker`; {self.logs}/kube-controller-manager.log")
 
     def deployment(self, name="worker"):
         d = self.get_json("-n", NS, "deployment", name)
@@ -681,7 +680,7 @@ def fmt(v):
     return f"{v:g}"
 
 
-def check_runs(h, expected):
+def check_runs(h):
     """Every worker pod that stopped logged how many tasks it started; their sum over the fleet is
     the number of tasks sent when none ran twice and none was lost."""
     started, stopped, pods = 0, 0, 0
@@ -830,8 +829,8 @@ def main():
             negative_tests(h, docs)
         # Stop the node first: every worker gets SIGTERM and its grace, as on a node drain.
         h.stop("pod-runner", grace=60)
-        expected = (400 if "burst" in peaks else 0) + (ramp_total(h) if "ramp" in peaks else 0)
-        started_runs, stopped, pods = check_runs(h, expected)
+        expected = (400 if "burst" in peaks else 0) + (ramp_total() if "ramp" in peaks else 0)
+        started_runs, stopped, pods = check_runs(h)
         if stopped != pods:
             raise Fail(f"{pods - stopped} worker pods did not stop cleanly (no 'worker stopped' line); see {h.logs}")
         if started_runs != expected:
@@ -868,7 +867,7 @@ def preflight():
                        "net.ipv4.ip_unprivileged_port_start=443") from None
 
 
-def ramp_total(h):
+def ramp_total():
     # loadgen ramp sends round(∫ rate dt) tasks: (from + to) / 2 · duration.
     f, t, d = float(RAMP[1]), float(RAMP[3]), float(RAMP[5])
     return round((f + t) / 2 * d)

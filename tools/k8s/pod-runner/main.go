@@ -306,7 +306,6 @@ type podProc struct {
 	pod       *corev1.Pod
 	ctrs      []*container
 	stopping  bool
-	done      bool
 	startTime metav1.Time
 	cancel    context.CancelFunc
 	finished  chan struct{}
@@ -551,9 +550,6 @@ func (p *podProc) finish(ctx context.Context, failed bool) {
 	if failed {
 		phase = corev1.PodFailed
 	}
-	p.mu.Lock()
-	p.done = true
-	p.mu.Unlock()
 	logf("%s/%s: %s", p.ns, p.name, phase)
 	p.writeStatus(ctx, phase, "")
 }
@@ -748,17 +744,14 @@ func (r *runner) rewrite(ns string, ct *container, s string) string {
 	return s
 }
 
-// replaceHostPort replaces host:port where it stands as an address (after //, @ or at the start).
+// replaceHostPort replaces host:port where it stands as an address: at the start, or after
+// "//" or "@" (a URL's authority).
 func replaceHostPort(s, hostPort, addr string) string {
-	for _, prefix := range []string{"//", "@", ""} {
-		needle := prefix + hostPort
-		if prefix == "" {
-			if strings.HasPrefix(s, hostPort) {
-				s = addr + s[len(hostPort):]
-			}
-			continue
-		}
-		s = strings.ReplaceAll(s, needle, prefix+addr)
+	if strings.HasPrefix(s, hostPort) {
+		s = addr + s[len(hostPort):]
+	}
+	for _, prefix := range []string{"//", "@"} {
+		s = strings.ReplaceAll(s, prefix+hostPort, prefix+addr)
 	}
 	return s
 }
