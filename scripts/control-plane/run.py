@@ -874,6 +874,9 @@ def ramp_total():
 
 
 def check_metric_against_redis(samples):
+    """Each served value must be a depth Redis held in the 20 s before it. The depth is sampled
+    every ~2 s, so a peak between two samples is not seen: the range is widened by the largest
+    change between consecutive samples in the window."""
     bad = []
     for i, s in enumerate(samples):
         if s["metric"] == "":
@@ -881,7 +884,8 @@ def check_metric_against_redis(samples):
         t = dt.datetime.fromisoformat(s["time"])
         window = [x["redis_depth"] for x in samples[max(0, i - 15):i + 1]
                   if (t - dt.datetime.fromisoformat(x["time"])).total_seconds() <= 20]
-        lo, hi = min(window), max(window)
+        step = max((abs(a - b) for a, b in zip(window, window[1:])), default=0)
+        lo, hi = min(window) - step, max(window) + step
         if not (lo <= s["metric"] <= hi):
             bad.append(f"{s['time']} metric {s['metric']} outside [{lo}, {hi}]")
     return bad
