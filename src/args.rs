@@ -105,6 +105,13 @@ pub enum StartError {
     NoQueues,
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    /// Redis refused a command for good (an ACL); retrying could not help. The text is
+    /// [`crate::connection::explain`]'s: the error, the setting and the fix.
+    #[error("stopped: Redis refused a command: {0}")]
+    Refused(String),
+    /// A background service the worker needs ended; the text says which and why.
+    #[error("stopped: {0}")]
+    ServiceEnded(String),
 }
 
 #[cfg(test)]

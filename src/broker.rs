@@ -9,7 +9,7 @@ use crate::scripts;
 use crate::wire::UnackedEntry;
 use crate::wire::keys::{self, PrioritySteps};
 use redis::{AsyncCommands, RedisResult, Script};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -63,6 +63,91 @@ pub struct RestoreReport {
     pub unroutable: usize,
 }
 
+/// How long a worker's take marker outlives its last take (a crashed worker's expires; what
+/// its lost takes took comes back through the visibility timeout, as with Celery).
+const MARKER_TTL_MS: u64 = 3_600_000;
+
+/// A worker's notes of its own takes (key `keys::take_marker`, one hash per process): each take
+/// script records `token → delivery tag` in it. A take whose reply never arrived (the
+/// connection broke or timed out, so whether it ran is unknown) keeps its token in `lost`; the
+/// fetcher looks each one up once Redis answers again ([`scripts::RECLAIM`]) and runs what it
+/// took at once, instead of leaving it in `unacked` until the visibility timeout (an hour by
+/// default). Tokens of takes whose replies did arrive are deleted by the next take.
+#[derive(Debug)]
+pub struct TakeMarker {
+    key: String,
+    next: AtomicU64,
+    /// Tokens to delete from the hash with the next take.
+    forget: std::sync::Mutex<Vec<u64>>,
+    /// Tokens of takes whose replies were lost, to look up.
+    lost: std::sync::Mutex<Vec<u64>>,
+}
+
+/// One take's token and the tokens its script deletes.
+struct Attempt {
+    token: u64,
+    forget: Vec<u64>,
+}
+
+impl Attempt {
+    fn forget_arg(&self) -> String {
+        self.forget.iter().map(u64::to_string).collect::<Vec<_>>().join(" ")
+    }
+}
+
+fn locked<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl TakeMarker {
+    fn new() -> Arc<Self> {
+        Arc::new(TakeMarker {
+            key: keys::take_marker(&uuid::Uuid::new_v4().to_string()),
+            next: AtomicU64::new(1),
+            forget: Default::default(),
+            lost: Default::default(),
+        })
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    fn begin(&self) -> Attempt {
+        let forget = std::mem::take(&mut *locked(&self.forget));
+        Attempt { token: self.next.fetch_add(1, Ordering::Relaxed), forget }
+    }
+
+    /// After the take's reply (or its failure).
+    fn end<T>(&self, attempt: Attempt, result: &RedisResult<Option<T>>) {
+        self.ended(attempt, result.as_ref().map(Option::is_some));
+    }
+
+    /// [`Self::end`] given whether the take took a message.
+    fn ended(&self, attempt: Attempt, result: Result<bool, &redis::RedisError>) {
+        match result {
+            Ok(false) => locked(&self.forget).extend(attempt.forget),
+            Ok(true) => {
+                let mut forget = locked(&self.forget);
+                forget.push(attempt.token);
+            }
+            Err(e) => {
+                // The script may or may not have run: forget again next time (HDEL is
+                // idempotent), and, if the reply was lost, look the take up.
+                locked(&self.forget).extend(attempt.forget);
+                if crate::connection::classify(e) == crate::connection::Failure::Connection {
+                    locked(&self.lost).push(attempt.token);
+                }
+            }
+        }
+    }
+
+    /// Whether a take's reply was lost and not yet looked up.
+    pub fn has_lost(&self) -> bool {
+        !locked(&self.lost).is_empty()
+    }
+}
+
 /// The broker side of the transport: everything except the blocking fetch.
 #[derive(Clone)]
 pub struct Broker {
@@ -71,6 +156,7 @@ pub struct Broker {
     move_back: Script,
     release_mutex: Script,
     finish: Script,
+    marker: Arc<TakeMarker>,
 }
 
 impl Broker {
@@ -81,7 +167,23 @@ impl Broker {
             move_back: Script::new(MOVE_BACK),
             release_mutex: Script::new(RELEASE_MUTEX),
             finish: Script::new(scripts::FINISH),
+            marker: TakeMarker::new(),
         }
+    }
+
+    /// The fetcher for this broker: it shares the take marker, so it finds what a finish
+    /// script's lost take took as well as its own.
+    pub fn fetcher(&self, wait_conns: Vec<Conn>, lists: Arc<TakeList>) -> Fetcher {
+        Fetcher::with_marker(self.conn.clone(), wait_conns, lists, self.marker.clone())
+    }
+
+    pub fn marker(&self) -> &TakeMarker {
+        &self.marker
+    }
+
+    /// Delete the take marker (a clean shutdown: nothing this process took is unsettled).
+    pub async fn forget_marker(&self) -> RedisResult<()> {
+        self.conn.clone().del(&self.marker.key).await
     }
 
     pub fn steps(&self) -> &PrioritySteps {
@@ -126,14 +228,29 @@ impl Broker {
         next: Option<&TakeList>,
         now_unix: f64,
     ) -> RedisResult<Finished> {
+        let attempt = self.marker.begin();
+        let result = self.finish_once(tag, store, next, now_unix, &attempt).await;
+        self.marker.ended(attempt, result.as_ref().map(|f| f.next.is_some()));
+        result
+    }
+
+    async fn finish_once(
+        &self,
+        tag: &str,
+        store: Option<&SharedStore>,
+        next: Option<&TakeList>,
+        now_unix: f64,
+        attempt: &Attempt,
+    ) -> RedisResult<Finished> {
         let mut invocation = self.finish.prepare_invoke();
         invocation.key(keys::UNACKED).key(keys::UNACKED_INDEX).key(store.map_or("", |s| s.key.as_str()));
+        invocation.key(&self.marker.key);
         invocation.arg(tag).arg(self.conn.db());
         match store {
             Some(s) => invocation.arg(s.db).arg(&s.meta).arg(s.ttl),
             None => invocation.arg("").arg("").arg(0),
         };
-        invocation.arg(now_unix);
+        invocation.arg(now_unix).arg(attempt.token).arg(attempt.forget_arg()).arg(MARKER_TTL_MS);
         if let Some(lists) = next {
             lists.add_to(&mut invocation);
         }
@@ -450,6 +567,8 @@ enum Wait {
 /// every list is empty the fetcher blocks (never polls) until one is not.
 pub struct Fetcher {
     take_conn: Conn,
+    marker: Arc<TakeMarker>,
+    reclaim: Script,
     wait: Wait,
     lists: Arc<TakeList>,
     take: Script,
@@ -515,8 +634,14 @@ impl Fetcher {
     /// `wait_conns`: one connection per list of `lists`, each with a response timeout longer
     /// than [`BRPOP_TIMEOUT`].
     pub fn new(take_conn: Conn, wait_conns: Vec<Conn>, lists: Arc<TakeList>) -> Self {
+        Self::with_marker(take_conn, wait_conns, lists, TakeMarker::new())
+    }
+
+    fn with_marker(take_conn: Conn, wait_conns: Vec<Conn>, lists: Arc<TakeList>, marker: Arc<TakeMarker>) -> Self {
         Fetcher {
             take_conn,
+            marker,
+            reclaim: Script::new(scripts::RECLAIM),
             wait: Wait::Rotate(wait_conns),
             lists,
             take: Script::new(scripts::TAKE),
@@ -527,6 +652,9 @@ impl Fetcher {
 
     /// The next message, or `None` after about a quiet second.
     pub async fn fetch(&mut self) -> RedisResult<Option<Taken>> {
+        if let Some(t) = self.reclaim_lost().await? {
+            return Ok(Some(t));
+        }
         if let Some(t) = self.try_take().await? {
             if t.bytes.len() > LARGE_REPLY {
                 self.release_buffers();
@@ -603,10 +731,12 @@ impl Fetcher {
             }
             Err(e) => return Err(e),
         };
+        let attempt = self.marker.begin();
         let mut pipe = redis::pipe();
         pipe.add_command(rotate(&keys[0])).ignore();
-        let take = pipe.cmd("EVALSHA").arg(self.take.get_hash()).arg(keys.len() + 2);
-        take.arg(keys::UNACKED).arg(keys::UNACKED_INDEX).arg(keys).arg("");
+        let take = pipe.cmd("EVALSHA").arg(self.take.get_hash()).arg(keys.len() + 3);
+        take.arg(keys::UNACKED).arg(keys::UNACKED_INDEX).arg(&self.marker.key).arg(keys);
+        take.arg("").arg(attempt.token).arg(attempt.forget_arg()).arg(MARKER_TTL_MS);
         take.arg(&lists.queue_json);
         let taken = pipe.query_async::<(Option<(String, Vec<u8>, String)>,)>(&mut taker);
         let mut wakers = rotate_waits(&conns[1..], &keys[1..]);
@@ -633,17 +763,19 @@ impl Fetcher {
             }
         };
         drop(wakers);
+        let mut reply = reply.map(|(reply,)| reply.map(|(key, bytes, tag)| Taken::from_reply(key, bytes, tag)));
+        if matches!(reply, Ok(Some(_))) && lost_reply_for_test("wait") {
+            reply = Err(lost_reply_error());
+        }
+        self.marker.end(attempt, &reply);
         let taken = match reply {
-            Ok((reply,)) => reply.map(|(key, bytes, tag)| Taken::from_reply(key, bytes, tag)),
+            Ok(taken) => taken,
             // The script was flushed (a Redis restart): nothing ran; the next take reloads it.
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => None,
             Err(e) => return Err(e),
         };
         if taken.is_some() {
             tracing::debug!(unblocked, "an idle wait took a message");
-        }
-        if taken.is_some() && lost_reply_for_test("wait") {
-            return Err(lost_reply_error());
         }
         Ok(self.after_wait(taken))
     }
@@ -674,14 +806,53 @@ impl Fetcher {
 
     /// One atomic take; `None` when every list is empty.
     pub async fn try_take(&mut self) -> RedisResult<Option<Taken>> {
+        let attempt = self.marker.begin();
         let mut invocation = self.take.prepare_invoke();
-        invocation.key(keys::UNACKED).key(keys::UNACKED_INDEX);
+        invocation.key(keys::UNACKED).key(keys::UNACKED_INDEX).key(&self.marker.key);
         invocation.arg(crate::wire::time::unix_seconds(chrono::Utc::now()));
+        invocation.arg(attempt.token).arg(attempt.forget_arg()).arg(MARKER_TTL_MS);
         self.lists.add_to(&mut invocation);
-        let reply: Option<(String, Vec<u8>, String)> = invocation.invoke_async(&mut self.take_conn).await?;
-        if reply.is_some() && lost_reply_for_test("fetch") {
-            return Err(lost_reply_error());
+        let mut reply = invocation
+            .invoke_async::<Option<(String, Vec<u8>, String)>>(&mut self.take_conn)
+            .await
+            .map(|r| r.map(|(key, bytes, tag)| Taken::from_reply(key, bytes, tag)));
+        if matches!(reply, Ok(Some(_))) && lost_reply_for_test("fetch") {
+            reply = Err(lost_reply_error());
         }
-        Ok(reply.map(|(key, bytes, tag)| Taken::from_reply(key, bytes, tag)))
+        self.marker.end(attempt, &reply);
+        reply
+    }
+
+    /// Look up the takes whose replies were lost ([`TakeMarker`]); the first that took a
+    /// message still in `unacked` is returned, recorded and leased as any take.
+    async fn reclaim_lost(&mut self) -> RedisResult<Option<Taken>> {
+        loop {
+            let Some(token) = locked(&self.marker.lost).pop() else { return Ok(None) };
+            let found: RedisResult<Option<(String, Vec<u8>)>> = self
+                .reclaim
+                .key(&self.marker.key)
+                .key(keys::UNACKED)
+                .key(keys::UNACKED_INDEX)
+                .arg(token)
+                .invoke_async(&mut self.take_conn)
+                .await;
+            let (tag, entry) = match found {
+                Ok(Some(found)) => found,
+                Ok(None) => continue,
+                Err(e) => {
+                    locked(&self.marker.lost).push(token);
+                    return Err(e);
+                }
+            };
+            match crate::wire::message::split_unacked_entry(&entry) {
+                Some((envelope, queue)) => {
+                    tracing::info!(delivery_tag = %tag, "a take whose reply was lost had taken a message; running it now instead of after the visibility timeout");
+                    return Ok(Some(Taken { key: queue, bytes: envelope.to_vec(), recorded_as: Some(tag) }));
+                }
+                None => {
+                    tracing::warn!(delivery_tag = %tag, "a lost take's unacked entry is not in the shape takes write; leaving it to the visibility timeout");
+                }
+            }
+        }
     }
 }

@@ -108,8 +108,12 @@ impl Health {
 pub fn explain(e: &RedisError, setting: &str, redacted_url: &str) -> String {
     let text = e.to_string();
     let lower = text.to_ascii_lowercase();
-    if e.kind() == redis::ErrorKind::AuthenticationFailed || text.contains("NOAUTH") || text.contains("WRONGPASS") {
+    if e.kind() == redis::ErrorKind::AuthenticationFailed || matches!(e.code(), Some("NOAUTH" | "WRONGPASS")) {
         format!("{text} — check the password in {setting}={redacted_url}")
+    } else if classify(e) == Failure::Permanent {
+        format!(
+            "{text} — the Redis user in {setting}={redacted_url} lacks a permission this program needs: grant it (README: Redis ACLs) and start again"
+        )
     } else if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
         format!(
             "{text} — TLS to {redacted_url} failed: check ssl_ca_certs (the CA that signed the server's certificate), ssl_certfile/ssl_keyfile, or ssl_cert_reqs in {setting}"
@@ -217,20 +221,47 @@ fn certificates(tls: &TlsOptions) -> Result<redis::TlsCertificates, redis_url::U
     Ok(redis::TlsCertificates { client_tls, root_cert })
 }
 
+/// TCP settings of every connection: keepalive probes after 30 s of silence (then every 10 s),
+/// and `TCP_USER_TIMEOUT` 30 s (data unacknowledged that long ends the connection), so the
+/// kernel notices a peer that vanished (a dead node or NAT entry) even on a quiet connection.
+/// Nagle stays as redis-rs leaves it. What the kernel cannot see (a proxy that accepts and
+/// stops forwarding) the per-command response timeouts and the Pub/Sub health check catch.
+fn tcp_settings() -> redis::io::tcp::TcpSettings {
+    use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
+    let keepalive =
+        TcpKeepalive::new().with_time(Duration::from_secs(30)).with_interval(Duration::from_secs(10)).with_retries(3);
+    let settings = TcpSettings::default().set_keepalive(keepalive);
+    #[cfg(target_os = "linux")]
+    let settings = settings.set_user_timeout(Duration::from_secs(30));
+    settings
+}
+
 fn client(url: &str, tls: Option<&TlsOptions>, certs: Option<&redis::TlsCertificates>) -> RedisResult<Client> {
     let client = match certs {
         Some(certs) => Client::build_with_tls(url, certs.clone())?,
         None => Client::open(url)?,
     };
+    let info = client.get_connection_info().clone().set_tcp_settings(tcp_settings());
     match tls {
         Some(t) if t.verify && !t.check_hostname => {
-            let info = client.get_connection_info().clone();
             let mut addr = info.addr().clone();
             addr.set_danger_accept_invalid_hostnames(true);
             Client::open(info.set_addr(addr))
         }
-        _ => Ok(client),
+        _ => Client::open(info),
     }
+}
+
+/// A timeout as a Redis error (a deadline of ours, not the client's).
+pub fn timed_out(what: &str) -> RedisError {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer from Redis in time ({what})")).into()
+}
+
+/// How long a command may wait for its reply before the connection is taken for dead and
+/// reopened, given the health-check interval: the interval, at most 10 s (replies may queue
+/// behind a busy Redis). A blocking command needs its block time on top.
+pub fn response_timeout(health_check_interval: Duration) -> Duration {
+    health_check_interval.min(Duration::from_secs(10))
 }
 
 /// Errors after which the connection (or, with Sentinel, the master it points at) is suspect.
@@ -348,7 +379,11 @@ impl Conn {
     /// A new Pub/Sub connection to the same node, with the same TLS settings (for Sentinel, the
     /// current master). Pub/Sub ignores the database number.
     pub async fn pubsub(&self) -> RedisResult<redis::aio::PubSub> {
-        self.inner.node_client().await?.get_async_pubsub().await
+        let client = self.inner.node_client().await?;
+        match tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub()).await {
+            Ok(pubsub) => pubsub,
+            Err(_) => Err(timed_out("connecting for Pub/Sub")),
+        }
     }
 
     async fn run<T>(&self, op: impl AsyncFnOnce(&mut MultiplexedConnection) -> RedisResult<T>) -> RedisResult<T> {
@@ -384,7 +419,8 @@ impl ConnectionLike for Conn {
     }
 }
 
-/// Exponential backoff from 100 ms to 5 s.
+/// Exponential backoff from 100 ms to 5 s, jittered: each delay is drawn from the upper half
+/// of its step (`d/2 ..= d`), so a fleet that lost Redis together does not reconnect in lockstep.
 #[derive(Debug)]
 pub struct Backoff {
     next: Duration,
@@ -400,14 +436,56 @@ impl Backoff {
     pub fn next_delay(&mut self) -> Duration {
         let d = self.next;
         self.next = (self.next * 2).min(Duration::from_secs(5));
-        d
+        d.mul_f64(rand::random_range(0.5..=1.0))
+    }
+}
+
+/// What kind of failure a Redis error is, by its kind and server error code (never its text).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The connection failed or timed out: retry; the reply of a command in flight is unknown
+    /// (it may or may not have run).
+    Connection,
+    /// Redis answered with an error that may clear by itself (LOADING, BUSY, TRYAGAIN,
+    /// MASTERDOWN, READONLY during a failover, OOM until memory is freed): retry.
+    Transient,
+    /// Redis refused, and will refuse again until someone changes its configuration (NOPERM:
+    /// an ACL; WRONGPASS/NOAUTH): retrying cannot help.
+    Permanent,
+    /// Any other answered error (a bug, a wrong type): the command ran and failed.
+    Other,
+}
+
+/// Classify `e` (see [`Failure`]).
+pub fn classify(e: &RedisError) -> Failure {
+    use redis::{ErrorKind, ServerErrorKind};
+    if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_connection_refusal() {
+        return Failure::Connection;
+    }
+    match (e.kind(), e.code()) {
+        (ErrorKind::Server(ServerErrorKind::NoPerm), _) | (ErrorKind::AuthenticationFailed, _) => Failure::Permanent,
+        (_, Some("NOAUTH" | "WRONGPASS" | "NOPERM")) => Failure::Permanent,
+        (
+            ErrorKind::Server(
+                ServerErrorKind::BusyLoading
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::MasterDown
+                | ServerErrorKind::ReadOnly
+                | ServerErrorKind::ClusterDown,
+            ),
+            _,
+        ) => Failure::Transient,
+        (_, Some("OOM" | "BUSY" | "LOADING")) => Failure::Transient,
+        _ if e.is_unrecoverable_error() => Failure::Connection,
+        _ => Failure::Other,
     }
 }
 
 /// Run `op` until it succeeds, sleeping with backoff between failures and logging the outage
-/// when it starts, every 30 s while it lasts, and when it ends. Gives up (returns `None`)
-/// only when `give_up` becomes true — the worker's forced exit.
-pub async fn retry<T, F, Fut>(health: &Health, what: &str, give_up: &AtomicBool, mut op: F) -> Option<T>
+/// when it starts, every 30 s while it lasts, and when it ends. Gives up (returns `Err`) when
+/// `give_up` becomes true — the worker's forced exit — or at once on a [`Failure::Permanent`]
+/// error, which it returns: the caller stops with it rather than retry for ever.
+pub async fn retry<T, F, Fut>(health: &Health, what: &str, give_up: &AtomicBool, mut op: F) -> Result<T, GaveUp>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = redis::RedisResult<T>>,
@@ -417,17 +495,29 @@ where
         match op().await {
             Ok(v) => {
                 health.set_connected();
-                return Some(v);
+                return Ok(v);
+            }
+            Err(e) if classify(&e) == Failure::Permanent => {
+                return Err(GaveUp::Refused(explain(&e, health.setting, &health.url)));
             }
             Err(e) => {
                 health.report_failure(&e, what);
                 if give_up.load(Ordering::Relaxed) {
-                    return None;
+                    return Err(GaveUp::Stopping);
                 }
                 tokio::time::sleep(backoff.next_delay()).await;
             }
         }
     }
+}
+
+/// Why [`retry`] stopped without a result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GaveUp {
+    /// The forced exit began.
+    Stopping,
+    /// Redis refused for good; the explained error (with its setting and fix).
+    Refused(String),
 }
 
 #[cfg(test)]
@@ -474,10 +564,38 @@ mod tests {
     }
 
     #[test]
-    fn backoff_caps_at_five_seconds() {
+    fn backoff_doubles_to_five_seconds_within_its_jitter() {
         let mut b = Backoff::default();
         let delays: Vec<_> = (0..10).map(|_| b.next_delay()).collect();
-        assert_eq!(delays[0], Duration::from_millis(100));
-        assert_eq!(*delays.last().unwrap(), Duration::from_secs(5));
+        assert!((Duration::from_millis(50)..=Duration::from_millis(100)).contains(&delays[0]), "{delays:?}");
+        assert!((Duration::from_millis(2500)..=Duration::from_secs(5)).contains(&delays[9]), "{delays:?}");
+        // Two workers that lost Redis at the same instant do not retry in lockstep.
+        let firsts: std::collections::HashSet<_> = (0..20).map(|_| Backoff::default().next_delay()).collect();
+        assert!(firsts.len() > 1, "every first delay was {firsts:?}");
+    }
+
+    #[test]
+    fn errors_are_classified_by_kind_and_code() {
+        let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert_eq!(classify(&io), Failure::Connection);
+        let server = |code: &str, text: &str| {
+            let reply = format!("-{code} {text}\r\n");
+            match redis::parse_redis_value(reply.as_bytes()) {
+                Ok(redis::Value::ServerError(e)) => RedisError::from(e),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(
+            classify(&server("NOPERM", "this user has no permissions to run the 'evalsha' command")),
+            Failure::Permanent
+        );
+        assert_eq!(classify(&server("WRONGPASS", "invalid username-password pair")), Failure::Permanent);
+        assert_eq!(classify(&server("LOADING", "Redis is loading the dataset in memory")), Failure::Transient);
+        assert_eq!(classify(&server("OOM", "command not allowed when used memory > 'maxmemory'.")), Failure::Transient);
+        assert_eq!(classify(&server("READONLY", "You can't write against a read only replica.")), Failure::Transient);
+        assert_eq!(
+            classify(&server("WRONGTYPE", "Operation against a key holding the wrong kind of value")),
+            Failure::Other
+        );
     }
 }

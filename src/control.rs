@@ -14,7 +14,7 @@
 //! them does not hold up task messages.
 
 use crate::backend::Backend;
-use crate::connection::{Backoff, Conn, redact_url};
+use crate::connection::{Backoff, Conn, Health, timed_out};
 use crate::events::{Events, WorkerCounts};
 use crate::shutdown::{Shutdown, Stage};
 use crate::wire::pyjson;
@@ -747,39 +747,67 @@ fn matches(node: &str, pattern: &str, matcher: &str) -> bool {
 }
 
 /// Consume the pidbox until shutdown begins, answering what is addressed to this node.
-/// Reconnects with backoff when Redis goes away.
-pub async fn serve(state: Arc<WorkerState>, broker: Conn) {
+///
+/// The subscription is health-checked as kombu checks its connections: every `check_every` a
+/// `PING` goes down it, and an answer must come back within `check_every` (as must the
+/// subscription itself). A connection that fails, ends or stops answering — a half-open socket
+/// that a frozen proxy or a dead NAT leaves behind looks healthy to the kernel for a long time —
+/// is dropped and the channel subscribed anew, with backoff. `health` says whether the
+/// subscription works (for `/readyz`).
+pub async fn serve(state: Arc<WorkerState>, broker: Conn, health: Arc<Health>, check_every: Duration) {
     let channel = format!("/{}.{EXCHANGE}", broker.db());
     let mut backoff = Backoff::default();
     let mut complaints = RateLimit::default();
     loop {
-        let stream = async {
-            let mut pubsub = broker.pubsub().await?;
+        let subscribe = async {
+            let (mut sink, stream) = broker.pubsub().await?.split();
             // kombu subscribes with PSUBSCRIBE (its fanout_patterns); the name has no wildcard.
-            pubsub.psubscribe(&channel).await?;
-            Ok::<_, redis::RedisError>(pubsub.into_on_message())
+            sink.psubscribe(&channel).await?;
+            Ok::<_, redis::RedisError>((sink, stream))
         };
-        let mut messages = tokio::select! {
-            s = stream => match s {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(error = %e, url = %redact_url(&state.broker_url), "pidbox: cannot subscribe; retrying");
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff.next_delay()) => continue,
-                        () = state.shutdown.reached(Stage::Graceful) => return,
-                    }
-                }
-            },
+        let subscribed = tokio::select! {
+            s = tokio::time::timeout(check_every, subscribe) => s.unwrap_or_else(|_| Err(timed_out("subscribing to the pidbox"))),
             () = state.shutdown.reached(Stage::Graceful) => return,
         };
+        let (mut sink, mut messages) = match subscribed {
+            Ok(s) => s,
+            Err(e) => {
+                health.report_failure(&e, "subscribe to remote control (pidbox)");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff.next_delay()) => continue,
+                    () = state.shutdown.reached(Stage::Graceful) => return,
+                }
+            }
+        };
+        health.set_connected();
         backoff = Backoff::default();
         tracing::debug!(channel, node = %state.node, "pidbox listening");
+        let mut check = tokio::time::interval_at(tokio::time::Instant::now() + check_every, check_every);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let msg = tokio::select! {
                 m = messages.next() => m,
+                _ = check.tick() => {
+                    let pong = tokio::time::timeout(check_every, sink.ping::<redis::Value>()).await;
+                    match pong.unwrap_or_else(|_| Err(timed_out("health-checking the pidbox subscription"))) {
+                        Ok(_) => {
+                            health.set_connected();
+                            continue;
+                        }
+                        Err(e) => {
+                            health.report_failure(&e, "health-check the remote-control (pidbox) subscription; subscribing anew");
+                            break;
+                        }
+                    }
+                }
                 () = state.shutdown.reached(Stage::Graceful) => return,
             };
-            let Some(msg) = msg else { break };
+            let Some(msg) = msg else {
+                let e: redis::RedisError =
+                    std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "the subscription ended").into();
+                health.report_failure(&e, "listen for remote control (pidbox); subscribing anew");
+                break;
+            };
             let bytes: &[u8] = msg.get_payload_bytes();
             match parse_request(bytes) {
                 Ok(req) => state.handle(req, &broker).await,

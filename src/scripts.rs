@@ -8,7 +8,7 @@
 /// else `SETEX` — or `SET` with no expiry — and `PUBLISH` on the key's name). 1 = written,
 /// 0 = a SUCCESS was already there (a redelivered duplicate finished first) and is kept.
 ///
-/// `take(unacked, index, first, now, qjson)`: pop the first non-empty list among
+/// `take(unacked, index, first, now, qjson, marker, token, forget, ttl)`: pop the first non-empty list among
 /// `KEYS[first..]` (kombu's BRPOP order) and, when the message carries
 /// `properties.delivery_tag`, record it in `unacked`/`unacked_index` exactly as kombu's
 /// `QoS.append` does (`[<envelope>, "", "<queue>"]`, score = now) before returning. kombu's BRPOP
@@ -16,6 +16,10 @@
 /// message without a readable tag (garbage, some non-Python producers) comes back unrecorded
 /// (tag `''`). `ARGV[qjson + i - first]` is the queue name of `KEYS[i]` as a JSON string; `now`
 /// is Unix seconds, or `''` for the server's clock (a take queued behind a blocking wait).
+/// The take is also noted in the worker's own `marker` hash (field `token` = the tag; the hash
+/// expires `ttl` ms after the last take), and the fields in `forget` (space-separated tokens of
+/// takes whose replies arrived) are deleted: so a take whose reply is lost can be found again
+/// by its token ([`RECLAIM`]) as soon as the connection is back.
 macro_rules! functions {
     () => {
         r#"
@@ -30,7 +34,8 @@ local function store(key, meta, ttl)
   redis.call('PUBLISH', key, meta)
   return 1
 end
-local function take(unacked, index, first, now, qjson)
+local function take(unacked, index, first, now, qjson, marker, token, forget, ttl)
+  for t in string.gmatch(forget, '%S+') do redis.call('HDEL', marker, t) end
   if now == '' then
     local t = redis.call('TIME')
     now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -46,6 +51,8 @@ local function take(unacked, index, first, now, qjson)
       if type(tag) == 'string' and #tag > 0 then
         redis.call('ZADD', index, now, tag)
         redis.call('HSET', unacked, tag, '[' .. m .. ', "", ' .. ARGV[qjson + i - first] .. ']')
+        redis.call('HSET', marker, token, tag)
+        redis.call('PEXPIRE', marker, ttl)
         return {KEYS[i], m, tag}
       end
       return {KEYS[i], m, ''}
@@ -61,11 +68,27 @@ end
 /// Returns 1 (written) or 0 (a SUCCESS kept).
 pub const STORE: &str = concat!(functions!(), "return store(KEYS[1], ARGV[1], ARGV[2])\n");
 
-/// Take the next message. KEYS: `unacked`, `unacked_index`, then the lists in kombu's BRPOP
-/// order. ARGV: now (Unix seconds, or `''`: the server's), then each list's queue name as a
-/// JSON string.
+/// Take the next message. KEYS: `unacked`, `unacked_index`, the take marker, then the lists in
+/// kombu's BRPOP order. ARGV: now (Unix seconds, or `''`: the server's), the take's token, the
+/// tokens to forget, the marker's ttl (ms), then each list's queue name as a JSON string.
 /// Returns `{list, message, tag}` (tag `''` when unrecorded) or nil when every list is empty.
-pub const TAKE: &str = concat!(functions!(), "return take(KEYS[1], KEYS[2], 3, ARGV[1], 2)\n");
+pub const TAKE: &str =
+    concat!(functions!(), "return take(KEYS[1], KEYS[2], 4, ARGV[1], 5, KEYS[3], ARGV[2], ARGV[3], ARGV[4])\n");
+
+/// Find a take whose reply was lost. KEYS: the take marker, `unacked`, `unacked_index`. ARGV:
+/// the take's token. Forgets the token; when that take recorded a message that is still in
+/// `unacked`, renews its lease (score = the server's now) and returns `{tag, entry}`; nil when
+/// the take took nothing, or its message was restored or settled since.
+pub const RECLAIM: &str = r"
+local tag = redis.call('HGET', KEYS[1], ARGV[1])
+if not tag then return false end
+redis.call('HDEL', KEYS[1], ARGV[1])
+local entry = redis.call('HGET', KEYS[2], tag)
+if not entry then return false end
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[3], tonumber(t[1]) + tonumber(t[2]) / 1000000, tag)
+return {tag, entry}
+";
 
 /// Finish a message and take the next in one round trip: store its result (when `ARGV[3]`
 /// names the result database: broker and backend are databases of one server), acknowledge it
@@ -73,9 +96,11 @@ pub const TAKE: &str = concat!(functions!(), "return take(KEYS[1], KEYS[2], 3, A
 /// any. If the store fails the script stops before the ack, so a message is never acknowledged
 /// without its result. A script may SELECT another database for its own commands; the
 /// caller's connection keeps its own.
-/// KEYS: `unacked`, `unacked_index`, the result key (`''` when storing nothing), then the lists.
-/// ARGV: delivery tag, broker db, result db (`''` = store nothing), meta, ttl, now, then each
-/// list's queue name as a JSON string.
+/// KEYS: `unacked`, `unacked_index`, the result key (`''` when storing nothing), the take
+/// marker, then the lists.
+/// ARGV: delivery tag, broker db, result db (`''` = store nothing), meta, ttl, now, the take's
+/// token, the tokens to forget, the marker's ttl (ms), then each list's queue name as a JSON
+/// string.
 /// Returns `{written}` or `{written, list, message, tag}`; written is 1, 0 (a SUCCESS kept) or
 /// -1 (nothing stored).
 pub const FINISH: &str = concat!(
@@ -89,7 +114,7 @@ if ARGV[3] ~= '' then
 end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[1], ARGV[1])
-local t = take(KEYS[1], KEYS[2], 4, ARGV[6], 7)
+local t = take(KEYS[1], KEYS[2], 5, ARGV[6], 10, KEYS[4], ARGV[7], ARGV[8], ARGV[9])
 if t then return {written, t[1], t[2], t[3]} end
 return {written}
 "

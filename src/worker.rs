@@ -102,6 +102,13 @@ pub struct WorkerArgs {
     /// Store STARTED when a task starts (Celery's `task_track_started`).
     #[arg(long)]
     pub track_started: bool,
+    /// Seconds between health checks of the connections that otherwise only wait (kombu's
+    /// `health_check_interval`): the remote-control subscription is PINGed this often, and any
+    /// reply later than this (at most 10 s; blocking waits get their block time on top) ends
+    /// its connection, which is then opened anew. A half-open connection is so found within
+    /// about twice this.
+    #[arg(long, default_value = "25", value_parser = args::duration)]
+    pub health_check_interval: Duration,
 }
 
 pub mod inflight;
@@ -127,6 +134,8 @@ struct Worker {
     metrics: WorkerMetrics,
     broker_health: Arc<Health>,
     backend_health: Arc<Health>,
+    /// The remote-control subscription's ([`control::serve`] health-checks it).
+    pidbox_health: Arc<Health>,
     shutdown: Shutdown,
     registry: Registry,
     /// Messages taken and not yet acknowledged, and whether the drain has begun.
@@ -147,6 +156,9 @@ struct Worker {
     /// Task ids whose delivery panicked here once: a second panic fails the task instead of
     /// putting it back again (no hot loop on a message that always panics).
     panicked: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Why the worker is stopping on its own (Redis refused it for good, or a service it needs
+    /// ended): `run` returns it as its error. Not Ready from the moment it is set.
+    fatal: std::sync::Mutex<Option<StartError>>,
 }
 
 /// At most this many task ids are remembered in [`Worker::panicked`]; past it the set starts
@@ -164,7 +176,7 @@ pub async fn run(args: WorkerArgs, registry: Registry) -> Result<(), StartError>
 pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: Shutdown) -> Result<(), StartError> {
     let queues = args.queue.names()?;
     // Replies may queue behind a busy Redis; a blocking wait needs its block time on top.
-    let op_timeout = Duration::from_secs(10);
+    let op_timeout = connection::response_timeout(args.health_check_interval);
     let master = args.redis.sentinel_master.as_deref();
     let broker_conn = connection::connect("BROKER_URL", &args.redis.broker_url, master, op_timeout)?;
     let lists = Arc::new(TakeList::new(&queues, &args.queue.priority_steps));
@@ -189,6 +201,7 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
         metrics: WorkerMetrics::new(registry.names()),
         broker_health: Health::new("broker", "BROKER_URL", &args.redis.broker_url),
         backend_health: Health::new("backend", "BACKEND_URL", &args.redis.backend_url),
+        pidbox_health: Health::new("remote control", "BROKER_URL", &args.redis.broker_url),
         shutdown: shutdown.clone(),
         registry,
         in_flight: InFlight::new(),
@@ -200,6 +213,7 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
         node,
         state: state.clone(),
         panicked: std::sync::Mutex::new(Default::default()),
+        fatal: std::sync::Mutex::new(None),
         args,
     });
     worker.metrics.concurrency.set(i64::from(worker.args.concurrency));
@@ -235,23 +249,61 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
     );
 
     let counts: Arc<dyn WorkerCounts> = state.clone();
-    let event_loop = tokio::spawn(events.clone().run(pending_events, counts));
-    let pidbox = tokio::spawn(control::serve(state.clone(), broker_conn));
-    let restorer = tokio::spawn(worker.clone().restore_loop());
-    let renewer = {
+    // The background services: each runs until the shutdown ends it. One that ends before
+    // (a panic, or a return that should not happen) stops the worker: see `supervise`.
+    let held: lease::HeldTags = {
         let w = worker.clone();
-        let held: lease::HeldTags = Arc::new(move || w.in_flight.tags());
-        tokio::spawn(lease::renew_loop(worker.broker.clone(), held, worker.args.visibility_timeout))
+        Arc::new(move || w.in_flight.tags())
     };
-    let mut fetcher = Fetcher::new(worker.broker.connection(), wait_conns, lists);
+    let services: [(&'static str, futures::future::BoxFuture<'static, ()>); 4] = [
+        ("events", Box::pin(events.clone().run(pending_events, counts))),
+        (
+            "remote control (pidbox)",
+            Box::pin(control::serve(
+                state.clone(),
+                broker_conn,
+                worker.pidbox_health.clone(),
+                worker.args.health_check_interval,
+            )),
+        ),
+        ("visibility-timeout restorer", Box::pin(worker.clone().restore_loop())),
+        ("lease renewer", Box::pin(lease::renew_loop(worker.broker.clone(), held, worker.args.visibility_timeout))),
+    ];
+    let mut running = tokio::task::JoinSet::new();
+    let mut names = std::collections::HashMap::new();
+    let mut aborts = Vec::new();
+    let mut event_loop = None;
+    for (name, service) in services {
+        let handle = running.spawn(test_hooks::maybe_end(name, service));
+        names.insert(handle.id(), name);
+        if name == "events" {
+            event_loop = Some(handle);
+        } else {
+            aborts.push(handle);
+        }
+    }
+    let supervisor = tokio::spawn(worker.clone().supervise(running, names));
+    let mut fetcher = worker.broker.fetcher(wait_conns, lists);
     let mut deliveries = worker.clone().fetch_loop(&mut fetcher).await;
     worker.drain(&mut deliveries).await;
-    restorer.abort();
-    renewer.abort();
-    pidbox.abort();
+    if !worker.broker.marker().has_lost() {
+        // Nothing this process took is unaccounted for: its take notes can go. (Otherwise
+        // they expire on their own; what a lost take took comes back after the visibility
+        // timeout.)
+        let _ = tokio::time::timeout(Duration::from_secs(2), worker.broker.forget_marker()).await;
+    }
+    // From here on the services end because we end them; the supervisor stops watching.
+    supervisor.abort();
+    aborts.iter().for_each(tokio::task::AbortHandle::abort);
     events.finish();
     // worker-offline, unless Redis is gone: then Flower notices the missing heartbeats.
-    let _ = tokio::time::timeout(Duration::from_secs(3), event_loop).await;
+    if let Some(event_loop) = event_loop {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while !event_loop.is_finished() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        event_loop.abort();
+    }
     shutdown.advance(Stage::Immediate);
     let _ = server.await;
     // What this process ran, for whoever counts runs across a fleet (the control-plane test
@@ -259,11 +311,65 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
     let by_task = state.started_totals();
     let tasks_started: u64 = by_task.values().sum();
     tracing::info!(tasks_started, by_task = ?by_task, "worker stopped");
-    Ok(())
+    match worker.fatal.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+        Some(why) => Err(why),
+        None => Ok(()),
+    }
 }
 
+/// Test-only: `CELERY_AUTOSCALE_TEST_END_SERVICE=<name>` makes that background service panic
+/// two seconds after the worker starts, as a bug in it would; the tests use it to show the worker
+/// then says which service ended and stops, not Ready, instead of running on without it.
+mod test_hooks {
+    pub const END_SERVICE_ENV: &str = "CELERY_AUTOSCALE_TEST_END_SERVICE";
+
+    pub async fn maybe_end(name: &str, service: impl Future<Output = ()>) {
+        if std::env::var(END_SERVICE_ENV).is_ok_and(|v| v == name) {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            panic!("{END_SERVICE_ENV}: this service ends here");
+        }
+        service.await
+    }
+}
+
+pub use test_hooks::END_SERVICE_ENV;
+
 impl Worker {
+    /// Watch the background services; the first to end while the worker runs (a panic, or a
+    /// return) stops the worker with its name and why. Restarting it instead could hide a bug
+    /// that recurs; a stop is visible (Ready false at once, exit 1 after the drain, and
+    /// Kubernetes starts a fresh pod).
+    async fn supervise(
+        self: Arc<Self>,
+        mut running: tokio::task::JoinSet<()>,
+        names: std::collections::HashMap<tokio::task::Id, &'static str>,
+    ) {
+        while let Some(ended) = running.join_next_with_id().await {
+            if self.shutdown.stage() != Stage::Running {
+                return;
+            }
+            let name = |id| names.get(&id).copied().unwrap_or("background");
+            let why = match ended {
+                Ok((id, ())) => format!("the worker's {} service returned while the worker was running", name(id)),
+                Err(e) if e.is_panic() => {
+                    let id = e.id();
+                    format!(
+                        "the worker's {} service panicked: {}",
+                        name(id),
+                        crate::task::panic_text(e.into_panic().as_ref())
+                    )
+                }
+                Err(_) => continue,
+            };
+            self.stop_with(StartError::ServiceEnded(why));
+            return;
+        }
+    }
+
     fn readiness(&self) -> Result<(), String> {
+        if let Some(why) = &*self.fatal.lock().unwrap_or_else(std::sync::PoisonError::into_inner) {
+            return Err(why.to_string());
+        }
         if self.shutdown.stage() != Stage::Running {
             return Err("shutting down".into());
         }
@@ -273,6 +379,9 @@ impl Worker {
         if self.backend_health.is_down() {
             return Err("result backend Redis unreachable".into());
         }
+        if self.pidbox_health.is_down() {
+            return Err("remote-control subscription to the broker Redis lost".into());
+        }
         Ok(())
     }
 
@@ -280,7 +389,8 @@ impl Worker {
         let (running, waiting) = self.in_flight.counts();
         self.metrics.active.set(running as i64);
         self.metrics.reserved.set(waiting as i64);
-        let connected = self.broker_health.is_connected() && !self.backend_health.is_down();
+        let connected =
+            self.broker_health.is_connected() && !self.backend_health.is_down() && !self.pidbox_health.is_down();
         self.metrics.redis_connected.set(i64::from(connected));
     }
 
@@ -315,6 +425,15 @@ impl Worker {
                     self.broker_health.set_connected();
                     backoff = Backoff::default();
                 }
+                Err(e) if connection::classify(&e) == connection::Failure::Permanent => {
+                    let setting = "BROKER_URL";
+                    self.stop_with(StartError::Refused(connection::explain(
+                        &e,
+                        setting,
+                        &redact_url(&self.args.redis.broker_url),
+                    )));
+                    break;
+                }
                 Err(e) => {
                     self.broker_health.report_failure(&e, "read from the broker");
                     tokio::select! {
@@ -337,14 +456,14 @@ impl Worker {
                     "BROKER_URL",
                     &self.args.redis.broker_url,
                     master,
-                    Duration::from_secs(10) + BRPOP_TIMEOUT,
+                    connection::response_timeout(self.args.health_check_interval) + BRPOP_TIMEOUT,
                 )
             })
             .collect::<Result<Vec<_>, _>>();
         match conns {
             Ok(conns) => {
                 *self.lists.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = lists.clone();
-                *fetcher = Fetcher::new(self.broker.connection(), conns, lists);
+                *fetcher = self.broker.fetcher(conns, lists);
                 tracing::info!(?queues, "now consuming from");
             }
             Err(e) => tracing::warn!(error = %e, "cannot change queues"),
@@ -658,8 +777,8 @@ impl Worker {
         }
         let lists = (fetch_slot.is_some() && self.shutdown.stage() == Stage::Running)
             .then(|| self.lists.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone());
-        // A retry after an error takes nothing: whatever the lost reply took is in `unacked`
-        // and comes back when it falls due.
+        // A retry after an error takes nothing: whatever the lost reply took is in `unacked`,
+        // and the fetcher finds it through the take marker once Redis answers again.
         let mut next_from = lists.as_deref();
         let finished = self
             .redis("acknowledge", || {
@@ -785,7 +904,8 @@ impl Worker {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        connection::retry(&self.broker_health, what, &self.give_up, op).await
+        let result = connection::retry(&self.broker_health, what, &self.give_up, op).await;
+        self.settled(result)
     }
 
     async fn redis_backend<T, F, Fut>(&self, what: &str, op: F) -> Option<T>
@@ -793,7 +913,35 @@ impl Worker {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        connection::retry(&self.backend_health, what, &self.give_up, op).await
+        let result = connection::retry(&self.backend_health, what, &self.give_up, op).await;
+        self.settled(result)
+    }
+
+    /// A retried operation's end: a refusal for good stops the worker (what it holds goes back
+    /// to its queues in the drain, or stays in `unacked` for the restorer).
+    fn settled<T>(&self, result: Result<T, connection::GaveUp>) -> Option<T> {
+        match result {
+            Ok(v) => Some(v),
+            Err(connection::GaveUp::Stopping) => None,
+            Err(connection::GaveUp::Refused(why)) => {
+                self.stop_with(StartError::Refused(why));
+                None
+            }
+        }
+    }
+
+    /// Stop on our own: not Ready at once, then the graceful drain; `run` returns `why`. The
+    /// first reason wins and is logged once here; the process exits 1 with it after the drain.
+    fn stop_with(&self, why: StartError) {
+        let mut fatal = self.fatal.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if fatal.is_none() {
+            // The reason is said once, as the exit error (main prints it), not here as well.
+            tracing::error!(
+                "stopping the worker: it cannot go on; putting back what it holds (the reason is the exit error)"
+            );
+            *fatal = Some(why);
+            self.shutdown.advance(Stage::Graceful);
+        }
     }
 
     /// Restore orphans as they fall due (see [`lease::restore_loop`]), counting and logging.

@@ -17,6 +17,11 @@ pub const UNACKED_MUTEX: &str = "unacked_mutex";
 /// five minutes. Ours is 10 s: each entry moves with an atomic compare-and-move, so a restore
 /// that outlives the lock and overlaps another (ours or kombu's WATCH transaction) is still safe.
 pub const UNACKED_MUTEX_EXPIRE_MS: u64 = 10_000;
+/// A worker process's notes of its own takes (`broker::TakeMarker`): HASH token → delivery
+/// tag. Not a kombu key; `id` is unique per process.
+pub fn take_marker(id: &str) -> String {
+    format!("celery-autoscale.taking.{id}")
+}
 /// Prefix of result keys in the backend DB (and of their PUBLISH channels).
 pub const RESULT_KEY_PREFIX: &str = "celery-task-meta-";
 /// Prefix of kombu's exchange binding sets.

@@ -315,6 +315,17 @@ pub fn unacked_entry(msg: &TaskMessage, queue: &str) -> Vec<u8> {
     out
 }
 
+/// The inverse of [`unacked_entry`] without parsing the message: its envelope bytes, exactly
+/// as taken, and the queue. `None` when `entry` is not in that shape.
+pub fn split_unacked_entry(entry: &[u8]) -> Option<(&[u8], String)> {
+    const SEP: &[u8] = b", \"\", ";
+    let inner = entry.strip_prefix(b"[")?.strip_suffix(b"]")?;
+    // The queue name is JSON, whose escaping cannot produce SEP: the last SEP is the one.
+    let at = inner.windows(SEP.len()).rposition(|w| w == SEP)?;
+    let queue: String = serde_json::from_slice(&inner[at + SEP.len()..]).ok()?;
+    Some((&inner[..at], queue))
+}
+
 /// A parsed `unacked` value.
 #[derive(Clone, Debug, PartialEq)]
 pub struct UnackedEntry {
@@ -366,5 +377,24 @@ pub fn mark_redelivered(envelope: &mut Map<String, Value>) {
     headers.insert("redelivered".into(), Value::Bool(true));
     if let Some(Value::Object(info)) = envelope.get_mut("properties").and_then(|p| p.get_mut("delivery_info")) {
         info.insert("redelivered".into(), Value::Bool(true));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unacked_entry_splits_back_into_the_bytes_taken_and_the_queue() {
+        let envelope = br#"{"body": "W1tdLCB7fSwge31d", "headers": {"x": ["a", "", "b"]}}"#;
+        let mut entry = b"[".to_vec();
+        entry.extend_from_slice(envelope);
+        entry.extend_from_slice(b", \"\", \"q, \\\"\\\", 1\"]");
+        let (bytes, queue) = split_unacked_entry(&entry).expect("splits");
+        assert_eq!(bytes, envelope);
+        assert_eq!(queue, "q, \"\", 1");
+        assert_eq!(split_unacked_entry(b"[{}, \"ex\", \"q\"]"), None, "a named exchange is not a take's entry");
+        assert_eq!(split_unacked_entry(b"not json"), None);
+        assert_eq!(split_unacked_entry(b"[]"), None);
     }
 }
