@@ -6,6 +6,7 @@
 use crate::backend::{SharedStore, Stored};
 use crate::connection::Conn;
 use crate::scripts;
+use crate::sync::Locked;
 use crate::wire::UnackedEntry;
 use crate::wire::keys::{self, PrioritySteps};
 use redis::{AsyncCommands, RedisResult, Script};
@@ -95,10 +96,6 @@ impl Attempt {
     }
 }
 
-fn locked<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 impl TakeMarker {
     fn new() -> Arc<Self> {
         Arc::new(TakeMarker {
@@ -114,7 +111,7 @@ impl TakeMarker {
     }
 
     fn begin(&self) -> Attempt {
-        let forget = std::mem::take(&mut *locked(&self.forget));
+        let forget = std::mem::take(&mut *self.forget.locked());
         Attempt { token: self.next.fetch_add(1, Ordering::Relaxed), forget }
     }
 
@@ -126,17 +123,17 @@ impl TakeMarker {
     /// [`Self::end`] given whether the take took a message.
     fn ended(&self, attempt: Attempt, result: Result<bool, &redis::RedisError>) {
         match result {
-            Ok(false) => locked(&self.forget).extend(attempt.forget),
+            Ok(false) => self.forget.locked().extend(attempt.forget),
             Ok(true) => {
-                let mut forget = locked(&self.forget);
+                let mut forget = self.forget.locked();
                 forget.push(attempt.token);
             }
             Err(e) => {
                 // The script may or may not have run: forget again next time (HDEL is
                 // idempotent), and, if the reply was lost, look the take up.
-                locked(&self.forget).extend(attempt.forget);
+                self.forget.locked().extend(attempt.forget);
                 if crate::connection::classify(e) == crate::connection::Failure::Connection {
-                    locked(&self.lost).push(attempt.token);
+                    self.lost.locked().push(attempt.token);
                 }
             }
         }
@@ -144,7 +141,7 @@ impl TakeMarker {
 
     /// Whether a take's reply was lost and not yet looked up.
     pub fn has_lost(&self) -> bool {
-        !locked(&self.lost).is_empty()
+        !self.lost.locked().is_empty()
     }
 }
 
@@ -626,6 +623,11 @@ fn lost_reply_error() -> redis::RedisError {
     std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "take reply discarded (test hook)").into()
 }
 
+/// `ERR unknown command …`: this Redis lacks the command (BLMOVE before 6.2).
+fn is_unknown_command(e: &redis::RedisError) -> bool {
+    e.code() == Some("ERR") && e.detail().is_some_and(|d| d.starts_with("unknown command"))
+}
+
 fn unexpected_reply(script: &str) -> redis::RedisError {
     (redis::ErrorKind::UnexpectedReturnType, "unexpected reply from a script", script.to_owned()).into()
 }
@@ -684,7 +686,7 @@ impl Fetcher {
                             woken = true;
                             break;
                         }
-                        Err(e) if e.to_string().contains("unknown command") => {
+                        Err(e) if is_unknown_command(&e) => {
                             tracing::warn!(error = %e, "this Redis has no BLMOVE (needs 6.2+); waiting with BRPOP as kombu does");
                             fallback = true;
                             break;
@@ -827,7 +829,7 @@ impl Fetcher {
     /// message still in `unacked` is returned, recorded and leased as any take.
     async fn reclaim_lost(&mut self) -> RedisResult<Option<Taken>> {
         loop {
-            let Some(token) = locked(&self.marker.lost).pop() else { return Ok(None) };
+            let Some(token) = self.marker.lost.locked().pop() else { return Ok(None) };
             let found: RedisResult<Option<(String, Vec<u8>)>> = self
                 .reclaim
                 .key(&self.marker.key)
@@ -840,7 +842,7 @@ impl Fetcher {
                 Ok(Some(found)) => found,
                 Ok(None) => continue,
                 Err(e) => {
-                    locked(&self.marker.lost).push(token);
+                    self.marker.lost.locked().push(token);
                     return Err(e);
                 }
             };
@@ -854,5 +856,24 @@ impl Fetcher {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server_error(reply: &str) -> redis::RedisError {
+        match redis::parse_redis_value(reply.as_bytes()) {
+            Ok(redis::Value::ServerError(e)) => e.into(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_redis_without_blmove_is_told_by_its_error_code() {
+        assert!(is_unknown_command(&server_error("-ERR unknown command 'BLMOVE', with args beginning with: 'q' \r\n")));
+        assert!(!is_unknown_command(&server_error("-ERR wrong number of arguments for 'blmove' command\r\n")));
+        assert!(!is_unknown_command(&server_error("-NOPERM unknown command is not what this says\r\n")));
     }
 }

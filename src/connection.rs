@@ -5,6 +5,7 @@
 //! backoff through outages and saying so with the redacted URL and a hint.
 
 use crate::redis_url::{self, RedisUrl, SentinelUrl, TlsOptions};
+use crate::sync::Locked;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client, Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 use std::future::Future;
@@ -92,7 +93,7 @@ impl Health {
     /// Returns whether it warned.
     pub fn report_failure(&self, e: &RedisError, what: &str) -> bool {
         let began = self.set_disconnected();
-        let mut last = self.last_warning.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut last = self.last_warning.locked();
         let warn = began || last.is_none_or(|t| t.elapsed() >= self.repeat);
         if warn {
             *last = Some(Instant::now());
@@ -276,7 +277,7 @@ fn needs_reconnect(e: &RedisError) -> bool {
 
 impl Inner {
     fn current(&self) -> std::sync::MutexGuard<'_, (u64, Option<MultiplexedConnection>)> {
-        self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.current.locked()
     }
 
     fn live(&self) -> Option<(u64, MultiplexedConnection)> {

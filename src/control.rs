@@ -17,6 +17,7 @@ use crate::backend::Backend;
 use crate::connection::{Backoff, Conn, Health, timed_out};
 use crate::events::{Events, WorkerCounts};
 use crate::shutdown::{Shutdown, Stage};
+use crate::sync::Locked;
 use crate::wire::pyjson;
 use crate::wire::pyrepr::{args_repr, kwargs_repr, repr};
 use crate::wire::time::{python_isoformat, unix_seconds};
@@ -83,17 +84,17 @@ impl Default for Revoked {
 
 impl Revoked {
     pub fn contains(&self, id: &str) -> bool {
-        let inner = self.inner.lock().expect("revoked lock");
+        let inner = self.inner.locked();
         inner.when.get(id).is_some_and(|t| t.elapsed() < REVOKE_EXPIRES)
     }
 
     fn terminate_requested(&self, id: &str) -> bool {
-        self.inner.lock().expect("revoked lock").terminate.contains(id)
+        self.inner.locked().terminate.contains(id)
     }
 
     pub fn add(&self, ids: &[String], terminate: bool) {
         {
-            let mut inner = self.inner.lock().expect("revoked lock");
+            let mut inner = self.inner.locked();
             for id in ids {
                 if inner.when.insert(id.clone(), Instant::now()).is_none() {
                     inner.order.push_back(id.clone());
@@ -114,7 +115,7 @@ impl Revoked {
     }
 
     pub fn ids(&self) -> Vec<String> {
-        let inner = self.inner.lock().expect("revoked lock");
+        let inner = self.inner.locked();
         inner
             .order
             .iter()
@@ -126,7 +127,7 @@ impl Revoked {
     /// The ids with the Unix time they were revoked.
     fn ids_with_time(&self) -> Vec<(String, f64)> {
         let now = unix_seconds(Utc::now());
-        let inner = self.inner.lock().expect("revoked lock");
+        let inner = self.inner.locked();
         inner
             .order
             .iter()
@@ -230,7 +231,7 @@ impl WorkerState {
 
     /// The queues to consume now (changed by add_consumer/cancel_consumer).
     pub fn queues(&self) -> Vec<String> {
-        self.queues.lock().expect("queues lock").clone()
+        self.queues.locked().clone()
     }
 
     /// Notified when [`WorkerState::queues`] changes.
@@ -262,33 +263,33 @@ impl WorkerState {
             priority: msg.priority,
             phase,
         };
-        self.requests.lock().expect("requests lock").insert(msg.id.clone(), req);
+        self.requests.locked().insert(msg.id.clone(), req);
         self.events.task_received(msg);
     }
 
     /// An ETA task's time has come: it now waits for a slot like any reserved task.
     pub fn due(&self, id: &str) {
-        if let Some(r) = self.requests.lock().expect("requests lock").get_mut(id) {
+        if let Some(r) = self.requests.locked().get_mut(id) {
             r.phase = Phase::Reserved;
         }
     }
 
     pub fn started(&self, msg: &TaskMessage) {
-        if let Some(r) = self.requests.lock().expect("requests lock").get_mut(&msg.id) {
+        if let Some(r) = self.requests.locked().get_mut(&msg.id) {
             r.phase = Phase::Active { since: unix_seconds(Utc::now()) };
         }
-        *self.total.lock().expect("total lock").entry(msg.task.clone()).or_default() += 1;
+        *self.total.locked().entry(msg.task.clone()).or_default() += 1;
         self.processed.fetch_add(1, Ordering::Relaxed);
         self.events.task_started(&msg.id);
     }
 
     /// Tasks started by this process, per task name (Celery's `stats` "total").
     pub fn started_totals(&self) -> BTreeMap<String, u64> {
-        self.total.lock().map(|t| t.clone()).unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+        self.total.locked().clone()
     }
 
     fn forget(&self, id: &str) {
-        self.requests.lock().expect("requests lock").remove(id);
+        self.requests.locked().remove(id);
     }
 
     pub fn succeeded(&self, msg: &TaskMessage, result: &Value, runtime: Duration) {
@@ -347,12 +348,12 @@ impl WorkerState {
     }
 
     fn list(&self, safe: bool, want: impl Fn(&Phase) -> bool) -> Vec<Value> {
-        let reqs = self.requests.lock().expect("requests lock");
+        let reqs = self.requests.locked();
         reqs.values().filter(|r| want(&r.phase)).map(|r| self.info(r, safe)).collect()
     }
 
     fn scheduled(&self) -> Value {
-        let reqs = self.requests.lock().expect("requests lock");
+        let reqs = self.requests.locked();
         let items = reqs.values().filter_map(|r| match r.phase {
             Phase::Scheduled { eta } => {
                 Some(json!({"eta": python_isoformat(eta), "priority": r.priority, "request": self.info(r, false)}))
@@ -363,7 +364,7 @@ impl WorkerState {
     }
 
     fn query_task(&self, ids: &[String]) -> Value {
-        let reqs = self.requests.lock().expect("requests lock");
+        let reqs = self.requests.locked();
         let mut out = Map::new();
         for id in ids {
             if let Some(r) = reqs.get(id) {
@@ -380,8 +381,7 @@ impl WorkerState {
 
     fn stats(&self) -> Value {
         let pid = std::process::id();
-        let total: Map<String, Value> =
-            self.total.lock().expect("total lock").iter().map(|(k, v)| (k.clone(), (*v).into())).collect();
+        let total: Map<String, Value> = self.total.locked().iter().map(|(k, v)| (k.clone(), (*v).into())).collect();
         let (host, port, db) = match redis::Client::open(self.broker_url.as_str()) {
             Ok(c) => {
                 let info = c.get_connection_info();
@@ -439,7 +439,7 @@ impl WorkerState {
         let terminate = args.get("terminate").is_some_and(truthy);
         // Which ids this worker holds, before the revoke lets them end: the reply names them.
         let known: Vec<String> = {
-            let reqs = self.requests.lock().expect("requests lock");
+            let reqs = self.requests.locked();
             ids.iter().filter(|id| reqs.contains_key(*id)).cloned().collect()
         };
         // Celery's order: flag, store REVOKED ("revoked"), then terminate (which stores
@@ -471,7 +471,7 @@ impl WorkerState {
         let queue = args.get("queue").and_then(Value::as_str).filter(|q| !q.trim().is_empty());
         let queue = queue.ok_or_else(|| missing(method, "queue"))?.trim().to_owned();
         let changed = {
-            let mut qs = self.queues.lock().expect("queues lock");
+            let mut qs = self.queues.locked();
             let had = qs.contains(&queue);
             if add && !had {
                 qs.push(queue.clone());
@@ -557,12 +557,7 @@ impl WorkerState {
 
 impl WorkerCounts for WorkerState {
     fn active(&self) -> usize {
-        self.requests
-            .lock()
-            .expect("requests lock")
-            .values()
-            .filter(|r| matches!(r.phase, Phase::Active { .. }))
-            .count()
+        self.requests.locked().values().filter(|r| matches!(r.phase, Phase::Active { .. })).count()
     }
 
     fn processed(&self) -> u64 {

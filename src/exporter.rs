@@ -208,7 +208,8 @@ impl DepthReader {
 /// An error about one key's contents (WRONGTYPE, also when raised inside the counting script),
 /// as opposed to Redis being unreachable or refusing us as a whole (NOAUTH, LOADING, …).
 fn is_key_error(e: &redis::RedisError) -> bool {
-    e.to_string().contains("WRONGTYPE")
+    // Redis 7 keeps the code of an error raised inside a script; older servers wrap it in ERR.
+    e.code() == Some("WRONGTYPE") || (e.code() == Some("ERR") && e.detail().is_some_and(|d| d.contains("WRONGTYPE")))
 }
 
 /// Run until SIGTERM/SIGINT.

@@ -9,6 +9,7 @@
 //! closes the *oldest* one, so a flood of idle sockets cannot lock a probe out: the newest
 //! connection (the probe's) is served, the stalest is dropped.
 
+use crate::sync::Locked;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -126,7 +127,7 @@ where
         while tasks.try_join_next().is_some() {}
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-        let mut guard = open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut guard = open.locked();
         let id = guard.next_id;
         guard.next_id += 1;
         let forget = Forget { open: open.clone(), id };
@@ -154,7 +155,7 @@ struct Forget {
 
 impl Drop for Forget {
     fn drop(&mut self) {
-        let mut open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut open = self.open.locked();
         if let Some(i) = open.conns.iter().position(|(id, _)| *id == self.id) {
             open.conns.remove(i);
         }

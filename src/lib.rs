@@ -27,6 +27,7 @@ pub mod scrape;
 pub mod scripts;
 pub mod shutdown;
 pub mod simulate;
+pub mod sync;
 pub mod task;
 pub mod telemetry;
 pub mod wire;

@@ -23,6 +23,7 @@ use crate::http;
 use crate::lease;
 use crate::metrics::WorkerMetrics;
 use crate::shutdown::{Shutdown, Stage};
+use crate::sync::Locked;
 use crate::task::{Call, Context, Registry, Task, TaskError, TaskOptions, TaskResult};
 use crate::wire::envelope::DEFAULT_MAX_MESSAGE_BYTES;
 use crate::wire::envelope::number_seconds;
@@ -311,7 +312,7 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
     let by_task = state.started_totals();
     let tasks_started: u64 = by_task.values().sum();
     tracing::info!(tasks_started, by_task = ?by_task, "worker stopped");
-    match worker.fatal.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+    match worker.fatal.locked().take() {
         Some(why) => Err(why),
         None => Ok(()),
     }
@@ -367,7 +368,7 @@ impl Worker {
     }
 
     fn readiness(&self) -> Result<(), String> {
-        if let Some(why) = &*self.fatal.lock().unwrap_or_else(std::sync::PoisonError::into_inner) {
+        if let Some(why) = &*self.fatal.locked() {
             return Err(why.to_string());
         }
         if self.shutdown.stage() != Stage::Running {
@@ -462,7 +463,7 @@ impl Worker {
             .collect::<Result<Vec<_>, _>>();
         match conns {
             Ok(conns) => {
-                *self.lists.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = lists.clone();
+                *self.lists.locked() = lists.clone();
                 *fetcher = self.broker.fetcher(conns, lists);
                 tracing::info!(?queues, "now consuming from");
             }
@@ -507,7 +508,7 @@ impl Worker {
         };
         let msg = &held.msg;
         let repeat = {
-            let mut seen = self.panicked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut seen = self.panicked.locked();
             if seen.len() >= PANICKED_IDS {
                 seen.clear();
             }
@@ -775,8 +776,8 @@ impl Worker {
         if let (Some(meta), None) = (&last, &store) {
             self.store_meta(meta).await;
         }
-        let lists = (fetch_slot.is_some() && self.shutdown.stage() == Stage::Running)
-            .then(|| self.lists.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone());
+        let lists =
+            (fetch_slot.is_some() && self.shutdown.stage() == Stage::Running).then(|| self.lists.locked().clone());
         // A retry after an error takes nothing: whatever the lost reply took is in `unacked`,
         // and the fetcher finds it through the take marker once Redis answers again.
         let mut next_from = lists.as_deref();
@@ -933,7 +934,7 @@ impl Worker {
     /// Stop on our own: not Ready at once, then the graceful drain; `run` returns `why`. The
     /// first reason wins and is logged once here; the process exits 1 with it after the drain.
     fn stop_with(&self, why: StartError) {
-        let mut fatal = self.fatal.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut fatal = self.fatal.locked();
         if fatal.is_none() {
             // The reason is said once, as the exit error (main prints it), not here as well.
             tracing::error!(

@@ -2,6 +2,7 @@
 //! once the graceful drain has begun, nothing new is held and nothing waiting starts. Both
 //! live under one lock, so the rule is the type's, not the callers'.
 
+use crate::sync::Locked;
 use crate::wire::TaskMessage;
 use chrono::{DateTime, Utc};
 use std::collections::{BTreeMap, HashMap};
@@ -55,7 +56,7 @@ impl InFlight {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock cannot leave a half-made map update behind.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.locked()
     }
 
     /// Hold a taken message. Refused (the message is handed back) once the drain has begun:
