@@ -27,24 +27,6 @@ const RENEW_CHUNK: usize = 1_000;
 /// kombu's `brpop_timeout`: how long one blocking wait lasts before the loop looks around again.
 pub const BRPOP_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Move one `unacked` entry back to a queue if it is still the value we read — the same effect
-/// as kombu's `WATCH unacked; HGET; MULTI; ZREM; HDEL; RPUSH; EXEC`, in one atomic step that is
-/// safe on a multiplexed connection.
-const MOVE_BACK: &str = r"
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if cur ~= ARGV[2] then return 0 end
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('HDEL', KEYS[1], ARGV[1])
-if ARGV[4] == 'front' then redis.call('RPUSH', KEYS[3], ARGV[3]) else redis.call('LPUSH', KEYS[3], ARGV[3]) end
-return 1
-";
-
-/// redis-py's Lock release: delete the mutex only if we still own it.
-const RELEASE_MUTEX: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-";
-
 /// Where a message goes back to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum End {
@@ -161,8 +143,8 @@ impl Broker {
         Broker {
             conn,
             steps,
-            move_back: Script::new(MOVE_BACK),
-            release_mutex: Script::new(RELEASE_MUTEX),
+            move_back: Script::new(scripts::MOVE_BACK),
+            release_mutex: Script::new(scripts::RELEASE_MUTEX),
             finish: Script::new(scripts::FINISH),
             marker: TakeMarker::new(),
         }

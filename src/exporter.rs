@@ -29,40 +29,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-/// Count `unacked` entries per routing key, one bounded HSCAN batch per call, inside Redis: the
-/// ~1 kB payloads never cross the network and Redis is never blocked for long. An entry ends
-/// with `, "<exchange>", "<routing_key>"]`, so the routing key is the last JSON string (a
-/// routing key containing an escaped quote is not recognised).
-const COUNT_UNACKED: &str = r#"
-local res = redis.call('HSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
-local vals = res[2]
-local counts = {}
-local byte = string.byte
-for i = 2, #vals, 2 do
-  -- Read backwards from the closing bracket: the work per entry is the routing key's length,
-  -- not the payload's.
-  local v = vals[i]
-  local e = #v
-  while e > 0 and byte(v, e) ~= 93 do e = e - 1 end
-  e = e - 1
-  while e > 0 and byte(v, e) == 32 do e = e - 1 end
-  if e > 0 and byte(v, e) == 34 then
-    local s = e - 1
-    while s > 0 and byte(v, s) ~= 34 do s = s - 1 end
-    if s > 0 then
-      local rk = string.sub(v, s + 1, e - 1)
-      counts[rk] = (counts[rk] or 0) + 1
-    end
-  end
-end
-local out = {res[1]}
-for k, v in pairs(counts) do
-  out[#out + 1] = k
-  out[#out + 1] = v
-end
-return out
-"#;
-
 /// `celery-autoscale exporter`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ExporterArgs {
@@ -125,7 +91,7 @@ pub struct DepthReader {
 
 impl DepthReader {
     pub fn new(conn: Conn, queues: Vec<String>, steps: PrioritySteps, batch: u32) -> Self {
-        DepthReader { conn, queues, steps, batch, count_unacked: Script::new(COUNT_UNACKED) }
+        DepthReader { conn, queues, steps, batch, count_unacked: Script::new(crate::scripts::COUNT_UNACKED) }
     }
 
     /// The queues that could be read (see [`DepthReader::poll_detailed`] for the others).

@@ -1,4 +1,4 @@
-//! Every Lua script the worker runs on its hot path, built from two functions — `store`
+//! Every Lua script this crate runs. The hot path's are built from two functions — `store`
 //! (Celery's result store) and `take` (kombu's pop plus its `unacked` bookkeeping) — so each
 //! rule is written once (celery-wire.md §1.2, §2). A script runs atomically: nothing else
 //! happens in Redis between its steps, and a worker killed at any instant leaves either all of
@@ -119,3 +119,55 @@ if t then return {written, t[1], t[2], t[3]} end
 return {written}
 "
 );
+
+/// Move one `unacked` entry back to a queue if it is still the value we read — the same effect
+/// as kombu's `WATCH unacked; HGET; MULTI; ZREM; HDEL; RPUSH; EXEC`, in one atomic step that is
+/// safe on a multiplexed connection.
+pub const MOVE_BACK: &str = r"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur ~= ARGV[2] then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[1], ARGV[1])
+if ARGV[4] == 'front' then redis.call('RPUSH', KEYS[3], ARGV[3]) else redis.call('LPUSH', KEYS[3], ARGV[3]) end
+return 1
+";
+
+/// redis-py's Lock release: delete the mutex only if we still own it.
+pub const RELEASE_MUTEX: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// Count `unacked` entries per routing key, one bounded HSCAN batch per call, inside Redis: the
+/// ~1 kB payloads never cross the network and Redis is never blocked for long. An entry ends
+/// with `, "<exchange>", "<routing_key>"]`, so the routing key is the last JSON string (a
+/// routing key containing an escaped quote is not recognised).
+pub const COUNT_UNACKED: &str = r#"
+local res = redis.call('HSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
+local vals = res[2]
+local counts = {}
+local byte = string.byte
+for i = 2, #vals, 2 do
+  -- Read backwards from the closing bracket: the work per entry is the routing key's length,
+  -- not the payload's.
+  local v = vals[i]
+  local e = #v
+  while e > 0 and byte(v, e) ~= 93 do e = e - 1 end
+  e = e - 1
+  while e > 0 and byte(v, e) == 32 do e = e - 1 end
+  if e > 0 and byte(v, e) == 34 then
+    local s = e - 1
+    while s > 0 and byte(v, s) ~= 34 do s = s - 1 end
+    if s > 0 then
+      local rk = string.sub(v, s + 1, e - 1)
+      counts[rk] = (counts[rk] or 0) + 1
+    end
+  end
+end
+local out = {res[1]}
+for k, v in pairs(counts) do
+  out[#out + 1] = k
+  out[#out + 1] = v
+end
+return out
+"#;
