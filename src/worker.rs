@@ -270,20 +270,23 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
         ("visibility-timeout restorer", Box::pin(worker.clone().restore_loop())),
         ("lease renewer", Box::pin(lease::renew_loop(worker.broker.clone(), held, worker.args.visibility_timeout))),
     ];
-    let mut running = tokio::task::JoinSet::new();
-    let mut names = std::collections::HashMap::new();
+    let (ended_tx, ended_rx) = tokio::sync::mpsc::channel(services.len());
     let mut aborts = Vec::new();
     let mut event_loop = None;
     for (name, service) in services {
-        let handle = running.spawn(test_hooks::maybe_end(name, service));
-        names.insert(handle.id(), name);
+        let ended = ended_tx.clone();
+        let handle = tokio::spawn(async move {
+            use futures::FutureExt as _;
+            let outcome = std::panic::AssertUnwindSafe(test_hooks::maybe_end(name, service)).catch_unwind().await;
+            let _ = ended.send((name, outcome.err().map(|p| crate::task::panic_text(p.as_ref())))).await;
+        });
         if name == "events" {
             event_loop = Some(handle);
         } else {
             aborts.push(handle);
         }
     }
-    let supervisor = tokio::spawn(worker.clone().supervise(running, names));
+    let supervisor = tokio::spawn(worker.clone().supervise(ended_rx));
     let mut fetcher = worker.broker.fetcher(wait_conns, lists);
     let mut deliveries = worker.clone().fetch_loop(&mut fetcher).await;
     worker.drain(&mut deliveries).await;
@@ -295,15 +298,11 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
     }
     // From here on the services end because we end them; the supervisor stops watching.
     supervisor.abort();
-    aborts.iter().for_each(tokio::task::AbortHandle::abort);
+    aborts.iter().for_each(tokio::task::JoinHandle::abort);
     events.finish();
     // worker-offline, unless Redis is gone: then Flower notices the missing heartbeats.
     if let Some(event_loop) = event_loop {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-        while !event_loop.is_finished() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        event_loop.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(3), event_loop).await;
     }
     shutdown.advance(Stage::Immediate);
     let _ = server.await;
@@ -340,31 +339,16 @@ impl Worker {
     /// return) stops the worker with its name and why. Restarting it instead could hide a bug
     /// that recurs; a stop is visible (Ready false at once, exit 1 after the drain, and
     /// Kubernetes starts a fresh pod).
-    async fn supervise(
-        self: Arc<Self>,
-        mut running: tokio::task::JoinSet<()>,
-        names: std::collections::HashMap<tokio::task::Id, &'static str>,
-    ) {
-        while let Some(ended) = running.join_next_with_id().await {
-            if self.shutdown.stage() != Stage::Running {
-                return;
-            }
-            let name = |id| names.get(&id).copied().unwrap_or("background");
-            let why = match ended {
-                Ok((id, ())) => format!("the worker's {} service returned while the worker was running", name(id)),
-                Err(e) if e.is_panic() => {
-                    let id = e.id();
-                    format!(
-                        "the worker's {} service panicked: {}",
-                        name(id),
-                        crate::task::panic_text(e.into_panic().as_ref())
-                    )
-                }
-                Err(_) => continue,
-            };
-            self.stop_with(StartError::ServiceEnded(why));
+    async fn supervise(self: Arc<Self>, mut ended: tokio::sync::mpsc::Receiver<(&'static str, Option<String>)>) {
+        let Some((name, panic)) = ended.recv().await else { return };
+        if self.shutdown.stage() != Stage::Running {
             return;
         }
+        let why = match panic {
+            Some(panic) => format!("the worker's {name} service panicked: {panic}"),
+            None => format!("the worker's {name} service returned while the worker was running"),
+        };
+        self.stop_with(StartError::ServiceEnded(why));
     }
 
     fn readiness(&self) -> Result<(), String> {
