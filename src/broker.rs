@@ -314,7 +314,7 @@ impl Broker {
         let members: Vec<String> =
             self.conn.clone().smembers(format!("{}{}", keys::BINDING_PREFIX, entry.exchange)).await?;
         for member in &members {
-            let parts: Vec<&str> = member.split(keys::PRIORITY_SEP).collect();
+            let parts: Vec<&str> = member.split(keys::SEP).collect();
             let [rk, pattern, queue] = parts[..] else { continue };
             let matches = if pattern.is_empty() {
                 rk == entry.routing_key

@@ -18,13 +18,15 @@ use crate::connection::{Backoff, Conn, Health, timed_out};
 use crate::events::{Events, WorkerCounts};
 use crate::shutdown::{Shutdown, Stage};
 use crate::sync::Locked;
+use crate::wire::keys;
 use crate::wire::pyjson;
 use crate::wire::pyrepr::{args_repr, kwargs_repr, repr};
 use crate::wire::time::{python_isoformat, unix_seconds};
 use crate::wire::{ExceptionInfo, ResultMeta, TaskMessage};
+use crate::worker::inflight::{Held, InFlight, Phase};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use futures::StreamExt;
 use redis::AsyncCommands;
 use serde_json::{Map, Value, json};
@@ -34,15 +36,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
-/// Celery's mailbox exchange and reply exchange for the app namespace `celery`.
-pub const EXCHANGE: &str = "celery.pidbox";
-pub const REPLY_EXCHANGE: &str = "reply.celery.pidbox";
 /// Celery's `REVOKES_MAX` and `REVOKE_EXPIRES` (seconds): the revoked set forgets the oldest ids
 /// beyond this count or age.
 const REVOKES_MAX: usize = 50_000;
 const REVOKE_EXPIRES: Duration = Duration::from_secs(10_800);
-/// kombu's binding entry separator.
-const SEP: &str = "\x06\x16";
 
 /// The node name Celery derives from `-n`: `name@host`; a value without `@` is a host name
 /// (`celery@<value>`), and `%h`, `%n`, `%d` expand to the host name, its first label, its domain.
@@ -152,24 +149,9 @@ impl Revoked {
     }
 }
 
-/// Where a task the worker holds is.
-#[derive(Clone, Debug, PartialEq)]
-enum Phase {
-    Reserved,
-    Scheduled { eta: DateTime<Utc> },
-    Active { since: f64 },
-}
-
-struct Request {
-    msg_info: Map<String, Value>,
-    args: Vec<Value>,
-    kwargs: Map<String, Value>,
-    priority: i64,
-    phase: Phase,
-}
-
 /// What the worker is doing, for inspect replies and heartbeats, and the event hooks the
-/// worker calls at each step of a task.
+/// worker calls at each step of a task. What it holds is read from the worker's [`InFlight`],
+/// the one record of it; this adds the revoked set, the queues and the configuration.
 pub struct WorkerState {
     pub events: Arc<Events>,
     pub revoked: Revoked,
@@ -182,8 +164,7 @@ pub struct WorkerState {
     /// Bumped when add_consumer/cancel_consumer change `queues`.
     queues_changed: watch::Sender<u64>,
     registered: Vec<String>,
-    requests: Mutex<HashMap<String, Request>>,
-    total: Mutex<BTreeMap<String, u64>>,
+    in_flight: Arc<InFlight>,
     processed: AtomicU64,
     backend: Backend,
     shutdown: Shutdown,
@@ -202,7 +183,13 @@ pub struct Settings {
 }
 
 impl WorkerState {
-    pub fn new(settings: Settings, events: Arc<Events>, backend: Backend, shutdown: Shutdown) -> Arc<Self> {
+    pub fn new(
+        settings: Settings,
+        in_flight: Arc<InFlight>,
+        events: Arc<Events>,
+        backend: Backend,
+        shutdown: Shutdown,
+    ) -> Arc<Self> {
         let mut registered = settings.registered;
         registered.sort();
         Arc::new(WorkerState {
@@ -216,8 +203,7 @@ impl WorkerState {
             queues: Mutex::new(settings.queues),
             queues_changed: watch::channel(0).0,
             registered,
-            requests: Mutex::default(),
-            total: Mutex::default(),
+            in_flight,
             processed: AtomicU64::new(0),
             backend,
             shutdown,
@@ -242,138 +228,112 @@ impl WorkerState {
     // ---- hooks the worker calls ----
 
     /// A task message was accepted (parsed, bound, not revoked or expired).
-    pub fn received(&self, msg: &TaskMessage, queue: &str) {
-        let phase = match msg.eta.filter(|e| *e > Utc::now()) {
-            Some(eta) => Phase::Scheduled { eta },
-            None => Phase::Reserved,
-        };
-        let mut delivery = Map::new();
-        delivery.insert("exchange".into(), "".into());
-        delivery.insert("routing_key".into(), msg.routing_key().unwrap_or(queue).into());
-        delivery.insert("priority".into(), msg.priority.into());
-        delivery.insert("redelivered".into(), msg.redelivered.into());
-        let mut info = Map::new();
-        info.insert("id".into(), msg.id.clone().into());
-        info.insert("name".into(), msg.task.clone().into());
-        info.insert("delivery_info".into(), Value::Object(delivery));
-        let req = Request {
-            msg_info: info,
-            args: msg.args.clone(),
-            kwargs: msg.kwargs.clone(),
-            priority: msg.priority,
-            phase,
-        };
-        self.requests.locked().insert(msg.id.clone(), req);
+    pub fn received(&self, msg: &TaskMessage) {
         self.events.task_received(msg);
     }
 
-    /// An ETA task's time has come: it now waits for a slot like any reserved task.
-    pub fn due(&self, id: &str) {
-        if let Some(r) = self.requests.locked().get_mut(id) {
-            r.phase = Phase::Reserved;
-        }
-    }
-
     pub fn started(&self, msg: &TaskMessage) {
-        if let Some(r) = self.requests.locked().get_mut(&msg.id) {
-            r.phase = Phase::Active { since: unix_seconds(Utc::now()) };
-        }
-        *self.total.locked().entry(msg.task.clone()).or_default() += 1;
         self.processed.fetch_add(1, Ordering::Relaxed);
         self.events.task_started(&msg.id);
     }
 
     /// Tasks started by this process, per task name (Celery's `stats` "total").
     pub fn started_totals(&self) -> BTreeMap<String, u64> {
-        self.total.locked().clone()
-    }
-
-    fn forget(&self, id: &str) {
-        self.requests.locked().remove(id);
+        self.in_flight.started_counts()
     }
 
     pub fn succeeded(&self, msg: &TaskMessage, result: &Value, runtime: Duration) {
-        self.forget(&msg.id);
         self.events.task_succeeded(&msg.id, result, runtime);
     }
 
     pub fn failed(&self, msg: &TaskMessage, exc: &ExceptionInfo) {
-        self.forget(&msg.id);
         self.events.task_failed(&msg.id, &msg.task, exc);
     }
 
     pub fn retried(&self, msg: &TaskMessage, exc: &ExceptionInfo) {
-        self.forget(&msg.id);
         self.events.task_retried(&msg.id, &msg.task, exc);
     }
 
     /// A message that will not run (bad arguments, unsupported canvas, unreadable headers).
     pub fn rejected(&self, task_id: &str) {
-        self.forget(task_id);
         self.events.task_rejected(task_id, false);
     }
 
     /// The task will not run or was stopped: revoked (`terminated` when stopped while running)
     /// or `expired`.
     pub fn revoked_task(&self, id: &str, terminated: bool, expired: bool) {
-        self.forget(id);
         self.events.task_revoked(id, terminated, terminated.then_some("15"), expired);
-    }
-
-    /// Dropped without an outcome (put back at shutdown, duplicate of a finished task).
-    pub fn released(&self, id: &str) {
-        self.forget(id);
     }
 
     // ---- inspect replies ----
 
-    fn info(&self, r: &Request, safe: bool) -> Value {
+    fn info(&self, h: &Held, safe: bool) -> Value {
+        let msg = &h.msg;
         let mut m = Map::new();
-        m.insert("id".into(), r.msg_info["id"].clone());
-        m.insert("name".into(), r.msg_info["name"].clone());
+        m.insert("id".into(), msg.id.clone().into());
+        m.insert("name".into(), msg.task.clone().into());
         // `safe` (Flower asks for it): reprs, as Python's argsrepr/kwargsrepr.
-        m.insert("args".into(), if safe { args_repr(&r.args).into() } else { Value::Array(r.args.clone()) });
-        m.insert("kwargs".into(), if safe { kwargs_repr(&r.kwargs).into() } else { Value::Object(r.kwargs.clone()) });
-        m.insert("type".into(), r.msg_info["name"].clone());
+        m.insert("args".into(), if safe { args_repr(&msg.args).into() } else { Value::Array(msg.args.clone()) });
+        m.insert(
+            "kwargs".into(),
+            if safe { kwargs_repr(&msg.kwargs).into() } else { Value::Object(msg.kwargs.clone()) },
+        );
+        m.insert("type".into(), msg.task.clone().into());
         m.insert("hostname".into(), self.node.clone().into());
-        let (start, acked) = match r.phase {
-            Phase::Active { since } => (Value::from(since), true),
-            _ => (Value::Null, false),
+        let (start, acked) = match h.started {
+            Some(since) => (Value::from(unix_seconds(since)), true),
+            None => (Value::Null, false),
         };
         m.insert("time_start".into(), start);
         m.insert("acknowledged".into(), acked.into());
-        m.insert("delivery_info".into(), r.msg_info["delivery_info"].clone());
+        let mut delivery = Map::new();
+        delivery.insert("exchange".into(), "".into());
+        delivery.insert("routing_key".into(), msg.routing_key().unwrap_or(&h.queue).into());
+        delivery.insert("priority".into(), msg.priority.into());
+        delivery.insert("redelivered".into(), msg.redelivered.into());
+        m.insert("delivery_info".into(), Value::Object(delivery));
         m.insert("worker_pid".into(), if acked { std::process::id().into() } else { Value::Null });
         Value::Object(m)
     }
 
     fn list(&self, safe: bool, want: impl Fn(&Phase) -> bool) -> Vec<Value> {
-        let reqs = self.requests.locked();
-        reqs.values().filter(|r| want(&r.phase)).map(|r| self.info(r, safe)).collect()
+        let now = Utc::now();
+        let mut out = Vec::new();
+        self.in_flight.each(|h| {
+            if want(&h.phase(now)) {
+                out.push(self.info(h, safe));
+            }
+        });
+        out
     }
 
     fn scheduled(&self) -> Value {
-        let reqs = self.requests.locked();
-        let items = reqs.values().filter_map(|r| match r.phase {
-            Phase::Scheduled { eta } => {
-                Some(json!({"eta": python_isoformat(eta), "priority": r.priority, "request": self.info(r, false)}))
+        let now = Utc::now();
+        let mut out = Vec::new();
+        self.in_flight.each(|h| {
+            if let Phase::Scheduled { eta } = h.phase(now) {
+                out.push(
+                    json!({"eta": python_isoformat(eta), "priority": h.msg.priority, "request": self.info(h, false)}),
+                );
             }
-            _ => None,
         });
-        Value::Array(items.collect())
+        Value::Array(out)
     }
 
     fn query_task(&self, ids: &[String]) -> Value {
-        let reqs = self.requests.locked();
+        let now = Utc::now();
         let mut out = Map::new();
         for id in ids {
-            if let Some(r) = reqs.get(id) {
-                let state = match r.phase {
+            let found = self.in_flight.by_task_id(id, |h| {
+                let state = match h.phase(now) {
                     Phase::Active { .. } => "active",
                     Phase::Reserved => "reserved",
                     Phase::Scheduled { .. } => "ready",
                 };
-                out.insert(id.clone(), json!([state, self.info(r, false)]));
+                json!([state, self.info(h, false)])
+            });
+            if let Some(found) = found {
+                out.insert(id.clone(), found);
             }
         }
         Value::Object(out)
@@ -381,7 +341,8 @@ impl WorkerState {
 
     fn stats(&self) -> Value {
         let pid = std::process::id();
-        let total: Map<String, Value> = self.total.locked().iter().map(|(k, v)| (k.clone(), (*v).into())).collect();
+        let total: Map<String, Value> =
+            self.in_flight.started_counts().into_iter().map(|(k, v)| (k, v.into())).collect();
         let (host, port, db) = match redis::Client::open(self.broker_url.as_str()) {
             Ok(c) => {
                 let info = c.get_connection_info();
@@ -438,10 +399,8 @@ impl WorkerState {
         let ids = string_list(args.get("task_id")).ok_or_else(|| missing("revoke", "task_id"))?;
         let terminate = args.get("terminate").is_some_and(truthy);
         // Which ids this worker holds, before the revoke lets them end: the reply names them.
-        let known: Vec<String> = {
-            let reqs = self.requests.locked();
-            ids.iter().filter(|id| reqs.contains_key(*id)).cloned().collect()
-        };
+        let known: Vec<String> =
+            ids.iter().filter(|id| self.in_flight.by_task_id(id, |_| ()).is_some()).cloned().collect();
         // Celery's order: flag, store REVOKED ("revoked"), then terminate (which stores
         // "terminated" when the task stops).
         self.revoked.add(&ids, false);
@@ -557,7 +516,7 @@ impl WorkerState {
 
 impl WorkerCounts for WorkerState {
     fn active(&self) -> usize {
-        self.requests.locked().values().filter(|r| matches!(r.phase, Phase::Active { .. })).count()
+        self.in_flight.running()
     }
 
     fn processed(&self) -> u64 {
@@ -750,7 +709,7 @@ fn matches(node: &str, pattern: &str, matcher: &str) -> bool {
 /// is dropped and the channel subscribed anew, with backoff. `health` says whether the
 /// subscription works (for `/readyz`).
 pub async fn serve(state: Arc<WorkerState>, broker: Conn, health: Arc<Health>, check_every: Duration) {
-    let channel = format!("/{}.{EXCHANGE}", broker.db());
+    let channel = keys::fanout_channel(broker.db(), keys::PIDBOX_EXCHANGE, None);
     let mut backoff = Backoff::default();
     let mut complaints = RateLimit::default();
     loop {
@@ -879,7 +838,7 @@ impl WorkerState {
             .iter()
             .filter_map(|m| {
                 let m = String::from_utf8_lossy(m);
-                let mut parts = m.splitn(3, SEP);
+                let mut parts = m.splitn(3, keys::SEP);
                 let (rk, _pattern, queue) = (parts.next()?, parts.next()?, parts.next()?);
                 (rk == routing_key).then(|| queue.to_owned())
             })
@@ -932,7 +891,8 @@ mod tests {
         let theirs: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
         let ticket = theirs["headers"]["ticket"].as_str().unwrap();
         let rk = theirs["properties"]["delivery_info"]["routing_key"].as_str().unwrap();
-        let ours = reply_envelope("probe1@testhost", REPLY_EXCHANGE, rk, Some(ticket), 3, json!({"ok": "pong"}));
+        let ours =
+            reply_envelope("probe1@testhost", keys::PIDBOX_REPLY_EXCHANGE, rk, Some(ticket), 3, json!({"ok": "pong"}));
         let mut ours: Value = serde_json::from_slice(&ours).unwrap();
         ours["properties"]["delivery_tag"] = theirs["properties"]["delivery_tag"].clone();
         assert_eq!(pyjson::to_string(&ours), pyjson::to_string(&theirs));

@@ -10,6 +10,7 @@
 //! task down — the hot path only formats a map and hands it to a bounded channel.
 
 use crate::connection::Conn;
+use crate::wire::keys;
 use crate::wire::message::{DeliveryInfo, Envelope};
 use crate::wire::pyjson;
 use crate::wire::pyrepr::{args_repr, kwargs_repr, repr};
@@ -24,8 +25,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
 
-/// Celery's event exchange.
-pub const EXCHANGE: &str = "celeryev";
 /// Seconds between heartbeats (Celery's default `freq`); Flower marks a worker offline after
 /// missing a few.
 pub const HEARTBEAT_FREQ: f64 = 2.0;
@@ -221,7 +220,7 @@ impl Events {
     /// health is reported by the task path).
     async fn publish(&self, routing_key: &str, body: &Value) -> bool {
         let envelope = self.envelope(routing_key, body);
-        let channel = format!("/{}.{EXCHANGE}/{routing_key}", self.db);
+        let channel = keys::fanout_channel(self.db, keys::EVENT_EXCHANGE, Some(routing_key));
         match self.conn.clone().publish::<_, _, i64>(channel, envelope).await {
             Ok(_) => true,
             Err(e) => {
@@ -238,7 +237,7 @@ impl Events {
             HeadersOut { hostname: &self.node },
             PropertiesOut {
                 delivery_mode: 1,
-                delivery_info: DeliveryInfo { exchange: EXCHANGE, routing_key },
+                delivery_info: DeliveryInfo { exchange: keys::EVENT_EXCHANGE, routing_key },
                 priority: 0,
                 body_encoding: "base64",
                 delivery_tag: crate::wire::message::new_uuid(),

@@ -140,7 +140,7 @@ struct Worker {
     shutdown: Shutdown,
     registry: Registry,
     /// Messages taken and not yet acknowledged, and whether the drain has begun.
-    in_flight: InFlight,
+    in_flight: Arc<InFlight>,
     /// Set at the immediate stage: Redis retry loops stop waiting for Redis.
     give_up: AtomicBool,
     run_slots: Arc<Semaphore>,
@@ -190,8 +190,10 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
     let node = control::node_name(args.hostname.as_deref(), &message::hostname());
     let backend = Backend::new(backend_conn, Duration::from_secs(args.result_expires));
     let (events, pending_events) = Events::new(broker_conn.clone(), &node, args.events);
+    let in_flight = Arc::new(InFlight::new());
     let state = WorkerState::new(
         control_settings(&args, &node, &queues, &registry),
+        in_flight.clone(),
         events.clone(),
         backend.clone(),
         shutdown.clone(),
@@ -205,7 +207,7 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
         pidbox_health: Health::new("remote control", "BROKER_URL", &args.redis.broker_url),
         shutdown: shutdown.clone(),
         registry,
-        in_flight: InFlight::new(),
+        in_flight: in_flight.clone(),
         give_up: AtomicBool::new(false),
         run_slots: Arc::new(Semaphore::new(args.concurrency as usize)),
         finishing: Arc::new(Semaphore::new(2 * args.concurrency as usize)),
@@ -500,7 +502,6 @@ impl Worker {
         };
         if !repeat {
             tracing::error!(task_id = %msg.id, task = %msg.task, panic = %why, "a delivery panicked; putting its message back");
-            self.state.released(&msg.id);
             self.put_back(tag, &held.entry).await;
             return;
         }
@@ -594,7 +595,7 @@ impl Worker {
             self.state.revoked_task(&msg.id, false, true);
             return self.complete(&tag, None, fetch_slot).await;
         }
-        self.state.received(&msg, &queue);
+        self.state.received(&msg);
         if let Some(eta) = msg.eta.filter(|e| *e > Utc::now()) {
             // Like Celery, a scheduled task does not count against prefetch while it waits.
             fetch_slot.take();
@@ -605,7 +606,6 @@ impl Worker {
                 () = self.state.revoked.wait(&msg.id, false) => {}
                 () = self.shutdown.reached(Stage::Graceful) => return None, // the drain puts it back
             }
-            self.state.due(&msg.id);
         }
         let run_slot = tokio::select! {
             p = self.run_slots.clone().acquire_owned() => p.expect("semaphore never closed"),
@@ -616,7 +616,6 @@ impl Worker {
             return None;
         }
         if !self.in_flight.start(&tag) {
-            self.state.released(&msg.id);
             return None; // the drain took it back before it could start
         }
         self.state.started(&msg);
@@ -636,7 +635,6 @@ impl Worker {
             }
         };
         let Some((outcome, elapsed)) = executed else {
-            self.state.released(&msg.id);
             return self.complete(&tag, None, fetch_slot).await;
         };
         // The run slot is free once the task has run, so a waiting message starts while this

@@ -1,11 +1,28 @@
-//! Kombu's Redis key layout: queues, priority sub-lists, ack-emulation and result keys
-//! (docs: celery-wire.md §1.1, §1.4, §2.1). Every Redis key name the project uses lives here.
+//! Kombu's Redis key layout: queues, priority sub-lists, ack-emulation and result keys, and the
+//! Pub/Sub channels of Celery's fanout exchanges (events, remote control) (docs: celery-wire.md
+//! §1.1, §1.4, §2.1). Every Redis key and channel name the project uses lives here.
 
 use std::fmt;
 use std::str::FromStr;
 
-/// Separator kombu puts between a queue name and its priority bucket (`'\x06\x16'`).
-pub const PRIORITY_SEP: &str = "\x06\x16";
+/// kombu's separator (`'\x06\x16'`): between a queue name and its priority bucket, and between
+/// the fields of a binding (`routing_key␆␖pattern␆␖queue`).
+pub const SEP: &str = "\x06\x16";
+/// Celery's event exchange (fanout).
+pub const EVENT_EXCHANGE: &str = "celeryev";
+/// Celery's remote-control mailbox exchange (fanout) for the app namespace `celery`.
+pub const PIDBOX_EXCHANGE: &str = "celery.pidbox";
+/// Where remote-control replies go (direct, through its binding set).
+pub const PIDBOX_REPLY_EXCHANGE: &str = "reply.celery.pidbox";
+
+/// kombu's Redis channel for a fanout exchange in database `db`: `/{db}.{exchange}`, with
+/// `/{routing_key}` appended when the message has one (events do; remote control does not).
+pub fn fanout_channel(db: i64, exchange: &str, routing_key: Option<&str>) -> String {
+    match routing_key {
+        Some(rk) => format!("/{db}.{exchange}/{rk}"),
+        None => format!("/{db}.{exchange}"),
+    }
+}
 /// HASH: delivery_tag → `[envelope, exchange, routing_key]`.
 pub const UNACKED: &str = "unacked";
 /// ZSET: delivery_tag → delivery time (unix seconds, float).
@@ -111,12 +128,12 @@ impl fmt::Display for PrioritySteps {
 }
 
 fn bucket_key(queue: &str, bucket: u8) -> String {
-    if bucket == 0 { queue.to_owned() } else { format!("{queue}{PRIORITY_SEP}{bucket}") }
+    if bucket == 0 { queue.to_owned() } else { format!("{queue}{SEP}{bucket}") }
 }
 
 /// The queue a list key belongs to (strips a priority suffix).
 pub fn queue_of_key(key: &str) -> &str {
-    match key.rsplit_once(PRIORITY_SEP) {
+    match key.rsplit_once(SEP) {
         Some((queue, bucket)) if bucket.len() == 1 && bucket.as_bytes()[0].is_ascii_digit() => queue,
         _ => key,
     }

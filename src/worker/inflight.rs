@@ -1,6 +1,10 @@
-//! The messages a worker holds (taken from Redis, not yet acknowledged), and the drain rule:
-//! once the graceful drain has begun, nothing new is held and nothing waiting starts. Both
-//! live under one lock, so the rule is the type's, not the callers'.
+//! What a worker holds — the one record of it: the messages taken from Redis and not yet
+//! acknowledged, keyed by delivery tag and indexed by task id, each in its [`Phase`], plus the
+//! drain rule: once the graceful drain has begun, nothing new is held and nothing waiting
+//! starts. Both live under one lock, so the rule is the type's, not the callers'. Everything
+//! that reports what the worker holds reads it here: the `/metrics` gauges, lease renewal,
+//! heartbeats and `celery inspect` (active, reserved, scheduled, query_task, stats' totals), so
+//! they cannot disagree.
 
 use crate::sync::Locked;
 use crate::wire::TaskMessage;
@@ -23,6 +27,17 @@ pub struct Held {
     pub started: Option<DateTime<Utc>>,
 }
 
+/// Where a held message is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Phase {
+    /// Waiting for a run slot.
+    Reserved,
+    /// Waiting for its ETA (Celery's "scheduled").
+    Scheduled { eta: DateTime<Utc> },
+    /// Running since.
+    Active { since: DateTime<Utc> },
+}
+
 impl Held {
     pub fn new(msg: Arc<TaskMessage>, queue: String, entry: Vec<u8>) -> Self {
         Held { msg, queue, entry, received: Utc::now(), started: None }
@@ -31,12 +46,23 @@ impl Held {
     pub fn is_running(&self) -> bool {
         self.started.is_some()
     }
+
+    /// Its phase at `now`: an ETA task is scheduled until its ETA, then reserved like any other.
+    pub fn phase(&self, now: DateTime<Utc>) -> Phase {
+        match (self.started, self.msg.eta) {
+            (Some(since), _) => Phase::Active { since },
+            (None, Some(eta)) if eta > now => Phase::Scheduled { eta },
+            _ => Phase::Reserved,
+        }
+    }
 }
 
 #[derive(Default)]
 struct State {
     /// Keyed by delivery tag.
     held: HashMap<String, Held>,
+    /// Task id → delivery tag of `held`.
+    by_id: HashMap<String, String>,
     draining: bool,
     /// Tasks started here, by name.
     started: BTreeMap<String, u64>,
@@ -66,6 +92,7 @@ impl InFlight {
         if s.draining {
             return Err(held);
         }
+        s.by_id.insert(held.msg.id.clone(), tag.to_owned());
         s.held.insert(tag.to_owned(), held);
         Ok(())
     }
@@ -95,7 +122,10 @@ impl InFlight {
 
     /// Forget an acknowledged message.
     pub fn finish(&self, tag: &str) -> Option<Held> {
-        self.lock().held.remove(tag)
+        let mut s = self.lock();
+        let held = s.held.remove(tag)?;
+        s.forget_id(&held.msg.id, tag);
+        Some(held)
     }
 
     /// Begin the graceful drain: from now on nothing is held or started. Returns the messages
@@ -104,7 +134,14 @@ impl InFlight {
         let mut s = self.lock();
         s.draining = true;
         let waiting: Vec<String> = s.held.iter().filter(|(_, h)| !h.is_running()).map(|(t, _)| t.clone()).collect();
-        waiting.into_iter().filter_map(|t| s.held.remove(&t).map(|h| (t, h))).collect()
+        let mut out = Vec::with_capacity(waiting.len());
+        for t in waiting {
+            if let Some(h) = s.held.remove(&t) {
+                s.forget_id(&h.msg.id, &t);
+                out.push((t, h));
+            }
+        }
+        out
     }
 
     pub fn is_draining(&self) -> bool {
@@ -132,6 +169,32 @@ impl InFlight {
     /// Tasks started by this worker, by name (Celery's `inspect stats` `total`).
     pub fn started_counts(&self) -> BTreeMap<String, u64> {
         self.lock().started.clone()
+    }
+
+    /// `f` of every held message, under the lock (keep it short; it must not block).
+    pub fn each(&self, mut f: impl FnMut(&Held)) {
+        self.lock().held.values().for_each(&mut f);
+    }
+
+    /// `f` of the held message with task id `id`, if any.
+    pub fn by_task_id<R>(&self, id: &str, f: impl FnOnce(&Held) -> R) -> Option<R> {
+        let s = self.lock();
+        s.by_id.get(id).and_then(|tag| s.held.get(tag)).map(f)
+    }
+
+    /// How many held messages are running.
+    pub fn running(&self) -> usize {
+        self.lock().held.values().filter(|h| h.is_running()).count()
+    }
+}
+
+impl State {
+    /// Drop the id index entry of `tag`'s message (unless a redelivery of the same task id is
+    /// held under another tag).
+    fn forget_id(&mut self, id: &str, tag: &str) {
+        if self.by_id.get(id).is_some_and(|t| t == tag) {
+            self.by_id.remove(id);
+        }
     }
 }
 
@@ -169,5 +232,30 @@ mod tests {
         assert_eq!(f.finish("a").map(|h| h.msg.task.clone()), Some("t.a".into()));
         assert_eq!(f.counts(), (0, 0));
         assert_eq!(f.started_counts(), BTreeMap::from([("t.a".to_owned(), 1)]));
+    }
+
+    #[test]
+    fn messages_are_found_by_task_id_and_in_their_phase() {
+        let f = InFlight::new();
+        let now = Utc::now();
+        let mut later = NewTask::new("t.eta", vec![], Map::new(), "celery");
+        later.eta = Some(now + chrono::Duration::seconds(60));
+        let (bytes, _) = later.to_message("gen1@test");
+        let eta_msg = Arc::new(crate::wire::parse_message(&bytes).unwrap());
+        let eta_id = eta_msg.id.clone();
+        f.hold("e", Held::new(eta_msg, "celery".into(), bytes)).unwrap();
+        let a = held("t.a");
+        let a_id = a.msg.id.clone();
+        f.hold("a", a).unwrap();
+        assert!(matches!(f.by_task_id(&eta_id, |h| h.phase(now)), Some(Phase::Scheduled { .. })));
+        assert_eq!(f.by_task_id(&eta_id, |h| h.phase(now + chrono::Duration::seconds(61))), Some(Phase::Reserved));
+        assert_eq!(f.by_task_id(&a_id, |h| h.phase(now)), Some(Phase::Reserved));
+        assert!(f.start("a"));
+        assert!(matches!(f.by_task_id(&a_id, |h| h.phase(now)), Some(Phase::Active { .. })));
+        assert_eq!(f.running(), 1);
+        f.finish("a");
+        assert_eq!(f.by_task_id(&a_id, |_| ()), None, "gone from the index with the message");
+        assert_eq!(f.begin_drain().len(), 1);
+        assert_eq!(f.by_task_id(&eta_id, |_| ()), None);
     }
 }
