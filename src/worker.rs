@@ -113,6 +113,7 @@ pub struct WorkerArgs {
 }
 
 pub mod inflight;
+pub mod settle;
 
 pub use inflight::{Held, InFlight};
 
@@ -678,8 +679,9 @@ impl Worker {
         Some((outcome, started.elapsed()))
     }
 
-    /// Count and log the outcome, store it and send follow-ups; returns the result to store
-    /// together with the ack instead, when nothing else must be sent before it.
+    /// Carry out the Celery rules of the outcome ([`settle::settle`]): count, log and send
+    /// the event, store what goes first and send the follow-ups; returns the result to store
+    /// with the acknowledgement.
     async fn follow_up(
         &self,
         msg: &TaskMessage,
@@ -688,47 +690,35 @@ impl Worker {
         queue: &str,
         elapsed: Duration,
     ) -> Option<ResultMeta> {
-        let now = Utc::now();
         let task = msg.task.as_str();
-        match outcome {
-            Ok(value) => {
+        let (kind, plan) = settle::settle(msg, outcome, queue, Utc::now());
+        match &kind {
+            settle::Kind::Success => {
                 self.metrics.success.with_label_values(&[task]).inc();
                 self.metrics.duration.with_label_values(&[task]).observe(elapsed.as_secs_f64());
                 tracing::debug!(task_id = %msg.id, task, seconds = elapsed.as_secs_f64(), "task succeeded");
-                self.state.succeeded(msg, &value, elapsed);
-                if msg.embed.callbacks.is_empty() && msg.embed.chain.is_empty() {
-                    return self.complete_meta(msg, t, ResultMeta::success(&msg.id, value, now));
-                }
-                self.store(msg, t, ResultMeta::success(&msg.id, value.clone(), now)).await;
-                for sig in &msg.embed.callbacks {
-                    self.send(NewTask::from_signature(sig, Some(value.clone()), msg, keys::DEFAULT_QUEUE)).await;
-                }
-                if let Some((next, rest)) = msg.embed.chain.split_last() {
-                    let mut t = NewTask::from_signature(next, Some(value), msg, keys::DEFAULT_QUEUE);
-                    t.chain = rest.to_vec();
-                    self.send(t).await;
-                }
+                let stored = plan.store_first.as_ref().or(plan.store_with_ack.as_ref());
+                self.state.succeeded(msg, stored.map_or(&Value::Null, |m| &m.result), elapsed);
             }
-            Err(TaskError::Raise(exc)) => {
+            settle::Kind::Failure(exc) => {
                 self.metrics.failure.with_label_values(&[task]).inc();
                 self.metrics.duration.with_label_values(&[task]).observe(elapsed.as_secs_f64());
                 tracing::info!(task_id = %msg.id, task, "task failed: {}", exc.summary());
-                self.state.failed(msg, &exc);
-                if msg.embed.errbacks.is_empty() {
-                    return self.complete_meta(msg, t, ResultMeta::failure(&msg.id, task, &exc, now));
-                }
-                self.store(msg, t, ResultMeta::failure(&msg.id, task, &exc, now)).await;
-                self.send_errbacks(msg).await;
+                self.state.failed(msg, exc);
             }
-            Err(TaskError::Retry { exc, countdown }) => {
+            settle::Kind::Retry { exc, countdown } => {
                 self.metrics.retried.with_label_values(&[task]).inc();
                 tracing::info!(task_id = %msg.id, task, retries = msg.retries + 1, ?countdown, "task retry: {}", exc.summary());
-                self.state.retried(msg, &exc);
-                self.store(msg, t, ResultMeta::retry(&msg.id, task, &exc)).await;
-                self.send(NewTask::retry_of(msg, queue, countdown)).await;
+                self.state.retried(msg, exc);
             }
         }
-        None
+        if let Some(meta) = plan.store_first {
+            self.store(msg, t, meta).await;
+        }
+        for follow_up in plan.send {
+            self.send(follow_up).await;
+        }
+        plan.store_with_ack.and_then(|meta| self.complete_meta(msg, t, meta))
     }
 
     /// Store a result unless the message (or, if it does not say, the task) ignores results.
@@ -876,9 +866,8 @@ impl Worker {
     }
 
     async fn send_errbacks(&self, msg: &TaskMessage) {
-        for sig in &msg.embed.errbacks {
-            self.send(NewTask::from_signature(sig, Some(Value::String(msg.id.clone())), msg, keys::DEFAULT_QUEUE))
-                .await;
+        for errback in settle::errbacks(msg) {
+            self.send(errback).await;
         }
     }
 

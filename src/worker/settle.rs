@@ -1,0 +1,178 @@
+//! The Celery rules of a task's outcome, as a pure step: given the message and what the body
+//! returned, which result to store and which follow-up messages to send. The delivery
+//! ([`super::Worker`]) carries it out — metrics, logs and events, the store, the sends, the
+//! acknowledgement — so every rule here is unit-tested without Redis.
+//!
+//! The rules (Celery 5.7's `Request`/`Task` behaviour, as this worker implements it):
+//! - **success**: SUCCESS; each `link` callback gets the result prepended to its arguments
+//!   (unless immutable), and the next `chain` step is sent with the rest of the chain. With no
+//!   follow-ups the result is stored together with the acknowledgement (one round trip);
+//!   with follow-ups it is stored first, so a follow-up never runs before its parent's result
+//!   is readable.
+//! - **failure** (`Raise`): FAILURE; each `link_error` errback is sent with the task id as its
+//!   argument. Stored with the acknowledgement unless there are errbacks (then first).
+//! - **retry**: RETRY is stored, then the message is sent again with `retries + 1` after the
+//!   countdown, to the queue it came from.
+
+use crate::task::{TaskError, TaskResult};
+use crate::wire::message::NewTask;
+use crate::wire::{ExceptionInfo, ResultMeta, TaskMessage, keys};
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+/// What to do about one outcome.
+#[derive(Debug, PartialEq)]
+pub struct Settlement {
+    /// Store before sending anything (follow-ups must find it).
+    pub store_first: Option<ResultMeta>,
+    /// Follow-up messages, in order.
+    pub send: Vec<NewTask>,
+    /// Store together with the acknowledgement.
+    pub store_with_ack: Option<ResultMeta>,
+}
+
+/// The outcome's kind, for metrics, logs and events (the success value is the stored
+/// result's).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Kind {
+    Success,
+    Failure(ExceptionInfo),
+    Retry { exc: ExceptionInfo, countdown: std::time::Duration },
+}
+
+/// Apply the rules to `outcome` of `msg` (taken from `queue`) at `now`.
+pub fn settle(msg: &TaskMessage, outcome: TaskResult, queue: &str, now: DateTime<Utc>) -> (Kind, Settlement) {
+    let task = msg.task.as_str();
+    match outcome {
+        Ok(value) => {
+            let mut send: Vec<NewTask> = msg
+                .embed
+                .callbacks
+                .iter()
+                .map(|sig| NewTask::from_signature(sig, Some(value.clone()), msg, keys::DEFAULT_QUEUE))
+                .collect();
+            if let Some((next, rest)) = msg.embed.chain.split_last() {
+                let mut t = NewTask::from_signature(next, Some(value.clone()), msg, keys::DEFAULT_QUEUE);
+                t.chain = rest.to_vec();
+                send.push(t);
+            }
+            (Kind::Success, store_around(ResultMeta::success(&msg.id, value, now), send))
+        }
+        Err(TaskError::Raise(exc)) => {
+            let send = errbacks(msg);
+            let meta = ResultMeta::failure(&msg.id, task, &exc, now);
+            (Kind::Failure(exc), store_around(meta, send))
+        }
+        Err(TaskError::Retry { exc, countdown }) => {
+            let plan = Settlement {
+                store_first: Some(ResultMeta::retry(&msg.id, task, &exc)),
+                send: vec![NewTask::retry_of(msg, queue, countdown)],
+                store_with_ack: None,
+            };
+            (Kind::Retry { exc, countdown }, plan)
+        }
+    }
+}
+
+/// The errbacks of `msg`: each `link_error` signature called with the task id.
+pub fn errbacks(msg: &TaskMessage) -> Vec<NewTask> {
+    msg.embed
+        .errbacks
+        .iter()
+        .map(|sig| NewTask::from_signature(sig, Some(Value::String(msg.id.clone())), msg, keys::DEFAULT_QUEUE))
+        .collect()
+}
+
+fn store_around(meta: ResultMeta, send: Vec<NewTask>) -> Settlement {
+    if send.is_empty() {
+        Settlement { store_first: None, send, store_with_ack: Some(meta) }
+    } else {
+        Settlement { store_first: Some(meta), send, store_with_ack: None }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Map, json};
+    use std::time::Duration;
+
+    fn message(embed: Value) -> TaskMessage {
+        let mut t = NewTask::new("tasks.add", vec![json!(1), json!(2)], Map::new(), "celery");
+        t.id = "parent-id".into();
+        let (bytes, _) = t.to_message("gen1@test");
+        // Rewrite the body's embed: [args, kwargs, embed], base64 JSON.
+        let mut env: Value = serde_json::from_slice(&bytes).unwrap();
+        let body = json!([[1, 2], {}, embed]);
+        use base64::Engine as _;
+        env["body"] = base64::engine::general_purpose::STANDARD.encode(body.to_string()).into();
+        crate::wire::parse_message(env.to_string().as_bytes()).unwrap()
+    }
+
+    fn sig(task: &str, args: Value) -> Value {
+        json!({"task": task, "args": args, "kwargs": {}, "options": {}, "subtask_type": null, "immutable": false})
+    }
+
+    #[test]
+    fn a_plain_success_is_stored_with_the_ack_and_sends_nothing() {
+        let msg = message(json!({"callbacks": null, "errbacks": null, "chain": null, "chord": null}));
+        let (kind, s) = settle(&msg, Ok(json!(3)), "celery", Utc::now());
+        assert_eq!(kind, Kind::Success);
+        assert!(s.store_first.is_none() && s.send.is_empty());
+        assert_eq!(s.store_with_ack.map(|m| m.status.as_str()), Some("SUCCESS"));
+    }
+
+    #[test]
+    fn a_success_with_callbacks_and_a_chain_stores_first_then_sends_each_with_the_result() {
+        let chain = json!([sig("tasks.last", json!([])), sig("tasks.next", json!([10]))]);
+        let msg = message(
+            json!({"callbacks": [sig("tasks.cb", json!([]))], "errbacks": null, "chain": chain, "chord": null}),
+        );
+        let (_, s) = settle(&msg, Ok(json!(3)), "celery", Utc::now());
+        assert_eq!(s.store_first.as_ref().map(|m| m.status.as_str()), Some("SUCCESS"));
+        assert!(s.store_with_ack.is_none());
+        let names: Vec<&str> = s.send.iter().map(|t| t.task.as_str()).collect();
+        assert_eq!(names, ["tasks.cb", "tasks.next"], "callbacks first, then the chain's next step (its last element)");
+        assert_eq!(s.send[0].args, vec![json!(3)], "the parent's result prepended");
+        assert_eq!(s.send[1].args, vec![json!(3), json!(10)]);
+        assert_eq!(s.send[1].chain.len(), 1, "the rest of the chain travels with the next step");
+        assert!(s.send.iter().all(|t| t.parent_id.as_deref() == Some("parent-id")));
+    }
+
+    #[test]
+    fn a_failure_with_errbacks_stores_first_and_calls_each_with_the_task_id() {
+        let msg = message(
+            json!({"callbacks": [sig("tasks.cb", json!([]))], "errbacks": [sig("tasks.on_error", json!([]))], "chain": null, "chord": null}),
+        );
+        let exc = ExceptionInfo::builtin("ValueError", "bad".into());
+        let (kind, s) = settle(&msg, Err(TaskError::Raise(exc)), "celery", Utc::now());
+        assert!(matches!(kind, Kind::Failure(ref e) if e.exc_type == "ValueError"), "{kind:?}");
+        assert_eq!(s.store_first.as_ref().map(|m| m.status.as_str()), Some("FAILURE"));
+        assert_eq!(s.send.len(), 1, "no callback on failure");
+        assert_eq!((s.send[0].task.as_str(), s.send[0].args.clone()), ("tasks.on_error", vec![json!("parent-id")]));
+        let plain = message(json!({"callbacks": null, "errbacks": null, "chain": null, "chord": null}));
+        let (_, s) = settle(
+            &plain,
+            Err(TaskError::Raise(ExceptionInfo::builtin("ValueError", "bad".into()))),
+            "celery",
+            Utc::now(),
+        );
+        assert!(s.send.is_empty() && s.store_first.is_none());
+        assert_eq!(s.store_with_ack.map(|m| m.status.as_str()), Some("FAILURE"));
+    }
+
+    #[test]
+    fn a_retry_stores_retry_and_sends_the_message_again_to_its_queue() {
+        let msg = message(json!({"callbacks": null, "errbacks": null, "chain": null, "chord": null}));
+        let exc = ExceptionInfo::builtin("IOError", "again".into());
+        let (kind, s) =
+            settle(&msg, Err(TaskError::Retry { exc, countdown: Duration::from_secs(5) }), "q2", Utc::now());
+        assert!(matches!(kind, Kind::Retry { countdown, .. } if countdown == Duration::from_secs(5)), "{kind:?}");
+        assert_eq!(s.store_first.as_ref().map(|m| m.status.as_str()), Some("RETRY"));
+        assert!(s.store_with_ack.is_none());
+        assert_eq!(s.send.len(), 1);
+        let again = &s.send[0];
+        assert_eq!((again.id.as_str(), again.retries, again.queue.as_str()), ("parent-id", 1, "q2"));
+        assert!(again.eta.is_some(), "after its countdown");
+    }
+}
