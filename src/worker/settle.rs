@@ -144,7 +144,7 @@ mod tests {
         let msg = message(
             json!({"callbacks": [sig("tasks.cb", json!([]))], "errbacks": [sig("tasks.on_error", json!([]))], "chain": null, "chord": null}),
         );
-        let exc = ExceptionInfo::builtin("ValueError", "bad".into());
+        let exc = ExceptionInfo::builtin("ValueError", "bad");
         let (kind, s) = settle(&msg, Err(TaskError::Raise(exc)), "celery", Utc::now());
         assert!(matches!(kind, Kind::Failure(ref e) if e.exc_type == "ValueError"), "{kind:?}");
         assert_eq!(s.store_first.as_ref().map(|m| m.status.as_str()), Some("FAILURE"));
@@ -153,7 +153,7 @@ mod tests {
         let plain = message(json!({"callbacks": null, "errbacks": null, "chain": null, "chord": null}));
         let (_, s) = settle(
             &plain,
-            Err(TaskError::Raise(ExceptionInfo::builtin("ValueError", "bad".into()))),
+            Err(TaskError::Raise(ExceptionInfo::builtin("ValueError", "bad"))),
             "celery",
             Utc::now(),
         );
@@ -164,7 +164,7 @@ mod tests {
     #[test]
     fn a_retry_stores_retry_and_sends_the_message_again_to_its_queue() {
         let msg = message(json!({"callbacks": null, "errbacks": null, "chain": null, "chord": null}));
-        let exc = ExceptionInfo::builtin("IOError", "again".into());
+        let exc = ExceptionInfo::builtin("IOError", "again");
         let (kind, s) =
             settle(&msg, Err(TaskError::Retry { exc, countdown: Duration::from_secs(5) }), "q2", Utc::now());
         assert!(matches!(kind, Kind::Retry { countdown, .. } if countdown == Duration::from_secs(5)), "{kind:?}");
