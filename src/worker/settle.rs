@@ -151,12 +151,8 @@ mod tests {
         assert_eq!(s.send.len(), 1, "no callback on failure");
         assert_eq!((s.send[0].task.as_str(), s.send[0].args.clone()), ("tasks.on_error", vec![json!("parent-id")]));
         let plain = message(json!({"callbacks": null, "errbacks": null, "chain": null, "chord": null}));
-        let (_, s) = settle(
-            &plain,
-            Err(TaskError::Raise(ExceptionInfo::builtin("ValueError", "bad"))),
-            "celery",
-            Utc::now(),
-        );
+        let (_, s) =
+            settle(&plain, Err(TaskError::Raise(ExceptionInfo::builtin("ValueError", "bad"))), "celery", Utc::now());
         assert!(s.send.is_empty() && s.store_first.is_none());
         assert_eq!(s.store_with_ack.map(|m| m.status.as_str()), Some("FAILURE"));
     }
