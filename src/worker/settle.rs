@@ -1,6 +1,6 @@
 //! The Celery rules of a task's outcome, as a pure step: given the message and what the body
 //! returned, which result to store and which follow-up messages to send. The delivery
-//! ([`super::Worker`]) carries it out — metrics, logs and events, the store, the sends, the
+//! (the worker's `deliver`) carries it out — metrics, logs and events, the store, the sends, the
 //! acknowledgement — so every rule here is unit-tested without Redis.
 //!
 //! The rules (Celery 5.7's `Request`/`Task` behaviour, as this worker implements it):
