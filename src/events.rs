@@ -11,9 +11,8 @@
 
 use crate::connection::Conn;
 use crate::wire::keys;
-use crate::wire::message::{DeliveryInfo, Envelope};
-use crate::wire::pyjson;
-use crate::wire::pyrepr::{args_repr, kwargs_repr, repr};
+use crate::wire::kombu;
+use crate::wire::pyrepr::{args_repr, exception_repr, kwargs_repr, repr};
 use crate::wire::time::{python_isoformat, unix_seconds};
 use crate::wire::{ExceptionInfo, TaskMessage};
 use chrono::Utc;
@@ -232,17 +231,7 @@ impl Events {
 
     /// The kombu message carrying `body` (an event or a list of them).
     fn envelope(&self, routing_key: &str, body: &Value) -> Vec<u8> {
-        pyjson::to_vec(&Envelope::json(
-            body,
-            HeadersOut { hostname: &self.node },
-            PropertiesOut {
-                delivery_mode: 1,
-                delivery_info: DeliveryInfo { exchange: keys::EVENT_EXCHANGE, routing_key },
-                priority: 0,
-                body_encoding: "base64",
-                delivery_tag: crate::wire::message::new_uuid(),
-            },
-        ))
+        kombu::exchange_message(body, HeadersOut { hostname: &self.node }, keys::EVENT_EXCHANGE, routing_key)
     }
 
     /// Ask [`Events::run`] to send `worker-offline` and return.
@@ -311,12 +300,6 @@ impl<F: std::future::Future<Output = usize>> NowOrNever for F {
     }
 }
 
-/// Python's `repr(exc)`: `ValueError('bad')`.
-pub fn exception_repr(exc: &ExceptionInfo) -> String {
-    let args: Vec<String> = exc.exc_message.iter().map(repr).collect();
-    format!("{}({})", exc.exc_type, args.join(", "))
-}
-
 /// Celery's `utcoffset()`: hours west of UTC, as Python's `time.timezone // 3600`.
 fn utcoffset() -> f64 {
     let east = chrono::Local::now().offset().local_minus_utc();
@@ -334,20 +317,10 @@ fn loadavg() -> [f64; 3] {
     out
 }
 
-// The headers and properties of an event's kombu envelope, in kombu's key order (fixture e02).
-
+/// The headers of an event's kombu envelope (fixture e02).
 #[derive(Serialize)]
 struct HeadersOut<'a> {
     hostname: &'a str,
-}
-
-#[derive(Serialize)]
-struct PropertiesOut<'a> {
-    delivery_mode: u8,
-    delivery_info: DeliveryInfo<'a>,
-    priority: u8,
-    body_encoding: &'static str,
-    delivery_tag: String,
 }
 
 #[cfg(test)]
@@ -355,14 +328,6 @@ mod tests {
     use super::*;
     use base64::Engine as _;
     use base64::engine::general_purpose::STANDARD as B64;
-    use serde_json::json;
-
-    #[test]
-    fn exception_repr_is_pythons() {
-        assert_eq!(exception_repr(&ExceptionInfo::builtin("ValueError", "bad")), "ValueError('bad')");
-        assert_eq!(exception_repr(&ExceptionInfo::new("m", "E", vec![])), "E()");
-        assert_eq!(exception_repr(&ExceptionInfo::new("m", "E", vec![json!(1), json!("it's")])), "E(1, \"it's\")");
-    }
 
     /// Key order and types of envelope and body as in the capture of a Python worker (e02).
     #[test]

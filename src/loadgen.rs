@@ -7,7 +7,7 @@ use crate::connection::{self, Conn, redact_url};
 use crate::pattern::{LoadPattern, MAX_TASKS};
 use crate::task::builtin as tasks;
 use crate::wire::keys;
-use crate::wire::message::origin;
+use crate::wire::task_write::origin;
 use crate::wire::{NewTask, TaskState};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;

@@ -25,11 +25,12 @@ use crate::metrics::WorkerMetrics;
 use crate::shutdown::{Shutdown, Stage};
 use crate::sync::Locked;
 use crate::task::{Call, Context, Registry, Task, TaskError, TaskOptions, TaskResult};
-use crate::wire::envelope::DEFAULT_MAX_MESSAGE_BYTES;
-use crate::wire::envelope::number_seconds;
 use crate::wire::keys;
-use crate::wire::message::{self, NewTask, unacked_entry};
+use crate::wire::kombu::unacked_entry;
 use crate::wire::result::Extended;
+use crate::wire::task_read::DEFAULT_MAX_MESSAGE_BYTES;
+use crate::wire::task_read::number_seconds;
+use crate::wire::task_write::{self, NewTask};
 use crate::wire::time::unix_seconds;
 use crate::wire::{
     ExceptionInfo, RejectReason, Rejection, ResultMeta, TaskMessage, dead_letter_entry, parse_message_within,
@@ -188,7 +189,7 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
         .collect::<Result<Vec<_>, _>>()?;
     let backend_conn = connection::connect("BACKEND_URL", &args.redis.backend_url, master, op_timeout)?;
     let steps = args.queue.priority_steps.clone();
-    let node = control::node_name(args.hostname.as_deref(), &message::hostname());
+    let node = control::node_name(args.hostname.as_deref(), &task_write::hostname());
     let backend = Backend::new(backend_conn, Duration::from_secs(args.result_expires));
     let (events, pending_events) = Events::new(broker_conn.clone(), &node, args.events);
     let in_flight = Arc::new(InFlight::new());
