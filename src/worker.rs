@@ -13,18 +13,16 @@
 //! wait in Redis where the exporter counts them, rather than in a worker's memory where
 //! nobody sees them. Queue depth stays an honest autoscaling signal.
 
-use crate::args::{self, QueueArgs, RedisArgs, StartError};
-use crate::backend::{self, Backend, DEFAULT_RESULT_EXPIRES, Stored};
-use crate::broker::{BRPOP_TIMEOUT, Broker, End, Fetcher, LARGE_REPLY, TakeList, Taken};
-use crate::connection::{self, Backoff, Health, redact_url};
-use crate::control::{self, WorkerState};
-use crate::events::{Events, WorkerCounts};
-use crate::http;
-use crate::lease;
-use crate::metrics::WorkerMetrics;
-use crate::shutdown::{Shutdown, Stage};
-use crate::sync::Locked;
+use crate::runtime::args::{self, QueueArgs, RedisArgs, StartError};
+use crate::runtime::http;
+use crate::runtime::metrics::WorkerMetrics;
+use crate::runtime::shutdown::{Shutdown, Stage};
+use crate::runtime::sync::Locked;
 use crate::task::{Call, Context, Registry, Task, TaskError, TaskOptions, TaskResult};
+use crate::transport::backend::{self, Backend, DEFAULT_RESULT_EXPIRES, Stored};
+use crate::transport::broker::{BRPOP_TIMEOUT, Broker, End, Fetcher, LARGE_REPLY, TakeList, Taken};
+use crate::transport::connection::{self, Backoff, Health, redact_url};
+use crate::transport::lease;
 use crate::wire::keys;
 use crate::wire::kombu::unacked_entry;
 use crate::wire::result::Extended;
@@ -36,6 +34,8 @@ use crate::wire::{
     ExceptionInfo, RejectReason, Rejection, ResultMeta, TaskMessage, dead_letter_entry, parse_message_within,
 };
 use chrono::Utc;
+use control::WorkerState;
+use events::{Events, WorkerCounts};
 use serde_json::{Number, Value};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -113,6 +113,8 @@ pub struct WorkerArgs {
     pub health_check_interval: Duration,
 }
 
+pub mod control;
+pub mod events;
 pub mod inflight;
 pub mod settle;
 

@@ -252,11 +252,12 @@ fn a_python_worker_restores_what_we_held_when_killed() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stored_success_is_never_overwritten_and_every_store_is_published() {
-    use celery_autoscale::backend::{Backend, Stored};
+    use celery_autoscale::transport::backend::{Backend, Stored};
     use celery_autoscale::wire::{ExceptionInfo, ResultMeta};
     let redis = Redis::start();
     let conn =
-        celery_autoscale::connection::connect("BACKEND_URL", &redis.url(1), None, Duration::from_secs(5)).unwrap();
+        celery_autoscale::transport::connection::connect("BACKEND_URL", &redis.url(1), None, Duration::from_secs(5))
+            .unwrap();
     let backend = Backend::new(conn, Duration::from_secs(120));
     let id = "00000000-0000-4000-8000-00000000c0de";
     let channel = format!("celery-task-meta-{id}");

@@ -1,13 +1,13 @@
 //! kombu's message envelope over Redis, both ways, for every kind of message the project
 //! sends or reads: task messages ([`super::task_write`] / [`super::task_read`]), events
-//! (`crate::events`), remote-control requests and replies ([`super::pidbox`]), and the
+//! (`crate::worker::events`), remote-control requests and replies ([`super::pidbox`]), and the
 //! `unacked` entries of kombu's ack emulation (§1.4).
 //!
 //! An envelope is a JSON object `{body, content-encoding, content-type, headers, properties}`
 //! whose `body` is the payload, JSON-encoded and then base64-encoded when
 //! `properties.body_encoding` is `base64` (always, for what kombu writes over Redis). The kinds
 //! differ only in their headers and properties; this module writes the envelope around them
-//! ([`exchange_message`]) and reads the body back out ([`decode_body`]).
+//! (`exchange_message`) and reads the body back out ([`decode_body`]).
 
 use super::pyjson;
 use super::task_read::TaskMessage;

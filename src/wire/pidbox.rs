@@ -5,7 +5,7 @@
 //! `arguments`, an optional `destination` (node names) or `pattern` + `matcher`, a `ticket` and a
 //! `reply_to` (`{exchange, routing_key}`); the sender's Lamport clock is in the headers
 //! (fixture e08). A reply is `{node: reply}` with the request's ticket and the worker's clock in
-//! the headers (fixture e11). What the commands mean is `crate::control`'s business.
+//! the headers (fixture e11). What the commands mean is `crate::worker::control`'s business.
 
 use super::kombu;
 use serde::Serialize;

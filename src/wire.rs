@@ -1,5 +1,5 @@
 //! Celery's wire format over Redis: pure functions from bytes to messages and back.
-//! No I/O here; the Redis code in [`crate::broker`] and [`crate::backend`] only moves bytes.
+//! No I/O here; the Redis code in [`crate::transport::broker`] and [`crate::transport::backend`] only moves bytes.
 //!
 //! - [`kombu`]: the envelope every message travels in, both ways, and the `unacked` entries;
 //! - [`task_read`] / [`task_write`]: task messages (protocol 2, and 1 on the way in);
@@ -8,7 +8,7 @@
 //! - [`keys`]: every Redis key and channel name, and kombu's binding format;
 //! - [`pyjson`], [`pyrepr`], [`time`]: how Python prints JSON, reprs and times.
 //!
-//! Events are written by `crate::events` with [`kombu::exchange_message`]; their fields are
+//! Events are written by `crate::worker::events` with `kombu::exchange_message`; their fields are
 //! Celery's event schema, which only the worker produces.
 
 pub mod keys;

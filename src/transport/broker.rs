@@ -3,10 +3,10 @@
 //! `unacked_mutex`, and putting messages back at the front of their queue. Python workers and
 //! ours share these keys, so each restores the other's orphans.
 
-use crate::backend::{SharedStore, Stored};
-use crate::connection::Conn;
-use crate::scripts;
-use crate::sync::Locked;
+use crate::runtime::sync::Locked;
+use crate::transport::backend::{SharedStore, Stored};
+use crate::transport::connection::Conn;
+use crate::transport::scripts;
 use crate::wire::UnackedEntry;
 use crate::wire::keys::{self, PrioritySteps};
 use redis::{AsyncCommands, RedisResult, Script};
@@ -114,7 +114,7 @@ impl TakeMarker {
                 // The script may or may not have run: forget again next time (HDEL is
                 // idempotent), and, if the reply was lost, look the take up.
                 self.forget.locked().extend(attempt.forget);
-                if crate::connection::classify(e) == crate::connection::Failure::Connection {
+                if crate::transport::connection::classify(e) == crate::transport::connection::Failure::Connection {
                     self.lost.locked().push(attempt.token);
                 }
             }

@@ -9,7 +9,7 @@
 //! mode 1): when Redis is away they are dropped, never queued without bound, and never slow a
 //! task down — the hot path only formats a map and hands it to a bounded channel.
 
-use crate::connection::Conn;
+use crate::transport::connection::Conn;
 use crate::wire::keys;
 use crate::wire::kombu;
 use crate::wire::pyrepr::{args_repr, exception_repr, kwargs_repr, repr};
@@ -344,8 +344,13 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let (ev, _p) = rt.block_on(async {
             Events::new(
-                crate::connection::connect("BROKER_URL", "redis://127.0.0.1:1/0", None, Duration::from_secs(1))
-                    .unwrap(),
+                crate::transport::connection::connect(
+                    "BROKER_URL",
+                    "redis://127.0.0.1:1/0",
+                    None,
+                    Duration::from_secs(1),
+                )
+                .unwrap(),
                 "evw@vm",
                 false,
             )
@@ -384,8 +389,13 @@ mod tests {
     fn clock_is_lamport() {
         let (ev, _p) = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
             Events::new(
-                crate::connection::connect("BROKER_URL", "redis://127.0.0.1:1/0", None, Duration::from_secs(1))
-                    .unwrap(),
+                crate::transport::connection::connect(
+                    "BROKER_URL",
+                    "redis://127.0.0.1:1/0",
+                    None,
+                    Duration::from_secs(1),
+                )
+                .unwrap(),
                 "celery@x",
                 false,
             )

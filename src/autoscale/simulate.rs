@@ -1,4 +1,4 @@
-//! `celery-autoscale simulate`: drive the HPA replica ([`crate::hpa`]) without a cluster.
+//! `celery-autoscale simulate`: drive the HPA replica ([`crate::autoscale::hpa`]) without a cluster.
 //!
 //! **Open loop** (`--trace`): replay a metric trace — CSV `t,metric`, one row per sync instant —
 //! and print `t,metric,replicas`, the replica count the HPA holds after each sync. Pods appear
@@ -34,10 +34,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use crate::args;
-use crate::hpa::{Autoscaler, ControllerConfig, DeadBand, HpaSpec, load_hpa_file};
-use crate::pattern::LoadPattern;
-use crate::plot::{TimelinePoint, write_svg};
+use crate::autoscale::hpa::{Autoscaler, ControllerConfig, DeadBand, HpaSpec, load_hpa_file};
+use crate::runtime::args;
+use crate::tools::pattern::LoadPattern;
+use crate::tools::plot::{TimelinePoint, write_svg};
 
 pub use closed_loop::{ClosedLoopRun, Sample, Summary, Workload, WorkloadError, closed_loop, timeline_csv};
 pub use closed_loop::{MAX_PODS, MAX_SIMULATED_TASKS, MAX_STEPS};

@@ -13,16 +13,16 @@
 //! they never stop the worker, and the pidbox runs on its own connection and task, so a flood of
 //! them does not hold up task messages.
 
-use crate::backend::Backend;
-use crate::connection::{Backoff, Conn, Health, timed_out};
-use crate::events::{Events, WorkerCounts};
-use crate::shutdown::{Shutdown, Stage};
-use crate::sync::Locked;
+use crate::runtime::shutdown::{Shutdown, Stage};
+use crate::runtime::sync::Locked;
+use crate::transport::backend::Backend;
+use crate::transport::connection::{Backoff, Conn, Health, timed_out};
 use crate::wire::keys;
 use crate::wire::pidbox::{self, Request};
 use crate::wire::pyrepr::{self, args_repr, kwargs_repr, repr};
 use crate::wire::time::{python_isoformat, unix_seconds};
 use crate::wire::{ExceptionInfo, ResultMeta, TaskMessage};
+use crate::worker::events::{Events, WorkerCounts};
 use crate::worker::inflight::{Held, InFlight, Phase};
 use chrono::Utc;
 use futures::StreamExt;
