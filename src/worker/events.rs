@@ -329,6 +329,16 @@ mod tests {
     use base64::Engine as _;
     use base64::engine::general_purpose::STANDARD as B64;
 
+    /// Events for `node` on a connection that is never used (nothing listens on port 1).
+    fn unconnected(node: &str) -> (Arc<Events>, Pending) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let url = "redis://127.0.0.1:1/0";
+            let conn = crate::transport::connection::connect("BROKER_URL", url, None, Duration::from_secs(1)).unwrap();
+            Events::new(conn, node, false)
+        })
+    }
+
     /// Key order and types of envelope and body as in the capture of a Python worker (e02).
     #[test]
     fn worker_online_is_shaped_like_pythons() {
@@ -341,20 +351,7 @@ mod tests {
                 0
             }
         }
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let (ev, _p) = rt.block_on(async {
-            Events::new(
-                crate::transport::connection::connect(
-                    "BROKER_URL",
-                    "redis://127.0.0.1:1/0",
-                    None,
-                    Duration::from_secs(1),
-                )
-                .unwrap(),
-                "evw@vm",
-                false,
-            )
-        });
+        let (ev, _p) = unconnected("evw@vm");
         let body = Value::Object(ev.worker_event("worker-online", &Idle));
         let ours: Value = serde_json::from_slice(&ev.envelope("worker.online", &body)).unwrap();
         let path = concat!(
@@ -387,19 +384,7 @@ mod tests {
 
     #[test]
     fn clock_is_lamport() {
-        let (ev, _p) = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-            Events::new(
-                crate::transport::connection::connect(
-                    "BROKER_URL",
-                    "redis://127.0.0.1:1/0",
-                    None,
-                    Duration::from_secs(1),
-                )
-                .unwrap(),
-                "celery@x",
-                false,
-            )
-        });
+        let (ev, _p) = unconnected("celery@x");
         assert_eq!(ev.forward_clock(), 1);
         assert_eq!(ev.adjust_clock(10), 11);
         assert_eq!(ev.adjust_clock(3), 12);
