@@ -145,7 +145,8 @@ struct Worker {
     registry: Registry,
     /// Messages taken and not yet acknowledged, and whether the drain has begun.
     in_flight: Arc<InFlight>,
-    /// Set at the immediate stage: Redis retry loops stop waiting for Redis.
+    /// Set at the end of the drain (after what is held has been put back): Redis retry loops
+    /// stop waiting for Redis.
     give_up: AtomicBool,
     run_slots: Arc<Semaphore>,
     /// Finished tasks whose results are being stored.
@@ -617,7 +618,10 @@ impl Worker {
                 .await
                 .is_none()
         {
-            tracing::error!(task_id = %msg.id, message = %String::from_utf8_lossy(&bytes), "exiting with a message Redis never took back; it is logged here in full");
+            // Reached only when the worker is stopping and Redis does not answer (or refused
+            // the write): the message left its queue and no `unacked` entry holds it. Its body
+            // is not logged (it may carry secrets or personal data); its id is, to re-send it.
+            tracing::error!(task_id = %msg.id, task = %msg.task, queue = %queue, bytes = bytes.len(), "a message taken while the worker stopped could not be recorded in unacked; it is lost unless re-sent");
             return Err(Stop::Left);
         }
         let msg = Arc::new(msg);

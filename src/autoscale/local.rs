@@ -596,7 +596,6 @@ impl Run {
         self.load.as_ref().map(|l| (l.results.succeeded, l.results.failed)).or(census.tasks)
     }
 
-    /// The controller's sync: decide from the exporter's depth. Returns the timeline event.
     /// The numbers of second `t`, without task counts or events.
     fn row(&self, t: f64, reading: &QueueReading, census: &Census) -> timeline::Row {
         timeline::Row {
@@ -614,6 +613,7 @@ impl Run {
         }
     }
 
+    /// The controller's sync: decide from the exporter's depth. Returns the timeline event.
     fn sync(&mut self, now: Instant, t: f64, reading: &QueueReading, census: &Census) -> String {
         self.next_sync += self.args.sync_period;
         let metric = match reading.depth {
