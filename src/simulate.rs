@@ -22,9 +22,13 @@
 //!
 //! It reports pod-seconds (every existing pod, starting and draining ones included), the peak
 //! backlog, the time to drain (first arrival until the queue is empty and nothing runs), the p95
-//! queue wait (FIFO, nearest rank), the most replicas asked for and the number of scale events.
+//! queue wait (FIFO, nearest rank), the most replicas asked for, the number of scale events and
+//! of direction reversals (a scale-up after a scale-down or the reverse). Every table ends with
+//! the just-in-time [`oracle()`] on the same workload, bounded by the first HPA's min/max
+//! replicas, and each policy's replica-seconds and p95 wait as a ratio to the oracle's.
 
 mod closed_loop;
+mod oracle;
 mod trace;
 
 use std::fmt::Write as _;
@@ -41,6 +45,7 @@ use crate::plot::{TimelinePoint, write_svg};
 
 pub use closed_loop::{ClosedLoopRun, Sample, Summary, Workload, WorkloadError, closed_loop, timeline_csv};
 pub use closed_loop::{MAX_PODS, MAX_SIMULATED_TASKS, MAX_STEPS};
+pub use oracle::oracle;
 pub use trace::{Trace, TraceError, TraceRow, parse_trace, read_trace, replay_trace};
 use trace::{trace_points, write_trace_result};
 
@@ -179,9 +184,11 @@ pub fn run_to(args: &SimulateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let files: Vec<&PathBuf> = args.hpa.iter().chain(&args.compare).collect();
     let several = files.len() > 1;
     let mut rows = Vec::new();
+    let mut bounds = None;
     for path in files {
         let spec = load(path)?;
         workload.check_pods(&spec)?;
+        bounds.get_or_insert((spec.min_replicas, spec.max_replicas));
         let name = spec.name.clone();
         let run = closed_loop(Autoscaler::with_config(spec, config), &workload);
         let label = file_label(path);
@@ -198,8 +205,11 @@ pub fn run_to(args: &SimulateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         }
         rows.push((label, run.summary));
     }
+    // The first file's bounds: the oracle is held to the same pool as the policy it is read with.
+    let (min, max) = bounds.context("no HPA file given")?;
+    let reference = oracle(&workload, min, max);
     writeln!(out, "# workload: {}", workload.describe())?;
-    out.write_all(summary_table(&rows).as_bytes())?;
+    out.write_all(summary_table(&rows, &reference).as_bytes())?;
     Ok(())
 }
 
@@ -217,29 +227,55 @@ fn suffixed(path: &Path, label: &str) -> PathBuf {
     path.with_file_name(name)
 }
 
-/// An aligned table, one row per HPA.
-pub fn summary_table(rows: &[(String, Summary)]) -> String {
-    let header =
-        ["hpa", "replica-s", "peak backlog", "drain s", "p95 wait s", "max replicas", "scale events", "done/tasks"];
+/// An aligned table, one row per HPA and a last row for the just-in-time `oracle` (see
+/// [`oracle()`]); the last two columns are each HPA's replica-seconds and p95 wait divided by the
+/// oracle's (`-` where the oracle's is 0).
+pub fn summary_table(rows: &[(String, Summary)], oracle: &Summary) -> String {
+    let header = [
+        "hpa",
+        "replica-s",
+        "peak backlog",
+        "drain s",
+        "p95 wait s",
+        "max replicas",
+        "scale events",
+        "done/tasks",
+        "reversals",
+        "replica-s/oracle",
+        "p95 wait/oracle",
+    ];
     let optional = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
-    let cells: Vec<[String; 8]> = rows
+    let ratio = |v: Option<f64>, reference: Option<f64>| match (v, reference) {
+        (Some(v), Some(r)) if r > 0.0 => format!("{:.2}", v / r),
+        _ => "-".into(),
+    };
+    let cells = |name: &str, s: &Summary, events: String, reversals: String| -> [String; 11] {
+        [
+            name.to_owned(),
+            format!("{:.0}", s.replica_seconds),
+            s.peak_backlog.to_string(),
+            optional(s.time_to_drain),
+            optional(s.p95_wait),
+            s.max_replicas.to_string(),
+            events,
+            format!("{}/{}", s.completed, s.tasks),
+            reversals,
+            ratio(Some(s.replica_seconds), Some(oracle.replica_seconds)),
+            ratio(s.p95_wait, oracle.p95_wait),
+        ]
+    };
+    let mut table: Vec<[String; 11]> = rows
         .iter()
-        .map(|(name, s)| {
-            [
-                name.clone(),
-                format!("{:.0}", s.replica_seconds),
-                s.peak_backlog.to_string(),
-                optional(s.time_to_drain),
-                optional(s.p95_wait),
-                s.max_replicas.to_string(),
-                s.scale_events.to_string(),
-                format!("{}/{}", s.completed, s.tasks),
-            ]
-        })
+        .map(|(name, s)| cells(name, s, s.scale_events.to_string(), s.reversals.to_string()))
         .collect();
-    let widths: Vec<usize> = (0..header.len())
-        .map(|c| cells.iter().map(|r| r[c].len()).chain([header[c].len()]).max().unwrap_or(0))
-        .collect();
+    table.push(cells("oracle", oracle, "-".into(), "-".into()));
+    aligned(&header, &table)
+}
+
+/// Left-aligned first column, right-aligned others, two spaces apart, no trailing spaces.
+pub(crate) fn aligned<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
+    let widths: Vec<usize> =
+        (0..N).map(|c| rows.iter().map(|r| r[c].len()).chain([header[c].len()]).max().unwrap_or(0)).collect();
     let line = |values: &[&str]| {
         let mut text = String::new();
         for (c, value) in values.iter().enumerate() {
@@ -251,9 +287,9 @@ pub fn summary_table(rows: &[(String, Summary)]) -> String {
         }
         text.trim_end().to_owned() + "\n"
     };
-    let mut table = line(&header);
-    for row in &cells {
-        table += &line(&row.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut text = line(header);
+    for row in rows {
+        text += &line(&row.iter().map(String::as_str).collect::<Vec<_>>());
     }
-    table
+    text
 }

@@ -145,6 +145,10 @@ fn closed_loop_prints_a_summary_and_writes_csv_and_svg() {
     assert_eq!(row[2], "398", "peak backlog: 400 minus the first pod's two tasks");
     assert_eq!(row[5], "20", "the burst reaches maxReplicas");
     assert_eq!(row[7], "400/400");
+    let oracle: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(oracle[0], "oracle", "the just-in-time oracle closes the table");
+    assert_eq!((oracle[1], oracle[3]), ("290", "14.5"), "20 pods once the first pod start is over");
+    assert_eq!(oracle[9], "1.00");
 
     let timeline = std::fs::read_to_string(&csv).unwrap();
     assert!(timeline.starts_with("t,arrived,queue_depth,reserved,metric_seen,desired_replicas"));
@@ -170,8 +174,8 @@ fn compare_prints_one_row_per_file() {
         "ramp:1:10:60",
     ]);
     let rows: Vec<&str> = out.lines().skip(2).collect();
-    assert_eq!(rows.len(), 3, "{out}");
-    for (row, name) in rows.iter().zip(["seed-hpa", "legacy-hpa", "default-behavior-hpa"]) {
+    assert_eq!(rows.len(), 4, "{out}");
+    for (row, name) in rows.iter().zip(["seed-hpa", "legacy-hpa", "default-behavior-hpa", "oracle"]) {
         assert!(row.starts_with(name), "{row}");
     }
     // Aligned: every row as wide as the header once trailing spaces are trimmed per column.

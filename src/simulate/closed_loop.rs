@@ -145,6 +145,8 @@ pub struct Summary {
     pub p95_wait: Option<f64>,
     pub max_replicas: i32,
     pub scale_events: u32,
+    /// Scale events in the other direction than the one before (up after down or down after up).
+    pub reversals: u32,
     pub tasks: u64,
     pub completed: u64,
     pub simulated: f64,
@@ -200,6 +202,7 @@ pub fn closed_loop(mut autoscaler: Autoscaler, workload: &Workload) -> ClosedLoo
     let mut drained_at: Option<i64> = None;
     let mut metric_seen: Option<f64> = None;
     let (mut pod_ms, mut peak_backlog, mut max_replicas, mut scale_events) = (0i64, 0usize, spec_replicas, 0u32);
+    let (mut reversals, mut last_direction) = (0u32, 0i32);
     let mut timeline = Vec::new();
 
     let mut t = 0i64;
@@ -244,6 +247,13 @@ pub fn closed_loop(mut autoscaler: Autoscaler, workload: &Workload) -> ClosedLoo
             let decision = autoscaler.sync(Timestamp::from_millis(t), &observation);
             if decision.rescaled {
                 scale_events += 1;
+                let direction = (decision.replicas - spec_replicas).signum();
+                if direction != 0 && last_direction != 0 && direction != last_direction {
+                    reversals += 1;
+                }
+                if direction != 0 {
+                    last_direction = direction;
+                }
             }
             spec_replicas = decision.replicas;
             max_replicas = max_replicas.max(spec_replicas);
@@ -279,11 +289,7 @@ pub fn closed_loop(mut autoscaler: Autoscaler, workload: &Workload) -> ClosedLoo
         t += step;
     }
 
-    waits.sort_unstable();
-    let p95_wait = (!waits.is_empty()).then(|| {
-        let rank = ((waits.len() as f64) * 0.95).ceil() as usize;
-        waits[rank.clamp(1, waits.len()) - 1] as f64 / 1000.0
-    });
+    let p95_wait = p95(&mut waits);
     ClosedLoopRun {
         timeline,
         summary: Summary {
@@ -293,11 +299,21 @@ pub fn closed_loop(mut autoscaler: Autoscaler, workload: &Workload) -> ClosedLoo
             p95_wait,
             max_replicas,
             scale_events,
+            reversals,
             tasks: total,
             completed,
             simulated: t as f64 / 1000.0,
         },
     }
+}
+
+/// The 95th percentile (nearest rank) of waits in milliseconds, in seconds.
+pub(super) fn p95(waits: &mut [i64]) -> Option<f64> {
+    waits.sort_unstable();
+    (!waits.is_empty()).then(|| {
+        let rank = ((waits.len() as f64) * 0.95).ceil() as usize;
+        waits[rank.clamp(1, waits.len()) - 1] as f64 / 1000.0
+    })
 }
 
 /// Brings the number of live pods to `target`: new pods start now and become ready after
