@@ -30,6 +30,7 @@
 mod closed_loop;
 mod oracle;
 mod trace;
+pub mod tune;
 
 use std::fmt::Write as _;
 use std::io::Write;
@@ -55,7 +56,8 @@ use trace::{trace_points, write_trace_result};
     about = "Replay a metric trace (open loop) or a modelled workload (closed loop) through the HPA algorithm",
     after_help = "Open loop:   simulate --hpa k8s/autoscaling.yaml --trace examples/trace.csv\n\
                   Closed loop: simulate --hpa k8s/autoscaling.yaml --load ramp:1:20:120 --plot run.svg\n\
-                  Compare:     simulate --compare k8s/autoscaling.yaml examples/hpa-faster.yaml --load burst:400"
+                  Compare:     simulate --compare k8s/autoscaling.yaml examples/hpa-faster.yaml --load burst:400\n\
+                  Tune:        simulate --hpa k8s/autoscaling.yaml --tune --write-hpa tuned.yaml"
 )]
 pub struct SimulateArgs {
     /// HPA manifest: YAML (multi-document is fine) or a JSON `kind: List`; the
@@ -74,9 +76,11 @@ pub struct SimulateArgs {
     pub initial_replicas: Option<i32>,
 
     /// Closed loop: arrival pattern, `burst:N`, `ramp:FROM:TO:SECONDS` or
-    /// `oscillate:MEAN:AMPLITUDE:PERIOD:SECONDS` (rates in tasks/s).
-    #[arg(long, value_name = "PATTERN", default_value = "burst:400")]
-    pub load: LoadPattern,
+    /// `oscillate:MEAN:AMPLITUDE:PERIOD:SECONDS` (rates in tasks/s) [default: burst:400]. With
+    /// --tune, give it once per workload of the mix [default: burst:400, ramp:1:40:300 and
+    /// oscillate:10:8:60:300].
+    #[arg(long, value_name = "PATTERN")]
+    pub load: Vec<LoadPattern>,
     /// Closed loop: seconds one task takes.
     #[arg(long, value_name = "SECONDS", default_value = "0.5", value_parser = args::duration)]
     pub service_time: Duration,
@@ -110,8 +114,22 @@ pub struct SimulateArgs {
     #[arg(long, value_name = "FILE")]
     pub csv: Option<PathBuf>,
     /// Draw queue depth and replicas over time as SVG (with --compare: one file per HPA).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "tune")]
     pub plot: Option<PathBuf>,
+
+    /// Search HPA behaviors, targets and scrape delays for the --hpa seed on a mix of --load
+    /// workloads; print the Pareto front, the chosen policy per workload beside the seed and the
+    /// oracle, and the matching kubenix options. The default grid (3240 candidates × 3 loads)
+    /// takes about 15 s with a release build on 2 cores; `--tune-grid quick` well under a second.
+    #[arg(long, conflicts_with_all = ["trace", "compare", "csv"])]
+    pub tune: bool,
+    /// With --tune: `default` (3240 candidates) or `quick` (24, at the given --scrape-delay).
+    #[arg(long, value_name = "GRID", default_value = "default", requires = "tune")]
+    pub tune_grid: TuneGridArg,
+    /// With --tune: write the chosen policy as an HPA manifest (the seed's object with the
+    /// chosen target and behavior), loadable by `simulate --hpa`.
+    #[arg(long, value_name = "FILE", requires = "tune")]
+    pub write_hpa: Option<PathBuf>,
 
     /// --horizontal-pod-autoscaler-tolerance of the modelled controller.
     #[arg(long, value_name = "RATIO", default_value_t = 0.1)]
@@ -123,6 +141,13 @@ pub struct SimulateArgs {
     /// upstream today (kubernetes#138505), or `spec` replicas as the proposed fix.
     #[arg(long, value_name = "WHICH", default_value = "status")]
     pub dead_band: DeadBandArg,
+}
+
+/// `--tune-grid` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TuneGridArg {
+    Default,
+    Quick,
 }
 
 /// `--dead-band` values.
@@ -167,8 +192,19 @@ pub fn run_to(args: &SimulateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         return Ok(());
     }
 
+    if args.tune {
+        return run_tune(args, config, out);
+    }
+    let pattern = match &args.load[..] {
+        [] => LoadPattern::Burst { n: 400 },
+        [one] => one.clone(),
+        several => anyhow::bail!(WorkloadError::new(format!(
+            "--load is given {} times; only --tune takes several workloads",
+            several.len()
+        ))),
+    };
     let workload = Workload {
-        load: args.load.clone(),
+        load: pattern,
         service_time: args.service_time,
         concurrency: args.concurrency,
         pod_startup: args.pod_startup,
@@ -210,6 +246,73 @@ pub fn run_to(args: &SimulateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let reference = oracle(&workload, min, max);
     writeln!(out, "# workload: {}", workload.describe())?;
     out.write_all(summary_table(&rows, &reference).as_bytes())?;
+    Ok(())
+}
+
+/// `--tune`: the search, its report, the written HPA and the kubenix options.
+fn run_tune(args: &SimulateArgs, config: ControllerConfig, out: &mut dyn Write) -> anyhow::Result<()> {
+    let hpa_path = args.hpa.as_deref().context("--tune needs --hpa FILE (the seed policy)")?;
+    let text = std::fs::read_to_string(hpa_path)
+        .map_err(|cause| crate::hpa::HpaError::Read { path: hpa_path.display().to_string(), cause })?;
+    let raw =
+        crate::hpa::find_hpa(&text, args.hpa_name.as_deref()).with_context(|| format!("{}", hpa_path.display()))?;
+    let seed = load_hpa_file(hpa_path, args.hpa_name.as_deref())?;
+    let mix: Vec<LoadPattern> = if args.load.is_empty() {
+        tune::DEFAULT_MIX.iter().map(|l| l.parse().expect("the default mix parses")).collect()
+    } else {
+        args.load.clone()
+    };
+    let base = Workload {
+        load: mix[0].clone(),
+        service_time: args.service_time,
+        concurrency: args.concurrency,
+        pod_startup: args.pod_startup,
+        scrape_delay: args.scrape_delay,
+        sync_period: args.sync_period,
+        step: args.step,
+        duration: args.duration,
+        max_duration: args.max_duration,
+        initial_replicas: args.initial_replicas,
+    };
+    for load in &mix {
+        Workload { load: load.clone(), ..base.clone() }.validate()?;
+    }
+    base.check_pods(&seed)?;
+    let grid = match args.tune_grid {
+        TuneGridArg::Default => tune::Grid::default_grid(),
+        TuneGridArg::Quick => tune::Grid::quick(args.scrape_delay),
+    };
+    let threads = std::thread::available_parallelism().map(usize::from).unwrap_or(1);
+    let result = tune::tune(&seed, config, &base, &mix, &grid, threads);
+    let loads: Vec<String> = mix.iter().map(ToString::to_string).collect();
+    writeln!(out, "# tune: seed {} ({}), mix {}", seed.name, file_label(hpa_path), loads.join(" "))?;
+    writeln!(out, "# workload: {}", base.describe().split_once(' ').map_or("", |(_, rest)| rest))?;
+    out.write_all(result.report(&file_label(hpa_path)).as_bytes())?;
+    let Some(best) = result.best() else {
+        return Ok(());
+    };
+    let delay = best.candidate.scrape_delay.as_secs_f64();
+    let replay: Vec<String> = loads.iter().map(|l| format!("--load {l}")).collect();
+    if let Some(path) = &args.write_hpa {
+        let comment = format!(
+            "Chosen by `celery-autoscale simulate --tune` from {} on the mix {}.\n{}\n\
+             Modelled with the metric seen {delay} s late (exporter interval + scrape + adapter).",
+            file_label(hpa_path),
+            loads.join(" "),
+            best.candidate.describe()
+        );
+        let yaml = tune::hpa_yaml(&raw, &best.candidate, &comment).context("cannot render the chosen HPA")?;
+        std::fs::write(path, yaml).with_context(|| format!("cannot write {}", path.display()))?;
+        writeln!(out, "# wrote {}; replay one workload with:", path.display())?;
+        writeln!(out, "#   celery-autoscale simulate --hpa {} --scrape-delay {delay} {}", path.display(), replay[0])?;
+    }
+    writeln!(out, "# kubenix (nix/k8s/options.nix), for the worker pool {}:", seed.name)?;
+    out.write_all(tune::kubenix_options(&seed.name, &best.candidate).as_bytes())?;
+    writeln!(
+        out,
+        "# the metric pipeline must deliver the depth within {delay} s: exporter --interval (nix/k8s/exporter.nix) + \
+         the exporter job's scrape_interval (nix/k8s/files/prometheus.yml); no kubenix option sets them"
+    )?;
     Ok(())
 }
 
@@ -264,10 +367,8 @@ pub fn summary_table(rows: &[(String, Summary)], oracle: &Summary) -> String {
             ratio(s.p95_wait, oracle.p95_wait),
         ]
     };
-    let mut table: Vec<[String; 11]> = rows
-        .iter()
-        .map(|(name, s)| cells(name, s, s.scale_events.to_string(), s.reversals.to_string()))
-        .collect();
+    let mut table: Vec<[String; 11]> =
+        rows.iter().map(|(name, s)| cells(name, s, s.scale_events.to_string(), s.reversals.to_string())).collect();
     table.push(cells("oracle", oracle, "-".into(), "-".into()));
     aligned(&header, &table)
 }

@@ -259,3 +259,46 @@ fn readme_examples_run() {
         assert!(output.status.success(), "README example {example:?}: {}", String::from_utf8_lossy(&output.stderr));
     }
 }
+
+#[test]
+fn tune_is_deterministic_and_its_hpa_replays() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, second) = (dir.path().join("a.yaml"), dir.path().join("b.yaml"));
+    let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("k8s/autoscaling.yaml");
+    let tune = |written: &Path| {
+        stdout_of(&[
+            "--hpa",
+            path(&seed),
+            "--tune",
+            "--tune-grid",
+            "quick",
+            "--load",
+            "burst:100",
+            "--load",
+            "ramp:1:10:60",
+            "--write-hpa",
+            path(written),
+        ])
+    };
+    let (a, b) = (tune(&first), tune(&second));
+    assert_eq!(a.replace(path(&first), "X"), b.replace(path(&second), "X"), "two searches print the same");
+    assert_eq!(std::fs::read_to_string(&first).unwrap(), std::fs::read_to_string(&second).unwrap());
+    assert!(a.contains("# Pareto front: ") && a.contains(" of 24 candidates"), "{a}");
+    assert!(a.contains("celeryAutoscale.workers.worker.hpa = {"), "{a}");
+
+    // The written HPA, replayed on the first workload, gives the tuned row of the report.
+    let tuned_row = a.lines().find(|l| l.starts_with("tuned ")).expect("a tuned row").to_owned();
+    let replay = stdout_of(&["--hpa", path(&first), "--load", "burst:100"]);
+    let replayed = replay.lines().nth(2).unwrap();
+    let figures = |row: &str| row.split_whitespace().skip(1).collect::<Vec<_>>().join(" ");
+    assert_eq!(figures(replayed), figures(&tuned_row), "{a}\n{replay}");
+}
+
+#[test]
+fn several_loads_need_tune() {
+    let err =
+        stderr_of_failure(&["--hpa", path(&fixture("seed-hpa.yaml")), "--load", "burst:10", "--load", "burst:20"]);
+    assert!(err.contains("--load is given 2 times"), "{err}");
+    let err = stderr_of_failure(&["--hpa", path(&fixture("seed-hpa.yaml")), "--write-hpa", "x.yaml"]);
+    assert!(err.contains("--tune"), "{err}");
+}

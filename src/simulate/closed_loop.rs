@@ -37,6 +37,12 @@ pub const MAX_PODS: i32 = 10_000;
 #[error("{0}")]
 pub struct WorkloadError(String);
 
+impl WorkloadError {
+    pub(super) fn new(message: String) -> Self {
+        WorkloadError(message)
+    }
+}
+
 impl Workload {
     pub fn validate(&self) -> Result<(), WorkloadError> {
         let err = |m: &str| Err(WorkloadError(m.to_owned()));
