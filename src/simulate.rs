@@ -44,7 +44,7 @@ use crate::hpa::{Autoscaler, ControllerConfig, DeadBand, HpaSpec, load_hpa_file}
 use crate::pattern::LoadPattern;
 use crate::plot::{TimelinePoint, write_svg};
 
-pub use closed_loop::{ClosedLoopRun, Sample, Summary, Workload, WorkloadError, closed_loop, timeline_csv};
+pub use closed_loop::{ClosedLoopRun, Sample, Signal, Summary, Workload, WorkloadError, closed_loop, timeline_csv};
 pub use closed_loop::{MAX_PODS, MAX_SIMULATED_TASKS, MAX_STEPS};
 pub use oracle::oracle;
 pub use trace::{Trace, TraceError, TraceRow, parse_trace, read_trace, replay_trace};
@@ -104,6 +104,17 @@ pub struct SimulateArgs {
     /// Closed loop: upper bound when --duration is not given.
     #[arg(long, value_name = "SECONDS", default_value = "3600", value_parser = args::duration)]
     pub max_duration: Duration,
+    /// Closed loop: what the HPA's metric carries: `depth` (waiting tasks, today's adapter rule),
+    /// `depth+running` (waiting + held by workers), `depth+arrivals` (waiting + the arrival
+    /// rate × (scrape delay + sync period + pod start-up), the rate from Δdepth + completions
+    /// over --rate-window) or `depth+growth` (waiting + the queue's growth rate, when positive,
+    /// × the same delay).
+    #[arg(long, value_name = "SIGNAL", default_value = "depth")]
+    pub signal: Signal,
+    /// Closed loop, `--signal depth+arrivals` or `depth+growth`: seconds over which the rate is
+    /// estimated.
+    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = args::duration)]
+    pub rate_window: Duration,
     /// Closed loop: time step of the model, in seconds (whole milliseconds).
     #[arg(long, value_name = "SECONDS", default_value = "0.1", value_parser = args::duration)]
     pub step: Duration,
@@ -119,11 +130,12 @@ pub struct SimulateArgs {
 
     /// Search HPA behaviors, targets and scrape delays for the --hpa seed on a mix of --load
     /// workloads; print the Pareto front, the chosen policy per workload beside the seed and the
-    /// oracle, and the matching kubenix options. The default grid (3240 candidates × 3 loads)
-    /// takes about 15 s with a release build on 2 cores; `--tune-grid quick` well under a second.
+    /// oracle, and the matching kubenix options. The default grid (21600 candidates × 3 loads)
+    /// takes about TUNE_TIME with a release build on 2 cores; `--tune-grid quick` well under a second.
     #[arg(long, conflicts_with_all = ["trace", "compare", "csv"])]
     pub tune: bool,
-    /// With --tune: `default` (3240 candidates) or `quick` (24, at the given --scrape-delay).
+    /// With --tune: `default` (21600 candidates: 5400 policies × the four --signal values) or
+    /// `quick` (24, at the given --scrape-delay and --signal).
     #[arg(long, value_name = "GRID", default_value = "default", requires = "tune")]
     pub tune_grid: TuneGridArg,
     /// With --tune: write the chosen policy as an HPA manifest (the seed's object with the
@@ -214,6 +226,8 @@ pub fn run_to(args: &SimulateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         duration: args.duration,
         max_duration: args.max_duration,
         initial_replicas: args.initial_replicas,
+        signal: args.signal,
+        rate_window: args.rate_window,
     };
     workload.validate()?;
 
@@ -273,6 +287,8 @@ fn run_tune(args: &SimulateArgs, config: ControllerConfig, out: &mut dyn Write) 
         duration: args.duration,
         max_duration: args.max_duration,
         initial_replicas: args.initial_replicas,
+        signal: args.signal,
+        rate_window: args.rate_window,
     };
     for load in &mix {
         Workload { load: load.clone(), ..base.clone() }.validate()?;
@@ -280,7 +296,7 @@ fn run_tune(args: &SimulateArgs, config: ControllerConfig, out: &mut dyn Write) 
     base.check_pods(&seed)?;
     let grid = match args.tune_grid {
         TuneGridArg::Default => tune::Grid::default_grid(),
-        TuneGridArg::Quick => tune::Grid::quick(args.scrape_delay),
+        TuneGridArg::Quick => tune::Grid::quick(args.scrape_delay, args.signal),
     };
     let threads = std::thread::available_parallelism().map(usize::from).unwrap_or(1);
     let result = tune::tune(&seed, config, &base, &mix, &grid, threads);
@@ -296,15 +312,24 @@ fn run_tune(args: &SimulateArgs, config: ControllerConfig, out: &mut dyn Write) 
     if let Some(path) = &args.write_hpa {
         let comment = format!(
             "Chosen by `celery-autoscale simulate --tune` from {} on the mix {}.\n{}\n\
-             Modelled with the metric seen {delay} s late (exporter interval + scrape + adapter).",
+             Modelled with the metric seen {delay} s late (exporter interval + scrape + adapter).\n\
+             The metric must carry the signal {}: the adapter's metricsQuery\n  {}",
             file_label(hpa_path),
             loads.join(" "),
-            best.candidate.describe()
+            best.candidate.describe(),
+            best.candidate.signal.name(),
+            promql(best, &base),
         );
         let yaml = tune::hpa_yaml(&raw, &best.candidate, &comment).context("cannot render the chosen HPA")?;
         std::fs::write(path, yaml).with_context(|| format!("cannot write {}", path.display()))?;
         writeln!(out, "# wrote {}; replay one workload with:", path.display())?;
-        writeln!(out, "#   celery-autoscale simulate --hpa {} --scrape-delay {delay} {}", path.display(), replay[0])?;
+        writeln!(
+            out,
+            "#   celery-autoscale simulate --hpa {} --scrape-delay {delay} --signal {} {}",
+            path.display(),
+            best.candidate.signal.name(),
+            replay[0]
+        )?;
     }
     writeln!(out, "# kubenix (nix/k8s/options.nix), for the worker pool {}:", seed.name)?;
     out.write_all(tune::kubenix_options(&seed.name, &best.candidate).as_bytes())?;
@@ -313,7 +338,18 @@ fn run_tune(args: &SimulateArgs, config: ControllerConfig, out: &mut dyn Write) 
         "# the metric pipeline must deliver the depth within {delay} s: exporter --interval (nix/k8s/exporter.nix) + \
          the exporter job's scrape_interval (nix/k8s/files/prometheus.yml); no kubenix option sets them"
     )?;
+    writeln!(
+        out,
+        "# signal {}: the adapter's metricsQuery (nix/k8s/files/adapter-config.yaml; no kubenix option selects it):\n#   {}",
+        best.candidate.signal.name(),
+        promql(best, &base)
+    )?;
     Ok(())
+}
+
+fn promql(best: &tune::Evaluation, base: &Workload) -> String {
+    let lookahead = (best.candidate.scrape_delay + base.sync_period + base.pod_startup).as_secs_f64();
+    best.candidate.signal.promql(lookahead, base.rate_window.as_secs_f64())
 }
 
 fn file_label(path: &Path) -> String {

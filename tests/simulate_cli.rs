@@ -301,4 +301,23 @@ fn several_loads_need_tune() {
     assert!(err.contains("--load is given 2 times"), "{err}");
     let err = stderr_of_failure(&["--hpa", path(&fixture("seed-hpa.yaml")), "--write-hpa", "x.yaml"]);
     assert!(err.contains("--tune"), "{err}");
+    let err = stderr_of_failure(&["--hpa", path(&fixture("seed-hpa.yaml")), "--signal", "depth+rumours"]);
+    assert!(err.contains("--signal") && err.contains("depth+arrivals"), "{err}");
+    let err = stderr_of_failure(&["--hpa", path(&fixture("seed-hpa.yaml")), "--tune-grid", "huge", "--tune"]);
+    assert!(err.contains("--tune-grid"), "{err}");
+    let err = stderr_of_failure(&["--hpa", path(&fixture("seed-hpa.yaml")), "--rate-window", "0"]);
+    assert!(err.contains("--rate-window"), "{err}");
+}
+
+#[test]
+fn every_signal_runs_and_depth_is_todays() {
+    let hpa = fixture("seed-hpa.yaml");
+    let plain = stdout_of(&["--hpa", path(&hpa), "--load", "ramp:1:10:60"]);
+    let depth = stdout_of(&["--hpa", path(&hpa), "--load", "ramp:1:10:60", "--signal", "depth"]);
+    assert_eq!(plain, depth, "depth is the default");
+    for signal in ["depth+running", "depth+arrivals", "depth+growth"] {
+        let out = stdout_of(&["--hpa", path(&hpa), "--load", "ramp:1:10:60", "--signal", signal]);
+        assert!(out.lines().next().unwrap().contains(&format!("signal={signal}")), "{out}");
+        assert!(out.lines().nth(2).unwrap().contains("330/330"), "{out}");
+    }
 }

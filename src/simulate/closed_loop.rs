@@ -23,6 +23,63 @@ pub struct Workload {
     pub max_duration: Duration,
     /// Replicas at t = 0, all ready; `None` = the HPA's minReplicas.
     pub initial_replicas: Option<i32>,
+    /// What the HPA's metric is.
+    pub signal: Signal,
+    /// The window over which `depth+arrivals` estimates the arrival rate.
+    pub rate_window: Duration,
+}
+
+/// The value the HPA's metric carries, all of it as the HPA sees it (`scrape_delay` old).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Signal {
+    /// Tasks waiting in the queue (`celery_queue_depth`, the project's adapter rule today).
+    #[default]
+    Depth,
+    /// Waiting + held by workers (`celery_queue_depth + celery_queue_reserved`).
+    #[value(name = "depth+running")]
+    DepthRunning,
+    /// Waiting + the arrival rate × the pipeline delay (scrape delay + sync period + pod
+    /// start-up): the tasks that arrive before a pod asked for now can take them. The rate is
+    /// (Δ depth + completions) / `rate_window` over the window ending at the seen instant, as
+    /// `delta(celery_queue_depth[W]) + increase(celery_task_success_total[W])` would give it.
+    #[value(name = "depth+arrivals")]
+    DepthArrivals,
+    /// Waiting + the queue's growth rate (Δ depth / `rate_window`, when positive) × the same
+    /// pipeline delay: arrivals beyond what the pods already take, so it adds nothing while
+    /// the queue holds steady (`deriv`-like, from `delta(celery_queue_depth[W])`).
+    #[value(name = "depth+growth")]
+    DepthGrowth,
+}
+
+impl Signal {
+    pub fn name(self) -> &'static str {
+        match self {
+            Signal::Depth => "depth",
+            Signal::DepthRunning => "depth+running",
+            Signal::DepthArrivals => "depth+arrivals",
+            Signal::DepthGrowth => "depth+growth",
+        }
+    }
+
+    /// The adapter's metricsQuery that serves this signal (prometheus-adapter template syntax,
+    /// as in nix/k8s/files/adapter-config.yaml), for a pipeline delay of `lookahead` seconds
+    /// and a rate window of `window` seconds.
+    pub fn promql(self, lookahead: f64, window: f64) -> String {
+        let depth = "max by (queue) (<<.Series>>{<<.LabelMatchers>>})";
+        match self {
+            Signal::Depth => depth.to_owned(),
+            Signal::DepthRunning => {
+                format!("{depth} + max by (queue) (celery_queue_reserved{{<<.LabelMatchers>>}})")
+            }
+            Signal::DepthArrivals => format!(
+                "{depth} + {lookahead} * clamp_min((max by (queue) (delta(<<.Series>>{{<<.LabelMatchers>>}}[{window}s])) \
+                 + sum by (queue) (increase(celery_task_success_total{{<<.LabelMatchers>>}}[{window}s]))) / {window}, 0)"
+            ),
+            Signal::DepthGrowth => format!(
+                "{depth} + {lookahead} * clamp_min(max by (queue) (delta(<<.Series>>{{<<.LabelMatchers>>}}[{window}s])) / {window}, 0)"
+            ),
+        }
+    }
 }
 
 /// The most tasks one closed-loop run models (each waiting task costs the model 16 bytes).
@@ -58,6 +115,11 @@ impl Workload {
         }
         if self.service_time.is_zero() {
             return err("--service-time must be greater than 0");
+        }
+        if matches!(self.signal, Signal::DepthArrivals | Signal::DepthGrowth)
+            && (self.rate_window.is_zero() || !whole_ms(self.rate_window))
+        {
+            return err("--rate-window must be a whole number of milliseconds, at least 0.001");
         }
         // Memory grows with tasks and steps: refuse what would not fit rather than abort.
         let tasks = self.load.total();
@@ -102,7 +164,13 @@ impl Workload {
             s(self.scrape_delay),
             s(self.sync_period),
             s(self.step)
-        )
+        ) + &match self.signal {
+            Signal::Depth => String::new(),
+            Signal::DepthRunning => " signal=depth+running".to_owned(),
+            Signal::DepthArrivals | Signal::DepthGrowth => {
+                format!(" signal={} rate-window={}s", self.signal.name(), s(self.rate_window))
+            }
+        }
     }
 }
 
@@ -201,7 +269,15 @@ pub fn closed_loop(mut autoscaler: Autoscaler, workload: &Workload) -> ClosedLoo
         .map(|_| Pod { created_at: 0, ready_at: 0, terminating: false, running: Vec::new() })
         .collect();
     let mut queue: VecDeque<i64> = VecDeque::new();
-    let mut depth_history: Vec<usize> = Vec::new();
+    // What the metric pipeline can still look back at: (waiting, running, completed) per step.
+    let window = if matches!(workload.signal, Signal::DepthArrivals | Signal::DepthGrowth) {
+        ms(workload.rate_window)
+    } else {
+        0
+    };
+    let keep = ((delay + window) / step + 2) as usize;
+    let mut history: VecDeque<(usize, usize, u64)> = VecDeque::with_capacity(keep.min(1 << 20));
+    let lookahead = (delay + sync_period + startup) as f64 / 1000.0;
     let mut waits: Vec<i64> = Vec::new();
     let (mut sent, mut completed) = (0u64, 0u64);
     let mut first_arrival: Option<i64> = None;
@@ -234,21 +310,50 @@ pub fn closed_loop(mut autoscaler: Autoscaler, workload: &Workload) -> ClosedLoo
                 pod.running.push(t + service);
             }
         }
-        depth_history.push(queue.len());
+        if history.len() == keep {
+            history.pop_front();
+        }
+        let running_now: usize = pods.iter().map(|p| p.running.len()).sum();
+        history.push_back((queue.len(), running_now, completed));
+        // The entry of instant `at` (before t = 0: nothing yet).
+        let at = |at: i64| -> (usize, usize, u64) {
+            if at < 0 {
+                return (0, 0, 0);
+            }
+            let back = (t / step - at / step) as usize;
+            history[history.len() - 1 - back]
+        };
         peak_backlog = peak_backlog.max(queue.len());
 
         let is_sync = t % sync_period == 0;
         if is_sync {
             let seen_at = t - delay;
-            let depth = if seen_at < 0 { 0 } else { depth_history[(seen_at / step) as usize] };
-            metric_seen = Some(depth as f64);
+            let (depth, running, done) = at(seen_at);
+            let value = match workload.signal {
+                Signal::Depth => depth as f64,
+                Signal::DepthRunning => (depth + running) as f64,
+                Signal::DepthArrivals => {
+                    let (old_depth, _, old_done) = at(seen_at - window);
+                    let arrived = depth as f64 - old_depth as f64 + (done - old_done) as f64;
+                    depth as f64 + lookahead * (arrived / (window as f64 / 1000.0)).max(0.0)
+                }
+                Signal::DepthGrowth => {
+                    let (old_depth, _, _) = at(seen_at - window);
+                    let grown = depth as f64 - old_depth as f64;
+                    depth as f64 + lookahead * (grown / (window as f64 / 1000.0)).max(0.0)
+                }
+            };
+            metric_seen = Some(value);
             let live = pods.iter().filter(|p| !p.terminating).count() as i32;
             let ready = pods.iter().filter(|p| !p.terminating && p.ready(t)).count() as i32;
             let observation = Observation {
                 spec_replicas,
                 status_replicas: live,
                 ready_pods: (!pods.is_empty()).then_some(ready),
-                metrics: vec![MetricReading::total(Some(depth as i64 * 1000)); autoscaler.spec.metrics.len()],
+                metrics: vec![
+                    MetricReading::total(Some((value * 1000.0).round() as i64));
+                    autoscaler.spec.metrics.len()
+                ],
             };
             let decision = autoscaler.sync(Timestamp::from_millis(t), &observation);
             if decision.rescaled {
@@ -395,6 +500,8 @@ mod tests {
             duration: None,
             max_duration: Duration::from_secs(600),
             initial_replicas: None,
+            signal: Signal::Depth,
+            rate_window: Duration::from_secs(30),
         }
     }
 
@@ -432,6 +539,31 @@ mod tests {
         resize(&mut pods, 4, 70, 10);
         assert_eq!(pods.len(), 6);
         assert_eq!(pods[5].ready_at, 80);
+    }
+
+    #[test]
+    fn signals_see_what_prometheus_would() {
+        // A fixed pool of 2 pods (4 slots, 1 s per task) under 2 tasks/s: nothing waits, 2 run,
+        // 2 complete per second. The HPA sees each value 15 s late.
+        let metric_at = |signal: Signal, t: f64| {
+            let w = Workload { signal, duration: Some(Duration::from_secs(120)), ..workload("ramp:2:2:120") };
+            let run = closed_loop(fixed(2), &w);
+            run.timeline.iter().find(|s| s.t == t).and_then(|s| s.metric_seen).unwrap()
+        };
+        assert_eq!(metric_at(Signal::Depth, 90.0), 0.0);
+        assert_eq!(metric_at(Signal::DepthRunning, 90.0), 2.0, "two tasks held");
+        // Arrivals over 30 s: Δdepth 0 + 60 completions = 2/s, times 15 + 15 + 10 s.
+        assert_eq!(metric_at(Signal::DepthArrivals, 90.0), 80.0);
+        assert_eq!(metric_at(Signal::DepthGrowth, 90.0), 0.0, "a steady queue does not grow");
+        // Before anything was seen (the first sync, t = 0): all zero.
+        assert_eq!(metric_at(Signal::DepthArrivals, 0.0), 0.0);
+        // A burst of 40 on 2 pods: at t = 15 the HPA sees t = 0, 36 waiting that grew from 0
+        // within the window: 36 + 40 × 36 / 30 (no completions yet at t = 0).
+        let w =
+            Workload { signal: Signal::DepthGrowth, duration: Some(Duration::from_secs(30)), ..workload("burst:40") };
+        let run = closed_loop(fixed(2), &w);
+        let seen = run.timeline.iter().find(|s| s.t == 15.0).and_then(|s| s.metric_seen).unwrap();
+        assert!((seen - (36.0 + 40.0 * 36.0 / 30.0)).abs() < 1e-9, "{seen}");
     }
 
     #[test]

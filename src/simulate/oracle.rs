@@ -125,6 +125,7 @@ pub fn oracle(workload: &Workload, min_replicas: i32, max_replicas: i32) -> Summ
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::simulate::Signal;
 
     fn workload(load: &str, service_ms: u64, concurrency: u32, startup_s: u64) -> Workload {
         Workload {
@@ -138,6 +139,8 @@ mod tests {
             duration: None,
             max_duration: Duration::from_secs(3600),
             initial_replicas: None,
+            signal: Signal::Depth,
+            rate_window: Duration::from_secs(30),
         }
     }
 

@@ -20,7 +20,7 @@ use std::time::Duration;
 use k8s_openapi::api::autoscaling::v2 as k8s;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
-use super::closed_loop::{Summary, Workload, closed_loop};
+use super::closed_loop::{Signal, Summary, Workload, closed_loop};
 use super::oracle::oracle;
 use crate::hpa::{
     Autoscaler, Behavior, ControllerConfig, HpaSpec, MetricTarget, PolicyKind, ScalingPolicy, ScalingRules,
@@ -39,6 +39,7 @@ pub struct Candidate {
     pub scale_up: ScalingRules,
     pub scale_down: ScalingRules,
     pub scrape_delay: Duration,
+    pub signal: Signal,
 }
 
 /// The values the search combines, every combination once, in this order.
@@ -51,6 +52,7 @@ pub struct Grid {
     pub down: Vec<(SelectPolicy, Vec<ScalingPolicy>)>,
     pub down_windows: Vec<i32>,
     pub scrape_delays: Vec<Duration>,
+    pub signals: Vec<Signal>,
 }
 
 fn policy(kind: PolicyKind, value: i32, period_seconds: i32) -> ScalingPolicy {
@@ -58,13 +60,13 @@ fn policy(kind: PolicyKind, value: i32, period_seconds: i32) -> ScalingPolicy {
 }
 
 impl Grid {
-    /// The default grid: 3 targets × 6 scale-up rules × 2 windows × 6 scale-down rules × 5
-    /// windows × 3 scrape delays = 3240 candidates.
+    /// The default grid: 5 targets × 6 scale-up rules × 2 windows × 6 scale-down rules × 5
+    /// windows × 3 scrape delays × 4 signals = 21600 candidates.
     pub fn default_grid() -> Self {
         use PolicyKind::{Percent, Pods};
         use SelectPolicy::{Max, Min};
         Grid {
-            targets: vec![2, 5, 10],
+            targets: vec![2, 5, 10, 20, 40],
             up: vec![
                 (Max, vec![policy(Percent, 200, 15)]),
                 (Max, vec![policy(Percent, 900, 15)]),
@@ -84,12 +86,13 @@ impl Grid {
             ],
             down_windows: vec![0, 30, 60, 120, 300],
             scrape_delays: [5, 10, 15].map(Duration::from_secs).to_vec(),
+            signals: vec![Signal::Depth, Signal::DepthRunning, Signal::DepthArrivals, Signal::DepthGrowth],
         }
     }
 
     /// A small grid (24 candidates) for a first look and for tests: the seed's rules and a fast
-    /// pair, two targets, two down windows, the workload's own scrape delay.
-    pub fn quick(scrape_delay: Duration) -> Self {
+    /// pair, two targets, two down windows, the workload's own scrape delay and signal.
+    pub fn quick(scrape_delay: Duration, signal: Signal) -> Self {
         use PolicyKind::{Percent, Pods};
         use SelectPolicy::Max;
         Grid {
@@ -103,10 +106,11 @@ impl Grid {
             ],
             down_windows: vec![0, 60],
             scrape_delays: vec![scrape_delay],
+            signals: vec![signal],
         }
     }
 
-    /// Every combination, targets outermost, scrape delays innermost.
+    /// Every combination, targets outermost, signals innermost.
     pub fn candidates(&self) -> Vec<Candidate> {
         let rules = |(select, policies): &(SelectPolicy, Vec<ScalingPolicy>), window: i32| ScalingRules {
             stabilization_window_seconds: Some(window),
@@ -121,12 +125,15 @@ impl Grid {
                     for down in &self.down {
                         for &down_window in &self.down_windows {
                             for &scrape_delay in &self.scrape_delays {
-                                all.push(Candidate {
-                                    target,
-                                    scale_up: rules(up, up_window),
-                                    scale_down: rules(down, down_window),
-                                    scrape_delay,
-                                });
+                                for &signal in &self.signals {
+                                    all.push(Candidate {
+                                        target,
+                                        scale_up: rules(up, up_window),
+                                        scale_down: rules(down, down_window),
+                                        scrape_delay,
+                                        signal,
+                                    });
+                                }
                             }
                         }
                     }
@@ -150,17 +157,18 @@ impl Candidate {
 
     /// The workload as this candidate's pipeline sees it.
     pub fn workload(&self, base: &Workload) -> Workload {
-        Workload { scrape_delay: self.scrape_delay, ..base.clone() }
+        Workload { scrape_delay: self.scrape_delay, signal: self.signal, ..base.clone() }
     }
 
-    /// One line: `target=5 up=Pods 20/15s w0 down=Percent 100/15s w30 delay=15s`.
+    /// One line: `target=5 up=Pods 20/15s w0 down=Percent 100/15s w30 delay=15s signal=depth`.
     pub fn describe(&self) -> String {
         format!(
-            "target={} up={} down={} delay={}s",
+            "target={} up={} down={} delay={}s signal={}",
             self.target,
             describe_rules(&self.scale_up),
             describe_rules(&self.scale_down),
-            self.scrape_delay.as_secs_f64()
+            self.scrape_delay.as_secs_f64(),
+            self.signal.name()
         )
     }
 }
@@ -341,21 +349,43 @@ pub fn tune(
     let mut front: Vec<usize> =
         (0..evaluations.len()).filter(|&i| !evaluations.iter().any(|o| dominates(o, &evaluations[i]))).collect();
     front.sort_by(|&a, &b| evaluations[a].replica_seconds.total_cmp(&evaluations[b].replica_seconds).then(a.cmp(&b)));
-    let chosen = (0..evaluations.len())
-        .min_by(|&a, &b| {
-            let (x, y) = (&evaluations[a], &evaluations[b]);
-            y.goals_met
-                .cmp(&x.goals_met)
-                .then(x.replica_seconds.total_cmp(&y.replica_seconds))
-                .then(x.p95_wait.total_cmp(&y.p95_wait))
-                .then(x.reversals.cmp(&y.reversals))
-                .then(a.cmp(&b))
-        })
-        .unwrap_or(0);
+    let chosen = choose(&evaluations, 0..evaluations.len()).unwrap_or(0);
     TuneResult { mix: mix.to_vec(), seed: seed_runs, oracle: oracle_runs, goals, evaluations, front, chosen }
 }
 
+/// The choice among `among`: the most goals met, then the fewest replica-seconds, the smallest
+/// p95 wait, the fewest reversals, the earliest in the grid.
+fn choose(evaluations: &[Evaluation], among: impl Iterator<Item = usize>) -> Option<usize> {
+    among.min_by(|&a, &b| {
+        let (x, y) = (&evaluations[a], &evaluations[b]);
+        y.goals_met
+            .cmp(&x.goals_met)
+            .then(x.replica_seconds.total_cmp(&y.replica_seconds))
+            .then(x.p95_wait.total_cmp(&y.p95_wait))
+            .then(x.reversals.cmp(&y.reversals))
+            .then(a.cmp(&b))
+    })
+}
+
 impl TuneResult {
+    /// For each signal the grid tried, in grid order, the candidate [`tune`] would choose among
+    /// that signal's candidates.
+    pub fn best_per_signal(&self) -> Vec<(Signal, usize)> {
+        let mut signals: Vec<Signal> = Vec::new();
+        for e in &self.evaluations {
+            if !signals.contains(&e.candidate.signal) {
+                signals.push(e.candidate.signal);
+            }
+        }
+        signals
+            .into_iter()
+            .filter_map(|signal| {
+                let among = (0..self.evaluations.len()).filter(|&i| self.evaluations[i].candidate.signal == signal);
+                choose(&self.evaluations, among).map(|i| (signal, i))
+            })
+            .collect()
+    }
+
     /// The chosen candidate, if the grid was not empty.
     pub fn best(&self) -> Option<&Evaluation> {
         self.evaluations.get(self.chosen)
@@ -397,6 +427,40 @@ impl TuneResult {
         let Some(best) = self.best() else {
             return text;
         };
+        let per_signal = self.best_per_signal();
+        if per_signal.len() > 1 {
+            let _ = writeln!(text, "# the choice within each signal (replica-s, p95 wait s, peak backlog per load):");
+            let loads: Vec<String> = self.mix.iter().map(ToString::to_string).collect();
+            let mut header: Vec<String> = vec!["signal".into(), "#".into(), "goals".into()];
+            header.extend(loads.iter().map(|l| format!("{l} (r-s/p95/backlog)")));
+            let rows: Vec<Vec<String>> = per_signal
+                .iter()
+                .map(|&(signal, i)| {
+                    let e = &self.evaluations[i];
+                    let mut row =
+                        vec![signal.name().to_owned(), i.to_string(), format!("{}/{goal_total}", e.goals_met)];
+                    row.extend(e.runs.iter().map(|r| {
+                        format!("{:.0}/{:.1}/{}", r.replica_seconds, r.p95_wait.unwrap_or(0.0), r.peak_backlog)
+                    }));
+                    row
+                })
+                .collect();
+            let widths: Vec<usize> = (0..header.len())
+                .map(|c| rows.iter().map(|r| r[c].len()).chain([header[c].len()]).max().unwrap_or(0))
+                .collect();
+            for row in std::iter::once(&header).chain(&rows) {
+                let cells: Vec<String> = row
+                    .iter()
+                    .enumerate()
+                    .map(
+                        |(c, v)| {
+                            if c == 0 { format!("{v:<w$}", w = widths[c]) } else { format!("{v:>w$}", w = widths[c]) }
+                        },
+                    )
+                    .collect();
+                let _ = writeln!(text, "{}", cells.join("  ").trim_end());
+            }
+        }
         let on_front = if self.front.contains(&self.chosen) { "on the front" } else { "not on the front" };
         let _ = writeln!(
             text,
@@ -540,6 +604,8 @@ mod tests {
             duration: None,
             max_duration: Duration::from_secs(3600),
             initial_replicas: None,
+            signal: Signal::Depth,
+            rate_window: Duration::from_secs(30),
         }
     }
 
@@ -556,6 +622,7 @@ mod tests {
             down: vec![(SelectPolicy::Max, vec![policy(Pods, 20, 15)])],
             down_windows: vec![300, 0],
             scrape_delays: vec![Duration::from_secs(15)],
+            signals: vec![Signal::Depth],
         };
         let mix = ["burst:400".parse().unwrap()];
         let result = tune(&seed(), ControllerConfig::default(), &base(), &mix, &grid, 2);
@@ -575,7 +642,7 @@ mod tests {
     #[test]
     fn the_search_is_deterministic_whatever_the_threads() {
         let mix: Vec<LoadPattern> = ["burst:200", "ramp:1:10:60"].map(|l| l.parse().unwrap()).to_vec();
-        let grid = Grid::quick(Duration::from_secs(15));
+        let grid = Grid::quick(Duration::from_secs(15), Signal::Depth);
         let one = tune(&seed(), ControllerConfig::default(), &base(), &mix, &grid, 1);
         let two = tune(&seed(), ControllerConfig::default(), &base(), &mix, &grid, 2);
         assert_eq!(one, two);
