@@ -128,10 +128,11 @@ pub struct SimulateArgs {
     #[arg(long, value_name = "FILE", conflicts_with = "tune")]
     pub plot: Option<PathBuf>,
 
-    /// Search HPA behaviors, targets and scrape delays for the --hpa seed on a mix of --load
+    /// Search HPA behaviors, targets, scrape delays and signals for the --hpa seed on a mix of --load
     /// workloads; print the Pareto front, the chosen policy per workload beside the seed and the
     /// oracle, and the matching kubenix options. The default grid (21600 candidates × 3 loads)
-    /// takes about TUNE_TIME with a release build on 2 cores; `--tune-grid quick` well under a second.
+    /// takes about 10 s with a release build on 2 cores (18 s of CPU); `--tune-grid quick` well
+    /// under a second.
     #[arg(long, conflicts_with_all = ["trace", "compare", "csv"])]
     pub tune: bool,
     /// With --tune: `default` (21600 candidates: 5400 policies × the four --signal values) or

@@ -9,9 +9,10 @@
 //! backlog): a candidate is on it when no other is at least as good on all three and better on
 //! one.
 //!
-//! The chosen candidate meets the most [goals](Goal) (issue 22's, by load kind), then has the
-//! fewest summed replica-seconds, then the smallest largest p95 wait, the fewest reversals, and
-//! last the earliest place in the grid. The grid's order is fixed and the runs are exact, so two
+//! The chosen candidate meets the most [goals](Goal) (issue 22's, by load kind), then misses
+//! the others by the least (summed [`Goal::shortfall`]), then has the fewest summed
+//! replica-seconds, the smallest largest p95 wait, the fewest reversals, and last the earliest
+//! place in the grid. The grid's order is fixed and the runs are exact, so two
 //! searches print the same.
 
 use std::fmt::Write as _;
@@ -231,13 +232,28 @@ impl Goal {
     }
 
     pub fn met(&self, run: &Summary, seed: &Summary, oracle: &Summary) -> bool {
+        self.shortfall(run, seed, oracle) == 0.0
+    }
+
+    /// How far `run` misses the goal, relative to its threshold: 0 when met, 0.5 for a figure
+    /// 50 % above its limit; infinite for a workload that never drained (or a zero limit).
+    pub fn shortfall(&self, run: &Summary, seed: &Summary, oracle: &Summary) -> f64 {
+        let over = |value: f64, limit: f64| {
+            if value <= limit {
+                0.0
+            } else if limit > 0.0 {
+                value / limit - 1.0
+            } else {
+                f64::INFINITY
+            }
+        };
         match *self {
-            Goal::DrainWithin(seconds) => run.time_to_drain.is_some_and(|d| d <= seconds),
-            Goal::ReplicaSecondsAtMost(limit) => run.replica_seconds <= limit,
-            Goal::PeakBacklogAtMost(limit) => run.peak_backlog <= limit,
-            Goal::OracleRatioAtMost(ratio) => run.replica_seconds <= ratio * oracle.replica_seconds,
-            Goal::NoCostlierThanSeed => run.replica_seconds <= seed.replica_seconds,
-            Goal::ReversalsAtMost(limit) => run.reversals <= limit,
+            Goal::DrainWithin(seconds) => run.time_to_drain.map_or(f64::INFINITY, |d| over(d, seconds)),
+            Goal::ReplicaSecondsAtMost(limit) => over(run.replica_seconds, limit),
+            Goal::PeakBacklogAtMost(limit) => over(run.peak_backlog as f64, limit as f64),
+            Goal::OracleRatioAtMost(ratio) => over(run.replica_seconds, ratio * oracle.replica_seconds),
+            Goal::NoCostlierThanSeed => over(run.replica_seconds, seed.replica_seconds),
+            Goal::ReversalsAtMost(limit) => over(f64::from(run.reversals), f64::from(limit)),
         }
     }
 
@@ -265,6 +281,8 @@ pub struct Evaluation {
     pub peak_backlog: usize,
     pub reversals: u32,
     pub goals_met: usize,
+    /// The summed [`Goal::shortfall`] of the goals it misses.
+    pub shortfall: f64,
 }
 
 /// The search's result.
@@ -310,11 +328,12 @@ pub fn tune(
                 closed_loop(Autoscaler::with_config(spec.clone(), config), &candidate.workload(&workload(l))).summary
             })
             .collect();
-        let goals_met = runs
+        let shortfalls: Vec<f64> = runs
             .iter()
             .enumerate()
-            .map(|(w, run)| goals[w].iter().filter(|g| g.met(run, &seed_runs[w], &oracle_runs[w])).count())
-            .sum();
+            .flat_map(|(w, run)| goals[w].iter().map(move |g| (w, run, g)))
+            .map(|(w, run, g)| g.shortfall(run, &seed_runs[w], &oracle_runs[w]))
+            .collect();
         Evaluation {
             index,
             candidate: candidate.clone(),
@@ -322,7 +341,8 @@ pub fn tune(
             p95_wait: runs.iter().filter_map(|r| r.p95_wait).fold(0.0, f64::max),
             peak_backlog: runs.iter().map(|r| r.peak_backlog).max().unwrap_or(0),
             reversals: runs.iter().map(|r| r.reversals).sum(),
-            goals_met,
+            goals_met: shortfalls.iter().filter(|&&s| s == 0.0).count(),
+            shortfall: shortfalls.iter().sum(),
             runs,
         }
     };
@@ -353,13 +373,15 @@ pub fn tune(
     TuneResult { mix: mix.to_vec(), seed: seed_runs, oracle: oracle_runs, goals, evaluations, front, chosen }
 }
 
-/// The choice among `among`: the most goals met, then the fewest replica-seconds, the smallest
-/// p95 wait, the fewest reversals, the earliest in the grid.
+/// The choice among `among`: the most goals met, then the smallest summed shortfall on the
+/// goals missed, the fewest replica-seconds, the smallest p95 wait, the fewest reversals, the
+/// earliest in the grid.
 fn choose(evaluations: &[Evaluation], among: impl Iterator<Item = usize>) -> Option<usize> {
     among.min_by(|&a, &b| {
         let (x, y) = (&evaluations[a], &evaluations[b]);
         y.goals_met
             .cmp(&x.goals_met)
+            .then(x.shortfall.total_cmp(&y.shortfall))
             .then(x.replica_seconds.total_cmp(&y.replica_seconds))
             .then(x.p95_wait.total_cmp(&y.p95_wait))
             .then(x.reversals.cmp(&y.reversals))
@@ -464,8 +486,8 @@ impl TuneResult {
         let on_front = if self.front.contains(&self.chosen) { "on the front" } else { "not on the front" };
         let _ = writeln!(
             text,
-            "# chosen: #{} ({on_front}): the most goals met ({}/{goal_total}), then the fewest replica-s, the smallest \
-             p95 wait, the fewest reversals, the earliest in the grid",
+            "# chosen: #{} ({on_front}): the most goals met ({}/{goal_total}), then the least shortfall on the \
+             others, the fewest replica-s, the smallest p95 wait, the fewest reversals, the earliest in the grid",
             best.index, best.goals_met
         );
         let _ = writeln!(text, "#   {}", best.candidate.describe());
@@ -473,8 +495,12 @@ impl TuneResult {
             let goals: Vec<String> = self.goals[w]
                 .iter()
                 .map(|g| {
-                    let mark = if g.met(&best.runs[w], &self.seed[w], &self.oracle[w]) { "met" } else { "MISSED" };
-                    format!("{} {mark}", g.describe())
+                    let short = g.shortfall(&best.runs[w], &self.seed[w], &self.oracle[w]);
+                    if short == 0.0 {
+                        format!("{} met", g.describe())
+                    } else {
+                        format!("{} MISSED by {:.0} %", g.describe(), short * 100.0)
+                    }
                 })
                 .collect();
             let _ = writeln!(text, "# load {load}: {}", goals.join(", "));
