@@ -131,8 +131,8 @@ pub struct SimulateArgs {
     /// Search HPA behaviors, targets, scrape delays and signals for the --hpa seed on a mix of --load
     /// workloads; print the Pareto front, the chosen policy per workload beside the seed and the
     /// oracle, and the matching kubenix options. The default grid (21600 candidates × 3 loads)
-    /// takes about 10 s with a release build on 2 cores (18 s of CPU); `--tune-grid quick` well
-    /// under a second.
+    /// takes 10–18 s with a release build on 2 cores (about 17 s of CPU); `--tune-grid quick`
+    /// well under a second.
     #[arg(long, conflicts_with_all = ["trace", "compare", "csv"])]
     pub tune: bool,
     /// With --tune: `default` (21600 candidates: 5400 policies × the four --signal values) or

@@ -480,7 +480,11 @@ impl TuneResult {
                         },
                     )
                     .collect();
-                let _ = writeln!(text, "{}", cells.join("  ").trim_end());
+                let policy = match row[1].parse::<usize>() {
+                    Ok(i) => self.evaluations[i].candidate.describe(),
+                    Err(_) => "policy".to_owned(),
+                };
+                let _ = writeln!(text, "{}  {policy}", cells.join("  "));
             }
         }
         let on_front = if self.front.contains(&self.chosen) { "on the front" } else { "not on the front" };
