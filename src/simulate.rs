@@ -13,7 +13,8 @@
 //! - a new pod starts consuming `pod_startup` after the HPA created it;
 //! - the HPA sees the queue depth (waiting tasks only, like `celery_queue_depth`) as it was
 //!   `scrape_delay` earlier (exporter interval + Prometheus scrape + adapter), 0 before t = 0;
-//!   every metric of the HPA is fed that value;
+//!   every metric of the HPA is fed that value; `--signal` adds what workers hold or an
+//!   arrival-rate term to it ([`Signal`]);
 //! - scale-down picks victims like the ReplicaSet controller (pods not yet ready first, then the
 //!   most recently started); a victim stops taking tasks, finishes what it runs (the shutdown
 //!   timeout is assumed long enough) and then disappears;
@@ -26,6 +27,9 @@
 //! of direction reversals (a scale-up after a scale-down or the reverse). Every table ends with
 //! the just-in-time [`oracle()`] on the same workload, bounded by the first HPA's min/max
 //! replicas, and each policy's replica-seconds and p95 wait as a ratio to the oracle's.
+//!
+//! **Tune** (`--tune`): a grid search over the HPA's target and behavior, the scrape delay and
+//! the signal on a mix of closed-loop workloads ([`tune`]); docs/Autoscaling.md has the results.
 
 mod closed_loop;
 mod oracle;
@@ -299,6 +303,10 @@ fn run_tune(args: &SimulateArgs, config: ControllerConfig, out: &mut dyn Write) 
         TuneGridArg::Default => tune::Grid::default_grid(),
         TuneGridArg::Quick => tune::Grid::quick(args.scrape_delay, args.signal),
     };
+    // An unwritable --write-hpa is said before the search, not after it.
+    if let Some(path) = &args.write_hpa {
+        std::fs::File::create(path).with_context(|| format!("--write-hpa: cannot write {}", path.display()))?;
+    }
     let threads = std::thread::available_parallelism().map(usize::from).unwrap_or(1);
     let result = tune::tune(&seed, config, &base, &mix, &grid, threads);
     let loads: Vec<String> = mix.iter().map(ToString::to_string).collect();
@@ -322,7 +330,7 @@ fn run_tune(args: &SimulateArgs, config: ControllerConfig, out: &mut dyn Write) 
             promql(best, &base),
         );
         let yaml = tune::hpa_yaml(&raw, &best.candidate, &comment).context("cannot render the chosen HPA")?;
-        std::fs::write(path, yaml).with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(path, yaml).with_context(|| format!("--write-hpa: cannot write {}", path.display()))?;
         writeln!(out, "# wrote {}; replay one workload with:", path.display())?;
         writeln!(
             out,

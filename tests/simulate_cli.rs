@@ -305,6 +305,14 @@ fn several_loads_need_tune() {
     assert!(err.contains("--signal") && err.contains("depth+arrivals"), "{err}");
     let err = stderr_of_failure(&["--hpa", path(&fixture("seed-hpa.yaml")), "--tune-grid", "huge", "--tune"]);
     assert!(err.contains("--tune-grid"), "{err}");
+    let err = stderr_of_failure(&[
+        "--hpa",
+        path(&fixture("seed-hpa.yaml")),
+        "--tune",
+        "--write-hpa",
+        "/nonexistent-dir/tuned.yaml",
+    ]);
+    assert!(err.contains("--write-hpa: cannot write /nonexistent-dir/tuned.yaml"), "{err}");
     let err = stderr_of_failure(&["--hpa", path(&fixture("seed-hpa.yaml")), "--rate-window", "0"]);
     assert!(err.contains("--rate-window"), "{err}");
 }

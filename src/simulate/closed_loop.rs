@@ -276,7 +276,8 @@ pub fn closed_loop(mut autoscaler: Autoscaler, workload: &Workload) -> ClosedLoo
         0
     };
     let keep = ((delay + window) / step + 2) as usize;
-    let mut history: VecDeque<(usize, usize, u64)> = VecDeque::with_capacity(keep.min(1 << 20));
+    // u32: at most MAX_SIMULATED_TASKS tasks, so counts fit; 12 bytes per step held.
+    let mut history: VecDeque<(u32, u32, u32)> = VecDeque::with_capacity(keep.min(1 << 20));
     let lookahead = (delay + sync_period + startup) as f64 / 1000.0;
     let mut waits: Vec<i64> = Vec::new();
     let (mut sent, mut completed) = (0u64, 0u64);
@@ -314,14 +315,16 @@ pub fn closed_loop(mut autoscaler: Autoscaler, workload: &Workload) -> ClosedLoo
             history.pop_front();
         }
         let running_now: usize = pods.iter().map(|p| p.running.len()).sum();
-        history.push_back((queue.len(), running_now, completed));
+        let count = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        history.push_back((count(queue.len() as u64), count(running_now as u64), count(completed)));
         // The entry of instant `at` (before t = 0: nothing yet).
-        let at = |at: i64| -> (usize, usize, u64) {
+        let at = |at: i64| -> (u64, u64, u64) {
             if at < 0 {
                 return (0, 0, 0);
             }
             let back = (t / step - at / step) as usize;
-            history[history.len() - 1 - back]
+            let (depth, running, done) = history[history.len() - 1 - back];
+            (u64::from(depth), u64::from(running), u64::from(done))
         };
         peak_backlog = peak_backlog.max(queue.len());
 
@@ -539,6 +542,17 @@ mod tests {
         resize(&mut pods, 4, 70, 10);
         assert_eq!(pods.len(), 6);
         assert_eq!(pods[5].ready_at, 80);
+    }
+
+    #[test]
+    fn reversals_count_changes_of_direction() {
+        assert_eq!(closed_loop(fixed(2), &workload("burst:40")).summary.reversals, 0, "a fixed pool never scales");
+        // Up through the burst, then down to min: one reversal, whatever the number of steps.
+        let mut spec = fixed(1).spec;
+        spec.max_replicas = 20;
+        let run = closed_loop(Autoscaler::new(spec), &workload("burst:400"));
+        assert!(run.summary.scale_events >= 3, "{:?}", run.summary);
+        assert_eq!(run.summary.reversals, 1);
     }
 
     #[test]
