@@ -5,8 +5,8 @@
 //!     cargo run --release --example custom_task -- --concurrency 2
 //!
 //! From Python: `app.send_task("tasks.word_count", args=["to be or not"]).get()` → 4.
+use celery_autoscale::runtime::telemetry::{self, LogFormat};
 use celery_autoscale::task::{Registry, TaskError};
-use celery_autoscale::telemetry::{self, LogFormat};
 use celery_autoscale::worker::{self, WorkerArgs};
 use clap::Parser;
 

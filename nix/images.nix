@@ -3,7 +3,8 @@
 #                          (`worker --queues celery …`, `loadgen burst --n 400 …`)
 #   celery-queue-exporter  the queue-depth exporter (`exporter --queues celery …`)
 # Each runs as a numeric user (nix/k8s/constants.nix: users.app), so that the kubelet can verify
-# runAsNonRoot. No shell and no CA certificates: Redis is reached without TLS. If that changes,
+# runAsNonRoot. No shell and no system CA certificates: a `rediss://` URL works with the CA it
+# names (`?ssl_ca_certs=/path`, mounted from a Secret), not with public roots. To trust those,
 # add cacert to copyToRoot and set SSL_CERT_FILE in config.Env.
 { lib, runCommand, nix2container, package }:
 let

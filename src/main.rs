@@ -1,8 +1,11 @@
 //! The `celery-autoscale` command line: parse arguments, call into the library.
 
+use celery_autoscale::autoscale::{exporter, local, simulate};
+use celery_autoscale::runtime::args;
+use celery_autoscale::runtime::telemetry::{self, LogFormat};
 use celery_autoscale::task::Registry;
-use celery_autoscale::telemetry::{self, LogFormat};
-use celery_autoscale::{args, exporter, loadgen, local, simulate, worker};
+use celery_autoscale::tools::loadgen;
+use celery_autoscale::worker;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]

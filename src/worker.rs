@@ -13,28 +13,29 @@
 //! wait in Redis where the exporter counts them, rather than in a worker's memory where
 //! nobody sees them. Queue depth stays an honest autoscaling signal.
 
-use crate::args::{self, QueueArgs, RedisArgs, StartError};
-use crate::backend::{self, Backend, DEFAULT_RESULT_EXPIRES, Stored};
-use crate::broker::{BRPOP_TIMEOUT, Broker, End, Fetcher, LARGE_REPLY, TakeList, Taken};
-use crate::connection::{self, Backoff, Health, redact_url};
-use crate::control::{self, WorkerState};
-use crate::events::{Events, WorkerCounts};
-use crate::http;
-use crate::lease;
-use crate::metrics::WorkerMetrics;
-use crate::shutdown::{Shutdown, Stage};
-use crate::sync::Locked;
+use crate::runtime::args::{self, QueueArgs, RedisArgs, StartError};
+use crate::runtime::http;
+use crate::runtime::metrics::WorkerMetrics;
+use crate::runtime::shutdown::{Shutdown, Stage};
+use crate::runtime::sync::Locked;
 use crate::task::{Call, Context, Registry, Task, TaskError, TaskOptions, TaskResult};
-use crate::wire::envelope::DEFAULT_MAX_MESSAGE_BYTES;
-use crate::wire::envelope::number_seconds;
+use crate::transport::backend::{self, Backend, DEFAULT_RESULT_EXPIRES, Stored};
+use crate::transport::broker::{BRPOP_TIMEOUT, Broker, End, Fetcher, LARGE_REPLY, TakeList, Taken};
+use crate::transport::connection::{self, Backoff, Health, redact_url};
+use crate::transport::lease;
 use crate::wire::keys;
-use crate::wire::message::{self, NewTask, unacked_entry};
+use crate::wire::kombu::unacked_entry;
 use crate::wire::result::Extended;
+use crate::wire::task_read::DEFAULT_MAX_MESSAGE_BYTES;
+use crate::wire::task_read::number_seconds;
+use crate::wire::task_write::{self, NewTask};
 use crate::wire::time::unix_seconds;
 use crate::wire::{
     ExceptionInfo, RejectReason, Rejection, ResultMeta, TaskMessage, dead_letter_entry, parse_message_within,
 };
 use chrono::Utc;
+use control::WorkerState;
+use events::{Events, WorkerCounts};
 use serde_json::{Number, Value};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -112,6 +113,8 @@ pub struct WorkerArgs {
     pub health_check_interval: Duration,
 }
 
+pub mod control;
+pub mod events;
 pub mod inflight;
 pub mod settle;
 
@@ -142,7 +145,8 @@ struct Worker {
     registry: Registry,
     /// Messages taken and not yet acknowledged, and whether the drain has begun.
     in_flight: Arc<InFlight>,
-    /// Set at the immediate stage: Redis retry loops stop waiting for Redis.
+    /// Set at the end of the drain (after what is held has been put back): Redis retry loops
+    /// stop waiting for Redis.
     give_up: AtomicBool,
     run_slots: Arc<Semaphore>,
     /// Finished tasks whose results are being stored.
@@ -188,7 +192,7 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
         .collect::<Result<Vec<_>, _>>()?;
     let backend_conn = connection::connect("BACKEND_URL", &args.redis.backend_url, master, op_timeout)?;
     let steps = args.queue.priority_steps.clone();
-    let node = control::node_name(args.hostname.as_deref(), &message::hostname());
+    let node = control::node_name(args.hostname.as_deref(), &task_write::hostname());
     let backend = Backend::new(backend_conn, Duration::from_secs(args.result_expires));
     let (events, pending_events) = Events::new(broker_conn.clone(), &node, args.events);
     let in_flight = Arc::new(InFlight::new());
@@ -336,6 +340,25 @@ mod test_hooks {
 }
 
 pub use test_hooks::END_SERVICE_ENV;
+
+/// A message the worker has accepted: parsed, bound to its task, recorded in `unacked` and
+/// held in [`InFlight`] under `tag`.
+struct Accepted {
+    msg: Arc<TaskMessage>,
+    task: Arc<dyn Task>,
+    tag: String,
+    queue: String,
+}
+
+/// How a delivery stage ended the delivery before its finish.
+enum Stop {
+    /// Nothing more to do here: the message was settled by the stage (acknowledged, put back),
+    /// is the drain's to put back, or was never held.
+    Left,
+    /// A result (or none) is settled: acknowledge the message under this tag, which may take
+    /// the next one on the fetch slot.
+    Ack(String),
+}
 
 impl Worker {
     /// Watch the background services; the first to end while the worker runs (a panic, or a
@@ -520,8 +543,11 @@ impl Worker {
         self.ack(tag).await;
     }
 
-    /// Handle one message from `key`, from parsing to acknowledgement. Returns the next
-    /// message when the finish took one (only while `fetch_slot` is held: it passes to it).
+    /// Handle one message, from parsing to acknowledgement, in four typed stages: [`Self::accept`]
+    /// (parse, bind, record, hold), [`Self::until_runnable`] (revoked? expired? its ETA, a run
+    /// slot), [`Self::run`] (the body, or a terminate) and the finish ([`Self::follow_up`], then
+    /// [`Self::complete`]). A stage that ends the delivery early says how ([`Stop`]). Returns the
+    /// next message when the finish took one (only while `fetch_slot` is held: it passes to it).
     /// `holding` is set to the delivery tag once the message is held (for [`Self::deliver`]'s
     /// panic recovery).
     async fn deliver_one(
@@ -530,17 +556,38 @@ impl Worker {
         fetch_slot: &mut Option<OwnedSemaphorePermit>,
         holding: &mut Option<String>,
     ) -> Option<Taken> {
+        let delivered = async {
+            let (held, call) = self.accept(taken, holding).await?;
+            let run_slot = self.until_runnable(&held, fetch_slot).await?;
+            let (outcome, elapsed) = self.run(&held, call).await?;
+            // The run slot is free once the task has run, so a waiting message starts while
+            // this result travels. Bounded by `finishing` so a stalled result backend stops
+            // fetching instead of piling up finished tasks in memory.
+            let finishing = self.finishing.acquire().await.expect("semaphore never closed");
+            drop(run_slot);
+            let last = self.follow_up(&held.msg, &*held.task, outcome, &held.queue, elapsed).await;
+            Ok::<_, Stop>((held.tag, last, finishing))
+        };
+        match delivered.await {
+            Ok((tag, last, _finishing)) => self.complete(&tag, last, fetch_slot).await,
+            Err(Stop::Ack(tag)) => self.complete(&tag, None, fetch_slot).await,
+            Err(Stop::Left) => None,
+        }
+    }
+
+    /// Parse the message, bind it to its task, record it in `unacked` (unless the take did) and
+    /// hold it. A message that cannot run is rejected (counted, kept or failed, see
+    /// [`Self::reject`]) and acknowledged if it was recorded.
+    async fn accept(&self, taken: Taken, holding: &mut Option<String>) -> Result<(Accepted, Call), Stop> {
         let Taken { key, bytes, recorded_as } = taken;
+        // Taken with a readable tag but unusable otherwise: done with it.
+        let done_with = |recorded_as: Option<String>| recorded_as.map_or(Stop::Left, Stop::Ack);
         let queue = keys::queue_of_key(&key).to_owned();
         let msg = match parse_message_within(&bytes, self.args.max_message_bytes as usize) {
             Ok(m) => m,
             Err(rejection) => {
                 self.reject(rejection, &bytes, None, None).await;
-                if let Some(tag) = &recorded_as {
-                    // Taken with a readable tag but unusable otherwise: done with it.
-                    return self.complete(tag, None, fetch_slot).await;
-                }
-                return None;
+                return Err(done_with(recorded_as));
             }
         };
         let bound = match self.registry.get(&msg.task) {
@@ -556,10 +603,7 @@ impl Worker {
                 let rejection =
                     Rejection { reason, detail, task_id: Some(msg.id.clone()), task_name: Some(msg.task.clone()) };
                 self.reject(rejection, &bytes, Some(&msg), task.as_deref()).await;
-                if let Some(tag) = &recorded_as {
-                    return self.complete(tag, None, fetch_slot).await;
-                }
-                return None;
+                return Err(done_with(recorded_as));
             }
         };
         self.metrics.received.with_label_values(&[&msg.task]).inc();
@@ -574,79 +618,87 @@ impl Worker {
                 .await
                 .is_none()
         {
-            tracing::error!(task_id = %msg.id, message = %String::from_utf8_lossy(&bytes), "exiting with a message Redis never took back; it is logged here in full");
-            return None;
+            // Reached only when the worker is stopping and Redis does not answer (or refused
+            // the write): the message left its queue and no `unacked` entry holds it. Its body
+            // is not logged (it may carry secrets or personal data); its id is, to re-send it.
+            tracing::error!(task_id = %msg.id, task = %msg.task, queue = %queue, bytes = bytes.len(), "a message taken while the worker stopped could not be recorded in unacked; it is lost unless re-sent");
+            return Err(Stop::Left);
         }
         let msg = Arc::new(msg);
         if let Err(held) = self.in_flight.hold(&tag, Held::new(msg.clone(), queue.clone(), entry)) {
             // Shutdown began while we were recording it: it goes straight back.
             self.put_back(&tag, &held.entry).await;
-            return None;
+            return Err(Stop::Left);
         }
         *holding = Some(tag.clone());
+        Ok((Accepted { msg, task, tag, queue }, call))
+    }
 
+    /// Wait until the held message may run: not revoked, not expired, its ETA reached (a
+    /// scheduled task gives up its fetch slot meanwhile, as Celery's does not count against
+    /// prefetch), and a run slot free. Returns the run slot, with the message marked active.
+    async fn until_runnable(
+        &self,
+        held: &Accepted,
+        fetch_slot: &mut Option<OwnedSemaphorePermit>,
+    ) -> Result<OwnedSemaphorePermit, Stop> {
+        let Accepted { msg, task, tag, .. } = held;
         if self.state.revoked.contains(&msg.id) {
-            self.skip_revoked(&msg, &*task, &tag).await;
-            return None;
+            self.skip_revoked(msg, &**task, tag).await;
+            return Err(Stop::Left);
         }
         if let Some(expires) = msg.expires.filter(|e| *e <= Utc::now()) {
             tracing::info!(task_id = %msg.id, task = %msg.task, %expires, "task expired before it could run; storing REVOKED");
             self.metrics.revoked.with_label_values(&[&msg.task]).inc();
-            self.store(&msg, &*task, ResultMeta::revoked(&msg.id, &ExceptionInfo::revoked_expired(), Utc::now())).await;
+            self.store(msg, &**task, ResultMeta::revoked(&msg.id, &ExceptionInfo::revoked_expired(), Utc::now())).await;
             self.state.revoked_task(&msg.id, false, true);
-            return self.complete(&tag, None, fetch_slot).await;
+            return Err(Stop::Ack(tag.clone()));
         }
-        self.state.received(&msg);
+        self.state.received(msg);
         if let Some(eta) = msg.eta.filter(|e| *e > Utc::now()) {
-            // Like Celery, a scheduled task does not count against prefetch while it waits.
             fetch_slot.take();
             let wait = (eta - Utc::now()).to_std().unwrap_or_default();
             tracing::debug!(task_id = %msg.id, %eta, "holding task until its ETA");
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
                 () = self.state.revoked.wait(&msg.id, false) => {}
-                () = self.shutdown.reached(Stage::Graceful) => return None, // the drain puts it back
+                () = self.shutdown.reached(Stage::Graceful) => return Err(Stop::Left), // the drain puts it back
             }
         }
         let run_slot = tokio::select! {
             p = self.run_slots.clone().acquire_owned() => p.expect("semaphore never closed"),
-            () = self.shutdown.reached(Stage::Graceful) => return None,
+            () = self.shutdown.reached(Stage::Graceful) => return Err(Stop::Left),
         };
         if self.state.revoked.contains(&msg.id) {
-            self.skip_revoked(&msg, &*task, &tag).await;
-            return None;
+            self.skip_revoked(msg, &**task, tag).await;
+            return Err(Stop::Left);
         }
-        if !self.in_flight.start(&tag) {
-            return None; // the drain took it back before it could start
+        if !self.in_flight.start(tag) {
+            return Err(Stop::Left); // the drain took it back before it could start
         }
-        self.state.started(&msg);
+        self.state.started(msg);
         if self.args.track_started {
-            self.store(&msg, &*task, ResultMeta::started(&msg.id, std::process::id(), &self.node)).await;
+            self.store(msg, &**task, ResultMeta::started(&msg.id, std::process::id(), &self.node)).await;
         }
-        let executed = tokio::select! {
-            r = self.execute(&msg, &*task, call) => r,
+        Ok(run_slot)
+    }
+
+    /// Run the task body, unless `revoke --terminate` ends it first (REVOKED is stored) or a
+    /// redelivered task already succeeded: both end the delivery with an acknowledgement.
+    async fn run(&self, held: &Accepted, call: Call) -> Result<(TaskResult, Duration), Stop> {
+        let Accepted { msg, task, tag, .. } = held;
+        tokio::select! {
+            r = self.execute(msg, &**task, call) => r.ok_or_else(|| Stop::Ack(tag.clone())),
             () = self.state.revoked.wait(&msg.id, true) => {
                 // `revoke --terminate`: the task's future is dropped: an async task stops at
                 // once, a blocking one has its cancel flag set (task::Call::run's drop guard).
                 tracing::info!(task_id = %msg.id, task = %msg.task, "task terminated by remote control; storing REVOKED");
                 self.metrics.revoked.with_label_values(&[&msg.task]).inc();
-                self.store(&msg, &*task, ResultMeta::revoked(&msg.id, &ExceptionInfo::revoked("terminated"), Utc::now())).await;
+                self.store(msg, &**task, ResultMeta::revoked(&msg.id, &ExceptionInfo::revoked("terminated"), Utc::now())).await;
                 self.state.revoked_task(&msg.id, true, false);
-                return self.complete(&tag, None, fetch_slot).await;
+                Err(Stop::Ack(tag.clone()))
             }
-        };
-        let Some((outcome, elapsed)) = executed else {
-            return self.complete(&tag, None, fetch_slot).await;
-        };
-        // The run slot is free once the task has run, so a waiting message starts while this
-        // result travels. Bounded by `finishing` so a stalled result backend stops fetching
-        // instead of piling up finished tasks in memory.
-        let finishing = self.finishing.acquire().await.expect("semaphore never closed");
-        drop(run_slot);
-        let last = self.follow_up(&msg, &*task, outcome, &queue, elapsed).await;
-        let next = self.complete(&tag, last, fetch_slot).await;
-        drop(finishing);
-        next
+        }
     }
 
     /// A revoked task never runs: REVOKED is stored (again: remote revoke already stored it)

@@ -211,10 +211,7 @@ fn a_redis_outage_loses_nothing_and_readiness_follows_it() {
     wait_all(&redis, &first, "SUCCESS", Duration::from_secs(60));
     wait_all(&redis, &second, "SUCCESS", Duration::from_secs(30));
     wait_for("unacked empty", Duration::from_secs(10), || (redis.unacked() == 0).then_some(()));
-    assert!(
-        w.log_text().contains("retrying with backoff") || w.log_text().contains("reconnecting with backoff"),
-        "the outage was logged"
-    );
+    assert!(w.log_text().contains("retrying with backoff"), "the outage was logged");
 }
 
 #[test]
@@ -252,11 +249,12 @@ fn a_python_worker_restores_what_we_held_when_killed() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stored_success_is_never_overwritten_and_every_store_is_published() {
-    use celery_autoscale::backend::{Backend, Stored};
+    use celery_autoscale::transport::backend::{Backend, Stored};
     use celery_autoscale::wire::{ExceptionInfo, ResultMeta};
     let redis = Redis::start();
     let conn =
-        celery_autoscale::connection::connect("BACKEND_URL", &redis.url(1), None, Duration::from_secs(5)).unwrap();
+        celery_autoscale::transport::connection::connect("BACKEND_URL", &redis.url(1), None, Duration::from_secs(5))
+            .unwrap();
     let backend = Backend::new(conn, Duration::from_secs(120));
     let id = "00000000-0000-4000-8000-00000000c0de";
     let channel = format!("celery-task-meta-{id}");

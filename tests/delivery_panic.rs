@@ -8,7 +8,7 @@
 
 mod common;
 
-use celery_autoscale::shutdown::{Shutdown, Stage};
+use celery_autoscale::runtime::shutdown::{Shutdown, Stage};
 use celery_autoscale::task::{Call, Registry, Task, TaskError, TaskOptions};
 use celery_autoscale::worker::{self, WorkerArgs};
 use clap::Parser;

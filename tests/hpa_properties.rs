@@ -1,6 +1,6 @@
 //! Properties of the HPA replica over random specs and metric sequences.
 
-use celery_autoscale::hpa::{
+use celery_autoscale::autoscale::hpa::{
     Autoscaler, Behavior, ExternalMetric, HpaSpec, MetricReading, MetricTarget, Observation, PolicyKind, ScalingPolicy,
     ScalingRules, SelectPolicy, Timestamp, percent_scale_down, percent_scale_up,
 };

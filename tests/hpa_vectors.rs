@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use celery_autoscale::hpa::{
+use celery_autoscale::autoscale::hpa::{
     Autoscaler, Behavior, ConditionType, ControllerConfig, DeadBand, Decision, ExternalMetric, HpaError, HpaSpec,
     MetricReading, MetricTarget, Observation, PolicyKind, Reason, ScalingPolicy, ScalingRules, SelectPolicy, Timestamp,
     load_hpa_file, parse_hpa_manifest, percent_scale_down, percent_scale_up,

@@ -5,7 +5,7 @@
 
 mod common;
 
-use celery_autoscale::http::{HEADER_TIMEOUT, MAX_CONNECTIONS};
+use celery_autoscale::runtime::http::{HEADER_TIMEOUT, MAX_CONNECTIONS};
 use common::{Redis, Worker, enqueue, task, wait_all, wait_for};
 use serde_json::json;
 use std::io::{ErrorKind, Read, Write};

@@ -139,7 +139,7 @@ fn a_take_whose_reply_is_lost_runs_once_within_seconds_at_the_default_visibility
         &redis,
         free_port(),
         &["--concurrency", "1"],
-        &[(celery_autoscale::broker::DROP_TAKE_REPLIES_ENV, "1,3")],
+        &[(celery_autoscale::transport::broker::DROP_TAKE_REPLIES_ENV, "1,3")],
     );
     w.wait_ready(Duration::from_secs(20));
     let ids = enqueue(&redis, &[0, 1, 2].map(|_| task("tasks.io_bound", vec![json!(0.1)])));
@@ -191,8 +191,8 @@ fn a_take_whose_reply_is_lost_runs_once_within_seconds_at_the_default_visibility
 /// never under a key of the same name elsewhere in the envelope.
 #[test]
 fn the_take_records_the_properties_delivery_tag_whatever_the_layout() {
-    use celery_autoscale::broker::{Fetcher, TakeList};
-    use celery_autoscale::connection::connect;
+    use celery_autoscale::transport::broker::{Fetcher, TakeList};
+    use celery_autoscale::transport::connection::connect;
     use celery_autoscale::wire::PrioritySteps;
 
     let redis = Redis::start();
@@ -254,9 +254,9 @@ fn the_take_records_the_properties_delivery_tag_whatever_the_layout() {
 /// acknowledged; with nothing to store or take it is a plain ack.
 #[test]
 fn a_finish_stores_acks_and_takes_the_next_message_in_one_script() {
-    use celery_autoscale::backend::{Backend, Stored, shared_broker_db};
-    use celery_autoscale::broker::{Broker, TakeList};
-    use celery_autoscale::connection::connect;
+    use celery_autoscale::transport::backend::{Backend, Stored, shared_broker_db};
+    use celery_autoscale::transport::broker::{Broker, TakeList};
+    use celery_autoscale::transport::connection::connect;
     use celery_autoscale::wire::{PrioritySteps, ResultMeta};
 
     let redis = Redis::start();

@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use celery_autoscale::hpa::{
+use celery_autoscale::autoscale::hpa::{
     Autoscaler, Behavior, MetricTarget, PolicyKind, ScalingPolicy, ScalingRules, SelectPolicy, load_hpa_file,
 };
-use celery_autoscale::simulate::{read_trace, replay_trace};
+use celery_autoscale::autoscale::simulate::{read_trace, replay_trace};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hpa").join(name)

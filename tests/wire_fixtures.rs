@@ -6,7 +6,7 @@
 mod common;
 
 use celery_autoscale::wire::keys::PrioritySteps;
-use celery_autoscale::wire::message::{UnackedEntry, unacked_entry};
+use celery_autoscale::wire::kombu::{UnackedEntry, unacked_entry};
 use celery_autoscale::wire::time::parse_iso8601;
 use celery_autoscale::wire::{ExceptionInfo, NewTask, RejectReason, ResultMeta, TaskMessage, parse_message};
 use common::{fixtures, read};

@@ -43,6 +43,39 @@ pub fn take_marker(id: &str) -> String {
 pub const RESULT_KEY_PREFIX: &str = "celery-task-meta-";
 /// Prefix of kombu's exchange binding sets.
 pub const BINDING_PREFIX: &str = "_kombu.binding.";
+
+/// SET: the bindings of `exchange`, one member per bound queue ([`Binding`]).
+pub fn binding_set(exchange: &str) -> String {
+    format!("{BINDING_PREFIX}{exchange}")
+}
+
+/// One member of a binding set: `routing_key␆␖pattern␆␖queue`, as kombu's `queue_bind` writes
+/// it. An empty pattern means a direct match on the routing key; otherwise it is a topic regex.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Binding<'a> {
+    pub routing_key: &'a str,
+    pub pattern: &'a str,
+    pub queue: &'a str,
+}
+
+impl<'a> Binding<'a> {
+    /// Read a member; `None` when it does not have exactly three fields (kombu would fail to
+    /// unpack it too).
+    pub fn parse(member: &'a str) -> Option<Self> {
+        let mut parts = member.split(SEP);
+        let (routing_key, pattern, queue) = (parts.next()?, parts.next()?, parts.next()?);
+        parts.next().is_none().then_some(Binding { routing_key, pattern, queue })
+    }
+
+    /// Whether a message with `routing_key` goes to this binding's queue.
+    pub fn routes(&self, routing_key: &str) -> bool {
+        if self.pattern.is_empty() {
+            self.routing_key == routing_key
+        } else {
+            regex::Regex::new(self.pattern).is_ok_and(|re| re.is_match(routing_key))
+        }
+    }
+}
 /// Capped list where messages the worker cannot even identify (not JSON, no task id) are kept
 /// for inspection instead of being dropped. Not a kombu key; the name cannot clash with a queue
 /// that a Celery app would declare by accident.
@@ -142,6 +175,18 @@ pub fn queue_of_key(key: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn binding_members_read_like_kombu() {
+        let b = Binding::parse("celery\x06\x16\x06\x16celery").unwrap();
+        assert_eq!(b, Binding { routing_key: "celery", pattern: "", queue: "celery" });
+        assert!(b.routes("celery") && !b.routes("other"));
+        let topic = Binding::parse("\x06\x16^orders\\..*\x06\x16orders").unwrap();
+        assert!(topic.routes("orders.eu") && !topic.routes("billing.eu"));
+        assert_eq!(Binding::parse("a\x06\x16b"), None);
+        assert_eq!(Binding::parse("a\x06\x16b\x06\x16c\x06\x16d"), None);
+        assert_eq!(binding_set("reply.celery.pidbox"), "_kombu.binding.reply.celery.pidbox");
+    }
 
     #[test]
     fn captured_bucket_mapping() {

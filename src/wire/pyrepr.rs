@@ -1,6 +1,7 @@
 //! Python `repr()` of JSON values, for the `argsrepr`/`kwargsrepr` headers that Celery's logs,
 //! events and Flower display. Mirrors `reprlib`-style truncation at Celery's 1024 characters.
 
+use super::result::ExceptionInfo;
 use serde_json::{Map, Value};
 
 const MAX_REPR: usize = 1024;
@@ -99,10 +100,38 @@ fn repr_str(s: &str, out: &mut String) {
     out.push(quote);
 }
 
+/// Python's `repr(exc)`: `ValueError('bad')`.
+pub fn exception_repr(exc: &ExceptionInfo) -> String {
+    let args: Vec<String> = exc.exc_message.iter().map(repr).collect();
+    format!("{}({})", exc.exc_type, args.join(", "))
+}
+
+/// Python's repr of a set of strings, sorted (Python's own order is a hash's): `{'a', 'b'}`,
+/// or `set()`. Celery's revoke reply prints one.
+pub fn set_repr(items: &[String]) -> String {
+    if items.is_empty() {
+        return "set()".into();
+    }
+    let unique: Vec<String> = items
+        .iter()
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .map(|i| repr(&Value::String(i.clone())))
+        .collect();
+    format!("{{{}}}", unique.join(", "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn exception_repr_is_pythons() {
+        assert_eq!(exception_repr(&ExceptionInfo::builtin("ValueError", "bad")), "ValueError('bad')");
+        assert_eq!(exception_repr(&ExceptionInfo::new("m", "E", vec![])), "E()");
+        assert_eq!(exception_repr(&ExceptionInfo::new("m", "E", vec![json!(1), json!("it's")])), "E(1, \"it's\")");
+    }
 
     #[test]
     fn matches_python_repr() {

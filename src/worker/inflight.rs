@@ -6,7 +6,7 @@
 //! heartbeats and `celery inspect` (active, reserved, scheduled, query_task, stats' totals), so
 //! they cannot disagree.
 
-use crate::sync::Locked;
+use crate::runtime::sync::Locked;
 use crate::wire::TaskMessage;
 use chrono::{DateTime, Utc};
 use std::collections::{BTreeMap, HashMap};

@@ -15,7 +15,7 @@
 //!   countdown, to the queue it came from.
 
 use crate::task::{TaskError, TaskResult};
-use crate::wire::message::NewTask;
+use crate::wire::task_write::NewTask;
 use crate::wire::{ExceptionInfo, ResultMeta, TaskMessage, keys};
 use chrono::{DateTime, Utc};
 use serde_json::Value;

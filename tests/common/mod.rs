@@ -388,15 +388,15 @@ impl Drop for Proc {
 }
 
 /// Minimal HTTP/1.1 GET on loopback: (status, body).
-/// GET on loopback: (status, body); the library's own reader (`celery_autoscale::scrape`).
+/// GET on loopback: (status, body); the library's own reader (`celery_autoscale::autoscale::scrape`).
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    celery_autoscale::scrape::get_blocking(port, path, Duration::from_secs(5))
+    celery_autoscale::autoscale::scrape::get_blocking(port, path, Duration::from_secs(5))
 }
 
 /// Sum of the samples of `name` whose label set contains `labels` (e.g. `task_name="x"`); 0
 /// when there is none.
 pub fn metric_value(exposition: &str, name: &str, labels: &str) -> f64 {
-    celery_autoscale::scrape::sample(exposition, name, labels).unwrap_or(0.0)
+    celery_autoscale::autoscale::scrape::sample(exposition, name, labels).unwrap_or(0.0)
 }
 
 /// Send `sig` (e.g. "TERM", "KILL", "INT") to process `pid` through kill(2), not the `kill`

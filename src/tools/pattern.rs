@@ -9,7 +9,7 @@
 //! troughs send nothing), so the count stays monotone and matches what a sender pacing itself
 //! by the rate would send.
 
-use crate::args;
+use crate::runtime::args;
 use std::f64::consts::TAU;
 use std::fmt;
 use std::str::FromStr;

@@ -7,7 +7,7 @@
 
 use super::fleet::Event;
 use super::timeline::Row;
-use crate::hpa::{Condition, ConditionType, Decision, Reason};
+use crate::autoscale::hpa::{Condition, ConditionType, Decision, Reason};
 use std::collections::VecDeque;
 use std::io::Write;
 
@@ -200,7 +200,7 @@ mod tests {
     }
 
     use super::*;
-    use crate::hpa::{self, Autoscaler, MetricReading, Observation, Timestamp};
+    use crate::autoscale::hpa::{self, Autoscaler, MetricReading, Observation, Timestamp};
 
     fn project_hpa() -> Autoscaler {
         Autoscaler::new(hpa::parse_hpa_manifest(super::super::PROJECT_HPA, None).unwrap())

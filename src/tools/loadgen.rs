@@ -2,12 +2,12 @@
 //! Python's `send_task` would (so Python and Rust workers both run them), and optionally wait
 //! for their results and report latency.
 
-use crate::args::{self, QueueArgs, RedisArgs};
-use crate::connection::{self, Conn, redact_url};
-use crate::pattern::{LoadPattern, MAX_TASKS};
+use crate::runtime::args::{self, QueueArgs, RedisArgs};
 use crate::task::builtin as tasks;
+use crate::tools::pattern::{LoadPattern, MAX_TASKS};
+use crate::transport::connection::{self, Conn, redact_url};
 use crate::wire::keys;
-use crate::wire::message::origin;
+use crate::wire::task_write::origin;
 use crate::wire::{NewTask, TaskState};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;

@@ -5,13 +5,13 @@
 //! [`Rejection`] that says why, with the task id when the message got far enough to carry one
 //! (so the worker can still store a FAILURE the caller's `AsyncResult.get()` will see).
 
+use super::kombu::{self, BodyError};
 use super::time::parse_iso8601;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use std::fmt;
-use std::io::Read as _;
 
 /// The largest message [`parse_message`] accepts, and the most a compressed body may inflate
 /// to (a zlib bomb stops there). The worker's `--max-message-bytes` overrides it.
@@ -269,7 +269,7 @@ fn parse_checked(bytes: &[u8], max_bytes: usize) -> Result<TaskMessage, Rejectio
             ));
         }
     }
-    let body_bytes = decode_body(&envelope, properties, headers, max_bytes).map_err(|(r, d)| known(r, d))?;
+    let body_bytes = decode_body(&envelope, max_bytes).map_err(|(r, d)| known(r, d))?;
     let body: Value = serde_json::from_slice(&body_bytes)
         .map_err(|e| known(RejectReason::BadBody, format!("body is not JSON ({e})")))?;
 
@@ -295,7 +295,7 @@ fn parse_checked(bytes: &[u8], max_bytes: usize) -> Result<TaskMessage, Rejectio
     let (delivery_tag, raw) = match tag {
         Some(tag) => (tag, Some(bytes.to_vec())),
         None => {
-            let tag = super::message::new_uuid();
+            let tag = super::task_write::new_uuid();
             if let Some(Value::Object(p)) = envelope.get_mut("properties") {
                 p.insert("delivery_tag".into(), Value::String(tag.clone()));
             }
@@ -327,41 +327,18 @@ fn parse_checked(bytes: &[u8], max_bytes: usize) -> Result<TaskMessage, Rejectio
     })
 }
 
-fn decode_body(
-    envelope: &Map<String, Value>,
-    properties: &Map<String, Value>,
-    headers: &Map<String, Value>,
-    max_bytes: usize,
-) -> Result<Vec<u8>, (RejectReason, String)> {
-    let body = envelope.get("body").and_then(Value::as_str);
-    let body = body.ok_or((RejectReason::BadBody, "body is not a string".to_owned()))?;
-    let encoded = match properties.get("body_encoding").and_then(Value::as_str) {
-        Some("base64") => {
-            B64.decode(body.trim()).map_err(|e| (RejectReason::BadBody, format!("body is not valid base64 ({e})")))?
-        }
-        None => body.as_bytes().to_vec(),
-        Some(other) => {
-            return Err((RejectReason::UnsupportedEncoding, format!("body_encoding {other:?} is not supported")));
-        }
-    };
-    match headers.get("compression").and_then(Value::as_str) {
-        None => Ok(encoded),
-        // kombu registers zlib under this MIME type (`compression='zlib'` or 'gzip').
-        Some("application/x-gzip" | "zlib") => {
-            let mut out = Vec::new();
-            flate2::read::ZlibDecoder::new(&encoded[..])
-                .take(max_bytes as u64 + 1)
-                .read_to_end(&mut out)
-                .map_err(|e| (RejectReason::BadBody, format!("compressed body does not inflate ({e})")))?;
-            if out.len() > max_bytes {
-                return Err((RejectReason::TooLarge, format!("compressed body inflates beyond {max_bytes} bytes")));
+/// The body's bytes ([`kombu::decode_body`]), its errors as the reasons a task is rejected for.
+fn decode_body(envelope: &Map<String, Value>, max_bytes: usize) -> Result<Vec<u8>, (RejectReason, String)> {
+    kombu::decode_body(envelope, max_bytes).map_err(|e| {
+        let reason = match e {
+            BodyError::NotAString | BodyError::BadBase64(_) | BodyError::Inflate(_) => RejectReason::BadBody,
+            BodyError::UnsupportedEncoding(_) | BodyError::UnsupportedCompression(_) => {
+                RejectReason::UnsupportedEncoding
             }
-            Ok(out)
-        }
-        Some(other) => {
-            Err((RejectReason::UnsupportedEncoding, format!("compression {other:?} is not supported (zlib is)")))
-        }
-    }
+            BodyError::TooLarge(_) => RejectReason::TooLarge,
+        };
+        (reason, e.to_string())
+    })
 }
 
 /// The task id and name from a protocol-2 envelope's `headers`, found without parsing the rest:

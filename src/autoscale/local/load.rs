@@ -1,10 +1,10 @@
 //! The load `--load` drives, and counting what became of it.
 
 use super::{LocalArgs, LocalError};
-use crate::args::{QueueArgs, RedisArgs};
-use crate::connection;
-use crate::loadgen::{self, LoadOptions, LoadgenError, SendReport};
-use crate::pattern::LoadPattern;
+use crate::runtime::args::{QueueArgs, RedisArgs};
+use crate::tools::loadgen::{self, LoadOptions, LoadgenError, SendReport};
+use crate::tools::pattern::LoadPattern;
+use crate::transport::connection;
 use crate::wire::keys::PrioritySteps;
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -28,7 +28,7 @@ impl Load {
 
 /// Counts the load's tasks that reached SUCCESS or FAILURE in the result backend.
 pub(super) struct ResultCounter {
-    pub(super) conn: crate::connection::Conn,
+    pub(super) conn: crate::transport::connection::Conn,
     pub(super) pending: Vec<String>,
     pub(super) succeeded: f64,
     pub(super) failed: f64,

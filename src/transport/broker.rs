@@ -3,10 +3,10 @@
 //! `unacked_mutex`, and putting messages back at the front of their queue. Python workers and
 //! ours share these keys, so each restores the other's orphans.
 
-use crate::backend::{SharedStore, Stored};
-use crate::connection::Conn;
-use crate::scripts;
-use crate::sync::Locked;
+use crate::runtime::sync::Locked;
+use crate::transport::backend::{SharedStore, Stored};
+use crate::transport::connection::Conn;
+use crate::transport::scripts;
 use crate::wire::UnackedEntry;
 use crate::wire::keys::{self, PrioritySteps};
 use redis::{AsyncCommands, RedisResult, Script};
@@ -114,7 +114,7 @@ impl TakeMarker {
                 // The script may or may not have run: forget again next time (HDEL is
                 // idempotent), and, if the reply was lost, look the take up.
                 self.forget.locked().extend(attempt.forget);
-                if crate::connection::classify(e) == crate::connection::Failure::Connection {
+                if crate::transport::connection::classify(e) == crate::transport::connection::Failure::Connection {
                     self.lost.locked().push(attempt.token);
                 }
             }
@@ -311,19 +311,10 @@ impl Broker {
         if entry.exchange.is_empty() {
             return Ok(Some(entry.routing_key.clone()));
         }
-        let members: Vec<String> =
-            self.conn.clone().smembers(format!("{}{}", keys::BINDING_PREFIX, entry.exchange)).await?;
-        for member in &members {
-            let parts: Vec<&str> = member.split(keys::SEP).collect();
-            let [rk, pattern, queue] = parts[..] else { continue };
-            let matches = if pattern.is_empty() {
-                rk == entry.routing_key
-            } else {
-                regex::Regex::new(pattern).is_ok_and(|re| re.is_match(&entry.routing_key))
-            };
-            if matches {
-                return Ok(Some(queue.to_owned()));
-            }
+        let members: Vec<String> = self.conn.clone().smembers(keys::binding_set(&entry.exchange)).await?;
+        let bindings = members.iter().filter_map(|m| keys::Binding::parse(m));
+        if let Some(b) = bindings.into_iter().find(|b| b.routes(&entry.routing_key)) {
+            return Ok(Some(b.queue.to_owned()));
         }
         tracing::warn!(exchange = %entry.exchange, routing_key = %entry.routing_key, "no binding routes this unacked message; leaving it in place");
         Ok(None)
@@ -828,7 +819,7 @@ impl Fetcher {
                     return Err(e);
                 }
             };
-            match crate::wire::message::split_unacked_entry(&entry) {
+            match crate::wire::kombu::split_unacked_entry(&entry) {
                 Some((envelope, queue)) => {
                     tracing::info!(delivery_tag = %tag, "a take whose reply was lost had taken a message; running it now instead of after the visibility timeout");
                     return Ok(Some(Taken { key: queue, bytes: envelope.to_vec(), recorded_as: Some(tag) }));

@@ -7,7 +7,7 @@
 //! simulated run, and far below where `Duration` arithmetic or tokio's timer wheel could overflow
 //! (`Instant::now() + d` must never panic).
 
-use crate::connection;
+use crate::transport::connection;
 use crate::wire::keys::{self, PrioritySteps};
 use std::time::Duration;
 
@@ -98,15 +98,15 @@ impl QueueArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
-    Connect(#[from] crate::connection::ConnectError),
+    Connect(#[from] crate::transport::connection::ConnectError),
     #[error(transparent)]
-    Http(#[from] crate::http::HttpError),
+    Http(#[from] crate::runtime::http::HttpError),
     #[error("--queues is empty; name at least one queue (default: celery)")]
     NoQueues,
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     /// Redis refused a command for good (an ACL); retrying could not help. The text is
-    /// [`crate::connection::explain`]'s: the error, the setting and the fix.
+    /// [`crate::transport::connection::explain`]'s: the error, the setting and the fix.
     #[error("stopped: Redis refused a command: {0}")]
     Refused(String),
     /// A background service the worker needs ended; the text says which and why.

@@ -1,4 +1,4 @@
-//! `celery-autoscale simulate`: drive the HPA replica ([`crate::hpa`]) without a cluster.
+//! `celery-autoscale simulate`: drive the HPA replica ([`crate::autoscale::hpa`]) without a cluster.
 //!
 //! **Open loop** (`--trace`): replay a metric trace — CSV `t,metric`, one row per sync instant —
 //! and print `t,metric,replicas`, the replica count the HPA holds after each sync. Pods appear
@@ -43,10 +43,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use crate::args;
-use crate::hpa::{Autoscaler, ControllerConfig, DeadBand, HpaSpec, load_hpa_file};
-use crate::pattern::LoadPattern;
-use crate::plot::{TimelinePoint, write_svg};
+use crate::autoscale::hpa::{Autoscaler, ControllerConfig, DeadBand, HpaSpec, load_hpa_file};
+use crate::runtime::args;
+use crate::tools::pattern::LoadPattern;
+use crate::tools::plot::{TimelinePoint, write_svg};
 
 pub use closed_loop::{ClosedLoopRun, Sample, Signal, Summary, Workload, WorkloadError, closed_loop, timeline_csv};
 pub use closed_loop::{MAX_PODS, MAX_SIMULATED_TASKS, MAX_STEPS};
@@ -272,9 +272,9 @@ pub fn run_to(args: &SimulateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
 fn run_tune(args: &SimulateArgs, config: ControllerConfig, out: &mut dyn Write) -> anyhow::Result<()> {
     let hpa_path = args.hpa.as_deref().context("--tune needs --hpa FILE (the seed policy)")?;
     let text = std::fs::read_to_string(hpa_path)
-        .map_err(|cause| crate::hpa::HpaError::Read { path: hpa_path.display().to_string(), cause })?;
-    let raw =
-        crate::hpa::find_hpa(&text, args.hpa_name.as_deref()).with_context(|| format!("{}", hpa_path.display()))?;
+        .map_err(|cause| crate::autoscale::hpa::HpaError::Read { path: hpa_path.display().to_string(), cause })?;
+    let raw = crate::autoscale::hpa::find_hpa(&text, args.hpa_name.as_deref())
+        .with_context(|| format!("{}", hpa_path.display()))?;
     let seed = load_hpa_file(hpa_path, args.hpa_name.as_deref())?;
     let mix: Vec<LoadPattern> = if args.load.is_empty() {
         tune::DEFAULT_MIX.iter().map(|l| l.parse().expect("the default mix parses")).collect()

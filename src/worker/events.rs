@@ -9,11 +9,10 @@
 //! mode 1): when Redis is away they are dropped, never queued without bound, and never slow a
 //! task down — the hot path only formats a map and hands it to a bounded channel.
 
-use crate::connection::Conn;
+use crate::transport::connection::Conn;
 use crate::wire::keys;
-use crate::wire::message::{DeliveryInfo, Envelope};
-use crate::wire::pyjson;
-use crate::wire::pyrepr::{args_repr, kwargs_repr, repr};
+use crate::wire::kombu;
+use crate::wire::pyrepr::{args_repr, exception_repr, kwargs_repr, repr};
 use crate::wire::time::{python_isoformat, unix_seconds};
 use crate::wire::{ExceptionInfo, TaskMessage};
 use chrono::Utc;
@@ -232,17 +231,7 @@ impl Events {
 
     /// The kombu message carrying `body` (an event or a list of them).
     fn envelope(&self, routing_key: &str, body: &Value) -> Vec<u8> {
-        pyjson::to_vec(&Envelope::json(
-            body,
-            HeadersOut { hostname: &self.node },
-            PropertiesOut {
-                delivery_mode: 1,
-                delivery_info: DeliveryInfo { exchange: keys::EVENT_EXCHANGE, routing_key },
-                priority: 0,
-                body_encoding: "base64",
-                delivery_tag: crate::wire::message::new_uuid(),
-            },
-        ))
+        kombu::exchange_message(body, HeadersOut { hostname: &self.node }, keys::EVENT_EXCHANGE, routing_key)
     }
 
     /// Ask [`Events::run`] to send `worker-offline` and return.
@@ -311,12 +300,6 @@ impl<F: std::future::Future<Output = usize>> NowOrNever for F {
     }
 }
 
-/// Python's `repr(exc)`: `ValueError('bad')`.
-pub fn exception_repr(exc: &ExceptionInfo) -> String {
-    let args: Vec<String> = exc.exc_message.iter().map(repr).collect();
-    format!("{}({})", exc.exc_type, args.join(", "))
-}
-
 /// Celery's `utcoffset()`: hours west of UTC, as Python's `time.timezone // 3600`.
 fn utcoffset() -> f64 {
     let east = chrono::Local::now().offset().local_minus_utc();
@@ -334,20 +317,10 @@ fn loadavg() -> [f64; 3] {
     out
 }
 
-// The headers and properties of an event's kombu envelope, in kombu's key order (fixture e02).
-
+/// The headers of an event's kombu envelope (fixture e02).
 #[derive(Serialize)]
 struct HeadersOut<'a> {
     hostname: &'a str,
-}
-
-#[derive(Serialize)]
-struct PropertiesOut<'a> {
-    delivery_mode: u8,
-    delivery_info: DeliveryInfo<'a>,
-    priority: u8,
-    body_encoding: &'static str,
-    delivery_tag: String,
 }
 
 #[cfg(test)]
@@ -355,13 +328,15 @@ mod tests {
     use super::*;
     use base64::Engine as _;
     use base64::engine::general_purpose::STANDARD as B64;
-    use serde_json::json;
 
-    #[test]
-    fn exception_repr_is_pythons() {
-        assert_eq!(exception_repr(&ExceptionInfo::builtin("ValueError", "bad")), "ValueError('bad')");
-        assert_eq!(exception_repr(&ExceptionInfo::new("m", "E", vec![])), "E()");
-        assert_eq!(exception_repr(&ExceptionInfo::new("m", "E", vec![json!(1), json!("it's")])), "E(1, \"it's\")");
+    /// Events for `node` on a connection that is never used (nothing listens on port 1).
+    fn unconnected(node: &str) -> (Arc<Events>, Pending) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let url = "redis://127.0.0.1:1/0";
+            let conn = crate::transport::connection::connect("BROKER_URL", url, None, Duration::from_secs(1)).unwrap();
+            Events::new(conn, node, false)
+        })
     }
 
     /// Key order and types of envelope and body as in the capture of a Python worker (e02).
@@ -376,15 +351,7 @@ mod tests {
                 0
             }
         }
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let (ev, _p) = rt.block_on(async {
-            Events::new(
-                crate::connection::connect("BROKER_URL", "redis://127.0.0.1:1/0", None, Duration::from_secs(1))
-                    .unwrap(),
-                "evw@vm",
-                false,
-            )
-        });
+        let (ev, _p) = unconnected("evw@vm");
         let body = Value::Object(ev.worker_event("worker-online", &Idle));
         let ours: Value = serde_json::from_slice(&ev.envelope("worker.online", &body)).unwrap();
         let path = concat!(
@@ -417,14 +384,7 @@ mod tests {
 
     #[test]
     fn clock_is_lamport() {
-        let (ev, _p) = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-            Events::new(
-                crate::connection::connect("BROKER_URL", "redis://127.0.0.1:1/0", None, Duration::from_secs(1))
-                    .unwrap(),
-                "celery@x",
-                false,
-            )
-        });
+        let (ev, _p) = unconnected("celery@x");
         assert_eq!(ev.forward_clock(), 1);
         assert_eq!(ev.adjust_clock(10), 11);
         assert_eq!(ev.adjust_clock(3), 12);

@@ -9,7 +9,7 @@
 //! closes the *oldest* one, so a flood of idle sockets cannot lock a probe out: the newest
 //! connection (the probe's) is served, the stalest is dropped.
 
-use crate::sync::Locked;
+use crate::runtime::sync::Locked;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};

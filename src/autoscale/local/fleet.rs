@@ -9,8 +9,8 @@
 //! apart: the newest has had the least time to take work, so stopping it hands back the least.
 
 use super::{free_loopback_port, send_signal};
-use crate::metrics::{TASK_FAILURE, TASK_SUCCESS, WORKER_ACTIVE, WORKER_RESERVED};
-use crate::scrape;
+use crate::autoscale::scrape;
+use crate::runtime::metrics::{TASK_FAILURE, TASK_SUCCESS, WORKER_ACTIVE, WORKER_RESERVED};
 use rustix::process::Signal;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -323,8 +323,12 @@ impl Fleet {
 
     /// SIGTERM everyone and wait for them; after a second Ctrl-C they get SIGINT too (ours and
     /// Celery's then return running tasks at once), and past the grace SIGKILL.
-    pub(super) async fn stop_all(&mut self, shutdown: &crate::shutdown::Shutdown, mut report: impl FnMut(Event)) {
-        use crate::shutdown::Stage;
+    pub(super) async fn stop_all(
+        &mut self,
+        shutdown: &crate::runtime::shutdown::Shutdown,
+        mut report: impl FnMut(Event),
+    ) {
+        use crate::runtime::shutdown::Stage;
         let n = self.running();
         self.stop(n).await;
         let mut forwarded = false;

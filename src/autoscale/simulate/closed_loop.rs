@@ -4,9 +4,9 @@ use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use crate::hpa::{Autoscaler, MetricReading, Observation, Timestamp};
-use crate::pattern::LoadPattern;
-use crate::plot::TimelinePoint;
+use crate::autoscale::hpa::{Autoscaler, MetricReading, Observation, Timestamp};
+use crate::tools::pattern::LoadPattern;
+use crate::tools::plot::TimelinePoint;
 
 /// The modelled workload and system timings.
 #[derive(Debug, Clone, PartialEq)]
@@ -143,7 +143,7 @@ impl Workload {
     }
 
     /// The HPA's maxReplicas, within what the model holds.
-    pub fn check_pods(&self, spec: &crate::hpa::HpaSpec) -> Result<(), WorkloadError> {
+    pub fn check_pods(&self, spec: &crate::autoscale::hpa::HpaSpec) -> Result<(), WorkloadError> {
         if spec.max_replicas > MAX_PODS {
             return Err(WorkloadError(format!(
                 "HPA {} has maxReplicas {}; the closed loop models at most {MAX_PODS} pods",
@@ -475,7 +475,7 @@ pub fn timeline_csv(timeline: &[Sample]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hpa::{ExternalMetric, HpaSpec, MetricTarget};
+    use crate::autoscale::hpa::{ExternalMetric, HpaSpec, MetricTarget};
 
     fn fixed(replicas: i32) -> Autoscaler {
         Autoscaler::new(HpaSpec {

@@ -17,11 +17,11 @@
 //! logged once when it starts and counted in `celery_queue_exporter_key_errors_total{queue}`
 //! (`queue="unacked"` for the hash) on every poll it lasts.
 
-use crate::args::{self, QueueArgs, RedisArgs, StartError};
-use crate::connection::{self, Conn, redact_url};
-use crate::http;
-use crate::metrics::ExporterMetrics;
-use crate::shutdown::{Shutdown, Stage};
+use crate::runtime::args::{self, QueueArgs, RedisArgs, StartError};
+use crate::runtime::http;
+use crate::runtime::metrics::ExporterMetrics;
+use crate::runtime::shutdown::{Shutdown, Stage};
+use crate::transport::connection::{self, Conn, redact_url};
 use crate::wire::keys::{self, PrioritySteps};
 use redis::{RedisResult, Script};
 use std::collections::{HashMap, HashSet};
@@ -91,7 +91,7 @@ pub struct DepthReader {
 
 impl DepthReader {
     pub fn new(conn: Conn, queues: Vec<String>, steps: PrioritySteps, batch: u32) -> Self {
-        DepthReader { conn, queues, steps, batch, count_unacked: Script::new(crate::scripts::COUNT_UNACKED) }
+        DepthReader { conn, queues, steps, batch, count_unacked: Script::new(crate::transport::scripts::COUNT_UNACKED) }
     }
 
     /// The queues that could be read (see [`DepthReader::poll_detailed`] for the others).

@@ -16,8 +16,8 @@
 //! Python workers do not renew: in a mixed fleet their messages are still restored after the
 //! visibility timeout, so it must exceed their longest task and ETA wait.
 
-use crate::broker::{Broker, RestoreReport};
-use crate::connection::Backoff;
+use crate::transport::broker::{Broker, RestoreReport};
+use crate::transport::connection::Backoff;
 use crate::wire::time::unix_seconds;
 use chrono::Utc;
 use std::sync::Arc;

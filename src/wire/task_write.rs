@@ -1,12 +1,12 @@
-//! Writing task messages exactly as Python Celery 5.7 sends them (fixtures p01/p31/w01), and
-//! the kombu `unacked` entries and restored payloads (§1.4).
+//! Writing task messages exactly as Python Celery 5.7 sends them (fixtures p01/p31/w01): the
+//! protocol-2 headers, properties and `[args, kwargs, embed]` body inside kombu's envelope
+//! ([`super::kombu`]).
 
-use super::envelope::{Signature, TaskMessage};
+use super::kombu::{DeliveryInfo, Envelope};
 use super::pyjson;
 use super::pyrepr::{args_repr, kwargs_repr};
+use super::task_read::{Signature, TaskMessage};
 use super::time::python_isoformat;
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Map, Number, Value};
@@ -176,38 +176,6 @@ impl NewTask {
 
 // The envelope as typed structs: field order is Python's key order, and no map is built.
 
-/// A kombu envelope around a JSON body (base64, as kombu sends it), in kombu's key order; task
-/// messages and events differ only in their headers and properties.
-#[derive(Serialize)]
-pub(crate) struct Envelope<H, P> {
-    body: String,
-    #[serde(rename = "content-encoding")]
-    content_encoding: &'static str,
-    #[serde(rename = "content-type")]
-    content_type: &'static str,
-    headers: H,
-    properties: P,
-}
-
-impl<H: Serialize, P: Serialize> Envelope<H, P> {
-    pub(crate) fn json(body: &impl Serialize, headers: H, properties: P) -> Self {
-        Envelope {
-            body: B64.encode(pyjson::to_vec(body)),
-            content_encoding: "utf-8",
-            content_type: "application/json",
-            headers,
-            properties,
-        }
-    }
-}
-
-/// `properties.delivery_info`.
-#[derive(Serialize)]
-pub(crate) struct DeliveryInfo<'a> {
-    pub exchange: &'a str,
-    pub routing_key: &'a str,
-}
-
 #[derive(Serialize)]
 struct HeadersOut<'a> {
     lang: &'static str,
@@ -295,106 +263,4 @@ pub fn origin() -> String {
 /// This machine's host name (the pod name in Kubernetes).
 pub fn hostname() -> String {
     gethostname::gethostname().to_string_lossy().into_owned()
-}
-
-/// The `unacked` hash value for a message taken from `queue`: `[envelope, "", queue]`.
-/// Entries always name the anonymous exchange and the queue the message was taken from, so any
-/// kombu consumer restores them without binding lookups (§1.3).
-pub fn unacked_entry(msg: &TaskMessage, queue: &str) -> Vec<u8> {
-    let queue_json = pyjson::to_vec(queue);
-    let envelope = match &msg.raw {
-        Some(raw) => raw.clone(),
-        None => pyjson::to_vec(&Value::Object(msg.envelope.clone())),
-    };
-    let mut out = Vec::with_capacity(envelope.len() + queue_json.len() + 8);
-    out.push(b'[');
-    out.extend_from_slice(&envelope);
-    out.extend_from_slice(b", \"\", ");
-    out.extend_from_slice(&queue_json);
-    out.push(b']');
-    out
-}
-
-/// The inverse of [`unacked_entry`] without parsing the message: its envelope bytes, exactly
-/// as taken, and the queue. `None` when `entry` is not in that shape.
-pub fn split_unacked_entry(entry: &[u8]) -> Option<(&[u8], String)> {
-    const SEP: &[u8] = b", \"\", ";
-    let inner = entry.strip_prefix(b"[")?.strip_suffix(b"]")?;
-    // The queue name is JSON, whose escaping cannot produce SEP: the last SEP is the one.
-    let at = inner.windows(SEP.len()).rposition(|w| w == SEP)?;
-    let queue: String = serde_json::from_slice(&inner[at + SEP.len()..]).ok()?;
-    Some((&inner[..at], queue))
-}
-
-/// A parsed `unacked` value.
-#[derive(Clone, Debug, PartialEq)]
-pub struct UnackedEntry {
-    pub envelope: Map<String, Value>,
-    pub exchange: String,
-    pub routing_key: String,
-}
-
-impl UnackedEntry {
-    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
-        let v: Value = serde_json::from_slice(bytes).map_err(|e| format!("unacked entry is not JSON ({e})"))?;
-        match v {
-            Value::Array(mut a) if a.len() == 3 => {
-                let routing_key = a.pop().and_then(|v| v.as_str().map(str::to_owned));
-                let exchange = a.pop().and_then(|v| v.as_str().map(str::to_owned));
-                let envelope = match a.pop() {
-                    Some(Value::Object(m)) => Some(m),
-                    _ => None,
-                };
-                match (envelope, exchange, routing_key) {
-                    (Some(envelope), Some(exchange), Some(routing_key)) => {
-                        Ok(UnackedEntry { envelope, exchange, routing_key })
-                    }
-                    _ => Err("unacked entry is not [envelope, exchange, routing_key]".into()),
-                }
-            }
-            _ => Err("unacked entry is not [envelope, exchange, routing_key]".into()),
-        }
-    }
-
-    /// The message priority kombu uses to pick the list on restore.
-    pub fn priority(&self) -> i64 {
-        self.envelope.get("properties").and_then(|p| p.get("priority")).and_then(Value::as_i64).unwrap_or(0)
-    }
-
-    /// The payload kombu's `_do_restore_message` pushes back: `redelivered` set in the headers
-    /// and in `delivery_info`.
-    pub fn redelivered_payload(&self) -> Vec<u8> {
-        let mut env = self.envelope.clone();
-        mark_redelivered(&mut env);
-        pyjson::to_vec(&Value::Object(env))
-    }
-}
-
-/// Set the two `redelivered` flags; like kombu, skip silently when headers or delivery_info
-/// are missing.
-pub fn mark_redelivered(envelope: &mut Map<String, Value>) {
-    let Some(Value::Object(headers)) = envelope.get_mut("headers") else { return };
-    headers.insert("redelivered".into(), Value::Bool(true));
-    if let Some(Value::Object(info)) = envelope.get_mut("properties").and_then(|p| p.get_mut("delivery_info")) {
-        info.insert("redelivered".into(), Value::Bool(true));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_unacked_entry_splits_back_into_the_bytes_taken_and_the_queue() {
-        let envelope = br#"{"body": "W1tdLCB7fSwge31d", "headers": {"x": ["a", "", "b"]}}"#;
-        let mut entry = b"[".to_vec();
-        entry.extend_from_slice(envelope);
-        entry.extend_from_slice(b", \"\", \"q, \\\"\\\", 1\"]");
-        let (bytes, queue) = split_unacked_entry(&entry).expect("splits");
-        assert_eq!(bytes, envelope);
-        assert_eq!(queue, "q, \"\", 1");
-        assert_eq!(split_unacked_entry(b"[{}, \"ex\", \"q\"]"), None, "a named exchange is not a take's entry");
-        assert_eq!(split_unacked_entry(b"not json"), None);
-        assert_eq!(split_unacked_entry(b"[]"), None);
-    }
 }

@@ -1,7 +1,7 @@
 //! `celery-autoscale local`: the whole system on one machine, without Kubernetes.
 //!
 //! A Redis (started here unless `BROKER_URL` points at one), the queue exporter, and worker
-//! processes scaled by the same HPA algorithm the cluster runs ([`crate::hpa`]), fed the live
+//! processes scaled by the same HPA algorithm the cluster runs ([`crate::autoscale::hpa`]), fed the live
 //! `celery_queue_depth` read from the exporter's `/metrics` every `--sync-period`, within the
 //! min/max and behavior of an HPA manifest (the project's own by default). Scale-down sends
 //! SIGTERM and waits: workers finish or return their tasks. A worker that dies is replaced and
@@ -24,15 +24,15 @@ mod redis;
 mod timeline;
 mod view;
 
-use crate::args::{self, QueueArgs, RedisArgs};
-use crate::connection::{self, redact_url};
-use crate::exporter::{self, ExporterArgs};
-use crate::hpa::{self, Autoscaler, HpaSpec, MetricReading, Observation, Timestamp};
-use crate::loadgen::{CustomTask, Span, TaskKind};
-use crate::metrics::{EXPORTER_LAST_SUCCESS, QUEUE_DEPTH, QUEUE_RESERVED};
-use crate::pattern::LoadPattern;
-use crate::scrape;
-use crate::shutdown::{Shutdown, Stage};
+use crate::autoscale::exporter::{self, ExporterArgs};
+use crate::autoscale::hpa::{self, Autoscaler, HpaSpec, MetricReading, Observation, Timestamp};
+use crate::autoscale::scrape;
+use crate::runtime::args::{self, QueueArgs, RedisArgs};
+use crate::runtime::metrics::{EXPORTER_LAST_SUCCESS, QUEUE_DEPTH, QUEUE_RESERVED};
+use crate::runtime::shutdown::{Shutdown, Stage};
+use crate::tools::loadgen::{CustomTask, Span, TaskKind};
+use crate::tools::pattern::LoadPattern;
+use crate::transport::connection::{self, redact_url};
 use crate::wire::keys::PrioritySteps;
 use fleet::{Census, Fleet, WorkerKind};
 use load::Load;
@@ -175,7 +175,7 @@ pub enum LocalError {
     #[error(transparent)]
     Connect(#[from] connection::ConnectError),
     #[error(transparent)]
-    Exporter(#[from] crate::args::StartError),
+    Exporter(#[from] crate::runtime::args::StartError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error("cannot reach the broker: {0} (or unset BROKER_URL and --broker-url: local then starts its own Redis)")]
@@ -287,7 +287,7 @@ fn load_hpa(args: &LocalArgs) -> Result<(HpaSpec, String), LocalError> {
 /// The in-process exporter.
 struct ExporterHandle {
     port: u16,
-    task: JoinHandle<Result<(), crate::args::StartError>>,
+    task: JoinHandle<Result<(), crate::runtime::args::StartError>>,
     shutdown: Shutdown,
 }
 
@@ -413,7 +413,7 @@ impl Run {
             Some(url) => url.clone(),
             // The broker's URL was checked before anything started; a URL `with_db` cannot
             // rewrite is kept as is (the backend then shares the broker's database).
-            None => crate::redis_url::with_db(&broker_url, 1).unwrap_or_else(|_| broker_url.clone()),
+            None => crate::transport::redis_url::with_db(&broker_url, 1).unwrap_or_else(|_| broker_url.clone()),
         };
         let exporter = start_exporter(&args, &broker_url, &queue).await?;
 
@@ -596,7 +596,6 @@ impl Run {
         self.load.as_ref().map(|l| (l.results.succeeded, l.results.failed)).or(census.tasks)
     }
 
-    /// The controller's sync: decide from the exporter's depth. Returns the timeline event.
     /// The numbers of second `t`, without task counts or events.
     fn row(&self, t: f64, reading: &QueueReading, census: &Census) -> timeline::Row {
         timeline::Row {
@@ -614,6 +613,7 @@ impl Run {
         }
     }
 
+    /// The controller's sync: decide from the exporter's depth. Returns the timeline event.
     fn sync(&mut self, now: Instant, t: f64, reading: &QueueReading, census: &Census) -> String {
         self.next_sync += self.args.sync_period;
         let metric = match reading.depth {

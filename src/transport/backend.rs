@@ -1,9 +1,9 @@
 //! Celery's Redis result backend (celery-wire.md §2): `SETEX celery-task-meta-<id>` and
 //! `PUBLISH` on the same name, atomically, never replacing a stored SUCCESS (the `store` of
-//! [`crate::scripts`]).
+//! [`crate::transport::scripts`]).
 
-use crate::connection::Conn;
-use crate::scripts;
+use crate::transport::connection::Conn;
+use crate::transport::scripts;
 use crate::wire::ResultMeta;
 use crate::wire::keys;
 use redis::{AsyncCommands, RedisResult, Script};
@@ -16,10 +16,10 @@ pub const DEFAULT_RESULT_EXPIRES: Duration = Duration::from_secs(86_400);
 /// The broker's database number when the broker and the result backend are databases of one
 /// Redis server (same address and credentials), so a result and its ack can travel together.
 pub fn shared_broker_db(broker_url: &str, backend_url: &str) -> Option<i64> {
-    if !crate::redis_url::same_server(broker_url, backend_url) {
+    if !crate::transport::redis_url::same_server(broker_url, backend_url) {
         return None;
     }
-    crate::redis_url::db_of(broker_url)
+    crate::transport::redis_url::db_of(broker_url)
 }
 
 /// Outcome of a store.
@@ -39,7 +39,7 @@ pub struct Backend {
     broker_db: Option<i64>,
 }
 
-/// A store to run inside the broker's [`crate::broker::Broker::finish`] script (broker and
+/// A store to run inside the broker's [`crate::transport::broker::Broker::finish`] script (broker and
 /// backend share a server): the result key, its database, the meta and the ttl.
 #[derive(Clone, Debug)]
 pub struct SharedStore {

@@ -1,8 +1,8 @@
 //! The run's record: one row per second, written at the end as a CSV and an SVG plot.
 
 use super::LocalError;
-use crate::hpa::HpaSpec;
-use crate::plot::{self, TimelinePoint};
+use crate::autoscale::hpa::HpaSpec;
+use crate::tools::plot::{self, TimelinePoint};
 use std::path::{Path, PathBuf};
 
 /// One row of the timeline.

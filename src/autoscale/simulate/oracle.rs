@@ -125,7 +125,7 @@ pub fn oracle(workload: &Workload, min_replicas: i32, max_replicas: i32) -> Summ
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::simulate::Signal;
+    use crate::autoscale::simulate::Signal;
 
     fn workload(load: &str, service_ms: u64, concurrency: u32, startup_s: u64) -> Workload {
         Workload {

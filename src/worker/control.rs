@@ -13,19 +13,17 @@
 //! they never stop the worker, and the pidbox runs on its own connection and task, so a flood of
 //! them does not hold up task messages.
 
-use crate::backend::Backend;
-use crate::connection::{Backoff, Conn, Health, timed_out};
-use crate::events::{Events, WorkerCounts};
-use crate::shutdown::{Shutdown, Stage};
-use crate::sync::Locked;
+use crate::runtime::shutdown::{Shutdown, Stage};
+use crate::runtime::sync::Locked;
+use crate::transport::backend::Backend;
+use crate::transport::connection::{Backoff, Conn, Health, timed_out};
 use crate::wire::keys;
-use crate::wire::pyjson;
-use crate::wire::pyrepr::{args_repr, kwargs_repr, repr};
+use crate::wire::pidbox::{self, Request};
+use crate::wire::pyrepr::{self, args_repr, kwargs_repr, repr};
 use crate::wire::time::{python_isoformat, unix_seconds};
 use crate::wire::{ExceptionInfo, ResultMeta, TaskMessage};
+use crate::worker::events::{Events, WorkerCounts};
 use crate::worker::inflight::{Held, InFlight, Phase};
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
 use chrono::Utc;
 use futures::StreamExt;
 use redis::AsyncCommands;
@@ -396,7 +394,7 @@ impl WorkerState {
     }
 
     async fn revoke(&self, args: &Map<String, Value>) -> Result<Value, String> {
-        let ids = string_list(args.get("task_id")).ok_or_else(|| missing("revoke", "task_id"))?;
+        let ids = pidbox::maybe_list(args.get("task_id")).ok_or_else(|| missing("revoke", "task_id"))?;
         let terminate = args.get("terminate").is_some_and(truthy);
         // Which ids this worker holds, before the revoke lets them end: the reply names them.
         let known: Vec<String> =
@@ -423,7 +421,7 @@ impl WorkerState {
             });
         }
         tracing::info!(ids = %ids.join(", "), "tasks flagged as revoked");
-        Ok(ok(&format!("tasks {} flagged as revoked", python_set(&ids))))
+        Ok(ok(&format!("tasks {} flagged as revoked", pyrepr::set_repr(&ids))))
     }
 
     fn set_queue(&self, args: &Map<String, Value>, method: &str, add: bool) -> Result<Value, String> {
@@ -462,7 +460,7 @@ impl WorkerState {
             "scheduled" | "dump_schedule" => self.scheduled(),
             "registered" | "dump_tasks" => json!(self.registered),
             "active_queues" => self.active_queues(),
-            "query_task" => self.query_task(&string_list(args.get("ids")).unwrap_or_default()),
+            "query_task" => self.query_task(&pidbox::maybe_list(args.get("ids")).unwrap_or_default()),
             "revoked" | "dump_revoked" => json!(self.revoked.ids()),
             "revoke" => self.revoke(args).await?,
             "terminate" => {
@@ -496,7 +494,7 @@ impl WorkerState {
                 } else {
                     if let Some(ids) = args.get("revoked").and_then(|r| match r {
                         Value::Object(m) => Some(m.keys().cloned().collect::<Vec<_>>()),
-                        other => string_list(Some(other)),
+                        other => pidbox::maybe_list(Some(other)),
                     }) {
                         self.revoked.add(&ids, false);
                     }
@@ -540,29 +538,6 @@ fn truthy(v: &Value) -> bool {
         Value::String(s) => matches!(s.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"),
         _ => false,
     }
-}
-
-/// Celery's `maybe_list`: one id or a list of ids.
-fn string_list(v: Option<&Value>) -> Option<Vec<String>> {
-    match v? {
-        Value::String(s) => Some(vec![s.clone()]),
-        Value::Array(items) => Some(items.iter().filter_map(|i| i.as_str().map(str::to_owned)).collect()),
-        _ => None,
-    }
-}
-
-/// Python's repr of a set of strings, as Celery's revoke reply prints it.
-fn python_set(ids: &[String]) -> String {
-    if ids.is_empty() {
-        return "set()".into();
-    }
-    let unique: Vec<String> = ids
-        .iter()
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .map(|i| repr(&Value::String(i.clone())))
-        .collect();
-    format!("{{{}}}", unique.join(", "))
 }
 
 /// kombu's `Queue.as_dict(recurse=True)` for a queue bound to its direct exchange.
@@ -612,81 +587,6 @@ fn rusage() -> Value {
         "msgsnd": 0, "msgrcv": 0, "nsignals": 0,
         "nvcsw": kb("voluntary_ctxt_switches:"), "nivcsw": kb("nonvoluntary_ctxt_switches:"),
     })
-}
-
-/// kombu's reply message: `{node: reply}` with the request's ticket (fixture e11).
-fn reply_envelope(
-    node: &str,
-    exchange: &str,
-    routing_key: &str,
-    ticket: Option<&str>,
-    clock: u64,
-    reply: Value,
-) -> Vec<u8> {
-    let mut body = Map::new();
-    body.insert(node.to_owned(), reply);
-    let envelope = json!({
-        "body": B64.encode(pyjson::to_vec(&Value::Object(body))),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {"ticket": ticket, "clock": clock},
-        "properties": {
-            "delivery_mode": 1,
-            "delivery_info": {"exchange": exchange, "routing_key": routing_key},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": crate::wire::message::new_uuid(),
-        },
-    });
-    pyjson::to_vec(&envelope)
-}
-
-/// A control request, as far as it could be read.
-#[derive(Debug, PartialEq)]
-struct Request0 {
-    method: String,
-    arguments: Map<String, Value>,
-    destination: Option<Vec<String>>,
-    pattern: Option<(String, String)>,
-    ticket: Option<String>,
-    reply_to: Option<(String, String)>,
-    clock: u64,
-}
-
-/// Read a pidbox message (kombu envelope, base64 JSON body). Errors say what was wrong.
-fn parse_request(bytes: &[u8]) -> Result<Request0, String> {
-    let env: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON ({e})"))?;
-    let env = env.as_object().ok_or("not a kombu envelope (JSON object)")?;
-    let body = env.get("body").ok_or("no body")?;
-    let base64 = env.get("properties").and_then(|p| p.get("body_encoding")).and_then(Value::as_str) == Some("base64");
-    let body: Value = match body {
-        Value::String(s) if base64 => {
-            let raw = B64.decode(s).map_err(|e| format!("body is not base64 ({e})"))?;
-            serde_json::from_slice(&raw).map_err(|e| format!("body is not JSON ({e})"))?
-        }
-        Value::String(s) => serde_json::from_str(s).map_err(|e| format!("body is not JSON ({e})"))?,
-        other => other.clone(),
-    };
-    let body = body.as_object().ok_or("body is not a JSON object")?;
-    let method = body.get("method").and_then(Value::as_str).ok_or("no method")?.to_owned();
-    let arguments = match body.get("arguments") {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(m)) => m.clone(),
-        Some(_) => return Err("arguments is not an object".into()),
-    };
-    let destination = match body.get("destination") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(string_list(Some(v)).ok_or("destination is not a list of node names")?),
-    };
-    let text = |k: &str| body.get(k).and_then(Value::as_str).map(str::to_owned);
-    let pattern = text("pattern").zip(text("matcher"));
-    let reply_to = body
-        .get("reply_to")
-        .and_then(|r| Some((r.get("exchange")?.as_str()?.to_owned(), r.get("routing_key")?.as_str()?.to_owned())));
-    let headers = env.get("headers");
-    let clock = headers.and_then(|h| h.get("clock")).and_then(Value::as_u64).unwrap_or(0);
-    let ticket = text("ticket").or_else(|| headers?.get("ticket")?.as_str().map(str::to_owned));
-    Ok(Request0 { method, arguments, destination, pattern, ticket, reply_to, clock })
 }
 
 /// kombu's `match(hostname, pattern, matcher)`: glob or pcre.
@@ -763,7 +663,7 @@ pub async fn serve(state: Arc<WorkerState>, broker: Conn, health: Arc<Health>, c
                 break;
             };
             let bytes: &[u8] = msg.get_payload_bytes();
-            match parse_request(bytes) {
+            match pidbox::read_request(bytes) {
                 Ok(req) => state.handle(req, &broker).await,
                 Err(why) => {
                     if complaints.allow() {
@@ -793,7 +693,7 @@ impl RateLimit {
 }
 
 impl WorkerState {
-    fn addressed_to_me(&self, req: &Request0) -> bool {
+    fn addressed_to_me(&self, req: &Request) -> bool {
         match (&req.destination, &req.pattern) {
             (Some(d), _) if !d.is_empty() => d.contains(&self.node),
             (_, Some((pattern, matcher))) => matches(&self.node, pattern, matcher),
@@ -801,7 +701,7 @@ impl WorkerState {
         }
     }
 
-    async fn handle(&self, req: Request0, replies: &Conn) {
+    async fn handle(&self, req: Request, replies: &Conn) {
         self.events.adjust_clock(req.clock);
         self.events.forward_clock();
         if !self.addressed_to_me(&req) {
@@ -833,20 +733,19 @@ impl WorkerState {
         reply: Value,
     ) -> redis::RedisResult<()> {
         let mut conn = conn.clone();
-        let members: Vec<Vec<u8>> = conn.smembers(format!("_kombu.binding.{exchange}")).await?;
-        let queues: Vec<String> = members
+        let members: Vec<Vec<u8>> = conn.smembers(keys::binding_set(exchange)).await?;
+        let members: Vec<std::borrow::Cow<'_, str>> = members.iter().map(|m| String::from_utf8_lossy(m)).collect();
+        let queues: Vec<&str> = members
             .iter()
-            .filter_map(|m| {
-                let m = String::from_utf8_lossy(m);
-                let mut parts = m.splitn(3, keys::SEP);
-                let (rk, _pattern, queue) = (parts.next()?, parts.next()?, parts.next()?);
-                (rk == routing_key).then(|| queue.to_owned())
-            })
+            .filter_map(|m| keys::Binding::parse(m))
+            .filter(|b| b.routes(routing_key))
+            .map(|b| b.queue)
             .collect();
         if queues.is_empty() {
             return Ok(()); // nobody waits for this reply any more
         }
-        let bytes = reply_envelope(&self.node, exchange, routing_key, ticket, self.events.forward_clock(), reply);
+        let bytes =
+            pidbox::reply_message(&self.node, exchange, routing_key, ticket, self.events.forward_clock(), reply);
         for q in queues {
             conn.lpush::<_, _, i64>(q, &bytes).await?;
         }
@@ -869,50 +768,6 @@ mod tests {
     }
 
     #[test]
-    fn reads_the_captured_ping() {
-        let raw = std::fs::read(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/celery/events/e08__0.celery.pidbox.ping.json"
-        ))
-        .unwrap();
-        let req = parse_request(&raw).unwrap();
-        assert_eq!(req.method, "ping");
-        assert_eq!(req.clock, 1);
-        assert_eq!(req.reply_to.as_ref().unwrap().0, "reply.celery.pidbox");
-        assert!(req.ticket.is_some());
-    }
-
-    #[test]
-    fn ping_reply_is_byte_identical_to_pythons_but_the_delivery_tag() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/celery/events/e11_reply.celery.pidbox.ping-reply.json"
-        );
-        let theirs: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-        let ticket = theirs["headers"]["ticket"].as_str().unwrap();
-        let rk = theirs["properties"]["delivery_info"]["routing_key"].as_str().unwrap();
-        let ours =
-            reply_envelope("probe1@testhost", keys::PIDBOX_REPLY_EXCHANGE, rk, Some(ticket), 3, json!({"ok": "pong"}));
-        let mut ours: Value = serde_json::from_slice(&ours).unwrap();
-        ours["properties"]["delivery_tag"] = theirs["properties"]["delivery_tag"].clone();
-        assert_eq!(pyjson::to_string(&ours), pyjson::to_string(&theirs));
-    }
-
-    #[test]
-    fn garbage_is_an_error_not_a_panic() {
-        for bad in [
-            &b""[..],
-            b"null",
-            b"[]",
-            b"{}",
-            b"{\"body\": 5}",
-            b"{\"body\": \"!!\", \"properties\": {\"body_encoding\": \"base64\"}}",
-        ] {
-            assert!(parse_request(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
-        }
-    }
-
-    #[test]
     fn glob_and_pcre() {
         assert!(matches("celery@a1", "celery@a*", "glob"));
         assert!(!matches("celery@b1", "celery@a*", "glob"));
@@ -921,8 +776,8 @@ mod tests {
 
     #[test]
     fn revoke_reply_prints_a_python_set() {
-        assert_eq!(python_set(&["b".into(), "a".into()]), "{'a', 'b'}");
-        assert_eq!(python_set(&[]), "set()");
+        assert_eq!(pyrepr::set_repr(&["b".into(), "a".into()]), "{'a', 'b'}");
+        assert_eq!(pyrepr::set_repr(&[]), "set()");
         assert_eq!(
             missing("revoke", "task_id"),
             "TypeError(\"revoke() missing 1 required positional argument: 'task_id'\")"

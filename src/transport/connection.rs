@@ -1,11 +1,11 @@
 //! Redis connections shared by every role (worker, exporter, loadgen, local): connecting
 //! lazily (so a process can start and report not-ready while Redis is away), over TCP, TLS or a
-//! unix socket or through Sentinel (URLs parsed in [`crate::redis_url`]); reconnecting by
+//! unix socket or through Sentinel (URLs parsed in [`crate::transport::redis_url`]); reconnecting by
 //! itself, re-asking the sentinels after an error so a failover is followed; retrying with
 //! backoff through outages and saying so with the redacted URL and a hint.
 
-use crate::redis_url::{self, RedisUrl, SentinelUrl, TlsOptions};
-use crate::sync::Locked;
+use crate::runtime::sync::Locked;
+use crate::transport::redis_url::{self, RedisUrl, SentinelUrl, TlsOptions};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client, Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 use std::future::Future;
@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
-pub use crate::redis_url::redact as redact_url;
+pub use crate::transport::redis_url::redact as redact_url;
 
 /// Default broker URL (the README's configuration table).
 pub const DEFAULT_BROKER_URL: &str = "redis://127.0.0.1:6379/0";

@@ -3,8 +3,8 @@
 use std::io::Write;
 use std::path::Path;
 
-use crate::hpa::{Autoscaler, Decision, HpaSpec, MetricReading, Observation, Timestamp};
-use crate::plot::TimelinePoint;
+use crate::autoscale::hpa::{Autoscaler, Decision, HpaSpec, MetricReading, Observation, Timestamp};
+use crate::tools::plot::TimelinePoint;
 
 /// A problem with a trace file.
 #[derive(Debug, thiserror::Error)]

@@ -23,11 +23,11 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use super::closed_loop::{Signal, Summary, Workload, closed_loop};
 use super::oracle::oracle;
-use crate::hpa::{
+use crate::autoscale::hpa::{
     Autoscaler, Behavior, ControllerConfig, HpaSpec, MetricTarget, PolicyKind, ScalingPolicy, ScalingRules,
     SelectPolicy,
 };
-use crate::pattern::LoadPattern;
+use crate::tools::pattern::LoadPattern;
 
 /// The default mix: a burst, a ramp and an oscillation (issue 22).
 pub const DEFAULT_MIX: [&str; 3] = ["burst:400", "ramp:1:40:300", "oscillate:10:8:60:300"];
@@ -606,7 +606,7 @@ pub fn kubenix_options(pool: &str, candidate: &Candidate) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hpa::ExternalMetric;
+    use crate::autoscale::hpa::ExternalMetric;
 
     fn seed() -> HpaSpec {
         HpaSpec {
@@ -694,11 +694,11 @@ mod tests {
     #[test]
     fn the_written_yaml_loads_as_the_candidate() {
         let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/k8s/autoscaling.yaml")).unwrap();
-        let raw = crate::hpa::find_hpa(&text, None).unwrap();
+        let raw = crate::autoscale::hpa::find_hpa(&text, None).unwrap();
         let seed = HpaSpec::from_k8s(&raw).unwrap();
         for candidate in Grid::default_grid().candidates().iter().step_by(97) {
             let yaml = hpa_yaml(&raw, candidate, "tuned\nby a test").unwrap();
-            let loaded = crate::hpa::parse_hpa_manifest(&yaml, None).unwrap();
+            let loaded = crate::autoscale::hpa::parse_hpa_manifest(&yaml, None).unwrap();
             assert_eq!(loaded, candidate.spec(&seed), "{yaml}");
             assert!(yaml.starts_with("# tuned\n# by a test\n---\n"));
         }
