@@ -145,6 +145,10 @@ fn closed_loop_prints_a_summary_and_writes_csv_and_svg() {
     assert_eq!(row[2], "398", "peak backlog: 400 minus the first pod's two tasks");
     assert_eq!(row[5], "20", "the burst reaches maxReplicas");
     assert_eq!(row[7], "400/400");
+    let oracle: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(oracle[0], "oracle", "the just-in-time oracle closes the table");
+    assert_eq!((oracle[1], oracle[3]), ("290", "14.5"), "20 pods once the first pod start is over");
+    assert_eq!(oracle[9], "1.00");
 
     let timeline = std::fs::read_to_string(&csv).unwrap();
     assert!(timeline.starts_with("t,arrived,queue_depth,reserved,metric_seen,desired_replicas"));
@@ -170,8 +174,8 @@ fn compare_prints_one_row_per_file() {
         "ramp:1:10:60",
     ]);
     let rows: Vec<&str> = out.lines().skip(2).collect();
-    assert_eq!(rows.len(), 3, "{out}");
-    for (row, name) in rows.iter().zip(["seed-hpa", "legacy-hpa", "default-behavior-hpa"]) {
+    assert_eq!(rows.len(), 4, "{out}");
+    for (row, name) in rows.iter().zip(["seed-hpa", "legacy-hpa", "default-behavior-hpa", "oracle"]) {
         assert!(row.starts_with(name), "{row}");
     }
     // Aligned: every row as wide as the header once trailing spaces are trimmed per column.
@@ -253,5 +257,75 @@ fn readme_examples_run() {
             .output()
             .unwrap();
         assert!(output.status.success(), "README example {example:?}: {}", String::from_utf8_lossy(&output.stderr));
+    }
+}
+
+#[test]
+fn tune_is_deterministic_and_its_hpa_replays() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, second) = (dir.path().join("a.yaml"), dir.path().join("b.yaml"));
+    let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("k8s/autoscaling.yaml");
+    let tune = |written: &Path| {
+        stdout_of(&[
+            "--hpa",
+            path(&seed),
+            "--tune",
+            "--tune-grid",
+            "quick",
+            "--load",
+            "burst:100",
+            "--load",
+            "ramp:1:10:60",
+            "--write-hpa",
+            path(written),
+        ])
+    };
+    let (a, b) = (tune(&first), tune(&second));
+    assert_eq!(a.replace(path(&first), "X"), b.replace(path(&second), "X"), "two searches print the same");
+    assert_eq!(std::fs::read_to_string(&first).unwrap(), std::fs::read_to_string(&second).unwrap());
+    assert!(a.contains("# Pareto front: ") && a.contains(" of 24 candidates"), "{a}");
+    assert!(a.contains("celeryAutoscale.workers.worker.hpa = {"), "{a}");
+
+    // The written HPA, replayed on the first workload, gives the tuned row of the report.
+    let tuned_row = a.lines().find(|l| l.starts_with("tuned ")).expect("a tuned row").to_owned();
+    let replay = stdout_of(&["--hpa", path(&first), "--load", "burst:100"]);
+    let replayed = replay.lines().nth(2).unwrap();
+    let figures = |row: &str| row.split_whitespace().skip(1).collect::<Vec<_>>().join(" ");
+    assert_eq!(figures(replayed), figures(&tuned_row), "{a}\n{replay}");
+}
+
+#[test]
+fn several_loads_need_tune() {
+    let err =
+        stderr_of_failure(&["--hpa", path(&fixture("seed-hpa.yaml")), "--load", "burst:10", "--load", "burst:20"]);
+    assert!(err.contains("--load is given 2 times"), "{err}");
+    let err = stderr_of_failure(&["--hpa", path(&fixture("seed-hpa.yaml")), "--write-hpa", "x.yaml"]);
+    assert!(err.contains("--tune"), "{err}");
+    let err = stderr_of_failure(&["--hpa", path(&fixture("seed-hpa.yaml")), "--signal", "depth+rumours"]);
+    assert!(err.contains("--signal") && err.contains("depth+arrivals"), "{err}");
+    let err = stderr_of_failure(&["--hpa", path(&fixture("seed-hpa.yaml")), "--tune-grid", "huge", "--tune"]);
+    assert!(err.contains("--tune-grid"), "{err}");
+    let err = stderr_of_failure(&[
+        "--hpa",
+        path(&fixture("seed-hpa.yaml")),
+        "--tune",
+        "--write-hpa",
+        "/nonexistent-dir/tuned.yaml",
+    ]);
+    assert!(err.contains("--write-hpa: cannot write /nonexistent-dir/tuned.yaml"), "{err}");
+    let err = stderr_of_failure(&["--hpa", path(&fixture("seed-hpa.yaml")), "--rate-window", "0"]);
+    assert!(err.contains("--rate-window"), "{err}");
+}
+
+#[test]
+fn every_signal_runs_and_depth_is_todays() {
+    let hpa = fixture("seed-hpa.yaml");
+    let plain = stdout_of(&["--hpa", path(&hpa), "--load", "ramp:1:10:60"]);
+    let depth = stdout_of(&["--hpa", path(&hpa), "--load", "ramp:1:10:60", "--signal", "depth"]);
+    assert_eq!(plain, depth, "depth is the default");
+    for signal in ["depth+running", "depth+arrivals", "depth+growth"] {
+        let out = stdout_of(&["--hpa", path(&hpa), "--load", "ramp:1:10:60", "--signal", signal]);
+        assert!(out.lines().next().unwrap().contains(&format!("signal={signal}")), "{out}");
+        assert!(out.lines().nth(2).unwrap().contains("330/330"), "{out}");
     }
 }

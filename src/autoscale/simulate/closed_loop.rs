@@ -23,6 +23,63 @@ pub struct Workload {
     pub max_duration: Duration,
     /// Replicas at t = 0, all ready; `None` = the HPA's minReplicas.
     pub initial_replicas: Option<i32>,
+    /// What the HPA's metric is.
+    pub signal: Signal,
+    /// The window over which `depth+arrivals` estimates the arrival rate.
+    pub rate_window: Duration,
+}
+
+/// The value the HPA's metric carries, all of it as the HPA sees it (`scrape_delay` old).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Signal {
+    /// Tasks waiting in the queue (`celery_queue_depth`, the project's adapter rule today).
+    #[default]
+    Depth,
+    /// Waiting + held by workers (`celery_queue_depth + celery_queue_reserved`).
+    #[value(name = "depth+running")]
+    DepthRunning,
+    /// Waiting + the arrival rate × the pipeline delay (scrape delay + sync period + pod
+    /// start-up): the tasks that arrive before a pod asked for now can take them. The rate is
+    /// (Δ depth + completions) / `rate_window` over the window ending at the seen instant, as
+    /// `delta(celery_queue_depth[W]) + increase(celery_task_success_total[W])` would give it.
+    #[value(name = "depth+arrivals")]
+    DepthArrivals,
+    /// Waiting + the queue's growth rate (Δ depth / `rate_window`, when positive) × the same
+    /// pipeline delay: arrivals beyond what the pods already take, so it adds nothing while
+    /// the queue holds steady (`deriv`-like, from `delta(celery_queue_depth[W])`).
+    #[value(name = "depth+growth")]
+    DepthGrowth,
+}
+
+impl Signal {
+    pub fn name(self) -> &'static str {
+        match self {
+            Signal::Depth => "depth",
+            Signal::DepthRunning => "depth+running",
+            Signal::DepthArrivals => "depth+arrivals",
+            Signal::DepthGrowth => "depth+growth",
+        }
+    }
+
+    /// The adapter's metricsQuery that serves this signal (prometheus-adapter template syntax,
+    /// as in nix/k8s/files/adapter-config.yaml), for a pipeline delay of `lookahead` seconds
+    /// and a rate window of `window` seconds.
+    pub fn promql(self, lookahead: f64, window: f64) -> String {
+        let depth = "max by (queue) (<<.Series>>{<<.LabelMatchers>>})";
+        match self {
+            Signal::Depth => depth.to_owned(),
+            Signal::DepthRunning => {
+                format!("{depth} + max by (queue) (celery_queue_reserved{{<<.LabelMatchers>>}})")
+            }
+            Signal::DepthArrivals => format!(
+                "{depth} + {lookahead} * clamp_min((max by (queue) (delta(<<.Series>>{{<<.LabelMatchers>>}}[{window}s])) \
+                 + sum by (queue) (increase(celery_task_success_total{{<<.LabelMatchers>>}}[{window}s]))) / {window}, 0)"
+            ),
+            Signal::DepthGrowth => format!(
+                "{depth} + {lookahead} * clamp_min(max by (queue) (delta(<<.Series>>{{<<.LabelMatchers>>}}[{window}s])) / {window}, 0)"
+            ),
+        }
+    }
 }
 
 /// The most tasks one closed-loop run models (each waiting task costs the model 16 bytes).
@@ -36,6 +93,12 @@ pub const MAX_PODS: i32 = 10_000;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct WorkloadError(String);
+
+impl WorkloadError {
+    pub(super) fn new(message: String) -> Self {
+        WorkloadError(message)
+    }
+}
 
 impl Workload {
     pub fn validate(&self) -> Result<(), WorkloadError> {
@@ -52,6 +115,11 @@ impl Workload {
         }
         if self.service_time.is_zero() {
             return err("--service-time must be greater than 0");
+        }
+        if matches!(self.signal, Signal::DepthArrivals | Signal::DepthGrowth)
+            && (self.rate_window.is_zero() || !whole_ms(self.rate_window))
+        {
+            return err("--rate-window must be a whole number of milliseconds, at least 0.001");
         }
         // Memory grows with tasks and steps: refuse what would not fit rather than abort.
         let tasks = self.load.total();
@@ -96,7 +164,13 @@ impl Workload {
             s(self.scrape_delay),
             s(self.sync_period),
             s(self.step)
-        )
+        ) + &match self.signal {
+            Signal::Depth => String::new(),
+            Signal::DepthRunning => " signal=depth+running".to_owned(),
+            Signal::DepthArrivals | Signal::DepthGrowth => {
+                format!(" signal={} rate-window={}s", self.signal.name(), s(self.rate_window))
+            }
+        }
     }
 }
 
@@ -145,6 +219,8 @@ pub struct Summary {
     pub p95_wait: Option<f64>,
     pub max_replicas: i32,
     pub scale_events: u32,
+    /// Scale events in the other direction than the one before (up after down or down after up).
+    pub reversals: u32,
     pub tasks: u64,
     pub completed: u64,
     pub simulated: f64,
@@ -193,13 +269,23 @@ pub fn closed_loop(mut autoscaler: Autoscaler, workload: &Workload) -> ClosedLoo
         .map(|_| Pod { created_at: 0, ready_at: 0, terminating: false, running: Vec::new() })
         .collect();
     let mut queue: VecDeque<i64> = VecDeque::new();
-    let mut depth_history: Vec<usize> = Vec::new();
+    // What the metric pipeline can still look back at: (waiting, running, completed) per step.
+    let window = if matches!(workload.signal, Signal::DepthArrivals | Signal::DepthGrowth) {
+        ms(workload.rate_window)
+    } else {
+        0
+    };
+    let keep = ((delay + window) / step + 2) as usize;
+    // u32: at most MAX_SIMULATED_TASKS tasks, so counts fit; 12 bytes per step held.
+    let mut history: VecDeque<(u32, u32, u32)> = VecDeque::with_capacity(keep.min(1 << 20));
+    let lookahead = (delay + sync_period + startup) as f64 / 1000.0;
     let mut waits: Vec<i64> = Vec::new();
     let (mut sent, mut completed) = (0u64, 0u64);
     let mut first_arrival: Option<i64> = None;
     let mut drained_at: Option<i64> = None;
     let mut metric_seen: Option<f64> = None;
     let (mut pod_ms, mut peak_backlog, mut max_replicas, mut scale_events) = (0i64, 0usize, spec_replicas, 0u32);
+    let (mut reversals, mut last_direction) = (0u32, 0i32);
     let mut timeline = Vec::new();
 
     let mut t = 0i64;
@@ -225,25 +311,63 @@ pub fn closed_loop(mut autoscaler: Autoscaler, workload: &Workload) -> ClosedLoo
                 pod.running.push(t + service);
             }
         }
-        depth_history.push(queue.len());
+        if history.len() == keep {
+            history.pop_front();
+        }
+        let running_now: usize = pods.iter().map(|p| p.running.len()).sum();
+        let count = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        history.push_back((count(queue.len() as u64), count(running_now as u64), count(completed)));
+        // The entry of instant `at` (before t = 0: nothing yet).
+        let at = |at: i64| -> (u64, u64, u64) {
+            if at < 0 {
+                return (0, 0, 0);
+            }
+            let back = (t / step - at / step) as usize;
+            let (depth, running, done) = history[history.len() - 1 - back];
+            (u64::from(depth), u64::from(running), u64::from(done))
+        };
         peak_backlog = peak_backlog.max(queue.len());
 
         let is_sync = t % sync_period == 0;
         if is_sync {
             let seen_at = t - delay;
-            let depth = if seen_at < 0 { 0 } else { depth_history[(seen_at / step) as usize] };
-            metric_seen = Some(depth as f64);
+            let (depth, running, done) = at(seen_at);
+            let value = match workload.signal {
+                Signal::Depth => depth as f64,
+                Signal::DepthRunning => (depth + running) as f64,
+                Signal::DepthArrivals => {
+                    let (old_depth, _, old_done) = at(seen_at - window);
+                    let arrived = depth as f64 - old_depth as f64 + (done - old_done) as f64;
+                    depth as f64 + lookahead * (arrived / (window as f64 / 1000.0)).max(0.0)
+                }
+                Signal::DepthGrowth => {
+                    let (old_depth, _, _) = at(seen_at - window);
+                    let grown = depth as f64 - old_depth as f64;
+                    depth as f64 + lookahead * (grown / (window as f64 / 1000.0)).max(0.0)
+                }
+            };
+            metric_seen = Some(value);
             let live = pods.iter().filter(|p| !p.terminating).count() as i32;
             let ready = pods.iter().filter(|p| !p.terminating && p.ready(t)).count() as i32;
             let observation = Observation {
                 spec_replicas,
                 status_replicas: live,
                 ready_pods: (!pods.is_empty()).then_some(ready),
-                metrics: vec![MetricReading::total(Some(depth as i64 * 1000)); autoscaler.spec.metrics.len()],
+                metrics: vec![
+                    MetricReading::total(Some((value * 1000.0).round() as i64));
+                    autoscaler.spec.metrics.len()
+                ],
             };
             let decision = autoscaler.sync(Timestamp::from_millis(t), &observation);
             if decision.rescaled {
                 scale_events += 1;
+                let direction = (decision.replicas - spec_replicas).signum();
+                if direction != 0 && last_direction != 0 && direction != last_direction {
+                    reversals += 1;
+                }
+                if direction != 0 {
+                    last_direction = direction;
+                }
             }
             spec_replicas = decision.replicas;
             max_replicas = max_replicas.max(spec_replicas);
@@ -279,11 +403,7 @@ pub fn closed_loop(mut autoscaler: Autoscaler, workload: &Workload) -> ClosedLoo
         t += step;
     }
 
-    waits.sort_unstable();
-    let p95_wait = (!waits.is_empty()).then(|| {
-        let rank = ((waits.len() as f64) * 0.95).ceil() as usize;
-        waits[rank.clamp(1, waits.len()) - 1] as f64 / 1000.0
-    });
+    let p95_wait = p95(&mut waits);
     ClosedLoopRun {
         timeline,
         summary: Summary {
@@ -293,11 +413,21 @@ pub fn closed_loop(mut autoscaler: Autoscaler, workload: &Workload) -> ClosedLoo
             p95_wait,
             max_replicas,
             scale_events,
+            reversals,
             tasks: total,
             completed,
             simulated: t as f64 / 1000.0,
         },
     }
+}
+
+/// The 95th percentile (nearest rank) of waits in milliseconds, in seconds.
+pub(super) fn p95(waits: &mut [i64]) -> Option<f64> {
+    waits.sort_unstable();
+    (!waits.is_empty()).then(|| {
+        let rank = ((waits.len() as f64) * 0.95).ceil() as usize;
+        waits[rank.clamp(1, waits.len()) - 1] as f64 / 1000.0
+    })
 }
 
 /// Brings the number of live pods to `target`: new pods start now and become ready after
@@ -373,6 +503,8 @@ mod tests {
             duration: None,
             max_duration: Duration::from_secs(600),
             initial_replicas: None,
+            signal: Signal::Depth,
+            rate_window: Duration::from_secs(30),
         }
     }
 
@@ -410,6 +542,42 @@ mod tests {
         resize(&mut pods, 4, 70, 10);
         assert_eq!(pods.len(), 6);
         assert_eq!(pods[5].ready_at, 80);
+    }
+
+    #[test]
+    fn reversals_count_changes_of_direction() {
+        assert_eq!(closed_loop(fixed(2), &workload("burst:40")).summary.reversals, 0, "a fixed pool never scales");
+        // Up through the burst, then down to min: one reversal, whatever the number of steps.
+        let mut spec = fixed(1).spec;
+        spec.max_replicas = 20;
+        let run = closed_loop(Autoscaler::new(spec), &workload("burst:400"));
+        assert!(run.summary.scale_events >= 3, "{:?}", run.summary);
+        assert_eq!(run.summary.reversals, 1);
+    }
+
+    #[test]
+    fn signals_see_what_prometheus_would() {
+        // A fixed pool of 2 pods (4 slots, 1 s per task) under 2 tasks/s: nothing waits, 2 run,
+        // 2 complete per second. The HPA sees each value 15 s late.
+        let metric_at = |signal: Signal, t: f64| {
+            let w = Workload { signal, duration: Some(Duration::from_secs(120)), ..workload("ramp:2:2:120") };
+            let run = closed_loop(fixed(2), &w);
+            run.timeline.iter().find(|s| s.t == t).and_then(|s| s.metric_seen).unwrap()
+        };
+        assert_eq!(metric_at(Signal::Depth, 90.0), 0.0);
+        assert_eq!(metric_at(Signal::DepthRunning, 90.0), 2.0, "two tasks held");
+        // Arrivals over 30 s: Δdepth 0 + 60 completions = 2/s, times 15 + 15 + 10 s.
+        assert_eq!(metric_at(Signal::DepthArrivals, 90.0), 80.0);
+        assert_eq!(metric_at(Signal::DepthGrowth, 90.0), 0.0, "a steady queue does not grow");
+        // Before anything was seen (the first sync, t = 0): all zero.
+        assert_eq!(metric_at(Signal::DepthArrivals, 0.0), 0.0);
+        // A burst of 40 on 2 pods: at t = 15 the HPA sees t = 0, 36 waiting that grew from 0
+        // within the window: 36 + 40 × 36 / 30 (no completions yet at t = 0).
+        let w =
+            Workload { signal: Signal::DepthGrowth, duration: Some(Duration::from_secs(30)), ..workload("burst:40") };
+        let run = closed_loop(fixed(2), &w);
+        let seen = run.timeline.iter().find(|s| s.t == 15.0).and_then(|s| s.metric_seen).unwrap();
+        assert!((seen - (36.0 + 40.0 * 36.0 / 30.0)).abs() < 1e-9, "{seen}");
     }
 
     #[test]
