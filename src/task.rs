@@ -333,7 +333,7 @@ impl Registry {
         Self::default()
     }
 
-    /// `tasks.cpu_bound`, `tasks.io_bound` and `tasks.flaky` (see [`builtin`]).
+    /// `tasks.cpu_bound`, `tasks.io_bound`, `tasks.flaky` and `tasks.xsum` (see [`builtin`]).
     pub fn with_builtins() -> Self {
         builtin::register(Self::new())
     }

@@ -39,7 +39,8 @@ pub enum RejectReason {
     UnknownTask,
     /// Arguments that do not fit the task's signature or types (FAILURE `TypeError`).
     BadArguments,
-    /// Chords and nested canvas callbacks are not supported by this worker.
+    /// Nested canvas (a group, chain or chord inside a link, a chain or a chord body) is not
+    /// supported by this worker.
     UnsupportedCanvas,
     /// Larger than `--max-message-bytes` (or a body inflating beyond it): refused undecoded.
     TooLarge,
@@ -136,6 +137,9 @@ pub struct Embed {
     pub errbacks: Vec<Signature>,
     /// Stored reversed, as Celery does: the next task is the LAST element.
     pub chain: Vec<Signature>,
+    /// The body of the chord this task is a header member of (`embed.chord`); its join key
+    /// is the message's `group` (celery-wire.md §2.4).
+    pub chord: Option<Signature>,
 }
 
 /// Everything the worker needs from one message.
@@ -153,6 +157,9 @@ pub struct TaskMessage {
     pub root_id: Option<String>,
     pub parent_id: Option<String>,
     pub group: Option<String>,
+    /// `group_index`: the member's place in its group (a chord's header results are joined
+    /// in this order); `None` when the producer sent none.
+    pub group_index: Option<i64>,
     pub eta: Option<DateTime<Utc>>,
     pub expires: Option<DateTime<Utc>>,
     pub retries: u32,
@@ -313,6 +320,7 @@ fn parse_checked(bytes: &[u8], max_bytes: usize) -> Result<TaskMessage, Rejectio
         root_id: fields.root_id,
         parent_id: fields.parent_id,
         group: fields.group,
+        group_index: fields.group_index,
         eta: fields.eta,
         expires: fields.expires,
         retries: fields.retries,
@@ -450,6 +458,7 @@ struct V2Fields {
     root_id: Option<String>,
     parent_id: Option<String>,
     group: Option<String>,
+    group_index: Option<i64>,
     eta: Option<DateTime<Utc>>,
     expires: Option<DateTime<Utc>>,
     retries: u32,
@@ -479,6 +488,7 @@ impl V2Fields {
             root_id: opt_str(h, "root_id")?,
             parent_id: opt_str(h, "parent_id")?,
             group: opt_str(h, "group")?,
+            group_index: opt_int(h, "group_index")?,
             eta: opt_time(h, "eta")?,
             expires: opt_time(h, "expires")?,
             retries: retries(h.get("retries"))?,
@@ -507,13 +517,11 @@ impl V2Fields {
         let kwargs = opt_object(b.get("kwargs")).ok_or((RejectReason::BadBody, "kwargs is not a dict".to_owned()))?;
         let (hard, soft) = time_limits(b.get("timelimit"))?;
         let embed = (|| {
-            if !b.get("chord").is_none_or(Value::is_null) {
-                return Err("chords are not supported by this worker".to_owned());
-            }
             Ok(Embed {
                 callbacks: signatures(b.get("callbacks"), "callbacks")?,
                 errbacks: signatures(b.get("errbacks"), "errbacks")?,
                 chain: Vec::new(),
+                chord: chord_body(b.get("chord"))?,
             })
         })();
         Ok(V2Fields {
@@ -522,6 +530,7 @@ impl V2Fields {
             root_id: None,
             parent_id: None,
             group: opt_str(&b, "taskset")?,
+            group_index: None,
             eta: opt_time(&b, "eta")?,
             expires: opt_time(&b, "expires")?,
             retries: retries(b.get("retries"))?,
@@ -567,14 +576,21 @@ fn split_v2_body(body: Value) -> FieldResult<V2Body> {
 }
 
 fn parse_embed(e: &Map<String, Value>) -> Result<Embed, String> {
-    if !e.get("chord").is_none_or(Value::is_null) {
-        return Err("chords are not supported by this worker; run chords on a Python worker queue".into());
-    }
     Ok(Embed {
         callbacks: signatures(e.get("callbacks"), "link")?,
         errbacks: signatures(e.get("errbacks"), "link_error")?,
         chain: signatures(e.get("chain"), "chain")?,
+        chord: chord_body(e.get("chord"))?,
     })
+}
+
+/// `embed.chord`: the body a chord header member completes; a plain task signature (a body
+/// that is itself a group, chain or chord is refused with its kind named).
+fn chord_body(v: Option<&Value>) -> Result<Option<Signature>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(body) => Signature::from_value(body, "chord body").map(Some),
+    }
 }
 
 fn signatures(v: Option<&Value>, what: &str) -> Result<Vec<Signature>, String> {
@@ -609,6 +625,14 @@ fn opt_str(h: &Map<String, Value>, key: &str) -> FieldResult<Option<String>> {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(other) => Err(bad_header(format!("{key} is not a string: {other}"))),
+    }
+}
+
+fn opt_int(h: &Map<String, Value>, key: &str) -> FieldResult<Option<i64>> {
+    match h.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) if n.is_i64() => Ok(n.as_i64()),
+        Some(other) => Err(bad_header(format!("{key} is not an integer: {other}"))),
     }
 }
 
