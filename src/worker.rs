@@ -74,6 +74,13 @@ pub struct WorkerArgs {
     /// Seconds results are kept (Celery's result_expires); 0 keeps them forever.
     #[arg(long, default_value_t = DEFAULT_RESULT_EXPIRES.as_secs())]
     pub result_expires: u64,
+    /// How chords are joined: `true` (Celery's default), a sorted set scored by `group_index`;
+    /// `false`, a list in arrival order (Celery's
+    /// `result_backend_transport_options={'result_chord_ordered': False}`). Every worker of a
+    /// fleet must agree; a join already begun keeps its form.
+    #[arg(long, env = "RESULT_CHORD_ORDERED", default_value_t = true, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub result_chord_ordered: bool,
     /// Also store name, args, kwargs, worker, retries and queue in results (result_extended).
     #[arg(long)]
     pub result_extended: bool,
@@ -113,6 +120,7 @@ pub struct WorkerArgs {
     pub health_check_interval: Duration,
 }
 
+pub mod chord;
 pub mod control;
 pub mod events;
 pub mod inflight;
@@ -192,7 +200,8 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
     let backend_conn = connection::connect("BACKEND_URL", &args.redis.backend_url, master, op_timeout)?;
     let steps = args.queue.priority_steps.clone();
     let node = control::node_name(args.hostname.as_deref(), &task_write::hostname());
-    let backend = Backend::new(backend_conn, Duration::from_secs(args.result_expires));
+    let backend = Backend::new(backend_conn, Duration::from_secs(args.result_expires))
+        .with_chord_ordered(args.result_chord_ordered);
     let (events, pending_events) = Events::new(broker_conn.clone(), &node, args.events);
     let in_flight = Arc::new(InFlight::new());
     let state = WorkerState::new(
@@ -715,6 +724,9 @@ impl Worker {
                 self.state.retried(msg, exc);
             }
         }
+        if let Some(step) = plan.chord {
+            self.chord_part_return(msg, step).await;
+        }
         if let Some(meta) = plan.store_first {
             self.store(msg, t, meta).await;
         }
@@ -862,8 +874,12 @@ impl Worker {
             meta.parent_id = m.parent_id.clone();
         }
         self.redis_backend("store a result", || self.backend.store(&meta)).await;
-        // In Python a bad call raises TypeError inside the task, so its link_error runs.
+        // In Python a bad call raises TypeError inside the task, so its link_error runs and
+        // a chord header member counts its failure.
         if let (Some(m), RejectReason::BadArguments) = (msg, r.reason) {
+            if let Some(step) = chord::part(m, crate::wire::TaskState::Failure, &exc.to_value()) {
+                self.chord_part_return(m, step).await;
+            }
             self.send_errbacks(m).await;
         }
     }

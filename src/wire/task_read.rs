@@ -106,7 +106,8 @@ pub struct Signature {
 }
 
 impl Signature {
-    fn from_value(v: &Value, what: &str) -> Result<Signature, String> {
+    /// Read one signature dict; `what` names it in the error (e.g. `link[0]`).
+    pub fn from_value(v: &Value, what: &str) -> Result<Signature, String> {
         let obj = v.as_object().ok_or_else(|| format!("{what} is not a signature object"))?;
         if let Some(kind) = obj.get("subtask_type").and_then(Value::as_str) {
             return Err(format!("{what} is a {kind:?} canvas; only plain task signatures are supported"));

@@ -11,18 +11,24 @@
 //!   is readable.
 //! - **failure** (`Raise`): FAILURE; each `link_error` errback is sent with the task id as its
 //!   argument. Stored with the acknowledgement unless there are errbacks (then first).
+//! - **chord header member** (`embed.chord`, success or failure): its result is counted in the
+//!   chord's join before anything is stored (so a redelivered copy that finds its SUCCESS
+//!   stored has already counted); see [`super::chord`].
 //! - **retry**: RETRY is stored, then the message is sent again with `retries + 1` after the
 //!   countdown, to the queue it came from.
 
+use super::chord::{self, ChordStep};
 use crate::task::{TaskError, TaskResult};
 use crate::wire::task_write::NewTask;
-use crate::wire::{ExceptionInfo, ResultMeta, TaskMessage, keys};
+use crate::wire::{ExceptionInfo, ResultMeta, TaskMessage, TaskState, keys};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 /// What to do about one outcome.
 #[derive(Debug, PartialEq)]
 pub struct Settlement {
+    /// Count the result in its chord's join first (a chord header member).
+    pub chord: Option<ChordStep>,
     /// Store before sending anything (follow-ups must find it).
     pub store_first: Option<ResultMeta>,
     /// Follow-up messages, in order.
@@ -56,15 +62,19 @@ pub fn settle(msg: &TaskMessage, outcome: TaskResult, queue: &str, now: DateTime
                 t.chain = rest.to_vec();
                 send.push(t);
             }
-            (Kind::Success, store_around(ResultMeta::success(&msg.id, value, now), send))
+            let part = chord::part(msg, TaskState::Success, &value);
+            let plan = store_around(ResultMeta::success(&msg.id, value, now), send);
+            (Kind::Success, Settlement { chord: part, ..plan })
         }
         Err(TaskError::Raise(exc)) => {
             let send = errbacks(msg);
             let meta = ResultMeta::failure(&msg.id, task, &exc, now);
-            (Kind::Failure(exc), store_around(meta, send))
+            let part = chord::part(msg, TaskState::Failure, &exc.to_value());
+            (Kind::Failure(exc), Settlement { chord: part, ..store_around(meta, send) })
         }
         Err(TaskError::Retry { exc, countdown }) => {
             let plan = Settlement {
+                chord: None,
                 store_first: Some(ResultMeta::retry(&msg.id, task, &exc)),
                 send: vec![NewTask::retry_of(msg, queue, countdown)],
                 store_with_ack: None,
@@ -85,9 +95,9 @@ pub fn errbacks(msg: &TaskMessage) -> Vec<NewTask> {
 
 fn store_around(meta: ResultMeta, send: Vec<NewTask>) -> Settlement {
     if send.is_empty() {
-        Settlement { store_first: None, send, store_with_ack: Some(meta) }
+        Settlement { chord: None, store_first: None, send, store_with_ack: Some(meta) }
     } else {
-        Settlement { store_first: Some(meta), send, store_with_ack: None }
+        Settlement { chord: None, store_first: Some(meta), send, store_with_ack: None }
     }
 }
 
