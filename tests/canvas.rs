@@ -1,0 +1,268 @@
+//! Celery's canvas with real Python Celery 5.7 as the client and our worker running the tasks:
+//! chords joined on the Redis backend exactly as Celery's own workers join them, so a Python
+//! worker and ours can share one chord. The chord keys are compared with what a Python worker
+//! leaves (tests/fixtures/celery/chord/, captured by this file: `CAPTURE_CELERY_FIXTURES=1
+//! cargo test --test canvas chord_keys` runs the same cases on a Python worker and writes them).
+
+mod common;
+
+use common::{PythonWorker, Redis, Worker, fixtures, run_python, wait_for};
+use redis::Commands;
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+const GROUP_ID: &str = "00000000-0000-4000-8000-00000000c000";
+
+fn canvas(redis: &Redis, args: &[&str], timeout: Duration) -> Value {
+    let env = [("BROKER_URL", redis.url(0)), ("BACKEND_URL", redis.url(1))];
+    let out = run_python("canvas.py", args, &env, timeout);
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("canvas.py printed non-JSON ({e}): {out}"))
+}
+
+fn python_worker(redis: &Redis, queues: &str, env: &[(&str, &str)]) -> PythonWorker {
+    PythonWorker::start(redis, &["-Q", queues, "-c", "2"], env)
+}
+
+#[test]
+fn a_python_chord_gives_what_a_python_worker_gives() {
+    let ns = "[10, 100, 1000, 10000, 2, 0]";
+    let python = {
+        let redis = Redis::start();
+        let _w = python_worker(&redis, "celery", &[]);
+        canvas(&redis, &["chord", ns], Duration::from_secs(120))
+    };
+    let redis = Redis::start();
+    let worker = Worker::start(&redis, &["--concurrency", "2"]);
+    let ours = canvas(&redis, &["chord", ns], Duration::from_secs(120));
+    assert_eq!(ours["value"], python["value"], "ours {ours}, Python's {python}");
+    assert_eq!(ours["value"], json!(4 + 25 + 168 + 1229 + 1));
+    let body = redis.result(ours["id"].as_str().unwrap()).unwrap();
+    assert_eq!(body["status"], "SUCCESS");
+    assert_eq!(worker.metric("celery_task_success_total", "tasks.xsum"), 1.0);
+    assert_eq!(worker.metric("celery_task_rejected_total", ""), 0.0, "nothing rejected");
+    // The join is cleaned up as Celery does: only `.c` = done is left, for 300 s.
+    let keys: Vec<String> = redis.conn(1).keys("celery-taskset-meta-*").unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert!(keys[0].ends_with(".c"), "{keys:?}");
+    assert_eq!(redis.conn(1).get::<_, String>(&keys[0]).unwrap(), "done");
+    assert_eq!(redis.unacked(), 0);
+}
+
+#[test]
+fn a_failing_header_member_gives_the_bodys_errback_a_chord_error() {
+    let redis = Redis::start();
+    let worker = Worker::start(&redis, &["--concurrency", "2"]);
+    let out = canvas(&redis, &["fail"], Duration::from_secs(120));
+    assert_eq!(out["ok"], false, "{out}");
+    assert_eq!((out["exc_module"].as_str(), out["exc_type"].as_str()), (Some("celery.exceptions"), Some("ChordError")));
+    let msg = out["exc_args"][0].as_str().unwrap();
+    assert!(
+        msg.starts_with("Dependency ") && msg.ends_with(" raised TypeError(\"cpu_bound() argument 'n' must be int, not str\")"),
+        "{msg}"
+    );
+    assert_eq!(out["state"], "FAILURE");
+    // The errback got the body's id: io_bound("<id>") fails with a TypeError naming a str,
+    // exactly as on a Python worker; and under that id it finds the ChordError.
+    let errback_id = out["errback_id"].as_str().unwrap();
+    let errback = wait_for("the errback's result", Duration::from_secs(20), || redis.result(errback_id));
+    assert_eq!(errback["status"], "FAILURE");
+    assert!(errback["result"]["exc_message"][0].as_str().unwrap().contains("not str"), "{errback}");
+    assert_eq!(errback["parent_id"], out["id"], "called for the body");
+    let body = redis.result(out["id"].as_str().unwrap()).unwrap();
+    assert_eq!(body["result"]["exc_type"], "ChordError");
+    assert_eq!(worker.metric("celery_task_failure_total", "tasks.xsum"), 1.0);
+    assert_eq!(redis.unacked(), 0);
+}
+
+/// Sum of `tasks.xsum` body messages in `bodyq` (nobody consumes it): how many times a
+/// chord's body was sent.
+fn bodies_sent(redis: &Redis) -> usize {
+    redis.depth("bodyq")
+}
+
+#[test]
+fn a_mixed_fleet_sends_each_body_exactly_once() {
+    let redis = Redis::start();
+    let python = python_worker(&redis, "celery", &[]);
+    let ours = Worker::start(&redis, &["--concurrency", "2"]);
+    let rounds = 6;
+    let mut members = Vec::new();
+    for _ in 0..rounds {
+        let sent = canvas(&redis, &["send", "30"], Duration::from_secs(60));
+        let gid = sent["group"].as_str().unwrap().to_owned();
+        let ids: Vec<String> = sent["members"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().into()).collect();
+        members.push((gid, ids));
+    }
+    for (gid, ids) in &members {
+        common::wait_all(&redis, ids, "SUCCESS", Duration::from_secs(120));
+        // The body is sent before the join is marked done, and only then.
+        wait_for("the chord's cleanup", Duration::from_secs(30), || {
+            let c: Option<String> = redis.conn(1).get(format!("celery-taskset-meta-{gid}.c")).unwrap();
+            (c.as_deref() == Some("done")).then_some(())
+        });
+    }
+    assert_eq!(bodies_sent(&redis), rounds, "one body per chord");
+    let bodies: Vec<String> = redis.conn(0).lrange("bodyq", 0, -1).unwrap();
+    let mut args: Vec<Value> = bodies
+        .iter()
+        .map(|b| {
+            let env: Value = serde_json::from_str(b).unwrap();
+            use base64::Engine as _;
+            let body = base64::engine::general_purpose::STANDARD.decode(env["body"].as_str().unwrap()).unwrap();
+            serde_json::from_slice::<Value>(&body).unwrap()[0][0].clone()
+        })
+        .collect();
+    args.dedup();
+    assert_eq!(args.len(), 1, "every chord had the same header, in order: {args:?}");
+    let expected: Vec<u64> = (0..30).map(|i| count_primes(200 + i)).collect();
+    assert_eq!(args[0], json!(expected), "the header's results in group_index order");
+    let ran_here = ours.started_task_ids().len();
+    let ran_there = python.log_text().matches("tasks.cpu_bound[").filter(|_| true).count();
+    assert!(ran_here > 0 && ran_there > 0, "both workers ran header tasks: ours {ran_here}, Python's log {ran_there}");
+    let (senders_ours, senders_python) = (
+        ours.log_events().iter().filter(|e| e["message"] == "chord complete; sending its body").count(),
+        0,
+    );
+    eprintln!("bodies sent by our worker: {senders_ours} of {rounds} (the rest by Python's) {senders_python}");
+}
+
+fn count_primes(n: u64) -> u64 {
+    (2..=n).filter(|i| (2..*i).take_while(|d| d * d <= *i).all(|d| i % d != 0)).count() as u64
+}
+
+#[test]
+fn a_10000_member_chord_completes() {
+    let redis = Redis::start();
+    let worker = Worker::start(&redis, &["--concurrency", "4"]);
+    let started = Instant::now();
+    let out = canvas(&redis, &["big", "10000"], Duration::from_secs(900));
+    eprintln!(
+        "10000-member chord: {:.1} s from the first send to the body's result ({:.1} s of it Python sending the header), {:.1} s in all",
+        out["seconds"].as_f64().unwrap(),
+        out["send_seconds"].as_f64().unwrap(),
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(out["value"], json!(40_000));
+    assert_eq!(worker.metric("celery_task_success_total", "tasks.cpu_bound"), 10_000.0);
+    assert_eq!(worker.metric("celery_task_success_total", "tasks.xsum"), 1.0);
+}
+
+/// Every chord key of [`GROUP_ID`]: type, value (sets sorted, sorted sets with their scores)
+/// and whether it expires, with its TTL rounded to the minute (a run takes seconds).
+fn snapshot(redis: &Redis) -> Value {
+    let mut c = redis.conn(1);
+    let mut out = serde_json::Map::new();
+    for suffix in ["", ".j", ".t", ".s", ".d", ".c"] {
+        let key = format!("celery-taskset-meta-{GROUP_ID}{suffix}");
+        let kind: String = redis::cmd("TYPE").arg(&key).query(&mut c).unwrap();
+        let value = match kind.as_str() {
+            "none" => continue,
+            "zset" => {
+                let v: Vec<(String, String)> = c.zrange_withscores(&key, 0, -1).unwrap();
+                json!(v)
+            }
+            "list" => json!(c.lrange::<_, Vec<String>>(&key, 0, -1).unwrap()),
+            "set" => {
+                let mut v: Vec<String> = c.smembers(&key).unwrap();
+                v.sort();
+                json!(v)
+            }
+            "string" => {
+                let v: String = c.get(&key).unwrap();
+                // The claim's token is random, and lapses within seconds: not compared.
+                if suffix == ".c" && v != "done" {
+                    continue;
+                }
+                json!(v)
+            }
+            other => json!(format!("<{other}>")),
+        };
+        let ttl: i64 = c.ttl(&key).unwrap();
+        let ttl = if ttl < 0 { json!(ttl) } else { json!((ttl + 30) / 60 * 60) };
+        out.insert(suffix.to_owned(), json!({"type": kind, "value": value, "ttl": ttl}));
+    }
+    Value::Object(out)
+}
+
+/// The fields of a message that do not vary between runs (ids are fixed by the case).
+fn message_fields(raw: &str) -> Value {
+    let env: Value = serde_json::from_str(raw).unwrap();
+    let h = &env["headers"];
+    use base64::Engine as _;
+    let body = base64::engine::general_purpose::STANDARD.decode(env["body"].as_str().unwrap()).unwrap();
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    json!({
+        "task": h["task"], "id": h["id"], "root_id": h["root_id"], "parent_id": h["parent_id"],
+        "eta": h["eta"], "expires": h["expires"], "retries": h["retries"], "timelimit": h["timelimit"],
+        "args": body[0], "kwargs": body[1],
+        "routing_key": env["properties"]["delivery_info"]["routing_key"],
+    })
+}
+
+/// The worker of a fixture case (kept until the case ends).
+struct Side {
+    _python: Option<PythonWorker>,
+    _ours: Option<Worker>,
+}
+
+fn start(redis: &Redis, case: &str) -> Side {
+    let capture = std::env::var("CAPTURE_CELERY_FIXTURES").is_ok_and(|v| v == "1");
+    if capture {
+        let env: &[(&str, &str)] = if case == "list" { &[("CHORD_ORDERED", "0")] } else { &[] };
+        Side { _python: Some(python_worker(redis, "celery", env)), _ours: None }
+    } else {
+        let ordered = if case == "list" { "false" } else { "true" };
+        Side { _python: None, _ours: Some(Worker::start(redis, &["--concurrency", "1", "--result-chord-ordered", ordered])) }
+    }
+}
+
+/// Run fixture case `case` on a Python worker (capture) or ours; returns what it left.
+fn run_case(case: &str) -> Value {
+    let redis = Redis::start();
+    let side = start(&redis, case);
+    canvas(&redis, &["keys", case], Duration::from_secs(60));
+    let id = |n: u32| format!("00000000-0000-4000-8000-00000000c00{n}");
+    let mut record = serde_json::Map::new();
+    if case == "fail" {
+        let body = wait_for("the body's FAILURE", Duration::from_secs(30), || redis.result(&id(3)));
+        wait_for("the errback message", Duration::from_secs(30), || (redis.depth("errq") == 1).then_some(()));
+        record.insert("body_result".into(), json!({"status": body["status"], "result": body["result"]}));
+        let errback: Vec<String> = redis.conn(0).lrange("errq", 0, -1).unwrap();
+        record.insert("errback".into(), message_fields(&errback[0]));
+        record.insert("keys_after".into(), snapshot(&redis));
+    } else {
+        wait_for("member 0's result", Duration::from_secs(30), || redis.result(&id(1)));
+        wait_for("member 0 acknowledged", Duration::from_secs(30), || (redis.unacked() == 0).then_some(()));
+        record.insert("keys_after_one".into(), snapshot(&redis));
+        let _: Option<String> = redis.conn(0).rpoplpush("hold", "celery").unwrap();
+        wait_for("the body message", Duration::from_secs(30), || (redis.depth("bodyq") == 1).then_some(()));
+        wait_for("the cleanup", Duration::from_secs(30), || {
+            let c: Option<String> = redis.conn(1).get(format!("celery-taskset-meta-{GROUP_ID}.c")).unwrap();
+            (c.as_deref() == Some("done")).then_some(())
+        });
+        let body: Vec<String> = redis.conn(0).lrange("bodyq", 0, -1).unwrap();
+        let fields = message_fields(&body[0]);
+        let env: Value = serde_json::from_str(&body[0]).unwrap();
+        record.insert("body".into(), fields);
+        record.insert("body_group".into(), env["headers"]["group"].clone());
+        record.insert("keys_after_all".into(), snapshot(&redis));
+    }
+    drop(side);
+    Value::Object(record)
+}
+
+#[test]
+fn chord_keys_match_what_celery_leaves() {
+    let dir = fixtures().join("chord");
+    for case in ["ordered", "list", "fail"] {
+        let got = run_case(case);
+        let path = dir.join(format!("c_{case}.json"));
+        if std::env::var("CAPTURE_CELERY_FIXTURES").is_ok_and(|v| v == "1") {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, serde_json::to_string_pretty(&got).unwrap() + "\n").unwrap();
+            continue;
+        }
+        let want: Value = serde_json::from_slice(&common::read(&path)).unwrap();
+        assert_eq!(got, want, "case {case}: ours (left) vs Celery 5.7's (right, {})", path.display());
+    }
+}

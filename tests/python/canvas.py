@@ -1,0 +1,91 @@
+"""Celery canvas from a real Python Celery 5.7 client, for tests/canvas.rs.
+
+    canvas.py chord '[n, ...]'       chord([cpu_bound.s(n) ...])(xsum.s()).get(); prints the value
+    canvas.py big N                  the same with N members cpu_bound(10); prints value and seconds
+    canvas.py fail                   a chord whose second member fails; the body has a link_error
+                                     errback (io_bound, task id ERRBACK_ID); prints what .get() raised
+    canvas.py keys CASE              send the fixed-id chord of a fixture case and return at once:
+                                     'ordered'/'list' (member 1 goes to queue 'hold'; the body to
+                                     queue 'bodyq'), 'fail' (member 1, xsum([1, "a"]), fails; errback to queue 'errq')
+    canvas.py send N                 send a chord of N members (cpu_bound(200 + i)) whose body goes
+                                     to queue 'bodyq'; prints the group id and the member ids
+
+Configured by BROKER_URL and BACKEND_URL.
+"""
+import json
+import os
+import sys
+import time
+
+from celery import Celery, chord, signature
+
+app = Celery("client", broker=os.environ["BROKER_URL"], backend=os.environ["BACKEND_URL"])
+
+GROUP_ID = "00000000-0000-4000-8000-00000000c000"
+ERRBACK_ID = "00000000-0000-4000-8000-00000000c004"
+
+
+def sig(name, *args, **options):
+    return signature(name, args=list(args), app=app).set(**options)
+
+
+def fixed(n):
+    return f"00000000-0000-4000-8000-00000000c00{n}"
+
+
+def exception(exc):
+    return {"ok": False, "exc_module": type(exc).__module__, "exc_type": type(exc).__name__,
+            "exc_args": [a if isinstance(a, (str, int, float)) else repr(a) for a in exc.args]}
+
+
+def main():
+    mode = sys.argv[1]
+    if mode == "chord":
+        ns = json.loads(sys.argv[2])
+        result = chord([sig("tasks.cpu_bound", n) for n in ns])(sig("tasks.xsum"))
+        print(json.dumps({"value": result.get(timeout=60), "id": result.id}))
+    elif mode == "big":
+        n = int(sys.argv[2])
+        started = time.monotonic()
+        result = chord([sig("tasks.cpu_bound", 10) for _ in range(n)])(sig("tasks.xsum"))
+        sent = time.monotonic()
+        value = result.get(timeout=600)
+        done = time.monotonic()
+        print(json.dumps({"value": value, "send_seconds": sent - started, "seconds": done - started}))
+    elif mode == "fail":
+        body = sig("tasks.xsum").on_error(sig("tasks.io_bound", task_id=ERRBACK_ID))
+        result = chord([sig("tasks.cpu_bound", 10), sig("tasks.cpu_bound", "bad")])(body)
+        try:
+            value = result.get(timeout=60)
+            out = {"ok": True, "value": value}
+        except Exception as exc:  # the test asserts on it
+            out = exception(exc)
+        out.update({"id": result.id, "state": result.state, "errback_id": ERRBACK_ID})
+        print(json.dumps(out))
+    elif mode == "keys":
+        case = sys.argv[2]
+        if case == "fail":
+            # xsum([1, "a"]) fails with the same TypeError on both workers.
+            header = [sig("tasks.cpu_bound", 100, task_id=fixed(1)), sig("tasks.xsum", [1, "a"], task_id=fixed(2))]
+            errback = sig("tasks.io_bound", task_id=ERRBACK_ID, queue="errq")
+            body = sig("tasks.xsum", task_id=fixed(3), queue="bodyq").on_error(errback)
+        else:
+            header = [sig("tasks.cpu_bound", 100, task_id=fixed(1)),
+                      sig("tasks.cpu_bound", 1000, task_id=fixed(2), queue="hold")]
+            body = sig("tasks.xsum", task_id=fixed(3), queue="bodyq")
+        c = chord(header, body)
+        c.options["task_id"] = GROUP_ID  # the header group's id
+        c.apply_async()
+        print(json.dumps({"group": GROUP_ID}))
+    elif mode == "send":
+        n = int(sys.argv[2])
+        header = [sig("tasks.cpu_bound", 200 + i) for i in range(n)]
+        result = chord(header)(sig("tasks.xsum", queue="bodyq"))
+        print(json.dumps({"group": result.parent.id, "members": [r.id for r in result.parent.results],
+                          "body": result.id}))
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+
+
+if __name__ == "__main__":
+    main()
