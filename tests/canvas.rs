@@ -270,3 +270,50 @@ fn chord_keys_match_what_celery_leaves() {
         assert_eq!(got, want, "case {case}: ours (left) vs Celery 5.7's (right, {})", path.display());
     }
 }
+
+/// A header member as Celery sends it: group, group_index and `embed.chord` = `body`.
+fn member_message(id: &str, group: &str, index: i64, body: Value) -> Vec<u8> {
+    let mut t = common::task("tasks.cpu_bound", vec![json!(10)]);
+    t.id = id.into();
+    t.group = Some(group.into());
+    t.group_index = Some(index);
+    let (bytes, _) = t.to_message("gen0@tests");
+    let mut env: Value = serde_json::from_slice(&bytes).unwrap();
+    use base64::Engine as _;
+    let embed = json!({"callbacks": null, "errbacks": null, "chain": null, "chord": body});
+    env["body"] = base64::engine::general_purpose::STANDARD.encode(json!([[10], {}, embed]).to_string()).into();
+    serde_json::to_vec(&env).unwrap()
+}
+
+#[test]
+fn malformed_chords_are_refused_and_counted_and_the_worker_goes_on() {
+    let redis = Redis::start();
+    let worker = Worker::start(&redis, &["--concurrency", "1"]);
+    let plain_body = json!({"task": "tasks.xsum", "args": [], "kwargs": {}, "options": {}, "immutable": false});
+    let group_body = json!({"task": "celery.group", "args": [], "kwargs": {"tasks": []}, "options": {}, "subtask_type": "group"});
+    // A join key of the wrong type (something else wrote it): the script fails inside Redis.
+    let _: () = redis.conn(1).set("celery-taskset-meta-g-wrong.j", "not a zset").unwrap();
+    let mut c = redis.conn(0);
+    for bytes in [
+        member_message("m-group-body", "g1", 0, group_body),
+        member_message("m-junk-body", "g2", 0, json!("junk")),
+        member_message("m-wrong-type", "g-wrong", 0, plain_body),
+    ] {
+        let _: () = c.lpush("celery", bytes).unwrap();
+    }
+    let ids = ["m-group-body".to_owned(), "m-junk-body".to_owned()];
+    common::wait_all(&redis, &ids, "FAILURE", Duration::from_secs(30));
+    let r = redis.result("m-group-body").unwrap();
+    assert_eq!(r["result"]["exc_type"], "NotImplementedError");
+    assert!(r["result"]["exc_message"][0].as_str().unwrap().contains("\"group\" canvas"), "{r}");
+    // The member whose join cannot be written still runs and succeeds; the join error is
+    // logged and counted, and the worker serves on.
+    common::wait_all(&redis, &["m-wrong-type".to_owned()], "SUCCESS", Duration::from_secs(30));
+    wait_for("the join error counted", Duration::from_secs(10), || {
+        (worker.metric("celery_task_rejected_total", "reason=\"chord_join\"") == 1.0).then_some(())
+    });
+    assert_eq!(worker.metric("celery_task_rejected_total", "reason=\"unsupported_canvas\""), 2.0);
+    let after = common::enqueue(&redis, &[common::task("tasks.cpu_bound", vec![json!(100)])]);
+    common::wait_all(&redis, &after, "SUCCESS", Duration::from_secs(30));
+    wait_for("everything acknowledged", Duration::from_secs(10), || (redis.unacked() == 0).then_some(()));
+}

@@ -735,6 +735,36 @@ mod tests {
         assert!(parse_message(&serde_json::to_vec(&upper).unwrap()).is_ok());
     }
 
+    fn with_embed(headers: Value, embed: Value) -> Result<TaskMessage, Rejection> {
+        let mut env = envelope("c1");
+        for (k, v) in headers.as_object().unwrap() {
+            env["headers"][k] = v.clone();
+        }
+        env["body"] = B64.encode(serde_json::json!([[], {}, embed]).to_string()).into();
+        parse_message(&serde_json::to_vec(&env).unwrap())
+    }
+
+    #[test]
+    fn chord_members_are_read_and_malformed_ones_refused_with_their_id() {
+        let body = serde_json::json!({"task": "tasks.xsum", "args": [], "kwargs": {}, "options": {"task_id": "b"}});
+        let m = with_embed(serde_json::json!({"group": "g", "group_index": 3}), serde_json::json!({"chord": body}))
+            .unwrap();
+        assert_eq!((m.group.as_deref(), m.group_index), (Some("g"), Some(3)));
+        assert_eq!(m.embed.chord.map(|b| b.task), Some("tasks.xsum".to_owned()));
+        let group_body = serde_json::json!({"task": "celery.group", "subtask_type": "group", "kwargs": {"tasks": []}});
+        for (headers, embed, reason, says) in [
+            (serde_json::json!({}), serde_json::json!({"chord": group_body}), RejectReason::UnsupportedCanvas, "\"group\""),
+            (serde_json::json!({}), serde_json::json!({"chord": "junk"}), RejectReason::UnsupportedCanvas, "not a signature"),
+            (serde_json::json!({}), serde_json::json!({"chord": {"args": []}}), RejectReason::UnsupportedCanvas, "no task name"),
+            (serde_json::json!({"group_index": "x"}), serde_json::json!({}), RejectReason::BadHeaders, "group_index"),
+            (serde_json::json!({"group_index": 1.5}), serde_json::json!({}), RejectReason::BadHeaders, "group_index"),
+        ] {
+            let r = with_embed(headers, embed).unwrap_err();
+            assert_eq!((r.reason, r.task_id.as_deref()), (reason, Some("c1")), "{r}");
+            assert!(r.detail.contains(says), "{r}");
+        }
+    }
+
     #[test]
     fn dead_letter_entries_are_bounded() {
         let r =
