@@ -216,7 +216,10 @@ fn start(redis: &Redis, case: &str) -> Side {
         Side { _python: Some(python_worker(redis, "celery", env)), _ours: None }
     } else {
         let ordered = if case == "list" { "false" } else { "true" };
-        Side { _python: None, _ours: Some(Worker::start(redis, &["--concurrency", "1", "--result-chord-ordered", ordered])) }
+        Side {
+            _python: None,
+            _ours: Some(Worker::start(redis, &["--concurrency", "1", "--result-chord-ordered", ordered])),
+        }
     }
 }
 
@@ -290,7 +293,8 @@ fn malformed_chords_are_refused_and_counted_and_the_worker_goes_on() {
     let redis = Redis::start();
     let worker = Worker::start(&redis, &["--concurrency", "1"]);
     let plain_body = json!({"task": "tasks.xsum", "args": [], "kwargs": {}, "options": {}, "immutable": false});
-    let group_body = json!({"task": "celery.group", "args": [], "kwargs": {"tasks": []}, "options": {}, "subtask_type": "group"});
+    let group_body =
+        json!({"task": "celery.group", "args": [], "kwargs": {"tasks": []}, "options": {}, "subtask_type": "group"});
     // A join key of the wrong type (something else wrote it): the script fails inside Redis.
     let _: () = redis.conn(1).set("celery-taskset-meta-g-wrong.j", "not a zset").unwrap();
     let mut c = redis.conn(0);

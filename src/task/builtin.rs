@@ -163,7 +163,11 @@ mod tests {
             "io_bound() argument 'seconds' must be a real number, not NoneType"
         );
         assert_eq!(bind_error(FLAKY, json!([])), "flaky() missing 1 required positional argument: 'fail_times'");
-        assert_eq!(Registry::with_builtins().names().collect::<Vec<_>>(), [CPU_BOUND, FLAKY, IO_BOUND, XSUM], "sorted names");
+        assert_eq!(
+            Registry::with_builtins().names().collect::<Vec<_>>(),
+            [CPU_BOUND, FLAKY, IO_BOUND, XSUM],
+            "sorted names"
+        );
     }
 
     #[tokio::test]

@@ -753,9 +753,24 @@ mod tests {
         assert_eq!(m.embed.chord.map(|b| b.task), Some("tasks.xsum".to_owned()));
         let group_body = serde_json::json!({"task": "celery.group", "subtask_type": "group", "kwargs": {"tasks": []}});
         for (headers, embed, reason, says) in [
-            (serde_json::json!({}), serde_json::json!({"chord": group_body}), RejectReason::UnsupportedCanvas, "\"group\""),
-            (serde_json::json!({}), serde_json::json!({"chord": "junk"}), RejectReason::UnsupportedCanvas, "not a signature"),
-            (serde_json::json!({}), serde_json::json!({"chord": {"args": []}}), RejectReason::UnsupportedCanvas, "no task name"),
+            (
+                serde_json::json!({}),
+                serde_json::json!({"chord": group_body}),
+                RejectReason::UnsupportedCanvas,
+                "\"group\"",
+            ),
+            (
+                serde_json::json!({}),
+                serde_json::json!({"chord": "junk"}),
+                RejectReason::UnsupportedCanvas,
+                "not a signature",
+            ),
+            (
+                serde_json::json!({}),
+                serde_json::json!({"chord": {"args": []}}),
+                RejectReason::UnsupportedCanvas,
+                "no task name",
+            ),
             (serde_json::json!({"group_index": "x"}), serde_json::json!({}), RejectReason::BadHeaders, "group_index"),
             (serde_json::json!({"group_index": 1.5}), serde_json::json!({}), RejectReason::BadHeaders, "group_index"),
         ] {

@@ -134,7 +134,8 @@ impl Worker {
     /// wrong type) is logged and counted, and leaves the chord to its keys' expiry.
     pub(super) async fn chord_part_return(&self, header: &TaskMessage, step: ChordStep) {
         let gid = step.part.group_id.as_str();
-        let Some(returned) = self.chord_redis("count a chord part", || self.backend.chord_part_return(&step.part)).await
+        let Some(returned) =
+            self.chord_redis("count a chord part", || self.backend.chord_part_return(&step.part)).await
         else {
             return;
         };
@@ -165,7 +166,9 @@ impl Worker {
                 }
             }
             BodyPlan::Fail { meta, errbacks, skipped } => {
-                let summary = ExceptionInfo::new("celery.exceptions", "ChordError", vec![meta.result["exc_message"][0].clone()]).summary();
+                let summary =
+                    ExceptionInfo::new("celery.exceptions", "ChordError", vec![meta.result["exc_message"][0].clone()])
+                        .summary();
                 tracing::warn!(group_id = gid, body = %step.body.task, body_id = %meta.task_id, "chord failed: {summary}");
                 for why in skipped {
                     tracing::warn!(group_id = gid, "chord body errback not sent: {why}");
@@ -257,7 +260,10 @@ mod tests {
         let BodyPlan::Send(body) = body_plan(&step.body, &entries, false, &msg, Utc::now()) else { panic!("sent") };
         assert_eq!((body.id.as_str(), body.queue.as_str()), ("b1", "bodyq"));
         assert_eq!(body.args, vec![json!([25, 168])]);
-        assert_eq!((body.group.as_deref(), body.parent_id.as_deref(), body.root_id.as_deref()), (Some("g1"), Some("h1"), Some("h1")));
+        assert_eq!(
+            (body.group.as_deref(), body.parent_id.as_deref(), body.root_id.as_deref()),
+            (Some("g1"), Some("h1"), Some("h1"))
+        );
     }
 
     #[test]
@@ -267,7 +273,8 @@ mod tests {
         let exc = ExceptionInfo::builtin("ValueError", "boom");
         let entries = [part_entry("h1", TaskState::Failure, &exc.to_value())];
         let step = part(&msg, TaskState::Failure, &exc.to_value()).unwrap();
-        let BodyPlan::Fail { meta, errbacks, skipped } = body_plan(&step.body, &entries, false, &msg, Utc::now()) else {
+        let BodyPlan::Fail { meta, errbacks, skipped } = body_plan(&step.body, &entries, false, &msg, Utc::now())
+        else {
             panic!("failed")
         };
         assert_eq!((meta.task_id.as_str(), meta.status), ("b1", TaskState::Failure));
