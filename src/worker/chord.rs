@@ -5,7 +5,7 @@
 //! or, when a header task failed, fails the body with Celery's `ChordError` and sends the
 //! body's errbacks.
 //!
-//! The rules are pure functions here ([`part`], [`body_plan`]); [`Worker::chord_part_return`]
+//! The rules are pure functions here ([`part`], [`body_plan`]); the worker's `chord_part_return`
 //! carries them out against Redis.
 //!
 //! Where this differs from Celery, on purpose: the body's FAILURE is stored *before* its
