@@ -17,6 +17,7 @@
 
 pub mod args;
 pub mod builtin;
+pub mod canvas;
 
 pub use args::{Arg, Args, Json, Param, Seconds};
 

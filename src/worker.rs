@@ -187,6 +187,8 @@ pub async fn run(args: WorkerArgs, registry: Registry) -> Result<(), StartError>
 
 /// [`run`] with an externally driven [`Shutdown`] (tests, the local supervisor).
 pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: Shutdown) -> Result<(), StartError> {
+    // Celery's built-in canvas tasks (celery.map, …) over the tasks this worker runs.
+    let registry = crate::task::canvas::register(registry);
     let queues = args.queue.names()?;
     // Replies may queue behind a busy Redis; a blocking wait needs its block time on top.
     let op_timeout = connection::response_timeout(args.health_check_interval);
@@ -1042,7 +1044,8 @@ fn control_settings(args: &WorkerArgs, node: &str, queues: &[String], registry: 
         prefetch_multiplier: args.prefetch_multiplier,
         broker_url: args.redis.broker_url.clone(),
         queues: queues.to_vec(),
-        registered: registry.names().map(str::to_owned).collect(),
+        // As Celery's `inspect registered`: its own built-ins (`celery.*`) are not listed.
+        registered: registry.names().filter(|n| !n.starts_with("celery.")).map(str::to_owned).collect(),
         conf,
     }
 }
