@@ -321,3 +321,33 @@ fn malformed_chords_are_refused_and_counted_and_the_worker_goes_on() {
     common::wait_all(&redis, &after, "SUCCESS", Duration::from_secs(30));
     wait_for("everything acknowledged", Duration::from_secs(10), || (redis.unacked() == 0).then_some(()));
 }
+
+#[test]
+fn map_starmap_and_chunks_give_what_a_python_worker_gives() {
+    let python = {
+        let redis = Redis::start();
+        let _w = python_worker(&redis, "celery", &[]);
+        canvas(&redis, &["maps"], Duration::from_secs(120))
+    };
+    let redis = Redis::start();
+    let worker = Worker::start(&redis, &["--concurrency", "2"]);
+    let ours = canvas(&redis, &["maps"], Duration::from_secs(120));
+    assert_eq!(ours["map"], json!({"ok": true, "value": [4, 25, 168]}));
+    assert_eq!(ours["starmap"], json!({"ok": true, "value": [3, 12, 0]}));
+    assert_eq!(ours["chunks"], json!({"ok": true, "value": [[4, 25], [168, 1], [0]]}));
+    for what in ["map", "starmap", "chunks"] {
+        assert_eq!(ours[what], python[what], "{what}: ours {ours}, Python's {python}");
+    }
+    // A bad item fails the whole map with the item's TypeError (the texts differ: Python's
+    // comes from inside cpu_bound, ours from binding its argument).
+    let kind = |o: &Value| (o["ok"].clone(), o["exc_module"].clone(), o["exc_type"].clone());
+    assert_eq!(kind(&ours["map_bad_item"]), kind(&python["map_bad_item"]));
+    assert_eq!(kind(&ours["map_bad_item"]), (json!(false), json!("builtins"), json!("TypeError")));
+    // A mapped task nobody registered: NotRegistered naming it, as from a Python worker.
+    assert_eq!(ours["map_not_registered"], python["map_not_registered"], "ours {ours}, Python's {python}");
+    assert_eq!(ours["map_not_registered"]["exc_type"], "NotRegistered");
+    assert_eq!(ours["map_not_registered"]["exc_args"], json!(["tasks.nobody_has_this"]));
+    assert_eq!(worker.metric("celery_task_success_total", "celery.map"), 1.0);
+    assert_eq!(worker.metric("celery_task_success_total", "celery.starmap"), 4.0, "one, and one per chunk");
+    assert_eq!(worker.metric("celery_task_rejected_total", ""), 0.0);
+}

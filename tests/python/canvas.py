@@ -8,6 +8,8 @@
     canvas.py keys CASE              send the fixed-id chord of a fixture case and return at once:
                                      'ordered'/'list' (member 1 goes to queue 'hold'; the body to
                                      queue 'bodyq'), 'fail' (member 1, xsum([1, "a"]), fails; errback to queue 'errq')
+    canvas.py maps                   task.map / .starmap / .chunks(...).group() and a map over a task
+                                     nobody registered; prints each outcome
     canvas.py send N                 send a chord of N members (cpu_bound(200 + i)) whose body goes
                                      to queue 'bodyq'; prints the group id and the member ids
 
@@ -19,6 +21,7 @@ import sys
 import time
 
 from celery import Celery, chord, signature
+from celery.canvas import chunks, xmap, xstarmap
 
 app = Celery("client", broker=os.environ["BROKER_URL"], backend=os.environ["BACKEND_URL"])
 
@@ -81,6 +84,22 @@ def main():
         c.options["task_id"] = GROUP_ID  # the header group's id
         c.apply_async()
         print(json.dumps({"group": GROUP_ID}))
+    elif mode == "maps":
+        cpu, xsum = sig("tasks.cpu_bound"), sig("tasks.xsum")
+        calls = {
+            "map": xmap(cpu, [10, 100, 1000]),
+            "starmap": xstarmap(xsum, [[[1, 2]], [[3, 4, 5]], [[]]]),
+            "chunks": chunks(cpu, [(10,), (100,), (1000,), (2,), (0,)], 2).group(),
+            "map_bad_item": xmap(cpu, [10, "x"]),
+            "map_not_registered": xmap(sig("tasks.nobody_has_this"), [1]),
+        }
+        out = {}
+        for what, call in calls.items():
+            try:
+                out[what] = {"ok": True, "value": call.apply_async().get(timeout=60)}
+            except Exception as exc:  # the test asserts on it
+                out[what] = exception(exc)
+        print(json.dumps(out))
     elif mode == "send":
         n = int(sys.argv[2])
         header = [sig("tasks.cpu_bound", 200 + i) for i in range(n)]
