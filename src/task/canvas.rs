@@ -64,7 +64,10 @@ impl Task for MapTask {
         // What Python raises inside the task is the task's failure, not a binding error.
         let failing = |e: TaskError| Ok(Call::future(move |_ctx| async move { Err(e) }));
         let Some(name) = name else {
-            return failing(TaskError::type_error(format!("{func}() argument 'task' must be a signature, not {}", type_name(&task))));
+            return failing(TaskError::type_error(format!(
+                "{func}() argument 'task' must be a signature, not {}",
+                type_name(&task)
+            )));
         };
         let Some(mapped) = self.tasks.get(&name).cloned() else {
             return failing(TaskError::new("celery.exceptions", "NotRegistered", name));
@@ -137,9 +140,10 @@ impl Task for Accumulate {
                     .and_then(|at| args.get(at).cloned())
                     .ok_or_else(|| TaskError::new("builtins", "IndexError", "tuple index out of range"))
             }
-            Some(other) => {
-                Err(TaskError::type_error(format!("tuple indices must be integers or slices, not {}", type_name(other))))
-            }
+            Some(other) => Err(TaskError::type_error(format!(
+                "tuple indices must be integers or slices, not {}",
+                type_name(other)
+            ))),
         };
         Ok(Call::future(move |_ctx| async move { result }))
     }
@@ -187,7 +191,8 @@ mod tests {
         assert_eq!(run(&r, ACCUMULATE, json!([1, 2, 3]), json!({"index": -1})).await, Ok(json!(3)));
         assert!(run(&r, ACCUMULATE, json!([1]), json!({"index": 5})).await.is_err());
         assert_eq!(run(&r, BACKEND_CLEANUP, json!([]), json!({})).await, Ok(Value::Null));
-        let kept = register(Registry::new().add_blocking(MAP, ["x"], |(x,): (i64,), _: &Context| Ok::<_, TaskError>(x)));
+        let kept =
+            register(Registry::new().add_blocking(MAP, ["x"], |(x,): (i64,), _: &Context| Ok::<_, TaskError>(x)));
         assert!(kept.get(MAP).unwrap().bind(&[json!(1)], &Map::new()).is_ok(), "a user's own celery.map is kept");
     }
 }
