@@ -668,7 +668,12 @@ impl Worker {
     async fn skip_revoked(&self, msg: &TaskMessage, task: &dyn Task, tag: &str) {
         tracing::info!(task_id = %msg.id, task = %msg.task, "task revoked; not running it");
         self.metrics.revoked.with_label_values(&[&msg.task]).inc();
-        self.store(msg, task, ResultMeta::revoked(&msg.id, &ExceptionInfo::revoked("revoked"), Utc::now())).await;
+        let exc = ExceptionInfo::revoked("revoked");
+        // A revoked chord member counts as one (Celery's mark_as_revoked): the chord fails.
+        if let Some(step) = chord::part(msg, crate::wire::TaskState::Revoked, &exc.to_value()) {
+            self.chord_part_return(msg, step).await;
+        }
+        self.store(msg, task, ResultMeta::revoked(&msg.id, &exc, Utc::now())).await;
         self.state.revoked_task(&msg.id, false, false);
         self.ack(tag).await;
     }

@@ -351,3 +351,23 @@ fn map_starmap_and_chunks_give_what_a_python_worker_gives() {
     assert_eq!(worker.metric("celery_task_success_total", "celery.starmap"), 4.0, "one, and one per chunk");
     assert_eq!(worker.metric("celery_task_rejected_total", ""), 0.0);
 }
+
+#[test]
+fn a_revoked_member_fails_the_chord_as_celery_does() {
+    let redis = Redis::start();
+    let worker = Worker::start(&redis, &["--concurrency", "1"]);
+    canvas(&redis, &["keys", "ordered"], Duration::from_secs(60));
+    let member = "00000000-0000-4000-8000-00000000c002";
+    let (ok, out) = common::celery_cli(&redis, &["control", "revoke", member], Duration::from_secs(30));
+    assert!(ok, "{out}");
+    wait_for("the revoke to reach our worker", Duration::from_secs(10), || {
+        worker.log_text().contains(member).then_some(())
+    });
+    let _: Option<String> = redis.conn(0).rpoplpush("hold", "celery").unwrap();
+    let body = wait_for("the body's FAILURE", Duration::from_secs(30), || {
+        redis.result("00000000-0000-4000-8000-00000000c003")
+    });
+    assert_eq!(body["result"]["exc_type"], "ChordError");
+    assert_eq!(body["result"]["exc_message"][0], format!("Dependency {member} raised TaskRevokedError('revoked')"));
+    assert_eq!(redis.depth("bodyq"), 0, "no body sent");
+}
