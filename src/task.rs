@@ -5,7 +5,8 @@
 //! parameters — [`Registry::add_async`] for I/O (runs on the async runtime) or
 //! [`Registry::add_blocking`] for CPU work (runs on the blocking pool, with a cancel flag the
 //! body checks for time limits). Arguments bind like a Python call ([`args`]), so a client gets
-//! the `TypeError` a Python worker would give. The built-ins ([`builtin`]) use the same API.
+//! the `TypeError` a Python worker would give. The built-ins ([`builtin`]) use the same API;
+//! Celery's own canvas tasks (`celery.map`, …, [`canvas`]) are added by the worker over yours.
 //!
 //! ```no_run
 //! use celery_autoscale::task::{Registry, TaskError};
