@@ -1,7 +1,8 @@
 """Celery canvas from a real Python Celery 5.7 client, for tests/canvas.rs.
 
     canvas.py chord '[n, ...]'       chord([cpu_bound.s(n) ...])(xsum.s()).get(); prints the value
-    canvas.py big N                  the same with N members cpu_bound(10); prints value and seconds
+    canvas.py big N                  send the same with N members cpu_bound(10) and return; prints the
+                                     body's id and how long sending took
     canvas.py fail                   a chord whose second member fails (xsum([1, "a"])); the body has a
                                      link_error errback (io_bound, task id ERRBACK_ID); prints what
                                      .get() raised, and what the body's own result raises
@@ -52,10 +53,7 @@ def main():
         n = int(sys.argv[2])
         started = time.monotonic()
         result = chord([sig("tasks.cpu_bound", 10) for _ in range(n)])(sig("tasks.xsum"))
-        sent = time.monotonic()
-        value = result.get(timeout=600)
-        done = time.monotonic()
-        print(json.dumps({"value": value, "send_seconds": sent - started, "seconds": done - started}))
+        print(json.dumps({"body": result.id, "send_seconds": time.monotonic() - started}))
     elif mode == "fail":
         body = sig("tasks.xsum").on_error(sig("tasks.io_bound", task_id=ERRBACK_ID))
         result = chord([sig("tasks.cpu_bound", 10), sig("tasks.xsum", [1, "a"])])(body)
