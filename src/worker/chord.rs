@@ -54,7 +54,7 @@ pub enum BodyPlan {
     /// Send the body with the header's results as its first argument.
     Send(NewTask),
     /// Store the body's FAILURE (a `ChordError`), then send its errbacks.
-    Fail { meta: ResultMeta, errbacks: Vec<NewTask>, skipped: Vec<String> },
+    Fail { error: ExceptionInfo, meta: ResultMeta, errbacks: Vec<NewTask>, skipped: Vec<String> },
 }
 
 /// The body of a complete chord, from the header's `entries` in join order. `nested`: the
@@ -106,7 +106,7 @@ fn fail(body: &Signature, exc: &ExceptionInfo, header: &TaskMessage, now: DateTi
             t
         })
         .collect();
-    BodyPlan::Fail { meta, errbacks, skipped }
+    BodyPlan::Fail { error: exc.clone(), meta, errbacks, skipped }
 }
 
 /// `options[key]` of a signature as signatures (Celery allows one or a list); what cannot be
@@ -165,11 +165,8 @@ impl Worker {
                     tracing::warn!(group_id = gid, "chord claim lost before cleanup; its keys are left to expire");
                 }
             }
-            BodyPlan::Fail { meta, errbacks, skipped } => {
-                let summary =
-                    ExceptionInfo::new("celery.exceptions", "ChordError", vec![meta.result["exc_message"][0].clone()])
-                        .summary();
-                tracing::warn!(group_id = gid, body = %step.body.task, body_id = %meta.task_id, "chord failed: {summary}");
+            BodyPlan::Fail { error, meta, errbacks, skipped } => {
+                tracing::warn!(group_id = gid, body = %step.body.task, body_id = %meta.task_id, "chord failed: {}", error.summary());
                 for why in skipped {
                     tracing::warn!(group_id = gid, "chord body errback not sent: {why}");
                 }
@@ -273,7 +270,7 @@ mod tests {
         let exc = ExceptionInfo::builtin("ValueError", "boom");
         let entries = [part_entry("h1", TaskState::Failure, &exc.to_value())];
         let step = part(&msg, TaskState::Failure, &exc.to_value()).unwrap();
-        let BodyPlan::Fail { meta, errbacks, skipped } = body_plan(&step.body, &entries, false, &msg, Utc::now())
+        let BodyPlan::Fail { meta, errbacks, skipped, .. } = body_plan(&step.body, &entries, false, &msg, Utc::now())
         else {
             panic!("failed")
         };
