@@ -374,3 +374,101 @@ fn a_revoked_member_fails_the_chord_as_celery_does() {
     assert_eq!(body["result"]["exc_message"][0], format!("Dependency {member} raised TaskRevokedError('revoked')"));
     assert_eq!(redis.depth("bodyq"), 0, "no body sent");
 }
+
+mod join_script {
+    //! The chord join script on a real Redis, through the library's backend: the semantics of
+    //! Celery 5.7's `on_chord_part_return`, step by step.
+    use super::*;
+    use celery_autoscale::transport::backend::{Backend, ChordPart, PartReturned};
+    use celery_autoscale::transport::connection;
+    use celery_autoscale::wire::TaskState;
+    use celery_autoscale::wire::chord::{part_entry, part_score};
+
+    fn backend(redis: &Redis, ordered: bool) -> Backend {
+        let conn = connection::connect("BACKEND_URL", &redis.url(1), None, Duration::from_secs(5)).unwrap();
+        Backend::new(conn, Duration::from_secs(86_400)).with_chord_ordered(ordered)
+    }
+
+    fn part(gid: &str, id: &str, index: Option<i64>, value: i64) -> ChordPart {
+        ChordPart {
+            group_id: gid.into(),
+            task_id: id.into(),
+            score: part_score(index),
+            entry: part_entry(id, TaskState::Success, &json!(value)),
+        }
+    }
+
+    fn claimed(r: PartReturned) -> (String, Vec<String>) {
+        match r {
+            PartReturned::Claimed { token, entries, nested: false } => {
+                (token, entries.into_iter().map(|e| String::from_utf8(e).unwrap()).collect())
+            }
+            other => panic!("expected the claim, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn duplicates_count_once_the_last_part_claims_and_a_done_chord_ignores_late_copies() {
+        let redis = Redis::start();
+        let b = backend(&redis, true);
+        let _: () = redis.conn(1).set("celery-taskset-meta-g1.s", 2).unwrap();
+        let first = part("g1", "a", Some(1), 10);
+        for _ in 0..2 {
+            let r = b.chord_part_return(&first).await.unwrap();
+            assert_eq!(r, PartReturned::Counted { count: 1, expected: Some(2) }, "a redelivered copy counts once");
+        }
+        let (token, entries) = claimed(b.chord_part_return(&part("g1", "b", Some(0), 20)).await.unwrap());
+        assert_eq!(entries, [r#"[1, "b", "SUCCESS", 20]"#, r#"[1, "a", "SUCCESS", 10]"#], "in group_index order");
+        let ttl: i64 = redis.conn(1).ttl("celery-taskset-meta-g1.c").unwrap();
+        assert!((1..=6).contains(&ttl), "the first claim lasts 6 s: {ttl}");
+        assert!(b.chord_extend_claim("g1", &token).await.unwrap());
+        assert!(!b.chord_extend_claim("g1", "someone-else").await.unwrap(), "not another worker's");
+        assert!(b.chord_cleanup("g1", &token).await.unwrap());
+        let keys: Vec<String> = redis.conn(1).keys("celery-taskset-meta-g1*").unwrap();
+        assert_eq!(keys, ["celery-taskset-meta-g1.c"]);
+        assert_eq!(b.chord_part_return(&first).await.unwrap(), PartReturned::AlreadyDone);
+        assert_eq!(
+            redis.conn(1).keys::<_, Vec<String>>("celery-taskset-meta-g1.*").unwrap().len(),
+            1,
+            "nothing recreated"
+        );
+    }
+
+    #[tokio::test]
+    async fn only_one_worker_gets_the_claim_and_extra_results_count() {
+        let redis = Redis::start();
+        let b = backend(&redis, true);
+        let _: () = redis.conn(1).set("celery-taskset-meta-g2.s", 1).unwrap();
+        // `.t` (a member replaced by a group of two): one more result than the size.
+        let _: () = redis.conn(1).set("celery-taskset-meta-g2.t", 1).unwrap();
+        let r = b.chord_part_return(&part("g2", "a", Some(0), 1)).await.unwrap();
+        assert_eq!(r, PartReturned::Counted { count: 1, expected: Some(2) });
+        // Another worker holds the claim (it counted the same last part first).
+        let _: () = redis.conn(1).set("celery-taskset-meta-g2.c", "their-token").unwrap();
+        let r = b.chord_part_return(&part("g2", "b", None, 2)).await.unwrap();
+        assert_eq!(r, PartReturned::Counted { count: 2, expected: Some(2) }, "complete, but not ours to send");
+        // No size yet (the producer has not set it): counted, nothing decided.
+        let r = b.chord_part_return(&part("g3", "a", Some(0), 1)).await.unwrap();
+        assert_eq!(r, PartReturned::Counted { count: 1, expected: None });
+    }
+
+    #[tokio::test]
+    async fn the_list_form_keeps_arrival_order_and_a_begun_join_keeps_its_form() {
+        let redis = Redis::start();
+        let list = backend(&redis, false);
+        let _: () = redis.conn(1).set("celery-taskset-meta-g4.s", 2).unwrap();
+        list.chord_part_return(&part("g4", "a", Some(1), 10)).await.unwrap();
+        let (_, entries) = claimed(list.chord_part_return(&part("g4", "b", Some(0), 20)).await.unwrap());
+        assert_eq!(entries, [r#"[1, "a", "SUCCESS", 10]"#, r#"[1, "b", "SUCCESS", 20]"#], "arrival order");
+        // A fleet on the list form began this join; a worker configured for the sorted set
+        // joins the same list instead of failing with WRONGTYPE.
+        let sorted = backend(&redis, true);
+        let _: () = redis.conn(1).set("celery-taskset-meta-g5.s", 2).unwrap();
+        let _: () = redis.conn(1).rpush("celery-taskset-meta-g5.j", r#"[1, "x", "SUCCESS", 1]"#).unwrap();
+        let _: () = redis.conn(1).sadd("celery-taskset-meta-g5.d", "x:0").unwrap();
+        let (_, entries) = claimed(sorted.chord_part_return(&part("g5", "y", Some(1), 2)).await.unwrap());
+        assert_eq!(entries.len(), 2);
+        let kind: String = redis::cmd("TYPE").arg("celery-taskset-meta-g5.j").query(&mut redis.conn(1)).unwrap();
+        assert_eq!(kind, "list");
+    }
+}
