@@ -81,6 +81,16 @@ fn a_failing_header_member_gives_the_bodys_errback_a_chord_error() {
     assert_eq!(redis.unacked(), 0);
 }
 
+#[test]
+fn a_retried_member_keeps_its_place_and_counts_once() {
+    let redis = Redis::start();
+    let worker = Worker::start(&redis, &["--concurrency", "2"]);
+    let out = canvas(&redis, &["retry"], Duration::from_secs(120));
+    assert_eq!(out["value"], json!(1 + 4), "flaky returns its retry count, 1");
+    assert_eq!(worker.metric("celery_task_retried_total", "tasks.flaky"), 1.0);
+    assert_eq!(worker.metric("celery_task_success_total", "tasks.xsum"), 1.0);
+}
+
 /// Sum of `tasks.xsum` body messages in `bodyq` (nobody consumes it): how many times a
 /// chord's body was sent.
 fn bodies_sent(redis: &Redis) -> usize {

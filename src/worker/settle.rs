@@ -181,4 +181,25 @@ mod tests {
         assert_eq!((again.id.as_str(), again.retries, again.queue.as_str()), ("parent-id", 1, "q2"));
         assert!(again.eta.is_some(), "after its countdown");
     }
+
+    #[test]
+    fn a_chord_member_counts_its_outcome_and_a_retry_keeps_its_chord_and_place() {
+        let body = sig("tasks.xsum", json!([]));
+        let mut msg = message(json!({"callbacks": null, "errbacks": null, "chain": null, "chord": body}));
+        msg.group = Some("g1".into());
+        msg.group_index = Some(2);
+        let (_, s) = settle(&msg, Ok(json!(3)), "celery", Utc::now());
+        let step = s.chord.expect("a chord member counts its part");
+        assert_eq!((step.part.group_id.as_str(), step.part.score.as_str()), ("g1", "2"));
+        let (_, s) =
+            settle(&msg, Err(TaskError::Raise(ExceptionInfo::builtin("ValueError", "x"))), "celery", Utc::now());
+        assert!(s.chord.is_some(), "a failure counts too");
+        let exc = ExceptionInfo::builtin("IOError", "again");
+        let (_, s) =
+            settle(&msg, Err(TaskError::Retry { exc, countdown: Duration::from_secs(1) }), "celery", Utc::now());
+        assert!(s.chord.is_none(), "a retry does not count yet");
+        let again = crate::wire::parse_message(&s.send[0].to_message("gen1@test").0).unwrap();
+        assert_eq!((again.group.as_deref(), again.group_index), (Some("g1"), Some(2)));
+        assert_eq!(again.embed.chord.map(|b| b.task), Some("tasks.xsum".to_owned()));
+    }
 }

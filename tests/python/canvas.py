@@ -1,6 +1,7 @@
 """Celery canvas from a real Python Celery 5.7 client, for tests/canvas.rs.
 
     canvas.py chord '[n, ...]'       chord([cpu_bound.s(n) ...])(xsum.s()).get(); prints the value
+    canvas.py retry                  chord([flaky(1, countdown=0), cpu_bound(10)])(xsum): 1 + 4
     canvas.py big N                  send the same with N members cpu_bound(10) and return; prints the
                                      body's id and how long sending took
     canvas.py fail                   a chord whose second member fails (xsum([1, "a"])); the body has a
@@ -48,6 +49,11 @@ def main():
     if mode == "chord":
         ns = json.loads(sys.argv[2])
         result = chord([sig("tasks.cpu_bound", n) for n in ns])(sig("tasks.xsum"))
+        print(json.dumps({"value": result.get(timeout=60), "id": result.id}))
+    elif mode == "retry":
+        # A member that retries once (tasks.flaky) still counts once, in its place.
+        header = [signature("tasks.flaky", args=[1], kwargs={"countdown": 0}, app=app), sig("tasks.cpu_bound", 10)]
+        result = chord(header)(sig("tasks.xsum"))
         print(json.dumps({"value": result.get(timeout=60), "id": result.id}))
     elif mode == "big":
         n = int(sys.argv[2])
