@@ -9,7 +9,8 @@
 //!
 //! Not here: `celery.chunks` (Celery's publishes a group of `celery.starmap` tasks from inside
 //! the worker; `task.chunks(...).group()` and `.apply_async()` send that group from the client
-//! and work), and the chord/group/chain/unlock tasks, which Celery 5 clients do not send.
+//! and work), and the chord/group/chain/unlock tasks, which a Celery 5 client on the Redis
+//! backend does not send.
 
 use super::args::{self, Param, type_name};
 use super::{Call, Context, Registry, Task, TaskError, TaskOptions, TaskResult};
