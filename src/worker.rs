@@ -669,11 +669,11 @@ impl Worker {
         tracing::info!(task_id = %msg.id, task = %msg.task, "task revoked; not running it");
         self.metrics.revoked.with_label_values(&[&msg.task]).inc();
         let exc = ExceptionInfo::revoked("revoked");
+        self.store(msg, task, ResultMeta::revoked(&msg.id, &exc, Utc::now())).await;
         // A revoked chord member counts as one (Celery's mark_as_revoked): the chord fails.
         if let Some(step) = chord::part(msg, crate::wire::TaskState::Revoked, &exc.to_value()) {
             self.chord_part_return(msg, step).await;
         }
-        self.store(msg, task, ResultMeta::revoked(&msg.id, &exc, Utc::now())).await;
         self.state.revoked_task(&msg.id, false, false);
         self.ack(tag).await;
     }
@@ -685,6 +685,8 @@ impl Worker {
             if status.as_deref() == Some("SUCCESS") {
                 tracing::info!(task_id = %msg.id, task = %msg.task, "redelivered task already succeeded; acknowledging without running it again");
                 self.metrics.duplicates_skipped.inc();
+                // A chord member's first run may have stopped between its store and its count.
+                self.chord_part_of_stored(msg).await;
                 return None;
             }
         }
@@ -731,11 +733,11 @@ impl Worker {
                 self.state.retried(msg, exc);
             }
         }
-        if let Some(step) = plan.chord {
-            self.chord_part_return(msg, step).await;
-        }
         if let Some(meta) = plan.store_first {
             self.store(msg, t, meta).await;
+        }
+        if let Some(step) = plan.chord {
+            self.chord_part_return(msg, step).await;
         }
         for follow_up in plan.send {
             self.send(follow_up).await;

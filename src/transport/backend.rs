@@ -228,6 +228,12 @@ impl Backend {
         self.conn.clone().del(keys::chord_keys(group_id).size).await
     }
 
+    /// The stored result document of a task, if any and readable.
+    pub async fn stored(&self, task_id: &str) -> RedisResult<Option<Value>> {
+        let raw: Option<Vec<u8>> = self.conn.clone().get(keys::result_key(task_id)).await?;
+        Ok(raw.and_then(|r| serde_json::from_slice::<Value>(&r).ok()))
+    }
+
     /// The stored status of a task, if any (used to skip redelivered tasks that already succeeded).
     pub async fn status(&self, task_id: &str) -> RedisResult<Option<String>> {
         let raw: Option<Vec<u8>> = self.conn.clone().get(keys::result_key(task_id)).await?;

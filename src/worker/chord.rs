@@ -180,6 +180,20 @@ impl Worker {
         }
     }
 
+    /// A redelivered chord member whose SUCCESS is already stored is not run again; its first
+    /// run may have stopped after the store and before the count, so count the stored result
+    /// (a duplicate counts once).
+    pub(super) async fn chord_part_of_stored(&self, msg: &TaskMessage) {
+        if msg.embed.chord.is_none() {
+            return;
+        }
+        let stored = self.chord_redis("read a chord member's result", || self.backend.stored(&msg.id)).await.flatten();
+        let Some(result) = stored.and_then(|mut m| m.get_mut("result").map(Value::take)) else { return };
+        if let Some(step) = part(msg, TaskState::Success, &result) {
+            self.chord_part_return(msg, step).await;
+        }
+    }
+
     /// A backend call of the chord join, retried through outages like every store; an error
     /// that retrying cannot cure (a script or type error: the keys hold something else) is
     /// logged and counted as a rejection (`chord_join`), and gives `None`.

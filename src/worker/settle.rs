@@ -11,9 +11,9 @@
 //!   is readable.
 //! - **failure** (`Raise`): FAILURE; each `link_error` errback is sent with the task id as its
 //!   argument. Stored with the acknowledgement unless there are errbacks (then first).
-//! - **chord header member** (`embed.chord`, success or failure): its result is counted in the
-//!   chord's join before anything is stored (so a redelivered copy that finds its SUCCESS
-//!   stored has already counted); see [`super::chord`].
+//! - **chord header member** (`embed.chord`, success or failure): its result is stored first,
+//!   then counted in the chord's join (Celery's order: whoever sees the chord complete finds
+//!   every member's result), then the follow-ups are sent; see [`super::chord`].
 //! - **retry**: RETRY is stored, then the message is sent again with `retries + 1` after the
 //!   countdown, to the queue it came from.
 
@@ -63,14 +63,13 @@ pub fn settle(msg: &TaskMessage, outcome: TaskResult, queue: &str, now: DateTime
                 send.push(t);
             }
             let part = chord::part(msg, TaskState::Success, &value);
-            let plan = store_around(ResultMeta::success(&msg.id, value, now), send);
-            (Kind::Success, Settlement { chord: part, ..plan })
+            (Kind::Success, store_around(ResultMeta::success(&msg.id, value, now), send, part))
         }
         Err(TaskError::Raise(exc)) => {
             let send = errbacks(msg);
             let meta = ResultMeta::failure(&msg.id, task, &exc, now);
             let part = chord::part(msg, TaskState::Failure, &exc.to_value());
-            (Kind::Failure(exc), Settlement { chord: part, ..store_around(meta, send) })
+            (Kind::Failure(exc), store_around(meta, send, part))
         }
         Err(TaskError::Retry { exc, countdown }) => {
             let plan = Settlement {
@@ -93,11 +92,14 @@ pub fn errbacks(msg: &TaskMessage) -> Vec<NewTask> {
         .collect()
 }
 
-fn store_around(meta: ResultMeta, send: Vec<NewTask>) -> Settlement {
-    if send.is_empty() {
-        Settlement { chord: None, store_first: None, send, store_with_ack: Some(meta) }
+/// Store with the ack when nothing follows; else first. A chord member's result is stored
+/// before its part is counted, as Celery does: whoever sees the chord complete (a client
+/// looking at the header group, the body) finds every member's result.
+fn store_around(meta: ResultMeta, send: Vec<NewTask>, chord: Option<ChordStep>) -> Settlement {
+    if send.is_empty() && chord.is_none() {
+        Settlement { chord, store_first: None, send, store_with_ack: Some(meta) }
     } else {
-        Settlement { chord: None, store_first: Some(meta), send, store_with_ack: None }
+        Settlement { chord, store_first: Some(meta), send, store_with_ack: None }
     }
 }
 
@@ -189,6 +191,7 @@ mod tests {
         msg.group = Some("g1".into());
         msg.group_index = Some(2);
         let (_, s) = settle(&msg, Ok(json!(3)), "celery", Utc::now());
+        assert!(s.store_first.is_some() && s.store_with_ack.is_none(), "stored before it counts");
         let step = s.chord.expect("a chord member counts its part");
         assert_eq!((step.part.group_id.as_str(), step.part.score.as_str()), ("g1", "2"));
         let (_, s) =
