@@ -302,6 +302,24 @@ fn member_message(id: &str, group: &str, index: i64, body: Value) -> Vec<u8> {
 }
 
 #[test]
+fn a_redelivered_member_already_stored_still_counts() {
+    let redis = Redis::start();
+    // Its first run stored SUCCESS and stopped before counting (a killed worker); the copy
+    // comes back redelivered.
+    let body = json!({"task": "tasks.xsum", "args": [], "kwargs": {}, "options": {"task_id": "body-1", "group_id": "g-r"}, "immutable": false});
+    let mut env: Value = serde_json::from_slice(&member_message("m-1", "g-r", 0, body)).unwrap();
+    env["headers"]["redelivered"] = json!(true);
+    let meta = r#"{"status": "SUCCESS", "result": 7, "traceback": null, "children": [], "date_done": "2026-01-01T00:00:00.000000+00:00", "task_id": "m-1"}"#;
+    let _: () = redis.conn(1).set("celery-task-meta-m-1", meta).unwrap();
+    let _: () = redis.conn(1).set("celery-taskset-meta-g-r.s", 1).unwrap();
+    let _: () = redis.conn(0).lpush("celery", serde_json::to_vec(&env).unwrap()).unwrap();
+    let worker = Worker::start(&redis, &["--concurrency", "1"]);
+    let body = wait_for("the body's result", Duration::from_secs(30), || redis.result("body-1"));
+    assert_eq!((body["status"].as_str(), &body["result"]), (Some("SUCCESS"), &json!(7)), "xsum([7])");
+    assert_eq!(worker.metric("celery_worker_duplicates_skipped_total", ""), 1.0, "the member did not run again");
+}
+
+#[test]
 fn malformed_chords_are_refused_and_counted_and_the_worker_goes_on() {
     let redis = Redis::start();
     let worker = Worker::start(&redis, &["--concurrency", "1"]);
