@@ -1,6 +1,7 @@
 """Celery canvas from a real Python Celery 5.7 client, for tests/canvas.rs.
 
-    canvas.py chord '[n, ...]'       chord([cpu_bound.s(n) ...])(xsum.s()).get(); prints the value
+    canvas.py chord '[n, ...]'       chord([cpu_bound.s(n) ...])(xsum.s()).get(), and the same as
+                                     group(...) | xsum.s(); prints both values
     canvas.py retry                  chord([flaky(1, countdown=0), cpu_bound(10)])(xsum): 1 + 4
     canvas.py big N                  send the same with N members cpu_bound(10) and return; prints the
                                      body's id and how long sending took
@@ -22,7 +23,7 @@ import os
 import sys
 import time
 
-from celery import Celery, chord, signature
+from celery import Celery, chord, group, signature
 from celery.canvas import chunks, xmap, xstarmap
 
 app = Celery("client", broker=os.environ["BROKER_URL"], backend=os.environ["BACKEND_URL"])
@@ -49,7 +50,9 @@ def main():
     if mode == "chord":
         ns = json.loads(sys.argv[2])
         result = chord([sig("tasks.cpu_bound", n) for n in ns])(sig("tasks.xsum"))
-        print(json.dumps({"value": result.get(timeout=60), "id": result.id}))
+        # group(...) | task: Celery turns it into the same chord.
+        piped = (group([sig("tasks.cpu_bound", n) for n in ns]) | sig("tasks.xsum")).apply_async()
+        print(json.dumps({"value": result.get(timeout=60), "id": result.id, "piped": piped.get(timeout=60)}))
     elif mode == "retry":
         # A member that retries once (tasks.flaky) still counts once, in its place.
         header = [signature("tasks.flaky", args=[1], kwargs={"countdown": 0}, app=app), sig("tasks.cpu_bound", 10)]
