@@ -670,10 +670,7 @@ impl Worker {
         self.metrics.revoked.with_label_values(&[&msg.task]).inc();
         let exc = ExceptionInfo::revoked("revoked");
         self.store(msg, task, ResultMeta::revoked(&msg.id, &exc, Utc::now())).await;
-        // A revoked chord member counts as one (Celery's mark_as_revoked): the chord fails.
-        if let Some(step) = chord::part(msg, crate::wire::TaskState::Revoked, &exc.to_value()) {
-            self.chord_part_return(msg, step).await;
-        }
+        self.chord_part_revoked(msg, &exc).await;
         self.state.revoked_task(&msg.id, false, false);
         self.ack(tag).await;
     }

@@ -180,6 +180,15 @@ impl Worker {
         }
     }
 
+    /// A chord member that will not run (revoked, expired, terminated) counts as REVOKED with
+    /// `exc`, as Celery's `mark_as_revoked` does: the chord fails with a `ChordError`. Call it
+    /// after storing the REVOKED result.
+    pub(super) async fn chord_part_revoked(&self, msg: &TaskMessage, exc: &ExceptionInfo) {
+        if let Some(step) = part(msg, TaskState::Revoked, &exc.to_value()) {
+            self.chord_part_return(msg, step).await;
+        }
+    }
+
     /// A redelivered chord member whose SUCCESS is already stored is not run again; its first
     /// run may have stopped after the store and before the count, so count the stored result
     /// (a duplicate counts once).
