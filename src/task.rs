@@ -5,7 +5,8 @@
 //! parameters — [`Registry::add_async`] for I/O (runs on the async runtime) or
 //! [`Registry::add_blocking`] for CPU work (runs on the blocking pool, with a cancel flag the
 //! body checks for time limits). Arguments bind like a Python call ([`args`]), so a client gets
-//! the `TypeError` a Python worker would give. The built-ins ([`builtin`]) use the same API.
+//! the `TypeError` a Python worker would give. The built-ins ([`builtin`]) use the same API;
+//! Celery's own canvas tasks (`celery.map`, …, [`canvas`]) are added by the worker over yours.
 //!
 //! ```no_run
 //! use celery_autoscale::task::{Registry, TaskError};
@@ -17,6 +18,7 @@
 
 pub mod args;
 pub mod builtin;
+pub mod canvas;
 
 pub use args::{Arg, Args, Json, Param, Seconds};
 
@@ -333,7 +335,7 @@ impl Registry {
         Self::default()
     }
 
-    /// `tasks.cpu_bound`, `tasks.io_bound` and `tasks.flaky` (see [`builtin`]).
+    /// `tasks.cpu_bound`, `tasks.io_bound`, `tasks.flaky` and `tasks.xsum` (see [`builtin`]).
     pub fn with_builtins() -> Self {
         builtin::register(Self::new())
     }

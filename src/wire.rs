@@ -5,12 +5,14 @@
 //! - [`task_read`] / [`task_write`]: task messages (protocol 2, and 1 on the way in);
 //! - [`pidbox`]: remote-control requests in, replies out;
 //! - [`result`]: result-backend values, both ways;
+//! - [`chord`]: the entries of a chord's join and the join itself;
 //! - [`keys`]: every Redis key and channel name, and kombu's binding format;
 //! - [`pyjson`], [`pyrepr`], [`time`]: how Python prints JSON, reprs and times.
 //!
 //! Events are written by `crate::worker::events` with `kombu::exchange_message`; their fields are
 //! Celery's event schema, which only the worker produces.
 
+pub mod chord;
 pub mod keys;
 pub mod kombu;
 pub mod pidbox;

@@ -74,6 +74,13 @@ pub struct WorkerArgs {
     /// Seconds results are kept (Celery's result_expires); 0 keeps them forever.
     #[arg(long, default_value_t = DEFAULT_RESULT_EXPIRES.as_secs())]
     pub result_expires: u64,
+    /// How chords are joined: `true` (Celery's default), a sorted set scored by `group_index`;
+    /// `false`, a list in arrival order (Celery's
+    /// `result_backend_transport_options={'result_chord_ordered': False}`). Every worker of a
+    /// fleet must agree; a join already begun keeps its form.
+    #[arg(long, env = "RESULT_CHORD_ORDERED", default_value_t = true, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub result_chord_ordered: bool,
     /// Also store name, args, kwargs, worker, retries and queue in results (result_extended).
     #[arg(long)]
     pub result_extended: bool,
@@ -113,6 +120,7 @@ pub struct WorkerArgs {
     pub health_check_interval: Duration,
 }
 
+pub mod chord;
 pub mod control;
 pub mod events;
 pub mod inflight;
@@ -180,6 +188,8 @@ pub async fn run(args: WorkerArgs, registry: Registry) -> Result<(), StartError>
 
 /// [`run`] with an externally driven [`Shutdown`] (tests, the local supervisor).
 pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: Shutdown) -> Result<(), StartError> {
+    // Celery's built-in canvas tasks (celery.map, …) over the tasks this worker runs.
+    let registry = crate::task::canvas::register(registry);
     let queues = args.queue.names()?;
     // Replies may queue behind a busy Redis; a blocking wait needs its block time on top.
     let op_timeout = connection::response_timeout(args.health_check_interval);
@@ -193,7 +203,8 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
     let backend_conn = connection::connect("BACKEND_URL", &args.redis.backend_url, master, op_timeout)?;
     let steps = args.queue.priority_steps.clone();
     let node = control::node_name(args.hostname.as_deref(), &task_write::hostname());
-    let backend = Backend::new(backend_conn, Duration::from_secs(args.result_expires));
+    let backend = Backend::new(backend_conn, Duration::from_secs(args.result_expires))
+        .with_chord_ordered(args.result_chord_ordered);
     let (events, pending_events) = Events::new(broker_conn.clone(), &node, args.events);
     let in_flight = Arc::new(InFlight::new());
     let state = WorkerState::new(
@@ -706,7 +717,9 @@ impl Worker {
     async fn skip_revoked(&self, msg: &TaskMessage, task: &dyn Task, tag: &str) {
         tracing::info!(task_id = %msg.id, task = %msg.task, "task revoked; not running it");
         self.metrics.revoked.with_label_values(&[&msg.task]).inc();
-        self.store(msg, task, ResultMeta::revoked(&msg.id, &ExceptionInfo::revoked("revoked"), Utc::now())).await;
+        let exc = ExceptionInfo::revoked("revoked");
+        self.store(msg, task, ResultMeta::revoked(&msg.id, &exc, Utc::now())).await;
+        self.chord_part_revoked(msg, &exc).await;
         self.state.revoked_task(&msg.id, false, false);
         self.ack(tag).await;
     }
@@ -718,6 +731,8 @@ impl Worker {
             if status.as_deref() == Some("SUCCESS") {
                 tracing::info!(task_id = %msg.id, task = %msg.task, "redelivered task already succeeded; acknowledging without running it again");
                 self.metrics.duplicates_skipped.inc();
+                // A chord member's first run may have stopped between its store and its count.
+                self.chord_part_of_stored(msg).await;
                 return None;
             }
         }
@@ -766,6 +781,9 @@ impl Worker {
         }
         if let Some(meta) = plan.store_first {
             self.store(msg, t, meta).await;
+        }
+        if let Some(step) = plan.chord {
+            self.chord_part_return(msg, step).await;
         }
         for follow_up in plan.send {
             self.send(follow_up).await;
@@ -911,8 +929,12 @@ impl Worker {
             meta.parent_id = m.parent_id.clone();
         }
         self.redis_backend("store a result", || self.backend.store(&meta)).await;
-        // In Python a bad call raises TypeError inside the task, so its link_error runs.
+        // In Python a bad call raises TypeError inside the task, so its link_error runs and
+        // a chord header member counts its failure.
         if let (Some(m), RejectReason::BadArguments) = (msg, r.reason) {
+            if let Some(step) = chord::part(m, crate::wire::TaskState::Failure, &exc.to_value()) {
+                self.chord_part_return(m, step).await;
+            }
             self.send_errbacks(m).await;
         }
     }
@@ -1075,7 +1097,8 @@ fn control_settings(args: &WorkerArgs, node: &str, queues: &[String], registry: 
         prefetch_multiplier: args.prefetch_multiplier,
         broker_url: args.redis.broker_url.clone(),
         queues: queues.to_vec(),
-        registered: registry.names().map(str::to_owned).collect(),
+        // As Celery's `inspect registered`: its own built-ins (`celery.*`) are not listed.
+        registered: registry.names().filter(|n| !n.starts_with("celery.")).map(str::to_owned).collect(),
         conf,
     }
 }

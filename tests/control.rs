@@ -39,7 +39,7 @@ fn celery_inspect_and_control_see_our_worker() {
     assert_eq!(inspect(&redis, &["ping"]), json!({"ok": "pong"}));
 
     let registered = inspect(&redis, &["registered"]);
-    assert_eq!(registered, json!(["tasks.cpu_bound", "tasks.flaky", "tasks.io_bound"]));
+    assert_eq!(registered, json!(["tasks.cpu_bound", "tasks.flaky", "tasks.io_bound", "tasks.xsum"]));
 
     let queues = inspect(&redis, &["active_queues"]);
     assert_eq!(queues[0]["name"], "celery");

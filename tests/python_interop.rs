@@ -164,19 +164,3 @@ fn links_errbacks_and_chains_are_sent_on_as_celery_does() {
     );
     assert_eq!(chain.trim(), "[168, 39, 0]");
 }
-
-#[test]
-fn chords_are_rejected_with_a_clear_failure() {
-    let redis = Redis::start();
-    let worker = Worker::start(&redis, &[]);
-    let out = common::run_python(
-        "chord.py",
-        &[],
-        &[("BROKER_URL", redis.url(0)), ("BACKEND_URL", redis.url(1))],
-        Duration::from_secs(60),
-    );
-    let v: Value = serde_json::from_str(out.trim()).unwrap();
-    assert_eq!(v["header_states"], json!(["FAILURE", "FAILURE"]), "{v}");
-    assert!(v["header_error"].as_str().unwrap().contains("chords are not supported"), "{v}");
-    assert_eq!(worker.metric("celery_task_rejected_total", "reason=\"unsupported_canvas\""), 2.0);
-}

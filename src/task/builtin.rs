@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub const CPU_BOUND: &str = "tasks.cpu_bound";
 pub const IO_BOUND: &str = "tasks.io_bound";
 pub const FLAKY: &str = "tasks.flaky";
+pub const XSUM: &str = "tasks.xsum";
 
 /// Add the built-in tasks to `registry`.
 pub fn register(registry: Registry) -> Registry {
@@ -45,6 +46,39 @@ pub fn register(registry: Registry) -> Registry {
                 Err(ctx.retry(exc, Some(countdown.duration)))
             },
         )
+        // `tasks.xsum(numbers: list) -> int | float`: Python's `sum(numbers)`; a chord body (it
+        // receives the header's results as one list).
+        .add_blocking(XSUM, ["numbers"], |(numbers,): (Vec<Value>,), _ctx: &Context| python_sum(&numbers))
+}
+
+/// Python's `sum(items)` over ints, floats and bools: an int while every item is one (a
+/// `TypeError` where the sum leaves i64, which Python would not), else a float.
+fn python_sum(items: &[Value]) -> Result<Value, TaskError> {
+    let mut int: Option<i64> = Some(0);
+    let mut float = 0.0f64;
+    let mut all_ints = true;
+    for item in items {
+        let (i, f) = match item {
+            Value::Bool(b) => (Some(i64::from(*b)), f64::from(u8::from(*b))),
+            Value::Number(n) if n.is_f64() => (None, n.as_f64().unwrap_or(f64::NAN)),
+            Value::Number(n) => (n.as_i64(), n.as_f64().unwrap_or(f64::NAN)),
+            other => {
+                let left = if all_ints { "int" } else { "float" };
+                return Err(TaskError::type_error(format!(
+                    "unsupported operand type(s) for +: '{left}' and '{}'",
+                    super::args::type_name(other)
+                )));
+            }
+        };
+        all_ints &= i.is_some();
+        int = int.zip(i).and_then(|(a, b)| a.checked_add(b));
+        float += f;
+    }
+    match (all_ints, int) {
+        (true, Some(total)) => Ok(Value::from(total)),
+        (true, None) => Err(TaskError::new("builtins", "OverflowError", "xsum: the sum does not fit in 64 bits")),
+        (false, _) => Ok(serde_json::Number::from_f64(float).map_or(Value::Null, Value::Number)),
+    }
 }
 
 /// What a cancelled body returns; the worker discards it and reports the time limit itself.
@@ -129,7 +163,11 @@ mod tests {
             "io_bound() argument 'seconds' must be a real number, not NoneType"
         );
         assert_eq!(bind_error(FLAKY, json!([])), "flaky() missing 1 required positional argument: 'fail_times'");
-        assert_eq!(Registry::with_builtins().names().collect::<Vec<_>>(), [CPU_BOUND, FLAKY, IO_BOUND], "sorted names");
+        assert_eq!(
+            Registry::with_builtins().names().collect::<Vec<_>>(),
+            [CPU_BOUND, FLAKY, IO_BOUND, XSUM],
+            "sorted names"
+        );
     }
 
     #[tokio::test]
@@ -139,6 +177,16 @@ mod tests {
         let started = std::time::Instant::now();
         assert_eq!(run(CPU_BOUND, json!([1u64 << 40]), 0, Some(Duration::from_millis(50))).await, None);
         assert!(started.elapsed() < Duration::from_secs(30), "cancelled, not run to the end");
+    }
+
+    #[tokio::test]
+    async fn xsum_is_pythons_sum() {
+        assert_eq!(run(XSUM, json!([[1, 2, 3]]), 0, None).await, Some(Ok(json!(6))));
+        assert_eq!(run(XSUM, json!([[]]), 0, None).await, Some(Ok(json!(0))));
+        assert_eq!(run(XSUM, json!([[1, 0.5, true]]), 0, None).await, Some(Ok(json!(2.5))));
+        let Some(Err(e)) = run(XSUM, json!([[1, "a"]]), 0, None).await else { panic!("str is not summed") };
+        assert_eq!(e.exception().exc_message, vec![json!("unsupported operand type(s) for +: 'int' and 'str'")]);
+        assert_eq!(bind_error(XSUM, json!([5])), "xsum() argument 'numbers' must be list, not int");
     }
 
     #[tokio::test]

@@ -30,11 +30,48 @@ pub enum Stored {
     KeptSuccess,
 }
 
+/// How long the first claim on a chord's body lasts, in seconds: Celery's
+/// `max(5, int(result_chord_join_timeout * 2))` with the default join timeout of 3 s.
+pub const CHORD_CLAIM_EXPIRES: u64 = 6;
+/// The claim while the body is sent: Celery's estimate of its publish retries with the
+/// default `task_publish_retry_policy` and `broker_connection_timeout` (21 s).
+pub const CHORD_PUBLISH_CLAIM_EXPIRES: u64 = 21;
+/// How long `.c` says `done` after the body was sent: `max(claim * 2, 300)`.
+pub const CHORD_DONE_EXPIRES: u64 = 300;
+
+/// A chord header task's result, to count in its chord's join.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChordPart {
+    pub group_id: String,
+    pub task_id: String,
+    /// `wire::chord::part_score` of its `group_index`.
+    pub score: String,
+    /// `wire::chord::part_entry`.
+    pub entry: Vec<u8>,
+}
+
+/// What counting a part decided.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PartReturned {
+    /// The chord was already completed and cleaned up: a late duplicate.
+    AlreadyDone,
+    /// Counted; the chord is not complete, or another worker claimed its body.
+    Counted { count: i64, expected: Option<i64> },
+    /// This worker claimed the body (with `token`): the header's entries in join order, and
+    /// whether the producer saved a group result (a header holding groups).
+    Claimed { token: String, entries: Vec<Vec<u8>>, nested: bool },
+}
+
 #[derive(Clone)]
 pub struct Backend {
     conn: Conn,
     expires: Duration,
     store: Script,
+    chord_part: Script,
+    chord_extend: Script,
+    chord_cleanup: Script,
+    /// The join's sorted-set form (Celery's default `result_chord_ordered`), else the list.
+    chord_ordered: bool,
     /// See [`shared_broker_db`]; `None` when the broker is elsewhere.
     broker_db: Option<i64>,
 }
@@ -52,7 +89,24 @@ pub struct SharedStore {
 impl Backend {
     /// `expires` of zero stores without a TTL (Celery's `result_expires=None`).
     pub fn new(conn: Conn, expires: Duration) -> Self {
-        Backend { conn, expires, store: Script::new(scripts::STORE), broker_db: None }
+        Backend {
+            conn,
+            expires,
+            store: Script::new(scripts::STORE),
+            chord_part: Script::new(scripts::CHORD_PART),
+            chord_extend: Script::new(scripts::CHORD_EXTEND_CLAIM),
+            chord_cleanup: Script::new(scripts::CHORD_CLEANUP),
+            chord_ordered: true,
+            broker_db: None,
+        }
+    }
+
+    /// Join chords in a list instead of a sorted set (Celery's
+    /// `result_backend_transport_options={'result_chord_ordered': False}`); a join key that
+    /// exists keeps its form either way.
+    pub fn with_chord_ordered(mut self, ordered: bool) -> Self {
+        self.chord_ordered = ordered;
+        self
     }
 
     /// Store together with the ack ([`Backend::shared_store`]) when the broker is database
@@ -83,6 +137,101 @@ impl Backend {
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(if written == 1 { Stored::Written } else { Stored::KeptSuccess })
+    }
+
+    /// Count a chord header task's result and, when it completes the chord, claim its body
+    /// ([`scripts::CHORD_PART`]). The join keys expire after `result_expires` (Celery's
+    /// `result_chord_expires` default), the group key no sooner.
+    pub async fn chord_part_return(&self, part: &ChordPart) -> RedisResult<PartReturned> {
+        let k = keys::chord_keys(&part.group_id);
+        let token = crate::wire::task_write::new_uuid().replace('-', "");
+        let expires = self.expires.as_secs();
+        let reply: Vec<redis::Value> = self
+            .chord_part
+            .key(&k.join)
+            .key(&k.extra)
+            .key(&k.size)
+            .key(&k.seen)
+            .key(&k.group)
+            .key(&k.claim)
+            .arg(&part.task_id)
+            .arg(&part.entry)
+            .arg(if self.chord_ordered { "1" } else { "0" })
+            .arg(&part.score)
+            .arg(expires)
+            .arg(expires)
+            .arg(CHORD_CLAIM_EXPIRES)
+            .arg(&token)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        let int = |i: usize| match reply.get(i) {
+            Some(redis::Value::Int(n)) => Some(*n),
+            _ => None,
+        };
+        let bad = || redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, "unexpected chord script reply"));
+        let count = int(0).ok_or_else(bad)?;
+        if count == -1 {
+            return Ok(PartReturned::AlreadyDone);
+        }
+        let (extra, size, claimed) = (int(1).ok_or_else(bad)?, int(2).ok_or_else(bad)?, int(3).ok_or_else(bad)?);
+        if claimed != 1 {
+            let expected = (size >= 0).then(|| size.saturating_add(extra));
+            return Ok(PartReturned::Counted { count, expected });
+        }
+        let nested = int(4).ok_or_else(bad)? == 1;
+        let entries = reply[5..]
+            .iter()
+            .map(|v| match v {
+                redis::Value::BulkString(b) => Ok(b.clone()),
+                _ => Err(bad()),
+            })
+            .collect::<RedisResult<Vec<_>>>()?;
+        Ok(PartReturned::Claimed { token, entries, nested })
+    }
+
+    /// Extend the claim on a chord's body for its publish ([`scripts::CHORD_EXTEND_CLAIM`]);
+    /// `false` when another worker holds it now.
+    pub async fn chord_extend_claim(&self, group_id: &str, token: &str) -> RedisResult<bool> {
+        let k = keys::chord_keys(group_id);
+        let held: i64 = self
+            .chord_extend
+            .key(&k.claim)
+            .key(&k.size)
+            .arg(token)
+            .arg(CHORD_PUBLISH_CLAIM_EXPIRES)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(held == 1)
+    }
+
+    /// After the body was sent: delete the join keys and mark the chord done
+    /// ([`scripts::CHORD_CLEANUP`]); `false` when the claim was lost first.
+    pub async fn chord_cleanup(&self, group_id: &str, token: &str) -> RedisResult<bool> {
+        let k = keys::chord_keys(group_id);
+        let cleaned: i64 = self
+            .chord_cleanup
+            .key(&k.claim)
+            .key(&k.join)
+            .key(&k.extra)
+            .key(&k.size)
+            .key(&k.seen)
+            .arg(token)
+            .arg(CHORD_DONE_EXPIRES)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(cleaned == 1)
+    }
+
+    /// After a chord failed: drop its size, so a late copy of a header task does not fail it
+    /// again (the entries stay until they expire), as Celery does.
+    pub async fn chord_drop_size(&self, group_id: &str) -> RedisResult<()> {
+        self.conn.clone().del(keys::chord_keys(group_id).size).await
+    }
+
+    /// The stored result document of a task, if any and readable.
+    pub async fn stored(&self, task_id: &str) -> RedisResult<Option<Value>> {
+        let raw: Option<Vec<u8>> = self.conn.clone().get(keys::result_key(task_id)).await?;
+        Ok(raw.and_then(|r| serde_json::from_slice::<Value>(&r).ok()))
     }
 
     /// The stored status of a task, if any (used to skip redelivered tasks that already succeeded).

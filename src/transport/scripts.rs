@@ -171,3 +171,83 @@ for k, v in pairs(counts) do
 end
 return out
 "#;
+
+/// Count one chord header task's result, and claim the sending of the body when it is the
+/// last — one atomic step, the semantics of Celery 5.7's Redis backend (`on_chord_part_return`;
+/// celery-wire.md §2.4), so that of every worker in a fleet, Python's or ours, exactly one
+/// sends the body.
+///
+/// KEYS: `.j`, `.t`, `.s`, `.d`, the group's result key, `.c` (see `wire::keys::ChordKeys`).
+/// ARGV: task id, entry (`[1, id, state, result]`), `1` for the sorted-set join (`0`: the list),
+/// score (`group_index` or `+inf`), expiry of the join keys (s; 0 = none), expiry of the group
+/// result key (s; 0 = leave it), claim expiry (s), claim token.
+///
+/// - `.c` = `done`: the body was sent and the chord cleaned up; a late duplicate changes
+///   nothing (`{-1}`).
+/// - The entry is added unless `.d` already holds `id:score` (a redelivered header task counts
+///   once, whatever it returned the second time): ZADD by score, or RPUSH. A join key that
+///   already exists keeps its type (a fleet whose other workers use the other form still
+///   meets in one key, where Celery would fail with WRONGTYPE).
+/// - Every join key gets the expiry again (the group key its own), as Celery does.
+/// - Complete when the count equals `.s` + `.t`; then `.c` is taken with SET NX EX: only the
+///   first worker to see the chord complete gets it.
+///
+/// Returns `{count, extra, size, claimed}` (`size` -1 when `.s` is not set: nothing to
+/// decide); when claimed, followed by whether the group result key exists (a header of
+/// groups, saved by the producer) and every entry in join order — the join in the same step.
+pub const CHORD_PART: &str = r"
+local join, extra_key, size_key, seen, group, claim = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local task_id, entry, score = ARGV[1], ARGV[2], ARGV[4]
+local expires, group_expires = tonumber(ARGV[5]), tonumber(ARGV[6])
+if redis.call('GET', claim) == 'done' then return {-1} end
+local sorted = ARGV[3] == '1'
+local kind = redis.call('TYPE', join)['ok']
+if kind == 'zset' then sorted = true elseif kind == 'list' then sorted = false end
+local member = task_id .. ':' .. score
+if redis.call('SADD', seen, member) == 1 then
+  if sorted then redis.call('ZADD', join, score, entry) else redis.call('RPUSH', join, entry) end
+end
+local count
+if sorted then count = redis.call('ZCARD', join) else count = redis.call('LLEN', join) end
+if expires and expires > 0 then
+  redis.call('EXPIRE', join, expires)
+  redis.call('EXPIRE', extra_key, expires)
+  redis.call('EXPIRE', size_key, expires)
+  redis.call('EXPIRE', seen, expires)
+  if group_expires and group_expires > 0 then redis.call('EXPIRE', group, group_expires) end
+end
+local extra = tonumber(redis.call('GET', extra_key) or '0') or 0
+local size = tonumber(redis.call('GET', size_key) or '-1') or -1
+if size < 0 or count ~= size + extra then return {count, extra, size, 0} end
+if not redis.call('SET', claim, ARGV[8], 'NX', 'EX', ARGV[7]) then return {count, extra, size, 0} end
+local out = {count, extra, size, 1, redis.call('EXISTS', group)}
+local entries
+if sorted then entries = redis.call('ZRANGE', join, 0, -1) else entries = redis.call('LRANGE', join, 0, -1) end
+for i = 1, #entries do out[#out + 1] = entries[i] end
+return out
+";
+
+/// Keep the claim on a chord's body while it is sent: extend it to `ARGV[2]` seconds while it
+/// is still ours (`ARGV[1]`), or take it again if it lapsed and the chord is still there (`.s`
+/// exists) — Celery's claim extension before the publish. KEYS: `.c`, `.s`. Returns 1 when the
+/// claim is ours.
+pub const CHORD_EXTEND_CLAIM: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+if not cur and redis.call('EXISTS', KEYS[2]) == 1 then
+  if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 1 end
+end
+return 0
+";
+
+/// After the body was sent: if the claim is still ours (`ARGV[1]`), delete the join keys and
+/// mark the chord `done` for `ARGV[2]` seconds, so a late duplicate of a header task neither
+/// recreates the chord nor sends the body again. KEYS: `.c`, `.j`, `.t`, `.s`, `.d`. Returns 1
+/// when cleaned up, 0 when the claim was lost (the keys are left to expire).
+pub const CHORD_CLEANUP: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+local ttl = tonumber(ARGV[2])
+if ttl and ttl > 0 then redis.call('SET', KEYS[1], 'done', 'EX', ttl) end
+return 1
+";

@@ -90,6 +90,50 @@ pub fn result_key(task_id: &str) -> String {
     format!("{RESULT_KEY_PREFIX}{task_id}")
 }
 
+/// Prefix of group (taskset) keys in the backend DB, and of a chord's join keys.
+pub const GROUP_KEY_PREFIX: &str = "celery-taskset-meta-";
+
+/// The group result key of a group id (`GroupResult.save()`; for a chord, written by the
+/// producer only when the header holds groups).
+pub fn group_key(group_id: &str) -> String {
+    format!("{GROUP_KEY_PREFIX}{group_id}")
+}
+
+/// The keys of the Redis backend's chord join for the header group `group_id`
+/// (celery-wire.md §2.4), every one `celery-taskset-meta-<group_id>` plus a suffix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChordKeys {
+    /// `.j`: the header results, `[1, task_id, state, result]` each; a sorted set scored by
+    /// `group_index` (Celery's default), or a list in arrival order (`result_chord_ordered`
+    /// off).
+    pub join: String,
+    /// `.t`: INCR'd for each header task replaced by a group (`Task.add_to_chord`): the
+    /// results expected beyond the size.
+    pub extra: String,
+    /// `.s`: the header's size, set by the producer (`set_chord_size`).
+    pub size: String,
+    /// `.d`: SET of `task_id:group_index` already counted (a redelivered header task counts
+    /// once).
+    pub seen: String,
+    /// `.c`: the claim on sending the body (a random token, with an expiry), then `done`.
+    pub claim: String,
+    /// The group's own result key (see [`group_key`]).
+    pub group: String,
+}
+
+/// The chord join keys of header group `group_id`.
+pub fn chord_keys(group_id: &str) -> ChordKeys {
+    let group = group_key(group_id);
+    ChordKeys {
+        join: format!("{group}.j"),
+        extra: format!("{group}.t"),
+        size: format!("{group}.s"),
+        seen: format!("{group}.d"),
+        claim: format!("{group}.c"),
+        group,
+    }
+}
+
 /// Kombu's `priority_steps`: the buckets a queue is split into. Sorted, unique, within 0..=9,
 /// and starting at 0 (kombu maps priorities below the first step to the first step's key).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -186,6 +230,15 @@ mod tests {
         assert_eq!(Binding::parse("a\x06\x16b"), None);
         assert_eq!(Binding::parse("a\x06\x16b\x06\x16c\x06\x16d"), None);
         assert_eq!(binding_set("reply.celery.pidbox"), "_kombu.binding.reply.celery.pidbox");
+    }
+
+    #[test]
+    fn chord_keys_are_celerys() {
+        let k = chord_keys("g1");
+        assert_eq!(
+            [k.join, k.extra, k.size, k.seen, k.claim, k.group],
+            [".j", ".t", ".s", ".d", ".c", ""].map(|s| format!("celery-taskset-meta-g1{s}"))
+        );
     }
 
     #[test]

@@ -39,7 +39,8 @@ pub enum RejectReason {
     UnknownTask,
     /// Arguments that do not fit the task's signature or types (FAILURE `TypeError`).
     BadArguments,
-    /// Chords and nested canvas callbacks are not supported by this worker.
+    /// Nested canvas (a group, chain or chord inside a link, a chain or a chord body) is not
+    /// supported by this worker.
     UnsupportedCanvas,
     /// Larger than `--max-message-bytes` (or a body inflating beyond it): refused undecoded.
     TooLarge,
@@ -105,7 +106,8 @@ pub struct Signature {
 }
 
 impl Signature {
-    fn from_value(v: &Value, what: &str) -> Result<Signature, String> {
+    /// Read one signature dict; `what` names it in the error (e.g. `link[0]`).
+    pub fn from_value(v: &Value, what: &str) -> Result<Signature, String> {
         let obj = v.as_object().ok_or_else(|| format!("{what} is not a signature object"))?;
         if let Some(kind) = obj.get("subtask_type").and_then(Value::as_str) {
             return Err(format!("{what} is a {kind:?} canvas; only plain task signatures are supported"));
@@ -136,6 +138,9 @@ pub struct Embed {
     pub errbacks: Vec<Signature>,
     /// Stored reversed, as Celery does: the next task is the LAST element.
     pub chain: Vec<Signature>,
+    /// The body of the chord this task is a header member of (`embed.chord`); its join key
+    /// is the message's `group` (celery-wire.md §2.4).
+    pub chord: Option<Signature>,
 }
 
 /// Everything the worker needs from one message.
@@ -153,6 +158,9 @@ pub struct TaskMessage {
     pub root_id: Option<String>,
     pub parent_id: Option<String>,
     pub group: Option<String>,
+    /// `group_index`: the member's place in its group (a chord's header results are joined
+    /// in this order); `None` when the producer sent none.
+    pub group_index: Option<i64>,
     pub eta: Option<DateTime<Utc>>,
     pub expires: Option<DateTime<Utc>>,
     pub retries: u32,
@@ -313,6 +321,7 @@ fn parse_checked(bytes: &[u8], max_bytes: usize) -> Result<TaskMessage, Rejectio
         root_id: fields.root_id,
         parent_id: fields.parent_id,
         group: fields.group,
+        group_index: fields.group_index,
         eta: fields.eta,
         expires: fields.expires,
         retries: fields.retries,
@@ -450,6 +459,7 @@ struct V2Fields {
     root_id: Option<String>,
     parent_id: Option<String>,
     group: Option<String>,
+    group_index: Option<i64>,
     eta: Option<DateTime<Utc>>,
     expires: Option<DateTime<Utc>>,
     retries: u32,
@@ -479,6 +489,7 @@ impl V2Fields {
             root_id: opt_str(h, "root_id")?,
             parent_id: opt_str(h, "parent_id")?,
             group: opt_str(h, "group")?,
+            group_index: opt_int(h, "group_index")?,
             eta: opt_time(h, "eta")?,
             expires: opt_time(h, "expires")?,
             retries: retries(h.get("retries"))?,
@@ -507,13 +518,11 @@ impl V2Fields {
         let kwargs = opt_object(b.get("kwargs")).ok_or((RejectReason::BadBody, "kwargs is not a dict".to_owned()))?;
         let (hard, soft) = time_limits(b.get("timelimit"))?;
         let embed = (|| {
-            if !b.get("chord").is_none_or(Value::is_null) {
-                return Err("chords are not supported by this worker".to_owned());
-            }
             Ok(Embed {
                 callbacks: signatures(b.get("callbacks"), "callbacks")?,
                 errbacks: signatures(b.get("errbacks"), "errbacks")?,
                 chain: Vec::new(),
+                chord: chord_body(b.get("chord"))?,
             })
         })();
         Ok(V2Fields {
@@ -522,6 +531,7 @@ impl V2Fields {
             root_id: None,
             parent_id: None,
             group: opt_str(&b, "taskset")?,
+            group_index: None,
             eta: opt_time(&b, "eta")?,
             expires: opt_time(&b, "expires")?,
             retries: retries(b.get("retries"))?,
@@ -567,14 +577,21 @@ fn split_v2_body(body: Value) -> FieldResult<V2Body> {
 }
 
 fn parse_embed(e: &Map<String, Value>) -> Result<Embed, String> {
-    if !e.get("chord").is_none_or(Value::is_null) {
-        return Err("chords are not supported by this worker; run chords on a Python worker queue".into());
-    }
     Ok(Embed {
         callbacks: signatures(e.get("callbacks"), "link")?,
         errbacks: signatures(e.get("errbacks"), "link_error")?,
         chain: signatures(e.get("chain"), "chain")?,
+        chord: chord_body(e.get("chord"))?,
     })
+}
+
+/// `embed.chord`: the body a chord header member completes; a plain task signature (a body
+/// that is itself a group, chain or chord is refused with its kind named).
+fn chord_body(v: Option<&Value>) -> Result<Option<Signature>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(body) => Signature::from_value(body, "chord body").map(Some),
+    }
 }
 
 fn signatures(v: Option<&Value>, what: &str) -> Result<Vec<Signature>, String> {
@@ -609,6 +626,14 @@ fn opt_str(h: &Map<String, Value>, key: &str) -> FieldResult<Option<String>> {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(other) => Err(bad_header(format!("{key} is not a string: {other}"))),
+    }
+}
+
+fn opt_int(h: &Map<String, Value>, key: &str) -> FieldResult<Option<i64>> {
+    match h.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) if n.is_i64() => Ok(n.as_i64()),
+        Some(other) => Err(bad_header(format!("{key} is not an integer: {other}"))),
     }
 }
 
@@ -708,6 +733,51 @@ mod tests {
         let mut upper = envelope("u");
         upper["content-encoding"] = "UTF-8".into();
         assert!(parse_message(&serde_json::to_vec(&upper).unwrap()).is_ok());
+    }
+
+    fn with_embed(headers: Value, embed: Value) -> Result<TaskMessage, Rejection> {
+        let mut env = envelope("c1");
+        for (k, v) in headers.as_object().unwrap() {
+            env["headers"][k] = v.clone();
+        }
+        env["body"] = B64.encode(serde_json::json!([[], {}, embed]).to_string()).into();
+        parse_message(&serde_json::to_vec(&env).unwrap())
+    }
+
+    #[test]
+    fn chord_members_are_read_and_malformed_ones_refused_with_their_id() {
+        let body = serde_json::json!({"task": "tasks.xsum", "args": [], "kwargs": {}, "options": {"task_id": "b"}});
+        let m = with_embed(serde_json::json!({"group": "g", "group_index": 3}), serde_json::json!({"chord": body}))
+            .unwrap();
+        assert_eq!((m.group.as_deref(), m.group_index), (Some("g"), Some(3)));
+        assert_eq!(m.embed.chord.map(|b| b.task), Some("tasks.xsum".to_owned()));
+        let group_body = serde_json::json!({"task": "celery.group", "subtask_type": "group", "kwargs": {"tasks": []}});
+        for (headers, embed, reason, says) in [
+            (
+                serde_json::json!({}),
+                serde_json::json!({"chord": group_body}),
+                RejectReason::UnsupportedCanvas,
+                "\"group\"",
+            ),
+            (
+                serde_json::json!({}),
+                serde_json::json!({"chord": "junk"}),
+                RejectReason::UnsupportedCanvas,
+                "not a signature",
+            ),
+            (
+                serde_json::json!({}),
+                serde_json::json!({"chord": {"args": []}}),
+                RejectReason::UnsupportedCanvas,
+                "no task name",
+            ),
+            (serde_json::json!({"group_index": "x"}), serde_json::json!({}), RejectReason::BadHeaders, "group_index"),
+            (serde_json::json!({"group_index": 1.5}), serde_json::json!({}), RejectReason::BadHeaders, "group_index"),
+        ] {
+            let r = with_embed(headers, embed).unwrap_err();
+            assert_eq!((r.reason, r.task_id.as_deref()), (reason, Some("c1")), "{r}");
+            assert!(r.detail.contains(says), "{r}");
+        }
     }
 
     #[test]

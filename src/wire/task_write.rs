@@ -25,6 +25,8 @@ pub struct NewTask {
     pub root_id: Option<String>,
     pub parent_id: Option<String>,
     pub group: Option<String>,
+    /// The `group_index` header: the task's place in its group (a chord header member's).
+    pub group_index: Option<i64>,
     pub eta: Option<DateTime<Utc>>,
     pub expires: Option<DateTime<Utc>>,
     pub retries: u32,
@@ -34,6 +36,8 @@ pub struct NewTask {
     pub chain: Vec<Signature>,
     pub callbacks: Vec<Signature>,
     pub errbacks: Vec<Signature>,
+    /// The chord body this task is a header member of (`embed.chord`).
+    pub chord: Option<Signature>,
 }
 
 impl NewTask {
@@ -49,6 +53,7 @@ impl NewTask {
             root_id: None,
             parent_id: None,
             group: None,
+            group_index: None,
             eta: None,
             expires: None,
             retries: 0,
@@ -57,6 +62,7 @@ impl NewTask {
             chain: Vec::new(),
             callbacks: Vec::new(),
             errbacks: Vec::new(),
+            chord: None,
         }
     }
 
@@ -82,14 +88,15 @@ impl NewTask {
     }
 
     /// The message Celery's `Task.retry` sends (fixture w01): the same task, id, arguments,
-    /// headers and workflow (links, chain) as `msg`, with `retries + 1`, an ETA `countdown`
-    /// from now, and `parent_id` = the task itself.
+    /// headers and workflow (links, chain, its chord and place in the group) as `msg`, with
+    /// `retries + 1`, an ETA `countdown` from now, and `parent_id` = the task itself.
     pub fn retry_of(msg: &TaskMessage, queue: &str, countdown: std::time::Duration) -> Self {
         let TaskMessage {
             task,
             id,
             priority,
             group,
+            group_index,
             expires,
             retries,
             hard_time_limit,
@@ -110,6 +117,7 @@ impl NewTask {
             root_id: Some(msg.root_id().to_owned()),
             parent_id: Some(id.clone()),
             group: group.clone(),
+            group_index: *group_index,
             eta: chrono::Duration::from_std(countdown).ok().and_then(|c| Utc::now().checked_add_signed(c)),
             expires: *expires,
             retries: retries.saturating_add(1),
@@ -118,6 +126,7 @@ impl NewTask {
             chain: embed.chain.clone(),
             callbacks: embed.callbacks.clone(),
             errbacks: embed.errbacks.clone(),
+            chord: embed.chord.clone(),
         }
     }
 
@@ -131,7 +140,7 @@ impl NewTask {
                 callbacks: signatures(&self.callbacks),
                 errbacks: signatures(&self.errbacks),
                 chain: signatures(&self.chain),
-                chord: None,
+                chord: self.chord.as_ref().map(SignatureOut::from),
             },
         );
         let iso = |d: &Option<DateTime<Utc>>| d.map(python_isoformat);
@@ -145,7 +154,7 @@ impl NewTask {
                 eta: iso(&self.eta),
                 expires: iso(&self.expires),
                 group: self.group.as_deref(),
-                group_index: None,
+                group_index: self.group_index,
                 retries: self.retries,
                 timelimit: (&self.time_limit.0, &self.time_limit.1),
                 root_id: self.root_id.as_deref().unwrap_or(&self.id),
@@ -185,7 +194,7 @@ struct HeadersOut<'a> {
     eta: Option<String>,
     expires: Option<String>,
     group: Option<&'a str>,
-    group_index: Option<u32>,
+    group_index: Option<i64>,
     retries: u32,
     timelimit: (&'a Option<Number>, &'a Option<Number>),
     root_id: &'a str,
@@ -217,7 +226,7 @@ struct EmbedOut<'a> {
     callbacks: Option<Vec<SignatureOut<'a>>>,
     errbacks: Option<Vec<SignatureOut<'a>>>,
     chain: Option<Vec<SignatureOut<'a>>>,
-    chord: Option<()>,
+    chord: Option<SignatureOut<'a>>,
 }
 
 #[derive(Serialize)]

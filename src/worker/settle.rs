@@ -11,18 +11,24 @@
 //!   is readable.
 //! - **failure** (`Raise`): FAILURE; each `link_error` errback is sent with the task id as its
 //!   argument. Stored with the acknowledgement unless there are errbacks (then first).
+//! - **chord header member** (`embed.chord`, success or failure): its result is stored first,
+//!   then counted in the chord's join (Celery's order: whoever sees the chord complete finds
+//!   every member's result), then the follow-ups are sent; see [`super::chord`].
 //! - **retry**: RETRY is stored, then the message is sent again with `retries + 1` after the
 //!   countdown, to the queue it came from.
 
+use super::chord::{self, ChordStep};
 use crate::task::{TaskError, TaskResult};
 use crate::wire::task_write::NewTask;
-use crate::wire::{ExceptionInfo, ResultMeta, TaskMessage, keys};
+use crate::wire::{ExceptionInfo, ResultMeta, TaskMessage, TaskState, keys};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 /// What to do about one outcome.
 #[derive(Debug, PartialEq)]
 pub struct Settlement {
+    /// Count the result in its chord's join first (a chord header member).
+    pub chord: Option<ChordStep>,
     /// Store before sending anything (follow-ups must find it).
     pub store_first: Option<ResultMeta>,
     /// Follow-up messages, in order.
@@ -56,15 +62,18 @@ pub fn settle(msg: &TaskMessage, outcome: TaskResult, queue: &str, now: DateTime
                 t.chain = rest.to_vec();
                 send.push(t);
             }
-            (Kind::Success, store_around(ResultMeta::success(&msg.id, value, now), send))
+            let part = chord::part(msg, TaskState::Success, &value);
+            (Kind::Success, store_around(ResultMeta::success(&msg.id, value, now), send, part))
         }
         Err(TaskError::Raise(exc)) => {
             let send = errbacks(msg);
             let meta = ResultMeta::failure(&msg.id, task, &exc, now);
-            (Kind::Failure(exc), store_around(meta, send))
+            let part = chord::part(msg, TaskState::Failure, &exc.to_value());
+            (Kind::Failure(exc), store_around(meta, send, part))
         }
         Err(TaskError::Retry { exc, countdown }) => {
             let plan = Settlement {
+                chord: None,
                 store_first: Some(ResultMeta::retry(&msg.id, task, &exc)),
                 send: vec![NewTask::retry_of(msg, queue, countdown)],
                 store_with_ack: None,
@@ -83,11 +92,14 @@ pub fn errbacks(msg: &TaskMessage) -> Vec<NewTask> {
         .collect()
 }
 
-fn store_around(meta: ResultMeta, send: Vec<NewTask>) -> Settlement {
-    if send.is_empty() {
-        Settlement { store_first: None, send, store_with_ack: Some(meta) }
+/// Store with the ack when nothing follows; else first. A chord member's result is stored
+/// before its part is counted, as Celery does: whoever sees the chord complete (a client
+/// looking at the header group, the body) finds every member's result.
+fn store_around(meta: ResultMeta, send: Vec<NewTask>, chord: Option<ChordStep>) -> Settlement {
+    if send.is_empty() && chord.is_none() {
+        Settlement { chord, store_first: None, send, store_with_ack: Some(meta) }
     } else {
-        Settlement { store_first: Some(meta), send, store_with_ack: None }
+        Settlement { chord, store_first: Some(meta), send, store_with_ack: None }
     }
 }
 
@@ -170,5 +182,27 @@ mod tests {
         let again = &s.send[0];
         assert_eq!((again.id.as_str(), again.retries, again.queue.as_str()), ("parent-id", 1, "q2"));
         assert!(again.eta.is_some(), "after its countdown");
+    }
+
+    #[test]
+    fn a_chord_member_counts_its_outcome_and_a_retry_keeps_its_chord_and_place() {
+        let body = sig("tasks.xsum", json!([]));
+        let mut msg = message(json!({"callbacks": null, "errbacks": null, "chain": null, "chord": body}));
+        msg.group = Some("g1".into());
+        msg.group_index = Some(2);
+        let (_, s) = settle(&msg, Ok(json!(3)), "celery", Utc::now());
+        assert!(s.store_first.is_some() && s.store_with_ack.is_none(), "stored before it counts");
+        let step = s.chord.expect("a chord member counts its part");
+        assert_eq!((step.part.group_id.as_str(), step.part.score.as_str()), ("g1", "2"));
+        let (_, s) =
+            settle(&msg, Err(TaskError::Raise(ExceptionInfo::builtin("ValueError", "x"))), "celery", Utc::now());
+        assert!(s.chord.is_some(), "a failure counts too");
+        let exc = ExceptionInfo::builtin("IOError", "again");
+        let (_, s) =
+            settle(&msg, Err(TaskError::Retry { exc, countdown: Duration::from_secs(1) }), "celery", Utc::now());
+        assert!(s.chord.is_none(), "a retry does not count yet");
+        let again = crate::wire::parse_message(&s.send[0].to_message("gen1@test").0).unwrap();
+        assert_eq!((again.group.as_deref(), again.group_index), (Some("g1"), Some(2)));
+        assert_eq!(again.embed.chord.map(|b| b.task), Some("tasks.xsum".to_owned()));
     }
 }

@@ -24,6 +24,8 @@ app.conf.update(
         "unacked_restore_interval": float(os.environ.get("UNACKED_RESTORE_INTERVAL", "10")),
         "unacked_restore_throttle": int(os.environ.get("UNACKED_RESTORE_THROTTLE", "10")),
     },
+    # CHORD_ORDERED=0: the chord join's list form (Celery's result_chord_ordered=False).
+    result_backend_transport_options={"result_chord_ordered": os.environ.get("CHORD_ORDERED", "1") == "1"},
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
 )
@@ -65,3 +67,9 @@ def flaky(self, fail_times, countdown=1.0):
     attempt = self.request.retries + 1
     raise self.retry(exc=RuntimeError(f"flaky: attempt {attempt} of {fail_times + 1} fails on purpose"),
                      countdown=countdown)
+
+
+@app.task(name="tasks.xsum")
+def xsum(numbers):
+    """sum(numbers): a chord body (it receives the header's results as one list)."""
+    return sum(numbers)

@@ -1,0 +1,313 @@
+//! Chords on the Redis result backend, as Celery 5.7 runs them (celery-wire.md §2.4): each
+//! header task counts its result in the chord's join (`transport::scripts::CHORD_PART`, one
+//! atomic step that also claims the body for exactly one worker of the fleet), and the worker
+//! that completes the chord sends the body with the header's results in `group_index` order —
+//! or, when a header task failed, fails the body with Celery's `ChordError` and sends the
+//! body's errbacks.
+//!
+//! The rules are pure functions here ([`part`], [`body_plan`]); the worker's `chord_part_return`
+//! carries them out against Redis.
+//!
+//! Where this differs from Celery, on purpose: the body's FAILURE is stored *before* its
+//! errbacks are sent (Celery sends them first, so an errback may look before the ChordError
+//! is there); errbacks are sent as `(body_id,)` task messages, one each (Celery calls an
+//! errback that takes more than the task id in-process and sends the others as a group); a
+//! header holding groups (a GroupResult saved by the producer) fails the chord with a clear
+//! `ChordError` instead of being joined by structure.
+
+use super::Worker;
+use crate::transport::backend::{ChordPart, PartReturned};
+use crate::transport::connection;
+use crate::wire::chord::{self, JoinError, part_entry, part_score};
+use crate::wire::task_write::new_uuid;
+use crate::wire::{ExceptionInfo, NewTask, ResultMeta, Signature, TaskMessage, TaskState, keys};
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+/// A header task's part in its chord: what to count, and the body to send when it completes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChordStep {
+    pub part: ChordPart,
+    pub body: Signature,
+}
+
+/// The chord part of `msg` finishing in `state` with `result` (the value, or the exception as
+/// stored); `None` when the message is not a chord header member (no `chord` body, or no
+/// group to join in — Celery does nothing then either).
+pub fn part(msg: &TaskMessage, state: TaskState, result: &Value) -> Option<ChordStep> {
+    let body = msg.embed.chord.as_ref()?;
+    let group_id = msg.group.as_deref().filter(|g| !g.is_empty())?;
+    Some(ChordStep {
+        part: ChordPart {
+            group_id: group_id.to_owned(),
+            task_id: msg.id.clone(),
+            score: part_score(msg.group_index),
+            entry: part_entry(&msg.id, state, result),
+        },
+        body: body.clone(),
+    })
+}
+
+/// What the worker that claimed a complete chord does.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BodyPlan {
+    /// Send the body with the header's results as its first argument.
+    Send(NewTask),
+    /// Store the body's FAILURE (a `ChordError`), then send its errbacks.
+    Fail { error: ExceptionInfo, meta: ResultMeta, errbacks: Vec<NewTask>, skipped: Vec<String> },
+}
+
+/// The body of a complete chord, from the header's `entries` in join order. `nested`: the
+/// producer saved a group result (a header holding groups), which this worker does not join.
+pub fn body_plan(
+    body: &Signature,
+    entries: &[Vec<u8>],
+    nested: bool,
+    header: &TaskMessage,
+    now: DateTime<Utc>,
+) -> BodyPlan {
+    let joined = if nested {
+        Err(JoinError::Unreadable(
+            "the chord header holds groups (a saved GroupResult); this worker joins flat headers only".into(),
+        ))
+    } else {
+        chord::join(entries)
+    };
+    match joined {
+        Ok(results) => BodyPlan::Send(body_task(body, Value::Array(results), header)),
+        Err(e) => fail(body, &e.chord_error(), header, now),
+    }
+}
+
+/// The body's message as Celery's `callback.delay(results)` sends it from the worker that
+/// completed the chord: its own id, queue and options, `parent_id` the header task that
+/// completed it, the workflow's root, `group` the header's (the body's `group_id` option), and
+/// its own `link`/`link_error`.
+fn body_task(body: &Signature, results: Value, header: &TaskMessage) -> NewTask {
+    let mut t = NewTask::from_signature(body, Some(results), header, keys::DEFAULT_QUEUE);
+    t.callbacks = option_signatures(body, "link").0;
+    t.errbacks = option_signatures(body, "link_error").0;
+    t
+}
+
+/// Celery's `chord_error_from_stack`: the body fails with `exc` (stored under its task id,
+/// without group or parent), and each of its errbacks is sent with the body's id as its
+/// argument, the body as its parent and root.
+fn fail(body: &Signature, exc: &ExceptionInfo, header: &TaskMessage, now: DateTime<Utc>) -> BodyPlan {
+    let body_id = body.option_str("task_id").map_or_else(new_uuid, str::to_owned);
+    let meta = ResultMeta::failure(&body_id, &body.task, exc, now);
+    let (sigs, skipped) = option_signatures(body, "link_error");
+    let errbacks = sigs
+        .iter()
+        .map(|sig| {
+            let mut t = NewTask::from_signature(sig, Some(Value::String(body_id.clone())), header, keys::DEFAULT_QUEUE);
+            t.parent_id = Some(body_id.clone());
+            t.root_id = Some(body_id.clone());
+            t
+        })
+        .collect();
+    BodyPlan::Fail { error: exc.clone(), meta, errbacks, skipped }
+}
+
+/// `options[key]` of a signature as signatures (Celery allows one or a list); what cannot be
+/// read is named in the second list, not sent.
+fn option_signatures(sig: &Signature, key: &str) -> (Vec<Signature>, Vec<String>) {
+    let items: Vec<&Value> = match sig.options.get(key) {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => items.iter().collect(),
+        Some(one) => vec![one],
+    };
+    let (mut ok, mut bad) = (Vec::new(), Vec::new());
+    for (i, item) in items.into_iter().enumerate() {
+        match Signature::from_value(item, &format!("chord body {key}[{i}]")) {
+            Ok(s) => ok.push(s),
+            Err(e) => bad.push(e),
+        }
+    }
+    (ok, bad)
+}
+
+impl Worker {
+    /// Count `step`'s part ([`crate::transport::backend::Backend::chord_part_return`]) and, when
+    /// this worker claimed the complete chord, send its body (claim extended first, join keys
+    /// cleaned up after) or fail it. A Redis error that retrying cannot cure (a join key of the
+    /// wrong type) is logged and counted, and leaves the chord to its keys' expiry.
+    pub(super) async fn chord_part_return(&self, header: &TaskMessage, step: ChordStep) {
+        let gid = step.part.group_id.as_str();
+        let Some(returned) =
+            self.chord_redis("count a chord part", || self.backend.chord_part_return(&step.part)).await
+        else {
+            return;
+        };
+        let (token, entries, nested) = match returned {
+            PartReturned::AlreadyDone => {
+                tracing::info!(task_id = %header.id, group_id = gid, "chord already complete; this part is a late duplicate");
+                return;
+            }
+            PartReturned::Counted { count, expected } => {
+                tracing::debug!(task_id = %header.id, group_id = gid, count, ?expected, "chord part counted");
+                return;
+            }
+            PartReturned::Claimed { token, entries, nested } => (token, entries, nested),
+        };
+        match body_plan(&step.body, &entries, nested, header, Utc::now()) {
+            BodyPlan::Send(body) => {
+                let extended =
+                    self.chord_redis("extend the chord claim", || self.backend.chord_extend_claim(gid, &token)).await;
+                if extended != Some(true) {
+                    tracing::warn!(group_id = gid, "chord body not sent: another worker holds its claim now");
+                    return;
+                }
+                tracing::info!(group_id = gid, body = %body.task, body_id = %body.id, members = entries.len(), "chord complete; sending its body");
+                self.send(body).await;
+                let cleaned = self.chord_redis("clean up the chord", || self.backend.chord_cleanup(gid, &token)).await;
+                if cleaned == Some(false) {
+                    tracing::warn!(group_id = gid, "chord claim lost before cleanup; its keys are left to expire");
+                }
+            }
+            BodyPlan::Fail { error, meta, errbacks, skipped } => {
+                tracing::warn!(group_id = gid, body = %step.body.task, body_id = %meta.task_id, "chord failed: {}", error.summary());
+                for why in skipped {
+                    tracing::warn!(group_id = gid, "chord body errback not sent: {why}");
+                }
+                self.metrics.failure.with_label_values(&[&step.body.task]).inc();
+                self.store_meta(&meta).await;
+                for errback in errbacks {
+                    self.send(errback).await;
+                }
+                self.chord_redis("drop the failed chord's size", || self.backend.chord_drop_size(gid)).await;
+            }
+        }
+    }
+
+    /// A chord member that will not run (revoked, expired, terminated) counts as REVOKED with
+    /// `exc`, as Celery's `mark_as_revoked` does: the chord fails with a `ChordError`. Call it
+    /// after storing the REVOKED result.
+    pub(super) async fn chord_part_revoked(&self, msg: &TaskMessage, exc: &ExceptionInfo) {
+        if let Some(step) = part(msg, TaskState::Revoked, &exc.to_value()) {
+            self.chord_part_return(msg, step).await;
+        }
+    }
+
+    /// A redelivered chord member whose SUCCESS is already stored is not run again; its first
+    /// run may have stopped after the store and before the count, so count the stored result
+    /// (a duplicate counts once).
+    pub(super) async fn chord_part_of_stored(&self, msg: &TaskMessage) {
+        if msg.embed.chord.is_none() {
+            return;
+        }
+        let stored = self.chord_redis("read a chord member's result", || self.backend.stored(&msg.id)).await.flatten();
+        let Some(result) = stored.and_then(|mut m| m.get_mut("result").map(Value::take)) else { return };
+        if let Some(step) = part(msg, TaskState::Success, &result) {
+            self.chord_part_return(msg, step).await;
+        }
+    }
+
+    /// A backend call of the chord join, retried through outages like every store; an error
+    /// that retrying cannot cure (a script or type error: the keys hold something else) is
+    /// logged and counted as a rejection (`chord_join`), and gives `None`.
+    async fn chord_redis<T, F, Fut>(&self, what: &str, mut op: F) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let outcome = self
+            .redis_backend(what, || {
+                let fut = op();
+                async move {
+                    match fut.await {
+                        Err(e) if connection::classify(&e) == connection::Failure::Other => Ok(Err(e)),
+                        other => other.map(Ok),
+                    }
+                }
+            })
+            .await?;
+        match outcome {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.metrics.rejected.with_label_values(&["chord_join"]).inc();
+                tracing::error!(error = %e, "cannot {what}; the chord is left to its keys' expiry");
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::parse_message;
+    use serde_json::{Map, json};
+
+    /// A header member as Celery 5.7 sends it (fixture p27: `group`, `group_index`,
+    /// `embed.chord`).
+    fn header(index: Option<i64>, body: Value) -> TaskMessage {
+        let mut t = NewTask::new("tasks.cpu_bound", vec![json!(10)], Map::new(), "celery");
+        t.id = "h1".into();
+        t.group = Some("g1".into());
+        let (bytes, _) = t.to_message("gen1@test");
+        let mut env: Value = serde_json::from_slice(&bytes).unwrap();
+        env["headers"]["group_index"] = index.map_or(Value::Null, Value::from);
+        let embed = json!({"callbacks": null, "errbacks": null, "chain": null, "chord": body});
+        use base64::Engine as _;
+        env["body"] = base64::engine::general_purpose::STANDARD.encode(json!([[10], {}, embed]).to_string()).into();
+        parse_message(env.to_string().as_bytes()).unwrap()
+    }
+
+    fn body_sig(options: Value) -> Value {
+        json!({"task": "tasks.xsum", "args": [], "kwargs": {}, "options": options, "subtask_type": null, "immutable": false})
+    }
+
+    #[test]
+    fn a_header_member_counts_its_result_under_its_group_and_index() {
+        let msg = header(Some(1), body_sig(json!({"task_id": "b1", "group_id": "g1"})));
+        let step = part(&msg, TaskState::Success, &json!(4)).unwrap();
+        assert_eq!(step.part.group_id, "g1");
+        assert_eq!(step.part.score, "1");
+        assert_eq!(step.part.entry, br#"[1, "h1", "SUCCESS", 4]"#);
+        assert_eq!(step.body.task, "tasks.xsum");
+        let no_index = header(None, body_sig(json!({})));
+        assert_eq!(part(&no_index, TaskState::Success, &json!(4)).unwrap().part.score, "+inf");
+        let plain = header(Some(0), Value::Null);
+        assert_eq!(part(&plain, TaskState::Success, &json!(4)), None, "not a chord member");
+    }
+
+    #[test]
+    fn a_complete_chord_sends_its_body_with_the_results_in_order() {
+        let msg = header(Some(1), body_sig(json!({"task_id": "b1", "group_id": "g1", "queue": "bodyq"})));
+        let step = part(&msg, TaskState::Success, &json!(168)).unwrap();
+        let entries = [part_entry("h0", TaskState::Success, &json!(25)), step.part.entry.clone()];
+        let BodyPlan::Send(body) = body_plan(&step.body, &entries, false, &msg, Utc::now()) else { panic!("sent") };
+        assert_eq!((body.id.as_str(), body.queue.as_str()), ("b1", "bodyq"));
+        assert_eq!(body.args, vec![json!([25, 168])]);
+        assert_eq!(
+            (body.group.as_deref(), body.parent_id.as_deref(), body.root_id.as_deref()),
+            (Some("g1"), Some("h1"), Some("h1"))
+        );
+    }
+
+    #[test]
+    fn a_failed_member_fails_the_body_with_a_chord_error_and_calls_its_errbacks() {
+        let errback = json!({"task": "tasks.on_error", "args": [], "kwargs": {}, "options": {"task_id": "e1"}, "subtask_type": null, "immutable": false});
+        let msg = header(Some(0), body_sig(json!({"task_id": "b1", "link_error": [errback, "junk"]})));
+        let exc = ExceptionInfo::builtin("ValueError", "boom");
+        let entries = [part_entry("h1", TaskState::Failure, &exc.to_value())];
+        let step = part(&msg, TaskState::Failure, &exc.to_value()).unwrap();
+        let BodyPlan::Fail { meta, errbacks, skipped, .. } = body_plan(&step.body, &entries, false, &msg, Utc::now())
+        else {
+            panic!("failed")
+        };
+        assert_eq!((meta.task_id.as_str(), meta.status), ("b1", TaskState::Failure));
+        assert_eq!(
+            meta.result,
+            json!({"exc_type": "ChordError", "exc_message": ["Dependency h1 raised ValueError('boom')"], "exc_module": "celery.exceptions"})
+        );
+        assert_eq!((meta.group_id.clone(), meta.parent_id.clone()), (None, None));
+        assert_eq!(errbacks.len(), 1);
+        assert_eq!((errbacks[0].id.as_str(), errbacks[0].args.clone()), ("e1", vec![json!("b1")]));
+        assert_eq!(errbacks[0].parent_id.as_deref(), Some("b1"));
+        assert_eq!(skipped.len(), 1, "the unreadable errback is named, not sent: {skipped:?}");
+        let BodyPlan::Fail { meta, .. } = body_plan(&step.body, &[], true, &msg, Utc::now()) else { panic!() };
+        assert!(meta.result["exc_message"][0].as_str().unwrap().contains("holds groups"), "{}", meta.result);
+    }
+}
