@@ -118,12 +118,19 @@ pub struct WorkerArgs {
     /// about twice this.
     #[arg(long, default_value = "25", value_parser = args::duration)]
     pub health_check_interval: Duration,
+    /// Where the follow-ups this worker sends (links, errbacks, chain steps, chord bodies) go
+    /// when their signature names no queue, like Celery's `task_routes`:
+    /// `tasks.io_*=io,tasks.cpu_bound=cpu` (task name or glob `*`/`?`; first match wins); else
+    /// the default queue `celery`.
+    #[arg(long, env = "WORKER_TASK_ROUTES", default_value = "", value_parser = routes::parse, hide_default_value = true)]
+    pub task_routes: routes::Routes,
 }
 
 pub mod chord;
 pub mod control;
 pub mod events;
 pub mod inflight;
+pub mod routes;
 pub mod settle;
 
 pub use inflight::{Held, InFlight};
@@ -661,7 +668,9 @@ impl Worker {
         if let Some(expires) = msg.expires.filter(|e| *e <= Utc::now()) {
             tracing::info!(task_id = %msg.id, task = %msg.task, %expires, "task expired before it could run; storing REVOKED");
             self.metrics.revoked.with_label_values(&[&msg.task]).inc();
-            self.store(msg, &**task, ResultMeta::revoked(&msg.id, &ExceptionInfo::revoked_expired(), Utc::now())).await;
+            let exc = ExceptionInfo::revoked_expired();
+            self.store(msg, &**task, ResultMeta::revoked(&msg.id, &exc, Utc::now())).await;
+            self.chord_part_revoked(msg, &exc).await;
             self.state.revoked_task(&msg.id, false, true);
             return Err(Stop::Ack(tag.clone()));
         }
@@ -705,7 +714,9 @@ impl Worker {
                 // once, a blocking one has its cancel flag set (task::Call::run's drop guard).
                 tracing::info!(task_id = %msg.id, task = %msg.task, "task terminated by remote control; storing REVOKED");
                 self.metrics.revoked.with_label_values(&[&msg.task]).inc();
-                self.store(msg, &**task, ResultMeta::revoked(&msg.id, &ExceptionInfo::revoked("terminated"), Utc::now())).await;
+                let exc = ExceptionInfo::revoked("terminated");
+                self.store(msg, &**task, ResultMeta::revoked(&msg.id, &exc, Utc::now())).await;
+                self.chord_part_revoked(msg, &exc).await;
                 self.state.revoked_task(&msg.id, true, false);
                 Err(Stop::Ack(tag.clone()))
             }
@@ -758,7 +769,7 @@ impl Worker {
         elapsed: Duration,
     ) -> Option<ResultMeta> {
         let task = msg.task.as_str();
-        let (kind, plan) = settle::settle(msg, outcome, queue, Utc::now());
+        let (kind, plan) = settle::settle(msg, outcome, queue, Utc::now(), &self.args.task_routes);
         match &kind {
             settle::Kind::Success => {
                 self.metrics.success.with_label_values(&[task]).inc();
@@ -940,7 +951,7 @@ impl Worker {
     }
 
     async fn send_errbacks(&self, msg: &TaskMessage) {
-        for errback in settle::errbacks(msg) {
+        for errback in settle::errbacks(msg, &self.args.task_routes) {
             self.send(errback).await;
         }
     }

@@ -407,6 +407,152 @@ fn a_revoked_member_fails_the_chord_as_celery_does() {
     assert_eq!(redis.depth("bodyq"), 0, "no body sent");
 }
 
+#[test]
+fn an_expired_member_fails_the_chord_as_celery_does() {
+    let redis = Redis::start();
+    let worker = Worker::start(&redis, &["--concurrency", "1"]);
+    canvas(&redis, &["keys", "expired"], Duration::from_secs(60));
+    let member = "00000000-0000-4000-8000-00000000c002";
+    let body = wait_for("the body's FAILURE", Duration::from_secs(30), || {
+        redis.result("00000000-0000-4000-8000-00000000c003")
+    });
+    assert_eq!(body["result"]["exc_type"], "ChordError");
+    assert_eq!(body["result"]["exc_message"][0], format!("Dependency {member} raised TaskRevokedError('expired')"));
+    assert_eq!(redis.result(member).unwrap()["status"], "REVOKED");
+    assert_eq!(redis.depth("bodyq"), 0, "no body sent");
+    assert_eq!(worker.metric("celery_task_success_total", "tasks.cpu_bound"), 1.0, "the other member ran");
+}
+
+#[test]
+fn a_terminated_member_fails_the_chord_as_celery_does() {
+    let redis = Redis::start();
+    let worker = Worker::start(&redis, &["--concurrency", "2"]);
+    canvas(&redis, &["keys", "terminate"], Duration::from_secs(60));
+    let member = "00000000-0000-4000-8000-00000000c002";
+    wait_for("the long member to start", Duration::from_secs(30), || {
+        (worker.metric("celery_task_success_total", "tasks.cpu_bound") == 1.0
+            && worker.metric("celery_worker_active_tasks", "") >= 1.0)
+            .then_some(())
+    });
+    let (ok, out) = common::celery_cli(&redis, &["control", "terminate", "SIGTERM", member], Duration::from_secs(30));
+    assert!(ok, "{out}");
+    let body = wait_for("the body's FAILURE", Duration::from_secs(30), || {
+        redis.result("00000000-0000-4000-8000-00000000c003")
+    });
+    assert_eq!(body["result"]["exc_type"], "ChordError");
+    assert_eq!(body["result"]["exc_message"][0], format!("Dependency {member} raised TaskRevokedError('terminated')"));
+    assert_eq!(redis.result(member).unwrap()["status"], "REVOKED");
+    assert_eq!(redis.depth("bodyq"), 0, "no body sent");
+}
+
+/// The parts of a follow-up message that do not vary between runs: times as seconds from
+/// now rounded to 10 s, a group as whether there is one.
+fn follow_up_fields(raw: &str) -> Value {
+    let env: Value = serde_json::from_str(raw).unwrap();
+    let (h, p) = (&env["headers"], &env["properties"]);
+    use base64::Engine as _;
+    let body = base64::engine::general_purpose::STANDARD.decode(env["body"].as_str().unwrap()).unwrap();
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    let from_now = |v: &Value| {
+        v.as_str().map(|t| {
+            let t = chrono::DateTime::parse_from_rfc3339(t).unwrap().with_timezone(&chrono::Utc);
+            ((t - chrono::Utc::now()).num_milliseconds() as f64 / 10_000.0).round() as i64 * 10
+        })
+    };
+    let sigs = |v: &Value| -> Value {
+        v.as_array().map_or(json!(null), |a| {
+            a.iter().map(|s| json!([s["task"], s["options"]["task_id"], s["options"]["queue"]])).collect()
+        })
+    };
+    json!({
+        "task": h["task"], "id": h["id"], "argsrepr": h["argsrepr"], "kwargsrepr": h["kwargsrepr"],
+        "timelimit": h["timelimit"], "ignore_result": h["ignore_result"], "retries": h["retries"],
+        "group": h["group"].is_string(), "group_index": h["group_index"],
+        "parent_id": h["parent_id"], "root_id": h["root_id"],
+        "eta_in": from_now(&h["eta"]), "expires_in": from_now(&h["expires"]),
+        "priority": p["priority"], "routing_key": p["delivery_info"]["routing_key"],
+        "args": body[0], "kwargs": body[1],
+        "callbacks": sigs(&body[2]["callbacks"]), "errbacks": sigs(&body[2]["errbacks"]),
+        "chain": body[2]["chain"].as_array().map(Vec::len),
+    })
+}
+
+/// Run the `followups` case with `start` consuming `celery`; the parked messages by queue, and
+/// whether each queue's messages share one group.
+fn follow_ups(start: impl FnOnce(&Redis) -> Side) -> Value {
+    let redis = Redis::start();
+    let side = start(&redis);
+    canvas(&redis, &["followups"], Duration::from_secs(60));
+    let mut out = serde_json::Map::new();
+    for (queue, n) in [("hold", 1), ("links", 2), ("errs", 2)] {
+        let raw: Vec<String> = wait_for(&format!("{n} messages on {queue}"), Duration::from_secs(60), || {
+            // Every priority list of the queue (a priority-5 message is on `hold\x06\x163`).
+            let raw: Vec<String> = ["", "\x06\x163", "\x06\x166", "\x06\x169"]
+                .iter()
+                .flat_map(|suffix| redis.conn(0).lrange::<_, Vec<String>>(format!("{queue}{suffix}"), 0, -1).unwrap())
+                .collect();
+            (raw.len() == n).then_some(raw)
+        });
+        // LPUSH: the first sent is last.
+        let fields: Vec<Value> = raw.iter().rev().map(|m| follow_up_fields(m)).collect();
+        let groups: std::collections::BTreeSet<String> =
+            raw.iter().map(|m| serde_json::from_str::<Value>(m).unwrap()["headers"]["group"].to_string()).collect();
+        out.insert(queue.into(), json!({"messages": fields, "one_group": groups.len() == 1}));
+    }
+    drop(side);
+    Value::Object(out)
+}
+
+#[test]
+fn follow_ups_carry_their_own_options_as_a_python_worker_sends_them() {
+    let python = follow_ups(|r| Side { _python: Some(python_worker(r, "celery", &[])), _ours: None });
+    let ours = follow_ups(|r| Side { _python: None, _ours: Some(Worker::start(r, &["--concurrency", "1"])) });
+    for queue in ["hold", "links", "errs"] {
+        assert_eq!(ours[queue], python[queue], "{queue}: ours (left) vs a Python 5.7 worker's (right)");
+    }
+    // What that means, spelled out: the step kept its countdown, expiry, priority, limits and
+    // its own errback; two links and the errbacks each went as one group.
+    let step = &ours["hold"]["messages"][0];
+    assert_eq!(
+        (step["eta_in"].clone(), step["expires_in"].clone(), step["priority"].clone()),
+        (json!(30), json!(600), json!(5))
+    );
+    assert_eq!(step["timelimit"], json!([60, 50]));
+    assert_eq!(step["errbacks"][0][0], "tasks.io_bound");
+    assert_eq!(ours["links"]["one_group"], true);
+    assert_eq!(ours["errs"]["one_group"], true);
+}
+
+#[test]
+fn a_chain_steps_own_errback_fires_after_its_countdown() {
+    let redis = Redis::start();
+    let _worker = Worker::start(&redis, &["--concurrency", "2"]);
+    let sent = canvas(&redis, &["errback_countdown"], Duration::from_secs(60));
+    let errback = sent["errback"].as_str().unwrap();
+    common::wait_all(&redis, &[errback.to_owned()], "SUCCESS", Duration::from_secs(60));
+    let first = redis.result("00000000-0000-4000-8000-00000000c001").unwrap();
+    let step = redis.result("00000000-0000-4000-8000-00000000c002").unwrap();
+    assert_eq!((step["status"].as_str(), step["result"]["exc_type"].as_str()), (Some("FAILURE"), Some("TypeError")));
+    let done = |r: &Value| chrono::DateTime::parse_from_rfc3339(r["date_done"].as_str().unwrap()).unwrap();
+    let waited = (done(&step) - done(&first)).num_milliseconds() as f64 / 1000.0;
+    println!("the step ran {waited:.2} s after its parent (countdown 2 s)");
+    assert!(waited >= 2.0, "the countdown was kept: {waited} s");
+}
+
+#[test]
+fn a_follow_up_without_a_queue_goes_where_the_routing_table_says() {
+    let redis = Redis::start();
+    let _worker = Worker::start(&redis, &["--task-routes", "tasks.io_*=io, tasks.xsum=routed"]);
+    canvas(&redis, &["routed"], Duration::from_secs(60));
+    let raw: Vec<String> = wait_for("the step on queue routed", Duration::from_secs(30), || {
+        let raw: Vec<String> = redis.conn(0).lrange("routed", 0, -1).unwrap();
+        (raw.len() == 1).then_some(raw)
+    });
+    let fields = follow_up_fields(&raw[0]);
+    assert_eq!((fields["task"].as_str(), fields["routing_key"].as_str()), (Some("tasks.xsum"), Some("routed")));
+    assert_eq!(redis.depth("celery"), 0);
+}
+
 mod join_script {
     //! The chord join script on a real Redis, through the library's backend: the semantics of
     //! Celery 5.7's `on_chord_part_return`, step by step.

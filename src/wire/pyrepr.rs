@@ -19,6 +19,23 @@ pub fn args_repr(args: &[Value]) -> String {
     truncate(s)
 }
 
+/// `repr(tuple(args))`, as a follow-up sent through a `Signature` shows it: `()`, `(x,)`,
+/// `(a, b)`.
+pub fn args_tuple_repr(args: &[Value]) -> String {
+    let mut s = String::from("(");
+    for (i, v) in args.iter().enumerate() {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        repr_into(v, &mut s);
+    }
+    if args.len() == 1 {
+        s.push(',');
+    }
+    s.push(')');
+    truncate(s)
+}
+
 /// `repr(dict(kwargs))`.
 pub fn kwargs_repr(kwargs: &Map<String, Value>) -> String {
     let mut s = String::new();
@@ -137,6 +154,9 @@ mod tests {
     fn matches_python_repr() {
         // repr([2, 3]) / repr([1, 2.5, 's', None, True, [1, 2], {'a': 1}]) in Python
         assert_eq!(args_repr(&[json!(2), json!(3)]), "[2, 3]");
+        assert_eq!(args_tuple_repr(&[]), "()");
+        assert_eq!(args_tuple_repr(&[json!([25, 168])]), "([25, 168],)");
+        assert_eq!(args_tuple_repr(&[json!(1), json!("a")]), "(1, 'a')");
         let v = json!([1, 2.5, "s", null, true, [1, 2], {"a": 1}]);
         assert_eq!(args_repr(v.as_array().unwrap()), "[1, 2.5, 's', None, True, [1, 2], {'a': 1}]");
         assert_eq!(args_repr(&[json!("it's")]), "[\"it's\"]");

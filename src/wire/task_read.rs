@@ -122,12 +122,61 @@ impl Signature {
         let kwargs = opt_object(obj.get("kwargs")).ok_or_else(|| format!("{what}.kwargs is not a dict"))?;
         let options = opt_object(obj.get("options")).ok_or_else(|| format!("{what}.options is not a dict"))?;
         let immutable = obj.get("immutable").and_then(Value::as_bool).unwrap_or(false);
+        // The signature's own follow-ups (`sig.on_error(e)`, `sig.link(c)`) must be readable
+        // too: a broken one refuses the message now, not after its parent ran.
+        for key in ["link", "link_error"] {
+            signature_list(options.get(key), &format!("{what}.options.{key}"))?;
+        }
+        check_options(&options).map_err(|e| format!("{what}.options.{e}"))?;
         Ok(Signature { task, args, kwargs, options, immutable })
     }
 
     /// `options[key]` as a string, if set.
     pub fn option_str(&self, key: &str) -> Option<&str> {
         self.options.get(key).and_then(Value::as_str)
+    }
+
+    /// The signature's own `link` (`"link"`) or `link_error` (`"link_error"`) signatures,
+    /// as `Signature.link()` / `.on_error()` keep them in its options; checked when the
+    /// signature was read.
+    pub fn option_links(&self, key: &str) -> Vec<Signature> {
+        signature_list(self.options.get(key), key).unwrap_or_default()
+    }
+}
+
+/// The options a follow-up is sent with ([`crate::wire::NewTask::from_signature`]) have the
+/// types Celery gives them.
+fn check_options(options: &Map<String, Value>) -> Result<(), String> {
+    let number = |key: &str| match options.get(key) {
+        None | Some(Value::Null | Value::Number(_)) => Ok(()),
+        Some(v) => Err(format!("{key} is {v}, not a number of seconds")),
+    };
+    let time = |key: &str, seconds_too: bool| match options.get(key) {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::Number(_)) if seconds_too => Ok(()),
+        Some(Value::String(t)) => parse_iso8601(t).map(drop).map_err(|e| format!("{key}: {e}")),
+        Some(v) => Err(format!("{key} is {v}, not a date and time")),
+    };
+    number("countdown")?;
+    number("time_limit")?;
+    number("soft_time_limit")?;
+    time("eta", false)?;
+    time("expires", true)?;
+    match options.get("priority") {
+        None | Some(Value::Null) => Ok(()),
+        Some(p) if p.as_u64().is_some() => Ok(()),
+        Some(p) => Err(format!("priority is {p}, not a whole number 0-255")),
+    }
+}
+
+/// A signature option holding one signature or a list of them (`link`, `link_error`).
+fn signature_list(v: Option<&Value>, what: &str) -> Result<Vec<Signature>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => {
+            items.iter().enumerate().map(|(i, s)| Signature::from_value(s, &format!("{what}[{i}]"))).collect()
+        }
+        Some(one) => Ok(vec![Signature::from_value(one, what)?]),
     }
 }
 
@@ -700,6 +749,38 @@ mod tests {
             "headers": {"lang": "py", "task": "tasks.cpu_bound", "id": id, "nested": {"id": "not this"}},
             "properties": {"delivery_tag": "t1", "body_encoding": "base64"}
         })
+    }
+
+    #[test]
+    fn a_signatures_own_options_are_checked_when_it_is_read() {
+        let sig = |options: Value| {
+            Signature::from_value(
+                &serde_json::json!({"task": "t", "args": [], "kwargs": {}, "options": options}),
+                "link[0]",
+            )
+        };
+        let errback = serde_json::json!({"task": "e", "options": {"task_id": "e1"}});
+        let ok =
+            sig(serde_json::json!({"link_error": [errback], "countdown": 2.5, "expires": "2026-01-01T00:00:00+00:00"}))
+                .unwrap();
+        assert_eq!(ok.option_links("link_error")[0].task, "e");
+        assert_eq!(ok.option_links("link"), vec![]);
+        for (options, says) in [
+            (
+                serde_json::json!({"link_error": [errback, "junk"]}),
+                "link[0].options.link_error[1] is not a signature object",
+            ),
+            (
+                serde_json::json!({"link": {"task": "c", "subtask_type": "chain"}}),
+                "link[0].options.link is a \"chain\" canvas",
+            ),
+            (serde_json::json!({"countdown": "soon"}), "countdown is \"soon\", not a number of seconds"),
+            (serde_json::json!({"eta": 5}), "eta is 5, not a date and time"),
+            (serde_json::json!({"priority": -1}), "priority is -1"),
+        ] {
+            let err = sig(options).unwrap_err();
+            assert!(err.contains(says), "{err}");
+        }
     }
 
     #[test]

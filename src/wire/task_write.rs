@@ -4,9 +4,9 @@
 
 use super::kombu::{DeliveryInfo, Envelope};
 use super::pyjson;
-use super::pyrepr::{args_repr, kwargs_repr};
+use super::pyrepr::{args_repr, args_tuple_repr, kwargs_repr};
 use super::task_read::{Signature, TaskMessage};
-use super::time::python_isoformat;
+use super::time::{parse_iso8601, python_isoformat};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Map, Number, Value};
@@ -34,10 +34,16 @@ pub struct NewTask {
     pub ignore_result: Option<bool>,
     /// Remaining chain (reversed, next task last), carried in `embed.chain`.
     pub chain: Vec<Signature>,
+    /// Sent as a chain step: `embed.chain` is a list even when no step is left (Celery passes
+    /// the popped chain on), not `null`.
+    pub chain_step: bool,
     pub callbacks: Vec<Signature>,
     pub errbacks: Vec<Signature>,
     /// The chord body this task is a header member of (`embed.chord`).
     pub chord: Option<Signature>,
+    /// `argsrepr` as a tuple: what a follow-up sent through a `Signature` shows (it keeps its
+    /// args as a tuple); `send_task`'s own calls show a list.
+    pub args_tuple: bool,
 }
 
 impl NewTask {
@@ -60,31 +66,66 @@ impl NewTask {
             time_limit: (None, None),
             ignore_result: None,
             chain: Vec::new(),
+            chain_step: false,
             callbacks: Vec::new(),
             errbacks: Vec::new(),
             chord: None,
+            args_tuple: false,
         }
     }
 
-    /// The next task of a workflow: a signature applied with `(result,) + sig.args` unless
-    /// it is immutable, with `parent_id` = the finished task and the workflow's root, as
-    /// Celery's tracer sends links and chain steps.
-    pub fn from_signature(sig: &Signature, prepend: Option<Value>, parent: &TaskMessage, fallback_queue: &str) -> Self {
+    /// The next task of a workflow, as Celery's `Signature.apply_async` sends it from a worker:
+    /// `(result,) + sig.args` unless the signature is immutable, `parent_id` = the finished task
+    /// and the workflow's root, and the signature's own options: its `task_id`, `queue` (else
+    /// its `routing_key`, else `routed_queue`: the worker's routing table or the default queue),
+    /// `priority`, `countdown`/`eta`, `expires`, `time_limit`/`soft_time_limit`,
+    /// `ignore_result`, `group_id`/`group_index`, and its own `link`/`link_error`.
+    /// [`Signature::from_value`] checked every option read here.
+    pub fn from_signature(sig: &Signature, prepend: Option<Value>, parent: &TaskMessage, routed_queue: &str) -> Self {
         let mut args = Vec::with_capacity(sig.args.len() + 1);
         if let Some(v) = prepend.filter(|_| !sig.immutable) {
             args.push(v);
         }
         args.extend(sig.args.iter().cloned());
-        let mut t =
-            NewTask::new(&sig.task, args, sig.kwargs.clone(), sig.option_str("queue").unwrap_or(fallback_queue));
+        let queue = sig.option_str("queue").or_else(|| sig.option_str("routing_key")).unwrap_or(routed_queue);
+        let mut t = NewTask::new(&sig.task, args, sig.kwargs.clone(), queue);
         if let Some(id) = sig.option_str("task_id") {
             t.id = id.into();
         }
+        t.args_tuple = true; // a Signature keeps its args as a tuple
         t.priority = sig.options.get("priority").and_then(Value::as_u64).map_or(0, |p| p.min(9) as u8);
         t.root_id = Some(parent.root_id().to_owned());
         t.parent_id = Some(parent.id.clone());
         t.group = sig.option_str("group_id").map(str::to_owned);
+        t.group_index = sig.options.get("group_index").and_then(Value::as_i64);
+        let now = Utc::now();
+        // Celery's `as_task_v2`: a countdown wins over an eta; a number of seconds of expiry
+        // counts from the send.
+        t.eta = match sig.options.get("countdown").and_then(Value::as_f64).filter(|c| *c != 0.0) {
+            Some(countdown) => after(now, countdown),
+            None => sig.option_str("eta").and_then(|e| parse_iso8601(e).ok()),
+        };
+        t.expires = match sig.options.get("expires") {
+            Some(Value::Number(n)) => n.as_f64().and_then(|secs| after(now, secs)),
+            Some(Value::String(e)) => parse_iso8601(e).ok(),
+            _ => None,
+        };
+        let limit = |key| sig.options.get(key).and_then(Value::as_number).cloned();
+        t.time_limit = (limit("time_limit"), limit("soft_time_limit"));
+        t.ignore_result = Some(sig.options.get("ignore_result").and_then(Value::as_bool).unwrap_or(false));
+        t.callbacks = sig.option_links("link");
+        t.errbacks = sig.option_links("link_error");
         t
+    }
+
+    /// Several follow-ups sent as one group, as Celery's worker sends several callbacks (and
+    /// every errback): a fresh `group_id` shared by all, each with its `group_index`.
+    pub fn as_group(tasks: &mut [NewTask]) {
+        let group_id = new_uuid();
+        for (i, t) in tasks.iter_mut().enumerate() {
+            t.group = Some(group_id.clone());
+            t.group_index = i64::try_from(i).ok();
+        }
     }
 
     /// The message Celery's `Task.retry` sends (fixture w01): the same task, id, arguments,
@@ -124,9 +165,11 @@ impl NewTask {
             time_limit: (hard_time_limit.clone(), soft_time_limit.clone()),
             ignore_result: *ignore_result,
             chain: embed.chain.clone(),
+            chain_step: false,
             callbacks: embed.callbacks.clone(),
             errbacks: embed.errbacks.clone(),
             chord: embed.chord.clone(),
+            args_tuple: false,
         }
     }
 
@@ -139,7 +182,11 @@ impl NewTask {
             EmbedOut {
                 callbacks: signatures(&self.callbacks),
                 errbacks: signatures(&self.errbacks),
-                chain: signatures(&self.chain),
+                chain: if self.chain_step {
+                    Some(self.chain.iter().map(SignatureOut::from).collect())
+                } else {
+                    signatures(&self.chain)
+                },
                 chord: self.chord.as_ref().map(SignatureOut::from),
             },
         );
@@ -159,7 +206,7 @@ impl NewTask {
                 timelimit: (&self.time_limit.0, &self.time_limit.1),
                 root_id: self.root_id.as_deref().unwrap_or(&self.id),
                 parent_id: self.parent_id.as_deref(),
-                argsrepr: args_repr(&self.args),
+                argsrepr: if self.args_tuple { args_tuple_repr(&self.args) } else { args_repr(&self.args) },
                 kwargsrepr: kwargs_repr(&self.kwargs),
                 origin,
                 ignore_result: self.ignore_result,
@@ -250,6 +297,12 @@ impl<'a> From<&'a Signature> for SignatureOut<'a> {
             immutable: s.immutable,
         }
     }
+}
+
+/// `now` plus `secs` seconds, if that is a time.
+fn after(now: DateTime<Utc>, secs: f64) -> Option<DateTime<Utc>> {
+    let d = std::time::Duration::try_from_secs_f64(secs).ok()?;
+    now.checked_add_signed(chrono::Duration::from_std(d).ok()?)
 }
 
 /// `null` for no signatures, as Celery sends.

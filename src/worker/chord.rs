@@ -16,11 +16,12 @@
 //! `ChordError` instead of being joined by structure.
 
 use super::Worker;
+use super::routes::Routes;
 use crate::transport::backend::{ChordPart, PartReturned};
 use crate::transport::connection;
 use crate::wire::chord::{self, JoinError, part_entry, part_score};
 use crate::wire::task_write::new_uuid;
-use crate::wire::{ExceptionInfo, NewTask, ResultMeta, Signature, TaskMessage, TaskState, keys};
+use crate::wire::{ExceptionInfo, NewTask, ResultMeta, Signature, TaskMessage, TaskState};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
@@ -54,7 +55,7 @@ pub enum BodyPlan {
     /// Send the body with the header's results as its first argument.
     Send(NewTask),
     /// Store the body's FAILURE (a `ChordError`), then send its errbacks.
-    Fail { error: ExceptionInfo, meta: ResultMeta, errbacks: Vec<NewTask>, skipped: Vec<String> },
+    Fail { error: ExceptionInfo, meta: ResultMeta, errbacks: Vec<NewTask> },
 }
 
 /// The body of a complete chord, from the header's `entries` in join order. `nested`: the
@@ -65,6 +66,7 @@ pub fn body_plan(
     nested: bool,
     header: &TaskMessage,
     now: DateTime<Utc>,
+    routes: &Routes,
 ) -> BodyPlan {
     let joined = if nested {
         Err(JoinError::Unreadable(
@@ -74,57 +76,27 @@ pub fn body_plan(
         chord::join(entries)
     };
     match joined {
-        Ok(results) => BodyPlan::Send(body_task(body, Value::Array(results), header)),
-        Err(e) => fail(body, &e.chord_error(), header, now),
+        Ok(results) => BodyPlan::Send(body_task(body, Value::Array(results), header, routes)),
+        Err(e) => fail(body, &e.chord_error(), header, now, routes),
     }
 }
 
 /// The body's message as Celery's `callback.delay(results)` sends it from the worker that
 /// completed the chord: its own id, queue and options, `parent_id` the header task that
 /// completed it, the workflow's root, `group` the header's (the body's `group_id` option), and
-/// its own `link`/`link_error`.
-fn body_task(body: &Signature, results: Value, header: &TaskMessage) -> NewTask {
-    let mut t = NewTask::from_signature(body, Some(results), header, keys::DEFAULT_QUEUE);
-    t.callbacks = option_signatures(body, "link").0;
-    t.errbacks = option_signatures(body, "link_error").0;
-    t
+/// its own `link`/`link_error` ([`NewTask::from_signature`]); no queue of its own: `routed`.
+fn body_task(body: &Signature, results: Value, header: &TaskMessage, routes: &Routes) -> NewTask {
+    NewTask::from_signature(body, Some(results), header, routes.queue_for(&body.task))
 }
 
 /// Celery's `chord_error_from_stack`: the body fails with `exc` (stored under its task id,
-/// without group or parent), and each of its errbacks is sent with the body's id as its
-/// argument, the body as its parent and root.
-fn fail(body: &Signature, exc: &ExceptionInfo, header: &TaskMessage, now: DateTime<Utc>) -> BodyPlan {
+/// without group or parent), and its errbacks are sent as one group with the body's id as their
+/// argument, the body as their parent and root ([`super::settle::errbacks`]).
+fn fail(body: &Signature, exc: &ExceptionInfo, header: &TaskMessage, now: DateTime<Utc>, routes: &Routes) -> BodyPlan {
     let body_id = body.option_str("task_id").map_or_else(new_uuid, str::to_owned);
     let meta = ResultMeta::failure(&body_id, &body.task, exc, now);
-    let (sigs, skipped) = option_signatures(body, "link_error");
-    let errbacks = sigs
-        .iter()
-        .map(|sig| {
-            let mut t = NewTask::from_signature(sig, Some(Value::String(body_id.clone())), header, keys::DEFAULT_QUEUE);
-            t.parent_id = Some(body_id.clone());
-            t.root_id = Some(body_id.clone());
-            t
-        })
-        .collect();
-    BodyPlan::Fail { error: exc.clone(), meta, errbacks, skipped }
-}
-
-/// `options[key]` of a signature as signatures (Celery allows one or a list); what cannot be
-/// read is named in the second list, not sent.
-fn option_signatures(sig: &Signature, key: &str) -> (Vec<Signature>, Vec<String>) {
-    let items: Vec<&Value> = match sig.options.get(key) {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(items)) => items.iter().collect(),
-        Some(one) => vec![one],
-    };
-    let (mut ok, mut bad) = (Vec::new(), Vec::new());
-    for (i, item) in items.into_iter().enumerate() {
-        match Signature::from_value(item, &format!("chord body {key}[{i}]")) {
-            Ok(s) => ok.push(s),
-            Err(e) => bad.push(e),
-        }
-    }
-    (ok, bad)
+    let errbacks = super::settle::errback_group(&body.option_links("link_error"), &body_id, &body_id, header, routes);
+    BodyPlan::Fail { error: exc.clone(), meta, errbacks }
 }
 
 impl Worker {
@@ -150,7 +122,7 @@ impl Worker {
             }
             PartReturned::Claimed { token, entries, nested } => (token, entries, nested),
         };
-        match body_plan(&step.body, &entries, nested, header, Utc::now()) {
+        match body_plan(&step.body, &entries, nested, header, Utc::now(), &self.args.task_routes) {
             BodyPlan::Send(body) => {
                 let extended =
                     self.chord_redis("extend the chord claim", || self.backend.chord_extend_claim(gid, &token)).await;
@@ -165,11 +137,8 @@ impl Worker {
                     tracing::warn!(group_id = gid, "chord claim lost before cleanup; its keys are left to expire");
                 }
             }
-            BodyPlan::Fail { error, meta, errbacks, skipped } => {
+            BodyPlan::Fail { error, meta, errbacks } => {
                 tracing::warn!(group_id = gid, body = %step.body.task, body_id = %meta.task_id, "chord failed: {}", error.summary());
-                for why in skipped {
-                    tracing::warn!(group_id = gid, "chord body errback not sent: {why}");
-                }
                 self.metrics.failure.with_label_values(&[&step.body.task]).inc();
                 self.store_meta(&meta).await;
                 for errback in errbacks {
@@ -277,7 +246,9 @@ mod tests {
         let msg = header(Some(1), body_sig(json!({"task_id": "b1", "group_id": "g1", "queue": "bodyq"})));
         let step = part(&msg, TaskState::Success, &json!(168)).unwrap();
         let entries = [part_entry("h0", TaskState::Success, &json!(25)), step.part.entry.clone()];
-        let BodyPlan::Send(body) = body_plan(&step.body, &entries, false, &msg, Utc::now()) else { panic!("sent") };
+        let BodyPlan::Send(body) = body_plan(&step.body, &entries, false, &msg, Utc::now(), &Routes::default()) else {
+            panic!("sent")
+        };
         assert_eq!((body.id.as_str(), body.queue.as_str()), ("b1", "bodyq"));
         assert_eq!(body.args, vec![json!([25, 168])]);
         assert_eq!(
@@ -289,11 +260,12 @@ mod tests {
     #[test]
     fn a_failed_member_fails_the_body_with_a_chord_error_and_calls_its_errbacks() {
         let errback = json!({"task": "tasks.on_error", "args": [], "kwargs": {}, "options": {"task_id": "e1"}, "subtask_type": null, "immutable": false});
-        let msg = header(Some(0), body_sig(json!({"task_id": "b1", "link_error": [errback, "junk"]})));
+        let msg = header(Some(0), body_sig(json!({"task_id": "b1", "link_error": [errback]})));
         let exc = ExceptionInfo::builtin("ValueError", "boom");
         let entries = [part_entry("h1", TaskState::Failure, &exc.to_value())];
         let step = part(&msg, TaskState::Failure, &exc.to_value()).unwrap();
-        let BodyPlan::Fail { meta, errbacks, skipped, .. } = body_plan(&step.body, &entries, false, &msg, Utc::now())
+        let BodyPlan::Fail { meta, errbacks, .. } =
+            body_plan(&step.body, &entries, false, &msg, Utc::now(), &Routes::default())
         else {
             panic!("failed")
         };
@@ -306,8 +278,13 @@ mod tests {
         assert_eq!(errbacks.len(), 1);
         assert_eq!((errbacks[0].id.as_str(), errbacks[0].args.clone()), ("e1", vec![json!("b1")]));
         assert_eq!(errbacks[0].parent_id.as_deref(), Some("b1"));
-        assert_eq!(skipped.len(), 1, "the unreadable errback is named, not sent: {skipped:?}");
-        let BodyPlan::Fail { meta, .. } = body_plan(&step.body, &[], true, &msg, Utc::now()) else { panic!() };
+        assert!(
+            errbacks[0].group.is_some() && errbacks[0].group_index == Some(0),
+            "sent as a group of one, as Celery does"
+        );
+        let BodyPlan::Fail { meta, .. } = body_plan(&step.body, &[], true, &msg, Utc::now(), &Routes::default()) else {
+            panic!()
+        };
         assert!(meta.result["exc_message"][0].as_str().unwrap().contains("holds groups"), "{}", meta.result);
     }
 }

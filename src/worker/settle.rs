@@ -18,9 +18,10 @@
 //!   countdown, to the queue it came from.
 
 use super::chord::{self, ChordStep};
+use super::routes::Routes;
 use crate::task::{TaskError, TaskResult};
 use crate::wire::task_write::NewTask;
-use crate::wire::{ExceptionInfo, ResultMeta, TaskMessage, TaskState, keys};
+use crate::wire::{ExceptionInfo, ResultMeta, Signature, TaskMessage, TaskState};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
@@ -46,27 +47,30 @@ pub enum Kind {
     Retry { exc: ExceptionInfo, countdown: std::time::Duration },
 }
 
-/// Apply the rules to `outcome` of `msg` (taken from `queue`) at `now`.
-pub fn settle(msg: &TaskMessage, outcome: TaskResult, queue: &str, now: DateTime<Utc>) -> (Kind, Settlement) {
+/// Apply the rules to `outcome` of `msg` (taken from `queue`) at `now`; a follow-up whose
+/// signature names no queue goes where `routes` says.
+pub fn settle(
+    msg: &TaskMessage,
+    outcome: TaskResult,
+    queue: &str,
+    now: DateTime<Utc>,
+    routes: &Routes,
+) -> (Kind, Settlement) {
     let task = msg.task.as_str();
     match outcome {
         Ok(value) => {
-            let mut send: Vec<NewTask> = msg
-                .embed
-                .callbacks
-                .iter()
-                .map(|sig| NewTask::from_signature(sig, Some(value.clone()), msg, keys::DEFAULT_QUEUE))
-                .collect();
+            let mut send = callbacks(msg, &value, routes);
             if let Some((next, rest)) = msg.embed.chain.split_last() {
-                let mut t = NewTask::from_signature(next, Some(value.clone()), msg, keys::DEFAULT_QUEUE);
+                let mut t = NewTask::from_signature(next, Some(value.clone()), msg, routes.queue_for(&next.task));
                 t.chain = rest.to_vec();
+                t.chain_step = true;
                 send.push(t);
             }
             let part = chord::part(msg, TaskState::Success, &value);
             (Kind::Success, store_around(ResultMeta::success(&msg.id, value, now), send, part))
         }
         Err(TaskError::Raise(exc)) => {
-            let send = errbacks(msg);
+            let send = errbacks(msg, routes);
             let meta = ResultMeta::failure(&msg.id, task, &exc, now);
             let part = chord::part(msg, TaskState::Failure, &exc.to_value());
             (Kind::Failure(exc), store_around(meta, send, part))
@@ -83,13 +87,51 @@ pub fn settle(msg: &TaskMessage, outcome: TaskResult, queue: &str, now: DateTime
     }
 }
 
-/// The errbacks of `msg`: each `link_error` signature called with the task id.
-pub fn errbacks(msg: &TaskMessage) -> Vec<NewTask> {
-    msg.embed
-        .errbacks
+/// The `link` callbacks of `msg`, each called with `value`: one alone is sent as itself,
+/// several as one group (Celery's tracer: `group(callbacks).apply_async((retval,))`).
+fn callbacks(msg: &TaskMessage, value: &Value, routes: &Routes) -> Vec<NewTask> {
+    let mut send: Vec<NewTask> = msg
+        .embed
+        .callbacks
         .iter()
-        .map(|sig| NewTask::from_signature(sig, Some(Value::String(msg.id.clone())), msg, keys::DEFAULT_QUEUE))
-        .collect()
+        .map(|sig| NewTask::from_signature(sig, Some(value.clone()), msg, routes.queue_for(&sig.task)))
+        .collect();
+    if send.len() > 1 {
+        NewTask::as_group(&mut send);
+    }
+    send
+}
+
+/// The `link_error` errbacks of `msg`, called with its id.
+pub fn errbacks(msg: &TaskMessage, routes: &Routes) -> Vec<NewTask> {
+    errback_group(&msg.embed.errbacks, &msg.id, msg.root_id(), msg, routes)
+}
+
+/// Errbacks as Celery sends those its worker does not define in-process (every one, from a
+/// Rust worker): one group, each called with `(failed_id,)`, `parent_id` the failed task.
+pub fn errback_group(
+    sigs: &[Signature],
+    failed_id: &str,
+    root_id: &str,
+    parent: &TaskMessage,
+    routes: &Routes,
+) -> Vec<NewTask> {
+    let mut send: Vec<NewTask> = sigs
+        .iter()
+        .map(|sig| {
+            let mut t = NewTask::from_signature(
+                sig,
+                Some(Value::String(failed_id.to_owned())),
+                parent,
+                routes.queue_for(&sig.task),
+            );
+            t.parent_id = Some(failed_id.to_owned());
+            t.root_id = Some(root_id.to_owned());
+            t
+        })
+        .collect();
+    NewTask::as_group(&mut send);
+    send
 }
 
 /// Store with the ack when nothing follows; else first. A chord member's result is stored
@@ -128,7 +170,7 @@ mod tests {
     #[test]
     fn a_plain_success_is_stored_with_the_ack_and_sends_nothing() {
         let msg = message(json!({"callbacks": null, "errbacks": null, "chain": null, "chord": null}));
-        let (kind, s) = settle(&msg, Ok(json!(3)), "celery", Utc::now());
+        let (kind, s) = settle(&msg, Ok(json!(3)), "celery", Utc::now(), &Routes::default());
         assert_eq!(kind, Kind::Success);
         assert!(s.store_first.is_none() && s.send.is_empty());
         assert_eq!(s.store_with_ack.map(|m| m.status.as_str()), Some("SUCCESS"));
@@ -140,7 +182,7 @@ mod tests {
         let msg = message(
             json!({"callbacks": [sig("tasks.cb", json!([]))], "errbacks": null, "chain": chain, "chord": null}),
         );
-        let (_, s) = settle(&msg, Ok(json!(3)), "celery", Utc::now());
+        let (_, s) = settle(&msg, Ok(json!(3)), "celery", Utc::now(), &Routes::default());
         assert_eq!(s.store_first.as_ref().map(|m| m.status.as_str()), Some("SUCCESS"));
         assert!(s.store_with_ack.is_none());
         let names: Vec<&str> = s.send.iter().map(|t| t.task.as_str()).collect();
@@ -157,14 +199,19 @@ mod tests {
             json!({"callbacks": [sig("tasks.cb", json!([]))], "errbacks": [sig("tasks.on_error", json!([]))], "chain": null, "chord": null}),
         );
         let exc = ExceptionInfo::builtin("ValueError", "bad");
-        let (kind, s) = settle(&msg, Err(TaskError::Raise(exc)), "celery", Utc::now());
+        let (kind, s) = settle(&msg, Err(TaskError::Raise(exc)), "celery", Utc::now(), &Routes::default());
         assert!(matches!(kind, Kind::Failure(ref e) if e.exc_type == "ValueError"), "{kind:?}");
         assert_eq!(s.store_first.as_ref().map(|m| m.status.as_str()), Some("FAILURE"));
         assert_eq!(s.send.len(), 1, "no callback on failure");
         assert_eq!((s.send[0].task.as_str(), s.send[0].args.clone()), ("tasks.on_error", vec![json!("parent-id")]));
         let plain = message(json!({"callbacks": null, "errbacks": null, "chain": null, "chord": null}));
-        let (_, s) =
-            settle(&plain, Err(TaskError::Raise(ExceptionInfo::builtin("ValueError", "bad"))), "celery", Utc::now());
+        let (_, s) = settle(
+            &plain,
+            Err(TaskError::Raise(ExceptionInfo::builtin("ValueError", "bad"))),
+            "celery",
+            Utc::now(),
+            &Routes::default(),
+        );
         assert!(s.send.is_empty() && s.store_first.is_none());
         assert_eq!(s.store_with_ack.map(|m| m.status.as_str()), Some("FAILURE"));
     }
@@ -173,8 +220,13 @@ mod tests {
     fn a_retry_stores_retry_and_sends_the_message_again_to_its_queue() {
         let msg = message(json!({"callbacks": null, "errbacks": null, "chain": null, "chord": null}));
         let exc = ExceptionInfo::builtin("IOError", "again");
-        let (kind, s) =
-            settle(&msg, Err(TaskError::Retry { exc, countdown: Duration::from_secs(5) }), "q2", Utc::now());
+        let (kind, s) = settle(
+            &msg,
+            Err(TaskError::Retry { exc, countdown: Duration::from_secs(5) }),
+            "q2",
+            Utc::now(),
+            &Routes::default(),
+        );
         assert!(matches!(kind, Kind::Retry { countdown, .. } if countdown == Duration::from_secs(5)), "{kind:?}");
         assert_eq!(s.store_first.as_ref().map(|m| m.status.as_str()), Some("RETRY"));
         assert!(s.store_with_ack.is_none());
@@ -190,16 +242,26 @@ mod tests {
         let mut msg = message(json!({"callbacks": null, "errbacks": null, "chain": null, "chord": body}));
         msg.group = Some("g1".into());
         msg.group_index = Some(2);
-        let (_, s) = settle(&msg, Ok(json!(3)), "celery", Utc::now());
+        let (_, s) = settle(&msg, Ok(json!(3)), "celery", Utc::now(), &Routes::default());
         assert!(s.store_first.is_some() && s.store_with_ack.is_none(), "stored before it counts");
         let step = s.chord.expect("a chord member counts its part");
         assert_eq!((step.part.group_id.as_str(), step.part.score.as_str()), ("g1", "2"));
-        let (_, s) =
-            settle(&msg, Err(TaskError::Raise(ExceptionInfo::builtin("ValueError", "x"))), "celery", Utc::now());
+        let (_, s) = settle(
+            &msg,
+            Err(TaskError::Raise(ExceptionInfo::builtin("ValueError", "x"))),
+            "celery",
+            Utc::now(),
+            &Routes::default(),
+        );
         assert!(s.chord.is_some(), "a failure counts too");
         let exc = ExceptionInfo::builtin("IOError", "again");
-        let (_, s) =
-            settle(&msg, Err(TaskError::Retry { exc, countdown: Duration::from_secs(1) }), "celery", Utc::now());
+        let (_, s) = settle(
+            &msg,
+            Err(TaskError::Retry { exc, countdown: Duration::from_secs(1) }),
+            "celery",
+            Utc::now(),
+            &Routes::default(),
+        );
         assert!(s.chord.is_none(), "a retry does not count yet");
         let again = crate::wire::parse_message(&s.send[0].to_message("gen1@test").0).unwrap();
         assert_eq!((again.group.as_deref(), again.group_index), (Some("g1"), Some(2)));

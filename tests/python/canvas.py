@@ -10,9 +10,15 @@
                                      .get() raised, and what the body's own result raises
     canvas.py keys CASE              send the fixed-id chord of a fixture case and return at once:
                                      'ordered'/'list' (member 1 goes to queue 'hold'; the body to
-                                     queue 'bodyq'), 'fail' (member 1, xsum([1, "a"]), fails; errback to queue 'errq')
+                                     queue 'bodyq'), 'expired' (member 1 expired 30 s ago),
+                                     'terminate' (member 1 is io_bound(60)), 'fail' (member 1, xsum([1, "a"]), fails; errback to queue 'errq')
     canvas.py maps                   task.map / .starmap / .chunks(...).group() and a map over a task
                                      nobody registered; prints each outcome
+    canvas.py followups              a chain step, two links and two errbacks with their own options, each
+                                     parked on a queue nobody consumes (hold, links, errq, errs)
+    canvas.py errback_countdown      chain(cpu_bound(10), xsum([1, "a"]) with countdown=2 and its own
+                                     link_error io_bound(0), task id ERRBACK_ID)
+    canvas.py routed                 chain(cpu_bound(10), xsum) with no queue on the step
     canvas.py send N                 send a chord of N members (cpu_bound(200 + i)) whose body goes
                                      to queue 'bodyq'; prints the group id and the member ids
 
@@ -22,8 +28,9 @@ import json
 import os
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 
-from celery import Celery, chord, group, signature
+from celery import Celery, chain, chord, group, signature
 from celery.canvas import chunks, xmap, xstarmap
 
 app = Celery("client", broker=os.environ["BROKER_URL"], backend=os.environ["BACKEND_URL"])
@@ -83,6 +90,17 @@ def main():
             header = [sig("tasks.cpu_bound", 100, task_id=fixed(1)), sig("tasks.xsum", [1, "a"], task_id=fixed(2))]
             errback = sig("tasks.io_bound", task_id=ERRBACK_ID, queue="errq")
             body = sig("tasks.xsum", task_id=fixed(3), queue="bodyq").on_error(errback)
+        elif case == "expired":
+            # Member 2 expired before anyone could run it.
+            past = datetime.now(timezone.utc) - timedelta(seconds=30)
+            header = [sig("tasks.cpu_bound", 100, task_id=fixed(1)),
+                      sig("tasks.cpu_bound", 1000, task_id=fixed(2), expires=past)]
+            body = sig("tasks.xsum", task_id=fixed(3), queue="bodyq")
+        elif case == "terminate":
+            # Member 2 runs for a minute unless it is terminated.
+            header = [sig("tasks.cpu_bound", 100, task_id=fixed(1)),
+                      sig("tasks.io_bound", 60, task_id=fixed(2))]
+            body = sig("tasks.xsum", task_id=fixed(3), queue="bodyq")
         else:
             header = [sig("tasks.cpu_bound", 100, task_id=fixed(1)),
                       sig("tasks.cpu_bound", 1000, task_id=fixed(2), queue="hold")]
@@ -107,6 +125,33 @@ def main():
             except Exception as exc:  # the test asserts on it
                 out[what] = exception(exc)
         print(json.dumps(out))
+    elif mode == "followups":
+        # Follow-ups with their own options, parked on queues nobody consumes: a chain step
+        # (countdown, expires, priority, time limits, its own link_error), two link callbacks
+        # (sent as one group) and two errbacks of a failing task (always a group).
+        step = sig("tasks.xsum", task_id=fixed(2), queue="hold", countdown=30, expires=600, priority=5,
+                   time_limit=60, soft_time_limit=50)
+        step.on_error(sig("tasks.io_bound", task_id=fixed(6), queue="errq"))
+        chain(sig("tasks.cpu_bound", 10, task_id=fixed(1)), step).apply_async()
+        first = sig("tasks.cpu_bound", 100, task_id=fixed(3))
+        first.link(sig("tasks.xsum", task_id=fixed(7), queue="links"))
+        first.link(sig("tasks.io_bound", 0, task_id=fixed(8), queue="links").set(immutable=True))
+        first.apply_async()
+        bad = sig("tasks.xsum", [1, "a"], task_id=fixed(4))
+        bad.on_error(sig("tasks.io_bound", task_id=fixed(9), queue="errs"))
+        bad.on_error(sig("tasks.cpu_bound", task_id=fixed(5), queue="errs"))
+        bad.apply_async()
+        print(json.dumps({"sent": 3}))
+    elif mode == "errback_countdown":
+        # A chain whose second step fails after its countdown; its own link_error fires.
+        step = sig("tasks.xsum", [1, "a"], task_id=fixed(2), countdown=2).set(immutable=True)
+        step.on_error(signature("tasks.io_bound", args=[0], app=app, immutable=True).set(task_id=ERRBACK_ID))
+        chain(sig("tasks.cpu_bound", 10, task_id=fixed(1)), step).apply_async()
+        print(json.dumps({"errback": ERRBACK_ID}))
+    elif mode == "routed":
+        # A chain step that names no queue: the worker's routing table decides.
+        chain(sig("tasks.cpu_bound", 10, task_id=fixed(1)), sig("tasks.xsum", task_id=fixed(2))).apply_async()
+        print(json.dumps({"step": fixed(2)}))
     elif mode == "send":
         n = int(sys.argv[2])
         header = [sig("tasks.cpu_bound", 200 + i) for i in range(n)]
