@@ -76,6 +76,8 @@ pub(super) fn start(
             broker_url: broker_url.to_owned(),
             backend_url: backend_url.to_owned(),
             sentinel_master: None,
+            global_keyprefix: String::new(),
+            backend_global_keyprefix: None,
         },
         queue: QueueArgs { queues: vec![queue.to_owned()], priority_steps: PrioritySteps::default() },
         task: args.task,
