@@ -435,8 +435,12 @@ impl Worker {
         match asked {
             Ok(Ok(s)) if s.nodes.is_empty() => tracing::info!("mingle: all alone"),
             Ok(Ok(s)) => tracing::info!(nodes = ?s.nodes, revoked = s.revoked, "mingle: sync complete"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "mingle: could not ask the other workers; starting without their revokes"),
-            Err(_) => tracing::warn!("mingle: Redis did not answer in time; starting without the other workers' revokes"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "mingle: could not ask the other workers; starting without their revokes")
+            }
+            Err(_) => {
+                tracing::warn!("mingle: Redis did not answer in time; starting without the other workers' revokes")
+            }
         }
     }
 

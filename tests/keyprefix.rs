@@ -40,7 +40,11 @@ fn python_clients_with_a_key_prefix_are_served_and_counted() {
     let flag = ["--global-keyprefix", PREFIX];
 
     // Sent before any worker runs: the exporter counts them under the prefixed queue.
-    let sent = client(&redis, "send", &json!([{"task": "tasks.io_bound", "args": [0]}, {"task": "tasks.cpu_bound", "args": [100]}]));
+    let sent = client(
+        &redis,
+        "send",
+        &json!([{"task": "tasks.io_bound", "args": [0]}, {"task": "tasks.cpu_bound", "args": [100]}]),
+    );
     assert_eq!(redis.depth(&format!("{PREFIX}celery")), 2);
     assert_eq!(redis.depth("celery"), 0);
     let exporter = Exporter::start(&redis.url(0), "celery", &flag);

@@ -338,7 +338,8 @@ impl Broker {
             return Ok(RestoreReport { skipped_locked: true, ..Default::default() });
         }
         let result = self.restore_locked(visibility_timeout, now_unix).await;
-        let _: RedisResult<i64> = self.release_mutex.key(keys::unacked_mutex()).arg(&token).invoke_async(&mut conn).await;
+        let _: RedisResult<i64> =
+            self.release_mutex.key(keys::unacked_mutex()).arg(&token).invoke_async(&mut conn).await;
         result
     }
 

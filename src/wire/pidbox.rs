@@ -215,7 +215,10 @@ mod tests {
         let r = read_reply(&msg).unwrap();
         assert_eq!((r.ticket.as_deref(), r.clock), (Some("t1"), 7));
         assert_eq!(r.replies["a@h"]["revoked"], json!(["x"]));
-        assert!(read_reply(b"[]").is_err() && read_reply(b"{\"body\": \"WzFd\", \"properties\": {\"body_encoding\": \"base64\"}}").is_err());
+        assert!(
+            read_reply(b"[]").is_err()
+                && read_reply(b"{\"body\": \"WzFd\", \"properties\": {\"body_encoding\": \"base64\"}}").is_err()
+        );
     }
 
     #[test]

@@ -43,7 +43,7 @@ impl ResultCounter {
             return;
         }
         let n = self.pending.len().min(Self::PER_TICK);
-        let keys: Vec<String> = self.pending[..n].iter().map(|id| format!("celery-task-meta-{id}")).collect();
+        let keys: Vec<String> = self.pending[..n].iter().map(|id| crate::wire::keys::result_key(id)).collect();
         let Ok(raw) = ::redis::cmd("MGET").arg(&keys).query_async::<Vec<Option<String>>>(&mut self.conn).await else {
             return;
         };
