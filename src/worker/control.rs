@@ -120,7 +120,7 @@ impl Revoked {
     }
 
     /// Add ids revoked at the given Unix times (a state file's), oldest first: an id past
-    /// [`REVOKE_EXPIRES`] is skipped, a time ahead of this clock counts as now.
+    /// Celery's three hours (`REVOKE_EXPIRES`) is skipped, a time ahead of this clock counts as now.
     pub fn add_revoked_at(&self, ids: &[(String, f64)]) {
         let now_unix = unix_seconds(Utc::now());
         {
