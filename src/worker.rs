@@ -124,14 +124,30 @@ pub struct WorkerArgs {
     /// the default queue `celery`.
     #[arg(long, env = "WORKER_TASK_ROUTES", default_value = "", value_parser = routes::parse, hide_default_value = true)]
     pub task_routes: routes::Routes,
+    /// Keep the revoked ids (and the clock) in this file across restarts (Celery's `--statedb`,
+    /// `worker_state_db`; our own JSON format, see docs/Reliability.md). Read at start, written
+    /// on every change and at shutdown.
+    #[arg(long, env = "WORKER_STATE_DB")]
+    pub statedb: Option<std::path::PathBuf>,
+    /// Do not ask the other workers for their revoked ids and clock at start (Celery's
+    /// `--without-mingle`). By default a starting worker waits up to 1 s for their answers.
+    #[arg(long)]
+    pub without_mingle: bool,
+    /// Acknowledge a message when its task starts, not when it ends (Celery's default,
+    /// `task_acks_late=False`): a worker killed (SIGKILL, OOM, node loss) while a task runs
+    /// loses that task instead of running it again. SIGTERM still lets it finish.
+    #[arg(long, env = "WORKER_ACKS_EARLY", value_parser = clap::builder::BoolishValueParser::new())]
+    pub acks_early: bool,
 }
 
 pub mod chord;
 pub mod control;
 pub mod events;
 pub mod inflight;
+pub mod mingle;
 pub mod routes;
 pub mod settle;
+pub mod statedb;
 
 pub use inflight::{Held, InFlight};
 
@@ -198,6 +214,7 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
     // Celery's built-in canvas tasks (celery.map, …) over the tasks this worker runs.
     let registry = crate::task::canvas::register(registry);
     let queues = args.queue.names()?;
+    args.redis.apply_keyprefix()?;
     // Replies may queue behind a busy Redis; a blocking wait needs its block time on top.
     let op_timeout = connection::response_timeout(args.health_check_interval);
     let master = args.redis.sentinel_master.as_deref();
@@ -221,6 +238,13 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
         backend.clone(),
         shutdown.clone(),
     );
+    if let Some(path) = &args.statedb {
+        let n = statedb::load(path, &state).map_err(StartError::StateDb)?;
+        statedb::save(path, &state).map_err(|e| {
+            StartError::StateDb(format!("--statedb {}: cannot write it ({e}); name a writable path", path.display()))
+        })?;
+        tracing::info!(path = %path.display(), revoked = n, "state file read");
+    }
     let worker = Arc::new(Worker {
         broker: Broker::new(broker_conn.clone(), steps.clone()),
         backend: backend.with_shared_broker(backend::shared_broker_db(&args.redis.broker_url, &args.redis.backend_url)),
@@ -312,9 +336,19 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
         }
     }
     let supervisor = tokio::spawn(worker.clone().supervise(ended_rx));
+    if !worker.args.without_mingle {
+        worker.mingle().await;
+    }
+    let state_writer = worker.args.statedb.clone().map(|path| tokio::spawn(statedb::keep_written(path, state.clone())));
     let mut fetcher = worker.broker.fetcher(wait_conns, lists);
     let mut deliveries = worker.clone().fetch_loop(&mut fetcher).await;
     worker.drain(&mut deliveries).await;
+    if let (Some(writer), Some(path)) = (state_writer, &worker.args.statedb) {
+        writer.abort();
+        if let Err(e) = statedb::save(path, &state) {
+            tracing::warn!(path = %path.display(), error = %e, "could not write the --statedb file at shutdown");
+        }
+    }
     if !worker.broker.marker().has_lost() {
         // Nothing this process took is unaccounted for: its take notes can go. (Otherwise
         // they expire on their own; what a lost take took comes back after the visibility
@@ -393,6 +427,28 @@ impl Worker {
             None => format!("the worker's {name} service returned while the worker was running"),
         };
         self.stop_with(StartError::ServiceEnded(why));
+    }
+
+    /// Celery's mingle ([`mingle::sync`]): merge the revoked ids and clock of the workers
+    /// already running, before consuming. Bounded by [`mingle::WAIT`]; a failure is logged and
+    /// the worker starts anyway, as Celery's does.
+    async fn mingle(&self) {
+        tracing::info!("mingle: searching for neighbors");
+        let broker = self.broker.connection();
+        let asked = tokio::select! {
+            r = tokio::time::timeout(2 * mingle::WAIT, mingle::sync(&self.state, &broker, mingle::WAIT)) => r,
+            () = self.shutdown.reached(Stage::Graceful) => return,
+        };
+        match asked {
+            Ok(Ok(s)) if s.nodes.is_empty() => tracing::info!("mingle: all alone"),
+            Ok(Ok(s)) => tracing::info!(nodes = ?s.nodes, revoked = s.revoked, "mingle: sync complete"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "mingle: could not ask the other workers; starting without their revokes")
+            }
+            Err(_) => {
+                tracing::warn!("mingle: Redis did not answer in time; starting without the other workers' revokes")
+            }
+        }
     }
 
     fn readiness(&self) -> Result<(), String> {
@@ -665,13 +721,7 @@ impl Worker {
             self.skip_revoked(msg, &**task, tag).await;
             return Err(Stop::Left);
         }
-        if let Some(expires) = msg.expires.filter(|e| *e <= Utc::now()) {
-            tracing::info!(task_id = %msg.id, task = %msg.task, %expires, "task expired before it could run; storing REVOKED");
-            self.metrics.revoked.with_label_values(&[&msg.task]).inc();
-            let exc = ExceptionInfo::revoked_expired();
-            self.store(msg, &**task, ResultMeta::revoked(&msg.id, &exc, Utc::now())).await;
-            self.chord_part_revoked(msg, &exc).await;
-            self.state.revoked_task(&msg.id, false, true);
+        if self.expired(msg, &**task).await {
             return Err(Stop::Ack(tag.clone()));
         }
         self.state.received(msg);
@@ -693,10 +743,20 @@ impl Worker {
             self.skip_revoked(msg, &**task, tag).await;
             return Err(Stop::Left);
         }
+        // Celery checks `expires` again right before it runs the task (`Request.revoked()` in
+        // `execute_using_pool`): the ETA or the run-slot wait may have outlasted it.
+        if self.expired(msg, &**task).await {
+            return Err(Stop::Ack(tag.clone()));
+        }
         if !self.in_flight.start(tag) {
             return Err(Stop::Left); // the drain took it back before it could start
         }
         self.state.started(msg);
+        if self.args.acks_early {
+            // Celery's default (`acks_late=False`): acknowledged as the task starts. It stays
+            // held here (inspect, the drain's wait) but is no longer in `unacked`.
+            self.redis("acknowledge", || self.broker.ack(tag)).await;
+        }
         if self.args.track_started {
             self.store(msg, &**task, ResultMeta::started(&msg.id, std::process::id(), &self.node)).await;
         }
@@ -721,6 +781,19 @@ impl Worker {
                 Err(Stop::Ack(tag.clone()))
             }
         }
+    }
+
+    /// Whether `msg` is past its `expires`; if so REVOKED (`TaskRevokedError('expired')`) is
+    /// stored and the event sent, as Celery's `Request.revoked()` does; the caller acknowledges.
+    async fn expired(&self, msg: &TaskMessage, task: &dyn Task) -> bool {
+        let Some(expires) = msg.expires.filter(|e| *e <= Utc::now()) else { return false };
+        tracing::info!(task_id = %msg.id, task = %msg.task, %expires, "task expired before it could run; storing REVOKED");
+        self.metrics.revoked.with_label_values(&[&msg.task]).inc();
+        let exc = ExceptionInfo::revoked_expired();
+        self.store(msg, task, ResultMeta::revoked(&msg.id, &exc, Utc::now())).await;
+        self.chord_part_revoked(msg, &exc).await;
+        self.state.revoked_task(&msg.id, false, true);
+        true
     }
 
     /// A revoked task never runs: REVOKED is stored (again: remote revoke already stored it)
@@ -1097,7 +1170,7 @@ fn control_settings(args: &WorkerArgs, node: &str, queues: &[String], registry: 
     conf.insert("result_backend".into(), redact_url(&args.redis.backend_url).into());
     conf.insert("worker_concurrency".into(), args.concurrency.into());
     conf.insert("worker_prefetch_multiplier".into(), args.prefetch_multiplier.into());
-    conf.insert("task_acks_late".into(), true.into());
+    conf.insert("task_acks_late".into(), (!args.acks_early).into());
     conf.insert("task_track_started".into(), args.track_started.into());
     conf.insert("worker_send_task_events".into(), args.events.into());
     conf.insert("result_extended".into(), args.result_extended.into());

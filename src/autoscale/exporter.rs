@@ -109,7 +109,7 @@ impl DepthReader {
                 pipe.llen(key);
             }
         }
-        pipe.hlen(keys::UNACKED);
+        pipe.hlen(keys::unacked());
         // Per-command results: one WRONGTYPE must not fail the others.
         let mut counts: Vec<RedisResult<u64>> = pipe.ignore_errors().query_async(&mut conn).await?;
         let unacked_total = counts.pop().unwrap_or(Ok(0));
@@ -156,7 +156,7 @@ impl DepthReader {
         let mut totals: HashMap<String, u64> = HashMap::new();
         loop {
             let reply: Vec<redis::Value> =
-                self.count_unacked.key(keys::UNACKED).arg(&cursor).arg(self.batch).invoke_async(&mut conn).await?;
+                self.count_unacked.key(keys::unacked()).arg(&cursor).arg(self.batch).invoke_async(&mut conn).await?;
             let mut it = reply.into_iter();
             cursor = it.next().map(redis::from_redis_value).transpose()?.unwrap_or_else(|| "0".into());
             while let (Some(k), Some(n)) = (it.next(), it.next()) {
@@ -187,6 +187,7 @@ pub async fn run(args: ExporterArgs) -> Result<(), StartError> {
 /// [`run`] with an externally driven [`Shutdown`] (the local supervisor embeds the exporter).
 pub async fn run_with_shutdown(args: ExporterArgs, shutdown: Shutdown) -> Result<(), StartError> {
     let queues = args.queue.names()?;
+    args.redis.apply_keyprefix()?;
     let interval = args.interval;
     // A poll that takes longer than this is treated as failed: its numbers would be old.
     let timeout = interval.clamp(Duration::from_secs(2), Duration::from_secs(10));

@@ -794,6 +794,8 @@ async fn start_exporter(args: &LocalArgs, broker_url: &str, queue: &str) -> Resu
             broker_url: broker_url.to_owned(),
             backend_url: String::new(), // the exporter reads only the broker
             sentinel_master: None,
+            global_keyprefix: String::new(),
+            backend_global_keyprefix: None,
         },
         queue: QueueArgs { queues: vec![queue.to_owned()], priority_steps: PrioritySteps::default() },
         interval: args.exporter_interval.unwrap_or((args.sync_period / 3).min(Duration::from_secs(1))),

@@ -70,6 +70,25 @@ pub struct RedisArgs {
     /// Master name for sentinel:// URLs (kombu's master_name); ignored for other URLs.
     #[arg(long, env = "SENTINEL_MASTER", global = true)]
     pub sentinel_master: Option<String>,
+    /// Prefix for every broker key and channel: kombu's Redis transport option
+    /// `global_keyprefix` (`broker_transport_options={'global_keyprefix': …}`), and for result
+    /// keys as well (Celery's `result_backend_transport_options`, which adds `_` unless the
+    /// prefix ends in `:_-.`). Producers, workers and clients must all agree (docs/celery-wire.md).
+    #[arg(long, env = "GLOBAL_KEYPREFIX", default_value = "", global = true)]
+    pub global_keyprefix: String,
+    /// The result backend's `global_keyprefix` when it differs from the broker's (default:
+    /// `--global-keyprefix`); `""` for none.
+    #[arg(long, env = "BACKEND_GLOBAL_KEYPREFIX", global = true)]
+    pub backend_global_keyprefix: Option<String>,
+}
+
+impl RedisArgs {
+    /// Make the key prefixes the process's ([`keys::set_global_keyprefix`]); every role calls
+    /// this before it touches Redis.
+    pub fn apply_keyprefix(&self) -> Result<(), StartError> {
+        let backend = self.backend_global_keyprefix.as_deref().unwrap_or(&self.global_keyprefix);
+        keys::set_global_keyprefix(&self.global_keyprefix, backend).map_err(StartError::KeyPrefix)
+    }
 }
 
 /// Which queues, and how kombu splits them into priority lists; worker, exporter and loadgen
@@ -109,6 +128,12 @@ pub enum StartError {
     /// [`crate::transport::connection::explain`]'s: the error, the setting and the fix.
     #[error("stopped: Redis refused a command: {0}")]
     Refused(String),
+    /// `--global-keyprefix` differs from the one this process already uses (library use).
+    #[error("--global-keyprefix: {0}")]
+    KeyPrefix(String),
+    /// The worker's `--statedb` file cannot be read or written; the text names the flag and the fix.
+    #[error("{0}")]
+    StateDb(String),
     /// A background service the worker needs ended; the text says which and why.
     #[error("stopped: {0}")]
     ServiceEnded(String),

@@ -586,6 +586,7 @@ pub async fn run(args: LoadgenArgs) -> Result<bool, LoadgenError> {
     let pattern = args.pattern.to_pattern()?;
     o.check(&pattern)?;
     let queue = o.queue_name()?;
+    o.redis.apply_keyprefix().map_err(|e| LoadgenError::Config(e.to_string()))?;
     let timeout = Duration::from_secs(10);
     let broker = connection::connect("BROKER_URL", &o.redis.broker_url, o.redis.sentinel_master.as_deref(), timeout)?;
     let total = pattern.total();

@@ -67,6 +67,7 @@ pub struct Backend {
     conn: Conn,
     expires: Duration,
     store: Script,
+    store_revoked: Script,
     chord_part: Script,
     chord_extend: Script,
     chord_cleanup: Script,
@@ -93,6 +94,7 @@ impl Backend {
             conn,
             expires,
             store: Script::new(scripts::STORE),
+            store_revoked: Script::new(scripts::STORE_REVOKED_IF_WAITING),
             chord_part: Script::new(scripts::CHORD_PART),
             chord_extend: Script::new(scripts::CHORD_EXTEND_CLAIM),
             chord_cleanup: Script::new(scripts::CHORD_CLEANUP),
@@ -220,6 +222,19 @@ impl Backend {
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(cleaned == 1)
+    }
+
+    /// Store a remote revoke's REVOKED only over no result or PENDING/RECEIVED/RETRY/REJECTED,
+    /// as Celery 5.7 does ([`scripts::STORE_REVOKED_IF_WAITING`]); `false` when left as it was.
+    pub async fn store_revoked_if_waiting(&self, meta: &ResultMeta) -> RedisResult<bool> {
+        let written: i64 = self
+            .store_revoked
+            .key(keys::result_key(&meta.task_id))
+            .arg(meta.to_json())
+            .arg(self.expires.as_secs())
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(written == 1)
     }
 
     /// After a chord failed: drop its size, so a late copy of a header task does not fail it

@@ -177,9 +177,9 @@ impl Broker {
     pub async fn record_unacked(&self, tag: &str, entry: &[u8], now_unix: f64) -> RedisResult<()> {
         redis::pipe()
             .atomic()
-            .zadd(keys::UNACKED_INDEX, tag, now_unix)
+            .zadd(keys::unacked_index(), tag, now_unix)
             .ignore()
-            .hset(keys::UNACKED, tag, entry)
+            .hset(keys::unacked(), tag, entry)
             .ignore()
             .query_async(&mut self.conn.clone())
             .await
@@ -189,9 +189,9 @@ impl Broker {
     pub async fn ack(&self, tag: &str) -> RedisResult<()> {
         redis::pipe()
             .atomic()
-            .zrem(keys::UNACKED_INDEX, tag)
+            .zrem(keys::unacked_index(), tag)
             .ignore()
-            .hdel(keys::UNACKED, tag)
+            .hdel(keys::unacked(), tag)
             .ignore()
             .query_async(&mut self.conn.clone())
             .await
@@ -222,7 +222,7 @@ impl Broker {
         attempt: &Attempt,
     ) -> RedisResult<Finished> {
         let mut invocation = self.finish.prepare_invoke();
-        invocation.key(keys::UNACKED).key(keys::UNACKED_INDEX).key(store.map_or("", |s| s.key.as_str()));
+        invocation.key(keys::unacked()).key(keys::unacked_index()).key(store.map_or("", |s| s.key.as_str()));
         invocation.key(&self.marker.key);
         invocation.arg(tag).arg(self.conn.db());
         match store {
@@ -291,8 +291,8 @@ impl Broker {
         let key = self.steps.key_for(queue, parsed.priority());
         let moved: i64 = self
             .move_back
-            .key(keys::UNACKED)
-            .key(keys::UNACKED_INDEX)
+            .key(keys::unacked())
+            .key(keys::unacked_index())
             .key(&key)
             .arg(tag)
             .arg(entry)
@@ -327,7 +327,7 @@ impl Broker {
         let mut conn = self.conn.clone();
         let token = uuid::Uuid::new_v4().simple().to_string();
         let locked: Option<String> = redis::cmd("SET")
-            .arg(keys::UNACKED_MUTEX)
+            .arg(keys::unacked_mutex())
             .arg(&token)
             .arg("NX")
             .arg("PX")
@@ -338,7 +338,8 @@ impl Broker {
             return Ok(RestoreReport { skipped_locked: true, ..Default::default() });
         }
         let result = self.restore_locked(visibility_timeout, now_unix).await;
-        let _: RedisResult<i64> = self.release_mutex.key(keys::UNACKED_MUTEX).arg(&token).invoke_async(&mut conn).await;
+        let _: RedisResult<i64> =
+            self.release_mutex.key(keys::unacked_mutex()).arg(&token).invoke_async(&mut conn).await;
         result
     }
 
@@ -353,7 +354,7 @@ impl Broker {
         let mut skip = 0;
         while report.restored + report.unroutable < RESTORE_MAX_PER_ROUND {
             let batch: Vec<(String, f64)> = redis::cmd("ZRANGE")
-                .arg(keys::UNACKED_INDEX)
+                .arg(keys::unacked_index())
                 .arg(ceiling)
                 .arg(0)
                 .arg("BYSCORE")
@@ -370,11 +371,11 @@ impl Broker {
             let full = batch.len() == RESTORE_BATCH;
             let tags: Vec<&str> = batch.iter().map(|(t, _)| t.as_str()).collect();
             let entries: Vec<Option<Vec<u8>>> =
-                redis::cmd("HMGET").arg(keys::UNACKED).arg(&tags).query_async(&mut conn).await?;
+                redis::cmd("HMGET").arg(keys::unacked()).arg(&tags).query_async(&mut conn).await?;
             for ((tag, score), entry) in batch.iter().zip(entries) {
                 let Some(entry) = entry else {
                     // Index without payload (acked between our reads, or a crash mid-ack): drop the index entry like kombu.
-                    let _: i64 = conn.zrem(keys::UNACKED_INDEX, tag).await?;
+                    let _: i64 = conn.zrem(keys::unacked_index(), tag).await?;
                     continue;
                 };
                 let parsed = match UnackedEntry::parse(&entry) {
@@ -412,7 +413,7 @@ impl Broker {
     pub async fn renew(&self, tags: &[String], now_unix: f64) -> RedisResult<usize> {
         let mut pipe = redis::pipe();
         for chunk in tags.chunks(RENEW_CHUNK) {
-            let cmd = pipe.cmd("ZADD").arg(keys::UNACKED_INDEX).arg("XX").arg("CH");
+            let cmd = pipe.cmd("ZADD").arg(keys::unacked_index()).arg("XX").arg("CH");
             for tag in chunk {
                 cmd.arg(now_unix).arg(tag);
             }
@@ -424,7 +425,7 @@ impl Broker {
     /// When the oldest `unacked_index` entry falls due (its score + `visibility_timeout`, Unix
     /// seconds), or `None` when nothing is unacked. O(log n).
     pub async fn next_due(&self, visibility_timeout: Duration) -> RedisResult<Option<f64>> {
-        let oldest: Vec<(String, f64)> = self.conn.clone().zrange_withscores(keys::UNACKED_INDEX, 0, 0).await?;
+        let oldest: Vec<(String, f64)> = self.conn.clone().zrange_withscores(keys::unacked_index(), 0, 0).await?;
         Ok(oldest.first().map(|(_, score)| score + visibility_timeout.as_secs_f64()))
     }
 
@@ -433,9 +434,9 @@ impl Broker {
     /// dropping it.
     pub async fn dead_letter(&self, entry: &[u8]) -> RedisResult<()> {
         redis::pipe()
-            .lpush(keys::DEAD_LETTER, entry)
+            .lpush(keys::dead_letter(), entry)
             .ignore()
-            .ltrim(keys::DEAD_LETTER, 0, keys::DEAD_LETTER_MAX - 1)
+            .ltrim(keys::dead_letter(), 0, keys::DEAD_LETTER_MAX - 1)
             .ignore()
             .query_async(&mut self.conn.clone())
             .await
@@ -710,7 +711,7 @@ impl Fetcher {
         let mut pipe = redis::pipe();
         pipe.add_command(rotate(&keys[0])).ignore();
         let take = pipe.cmd("EVALSHA").arg(self.take.get_hash()).arg(keys.len() + 3);
-        take.arg(keys::UNACKED).arg(keys::UNACKED_INDEX).arg(&self.marker.key).arg(keys);
+        take.arg(keys::unacked()).arg(keys::unacked_index()).arg(&self.marker.key).arg(keys);
         take.arg("").arg(attempt.token).arg(attempt.forget_arg()).arg(MARKER_TTL_MS);
         take.arg(&lists.queue_json);
         let taken = pipe.query_async::<(Option<(String, Vec<u8>, String)>,)>(&mut taker);
@@ -783,7 +784,7 @@ impl Fetcher {
     pub async fn try_take(&mut self) -> RedisResult<Option<Taken>> {
         let attempt = self.marker.begin();
         let mut invocation = self.take.prepare_invoke();
-        invocation.key(keys::UNACKED).key(keys::UNACKED_INDEX).key(&self.marker.key);
+        invocation.key(keys::unacked()).key(keys::unacked_index()).key(&self.marker.key);
         invocation.arg(crate::wire::time::unix_seconds(chrono::Utc::now()));
         invocation.arg(attempt.token).arg(attempt.forget_arg()).arg(MARKER_TTL_MS);
         self.lists.add_to(&mut invocation);
@@ -806,8 +807,8 @@ impl Fetcher {
             let found: RedisResult<Option<(String, Vec<u8>)>> = self
                 .reclaim
                 .key(&self.marker.key)
-                .key(keys::UNACKED)
-                .key(keys::UNACKED_INDEX)
+                .key(keys::unacked())
+                .key(keys::unacked_index())
                 .arg(token)
                 .invoke_async(&mut self.take_conn)
                 .await;

@@ -68,6 +68,24 @@ end
 /// Returns 1 (written) or 0 (a SUCCESS kept).
 pub const STORE: &str = concat!(functions!(), "return store(KEYS[1], ARGV[1], ARGV[2])\n");
 
+/// Store REVOKED from a remote `revoke`, only where Celery 5.7's `_revoke` stores it: when the
+/// task has no result yet or its state is PENDING, RECEIVED, RETRY or REJECTED — never over a
+/// result (SUCCESS, FAILURE, REVOKED) nor over STARTED or a custom state another worker set.
+/// Celery reads the state and then writes; here both happen in one step. KEYS: the result key.
+/// ARGV: meta (JSON), ttl in seconds (0 = none). Returns 1 (written) or 0 (left as it was).
+pub const STORE_REVOKED_IF_WAITING: &str = concat!(
+    functions!(),
+    r"
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, m = pcall(cjson.decode, cur)
+  local s = ok and type(m) == 'table' and m['status'] or nil
+  if s ~= 'PENDING' and s ~= 'RECEIVED' and s ~= 'RETRY' and s ~= 'REJECTED' then return 0 end
+end
+return store(KEYS[1], ARGV[1], ARGV[2])
+"
+);
+
 /// Take the next message. KEYS: `unacked`, `unacked_index`, the take marker, then the lists in
 /// kombu's BRPOP order. ARGV: now (Unix seconds, or `''`: the server's), the take's token, the
 /// tokens to forget, the marker's ttl (ms), then each list's queue name as a JSON string.

@@ -4,6 +4,64 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::OnceLock;
+
+/// The `global_keyprefix` transport options, broker and result backend, as set once per
+/// process ([`set_global_keyprefix`]); none by default.
+static PREFIXES: OnceLock<(String, String)> = OnceLock::new();
+
+/// Set the process's key prefixes, as kombu's Redis transport option `global_keyprefix`
+/// (`broker_transport_options`) and Celery's result backend option of the same name
+/// (`result_backend_transport_options`) do:
+/// - `broker` goes verbatim before every broker key and channel (queues and their priority
+///   lists, `unacked`, `unacked_index`, `unacked_mutex`, `_kombu.binding.*`, the event and
+///   pidbox fanout channels, reply queues) — kombu's prefixing client puts it before the key
+///   argument of every command it sends; values (queue names inside messages, `unacked`
+///   entries and bindings) stay unprefixed;
+/// - `backend` goes before the result and group key prefixes (`celery-task-meta-`,
+///   `celery-taskset-meta-`, hence the chord keys and the result PUBLISH channel), with `_`
+///   added when it does not end in one of `:_-.`, as Celery's `_add_global_keyprefix` does.
+///
+/// Our own keys (`celery-autoscale.taking.*`, `celery-autoscale.rejected`) get the broker
+/// prefix too. Once per process: a second call with other values is refused.
+pub fn set_global_keyprefix(broker: &str, backend: &str) -> Result<(), String> {
+    let backend = if backend.is_empty() || backend.ends_with([':', '_', '-', '.']) {
+        backend.to_owned()
+    } else {
+        format!("{backend}_")
+    };
+    let want = (broker.to_owned(), backend);
+    let set = PREFIXES.get_or_init(|| want.clone());
+    if *set == want {
+        Ok(())
+    } else {
+        Err(format!(
+            "global_keyprefix is already {:?} (broker) / {:?} (backend) in this process; it is set once",
+            set.0, set.1
+        ))
+    }
+}
+
+/// The broker's `global_keyprefix` ("" when none).
+pub fn broker_prefix() -> &'static str {
+    PREFIXES.get().map_or("", |p| p.0.as_str())
+}
+
+/// The result backend's key prefix ("" when none), with Celery's separator.
+pub fn backend_prefix() -> &'static str {
+    PREFIXES.get().map_or("", |p| p.1.as_str())
+}
+
+/// A broker key or channel: `name` with the broker prefix.
+pub fn broker_key(name: &str) -> String {
+    format!("{}{name}", broker_prefix())
+}
+
+/// The key of queue `name`'s highest-priority list (the bare queue, prefixed): where kombu
+/// LPUSHes a message of priority 0 and a pidbox reply.
+pub fn queue_key(name: &str) -> String {
+    broker_key(name)
+}
 
 /// kombu's separator (`'\x06\x16'`): between a queue name and its priority bucket, and between
 /// the fields of a binding (`routing_key␆␖pattern␆␖queue`).
@@ -18,17 +76,34 @@ pub const PIDBOX_REPLY_EXCHANGE: &str = "reply.celery.pidbox";
 /// kombu's Redis channel for a fanout exchange in database `db`: `/{db}.{exchange}`, with
 /// `/{routing_key}` appended when the message has one (events do; remote control does not).
 pub fn fanout_channel(db: i64, exchange: &str, routing_key: Option<&str>) -> String {
+    let p = broker_prefix();
     match routing_key {
-        Some(rk) => format!("/{db}.{exchange}/{rk}"),
-        None => format!("/{db}.{exchange}"),
+        Some(rk) => format!("{p}/{db}.{exchange}/{rk}"),
+        None => format!("{p}/{db}.{exchange}"),
     }
 }
-/// HASH: delivery_tag → `[envelope, exchange, routing_key]`.
+/// The name of kombu's HASH delivery_tag → `[envelope, exchange, routing_key]` (its key is
+/// [`unacked`]).
 pub const UNACKED: &str = "unacked";
-/// ZSET: delivery_tag → delivery time (unix seconds, float).
+/// The name of kombu's ZSET delivery_tag → delivery time (unix seconds, float).
 pub const UNACKED_INDEX: &str = "unacked_index";
-/// STRING lock held while restoring `unacked` entries (redis-py Lock token).
+/// The name of kombu's lock held while restoring `unacked` entries (redis-py Lock token).
 pub const UNACKED_MUTEX: &str = "unacked_mutex";
+
+/// The key of [`UNACKED`].
+pub fn unacked() -> String {
+    broker_key(UNACKED)
+}
+
+/// The key of [`UNACKED_INDEX`].
+pub fn unacked_index() -> String {
+    broker_key(UNACKED_INDEX)
+}
+
+/// The key of [`UNACKED_MUTEX`].
+pub fn unacked_mutex() -> String {
+    broker_key(UNACKED_MUTEX)
+}
 /// How long our hold on `unacked_mutex` lasts if we die holding it, in milliseconds. kombu uses
 /// 300 s (`unacked_mutex_expire`): a consumer killed mid-restore then blocks every restore for
 /// five minutes. Ours is 10 s: each entry moves with an atomic compare-and-move, so a restore
@@ -37,7 +112,7 @@ pub const UNACKED_MUTEX_EXPIRE_MS: u64 = 10_000;
 /// A worker process's notes of its own takes (`broker::TakeMarker`): HASH token → delivery
 /// tag. Not a kombu key; `id` is unique per process.
 pub fn take_marker(id: &str) -> String {
-    format!("celery-autoscale.taking.{id}")
+    broker_key(&format!("celery-autoscale.taking.{id}"))
 }
 /// Prefix of result keys in the backend DB (and of their PUBLISH channels).
 pub const RESULT_KEY_PREFIX: &str = "celery-task-meta-";
@@ -46,7 +121,18 @@ pub const BINDING_PREFIX: &str = "_kombu.binding.";
 
 /// SET: the bindings of `exchange`, one member per bound queue ([`Binding`]).
 pub fn binding_set(exchange: &str) -> String {
-    format!("{BINDING_PREFIX}{exchange}")
+    broker_key(&format!("{BINDING_PREFIX}{exchange}"))
+}
+
+/// A member of a binding set ([`Binding`]), as kombu's `queue_bind` writes it.
+pub fn binding_member(routing_key: &str, pattern: &str, queue: &str) -> String {
+    format!("{routing_key}{SEP}{pattern}{SEP}{queue}")
+}
+
+/// The queue a remote-control client collects its replies from: `<key>.reply.celery.pidbox`,
+/// bound to [`PIDBOX_REPLY_EXCHANGE`] with routing key `key` (kombu's `Mailbox._broadcast`).
+pub fn pidbox_reply_queue(key: &str) -> String {
+    format!("{key}.{PIDBOX_REPLY_EXCHANGE}")
 }
 
 /// One member of a binding set: `routing_key␆␖pattern␆␖queue`, as kombu's `queue_bind` writes
@@ -80,6 +166,11 @@ impl<'a> Binding<'a> {
 /// for inspection instead of being dropped. Not a kombu key; the name cannot clash with a queue
 /// that a Celery app would declare by accident.
 pub const DEAD_LETTER: &str = "celery-autoscale.rejected";
+
+/// The key of [`DEAD_LETTER`].
+pub fn dead_letter() -> String {
+    broker_key(DEAD_LETTER)
+}
 /// How many rejected raw messages [`DEAD_LETTER`] keeps.
 pub const DEAD_LETTER_MAX: isize = 1000;
 /// Celery's default queue (`task_default_queue`).
@@ -87,7 +178,7 @@ pub const DEFAULT_QUEUE: &str = "celery";
 
 /// The result key of a task id.
 pub fn result_key(task_id: &str) -> String {
-    format!("{RESULT_KEY_PREFIX}{task_id}")
+    format!("{}{RESULT_KEY_PREFIX}{task_id}", backend_prefix())
 }
 
 /// Prefix of group (taskset) keys in the backend DB, and of a chord's join keys.
@@ -96,7 +187,7 @@ pub const GROUP_KEY_PREFIX: &str = "celery-taskset-meta-";
 /// The group result key of a group id (`GroupResult.save()`; for a chord, written by the
 /// producer only when the header holds groups).
 pub fn group_key(group_id: &str) -> String {
-    format!("{GROUP_KEY_PREFIX}{group_id}")
+    format!("{}{GROUP_KEY_PREFIX}{group_id}", backend_prefix())
 }
 
 /// The keys of the Redis backend's chord join for the header group `group_id`
@@ -205,11 +296,13 @@ impl fmt::Display for PrioritySteps {
 }
 
 fn bucket_key(queue: &str, bucket: u8) -> String {
-    if bucket == 0 { queue.to_owned() } else { format!("{queue}{SEP}{bucket}") }
+    let p = broker_prefix();
+    if bucket == 0 { format!("{p}{queue}") } else { format!("{p}{queue}{SEP}{bucket}") }
 }
 
-/// The queue a list key belongs to (strips a priority suffix).
+/// The queue a list key belongs to (strips the broker prefix and a priority suffix).
 pub fn queue_of_key(key: &str) -> &str {
+    let key = key.strip_prefix(broker_prefix()).unwrap_or(key);
     match key.rsplit_once(SEP) {
         Some((queue, bucket)) if bucket.len() == 1 && bucket.as_bytes()[0].is_ascii_digit() => queue,
         _ => key,

@@ -88,6 +88,77 @@ pub fn reply_message(
     kombu::exchange_message(&Value::Object(body), ReplyHeaders { ticket, clock }, exchange, routing_key)
 }
 
+/// The headers of a request, in kombu's key order (fixture e01): the sender's clock and when
+/// the request stops mattering (Unix seconds).
+#[derive(Serialize)]
+struct RequestHeaders {
+    clock: u64,
+    expires: f64,
+}
+
+/// The properties kombu gives a broadcast request (fixture e01), in its key order.
+#[derive(Serialize)]
+struct RequestProperties<'a> {
+    delivery_mode: u8,
+    delivery_info: kombu::DeliveryInfo<'a>,
+    priority: u8,
+    body_encoding: &'static str,
+    delivery_tag: String,
+}
+
+/// A broadcast request as `celery inspect` (kombu's `Mailbox._broadcast`) writes it: `method`
+/// with `arguments` to every node, replies to `reply.celery.pidbox` with `reply_key`, under
+/// `ticket`; `expires` is Unix seconds (fixture e01 is Celery's own `hello`).
+pub fn request_message(
+    method: &str,
+    arguments: Map<String, Value>,
+    ticket: &str,
+    reply_key: &str,
+    clock: u64,
+    expires: f64,
+) -> Vec<u8> {
+    let mut body = Map::new();
+    body.insert("method".into(), method.into());
+    body.insert("arguments".into(), Value::Object(arguments));
+    body.insert("destination".into(), Value::Null);
+    body.insert("pattern".into(), Value::Null);
+    body.insert("matcher".into(), Value::Null);
+    body.insert("ticket".into(), ticket.into());
+    let mut reply_to = Map::new();
+    reply_to.insert("exchange".into(), super::keys::PIDBOX_REPLY_EXCHANGE.into());
+    reply_to.insert("routing_key".into(), reply_key.into());
+    body.insert("reply_to".into(), Value::Object(reply_to));
+    let properties = RequestProperties {
+        delivery_mode: 2,
+        delivery_info: kombu::DeliveryInfo { exchange: super::keys::PIDBOX_EXCHANGE, routing_key: "" },
+        priority: 0,
+        body_encoding: "base64",
+        delivery_tag: super::task_write::new_uuid(),
+    };
+    super::pyjson::to_vec(&kombu::Envelope::json(&Value::Object(body), RequestHeaders { clock, expires }, properties))
+}
+
+/// A reply read back: the request's ticket (from the headers) and `{node: reply}`.
+#[derive(Debug, PartialEq)]
+pub struct Reply {
+    pub ticket: Option<String>,
+    pub clock: u64,
+    pub replies: Map<String, Value>,
+}
+
+/// Read a reply message (fixture e11). Errors say what was wrong.
+pub fn read_reply(bytes: &[u8]) -> Result<Reply, String> {
+    let env: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON ({e})"))?;
+    let env = env.as_object().ok_or("not a kombu envelope (JSON object)")?;
+    let raw = kombu::decode_body(env, MAX_REQUEST_BYTES).map_err(|e| e.to_string())?;
+    let body: Value = serde_json::from_slice(&raw).map_err(|e| format!("body is not JSON ({e})"))?;
+    let Value::Object(replies) = body else { return Err("body is not a JSON object".into()) };
+    let headers = env.get("headers");
+    let ticket = headers.and_then(|h| h.get("ticket")).and_then(Value::as_str).map(str::to_owned);
+    let clock = headers.and_then(|h| h.get("clock")).and_then(Value::as_u64).unwrap_or(0);
+    Ok(Reply { ticket, clock, replies })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +193,32 @@ mod tests {
         let mut ours: Value = serde_json::from_slice(&ours).unwrap();
         ours["properties"]["delivery_tag"] = theirs["properties"]["delivery_tag"].clone();
         assert_eq!(pyjson::to_string(&ours), pyjson::to_string(&theirs));
+    }
+
+    #[test]
+    fn hello_request_is_byte_identical_to_celerys_but_the_delivery_tag() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/celery/events/e01__0.celery.pidbox.hello.json");
+        let raw = std::fs::read(path).unwrap();
+        let theirs: Value = serde_json::from_slice(&raw).unwrap();
+        let req = read_request(&raw).unwrap();
+        let (_, rk) = req.reply_to.clone().unwrap();
+        let expires = theirs["headers"]["expires"].as_f64().unwrap();
+        let ours = request_message("hello", req.arguments.clone(), req.ticket.as_deref().unwrap(), &rk, 1, expires);
+        let mut ours: Value = serde_json::from_slice(&ours).unwrap();
+        ours["properties"]["delivery_tag"] = theirs["properties"]["delivery_tag"].clone();
+        assert_eq!(pyjson::to_string(&ours), pyjson::to_string(&theirs));
+    }
+
+    #[test]
+    fn replies_read_back() {
+        let msg = reply_message("a@h", keys::PIDBOX_REPLY_EXCHANGE, "k", Some("t1"), 7, json!({"revoked": ["x"]}));
+        let r = read_reply(&msg).unwrap();
+        assert_eq!((r.ticket.as_deref(), r.clock), (Some("t1"), 7));
+        assert_eq!(r.replies["a@h"]["revoked"], json!(["x"]));
+        assert!(
+            read_reply(b"[]").is_err()
+                && read_reply(b"{\"body\": \"WzFd\", \"properties\": {\"body_encoding\": \"base64\"}}").is_err()
+        );
     }
 
     #[test]

@@ -119,8 +119,38 @@ impl Revoked {
             .collect()
     }
 
-    /// The ids with the Unix time they were revoked.
-    fn ids_with_time(&self) -> Vec<(String, f64)> {
+    /// Add ids revoked at the given Unix times (a state file's), oldest first: an id past
+    /// Celery's three hours (`REVOKE_EXPIRES`) is skipped, a time ahead of this clock counts as now.
+    pub fn add_revoked_at(&self, ids: &[(String, f64)]) {
+        let now_unix = unix_seconds(Utc::now());
+        {
+            let mut inner = self.inner.locked();
+            for (id, at) in ids {
+                let age = Duration::try_from_secs_f64(now_unix - at).unwrap_or_default();
+                if age >= REVOKE_EXPIRES {
+                    continue;
+                }
+                let when = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+                if inner.when.insert(id.clone(), when).is_none() {
+                    inner.order.push_back(id.clone());
+                }
+            }
+            while inner.order.len() > REVOKES_MAX {
+                let Some(old) = inner.order.pop_front() else { break };
+                inner.when.remove(&old);
+                inner.terminate.remove(&old);
+            }
+        }
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Notified on every change (the state file writer waits on it).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// The ids with the Unix time they were revoked, oldest first.
+    pub fn ids_with_time(&self) -> Vec<(String, f64)> {
         let now = unix_seconds(Utc::now());
         let inner = self.inner.locked();
         inner
@@ -402,10 +432,17 @@ impl WorkerState {
         // Celery's order: flag, store REVOKED ("revoked"), then terminate (which stores
         // "terminated" when the task stops).
         self.revoked.add(&ids, false);
-        // Celery 5.7 stores REVOKED at once, so a caller's AsyncResult sees it before the ETA.
+        // Celery 5.7 (`_revoke`) stores REVOKED at once, so a caller's AsyncResult sees it
+        // before the ETA — from every worker that hears the broadcast, but not for a task
+        // running on this worker, and only over no result or PENDING/RECEIVED/RETRY/REJECTED.
+        let now = Utc::now();
         for id in &ids {
-            let meta = ResultMeta::revoked(id, &ExceptionInfo::revoked("revoked"), Utc::now());
-            if let Err(e) = self.backend.store(&meta).await {
+            let active_here = self.in_flight.by_task_id(id, Held::is_running);
+            if active_here == Some(true) {
+                continue;
+            }
+            let meta = ResultMeta::revoked(id, &ExceptionInfo::revoked("revoked"), now);
+            if let Err(e) = self.backend.store_revoked_if_waiting(&meta).await {
                 tracing::warn!(task_id = %id, error = %e, "could not store REVOKED; the task still will not run here");
             }
         }
@@ -498,10 +535,9 @@ impl WorkerState {
                     }) {
                         self.revoked.add(&ids, false);
                     }
-                    // Python's LimitedSet data: id -> insertion time (a float, or it refuses it).
-                    let revoked: Map<String, Value> =
-                        self.revoked.ids_with_time().into_iter().map(|(id, t)| (id, t.into())).collect();
-                    json!({"revoked": revoked, "clock": self.events.forward_clock()})
+                    // Celery 5.7 answers the ids only, oldest first (its peers stamp them with
+                    // their own clocks), expired ones left out.
+                    json!({"revoked": self.revoked.ids(), "clock": self.events.forward_clock()})
                 }
             }
             // Python sends a heartbeat now and replies None; ours go out every 2 s regardless.
@@ -747,7 +783,7 @@ impl WorkerState {
         let bytes =
             pidbox::reply_message(&self.node, exchange, routing_key, ticket, self.events.forward_clock(), reply);
         for q in queues {
-            conn.lpush::<_, _, i64>(q, &bytes).await?;
+            conn.lpush::<_, _, i64>(keys::queue_key(q), &bytes).await?;
         }
         Ok(())
     }

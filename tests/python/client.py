@@ -22,6 +22,10 @@ app = Celery(
     broker=os.environ.get("BROKER_URL", "redis://127.0.0.1:6379/0"),
     backend=os.environ.get("BACKEND_URL", "redis://127.0.0.1:6379/1"),
 )
+# GLOBAL_KEYPREFIX: kombu's and Celery's `global_keyprefix`, in both transport options.
+if os.environ.get("GLOBAL_KEYPREFIX"):
+    app.conf.broker_transport_options = {"global_keyprefix": os.environ["GLOBAL_KEYPREFIX"]}
+    app.conf.result_backend_transport_options = {"global_keyprefix": os.environ["GLOBAL_KEYPREFIX"]}
 
 
 def options(call):

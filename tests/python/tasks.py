@@ -4,7 +4,8 @@ Same names and algorithms as src/task/builtin.rs, so a Python worker and a Rust 
 interchangeable on a queue and benchmarks compare like with like. Configured from the
 environment: BROKER_URL, BACKEND_URL, VISIBILITY_TIMEOUT (seconds), ACKS_LATE (1/0),
 PREFETCH_MULTIPLIER, UNACKED_RESTORE_INTERVAL (seconds between kombu's restore checks) and
-UNACKED_RESTORE_THROTTLE (kombu scans on every Nth check; 1 = every check).
+UNACKED_RESTORE_THROTTLE (kombu scans on every Nth check; 1 = every check) and GLOBAL_KEYPREFIX
+(`global_keyprefix` in the broker and result backend transport options).
 """
 import os
 import time
@@ -29,6 +30,10 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
 )
+# GLOBAL_KEYPREFIX: kombu's and Celery's `global_keyprefix`, in both transport options.
+if os.environ.get("GLOBAL_KEYPREFIX"):
+    app.conf.broker_transport_options["global_keyprefix"] = os.environ["GLOBAL_KEYPREFIX"]
+    app.conf.result_backend_transport_options["global_keyprefix"] = os.environ["GLOBAL_KEYPREFIX"]
 
 
 @app.task(name="tasks.cpu_bound")

@@ -43,7 +43,7 @@ impl ResultCounter {
             return;
         }
         let n = self.pending.len().min(Self::PER_TICK);
-        let keys: Vec<String> = self.pending[..n].iter().map(|id| format!("celery-task-meta-{id}")).collect();
+        let keys: Vec<String> = self.pending[..n].iter().map(|id| crate::wire::keys::result_key(id)).collect();
         let Ok(raw) = ::redis::cmd("MGET").arg(&keys).query_async::<Vec<Option<String>>>(&mut self.conn).await else {
             return;
         };
@@ -76,6 +76,8 @@ pub(super) fn start(
             broker_url: broker_url.to_owned(),
             backend_url: backend_url.to_owned(),
             sentinel_master: None,
+            global_keyprefix: String::new(),
+            backend_global_keyprefix: None,
         },
         queue: QueueArgs { queues: vec![queue.to_owned()], priority_steps: PrioritySteps::default() },
         task: args.task,
