@@ -955,6 +955,9 @@ impl Worker {
     }
 
     async fn send(&self, task: NewTask) {
+        if let (Some(size), Some(group)) = (task.chord_size, task.group.as_deref()) {
+            self.redis_backend("set a chord's size", || self.backend.chord_set_size(group, size)).await;
+        }
         let (bytes, _) = task.to_message(&self.origin);
         let priority = i64::from(task.priority);
         self.redis("publish a follow-up task", || self.broker.publish(&task.queue, priority, &bytes)).await;

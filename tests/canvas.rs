@@ -553,6 +553,25 @@ fn a_follow_up_without_a_queue_goes_where_the_routing_table_says() {
     assert_eq!(redis.depth("celery"), 0);
 }
 
+#[test]
+fn groups_chains_and_chords_inside_chains_and_links_give_what_a_python_worker_gives() {
+    let python = {
+        let redis = Redis::start();
+        let _w = python_worker(&redis, "celery", &[]);
+        canvas(&redis, &["nested"], Duration::from_secs(120))
+    };
+    let redis = Redis::start();
+    let worker = Worker::start(&redis, &["--concurrency", "2"]);
+    let ours = canvas(&redis, &["nested"], Duration::from_secs(120));
+    assert_eq!(ours, python, "ours (left) vs a Python 5.7 worker's (right)");
+    // cpu_bound(100) = 25 primes; cpu_bound(25) = 9; cpu_bound(9) = 4; cpu_bound(1000) = 168.
+    assert_eq!(ours["chain_then_group"], json!([9, 9]));
+    assert_eq!(ours["chain_group_task"], json!(9 + 9 + 168));
+    assert_eq!(ours["link_group"], json!([9, 9]));
+    assert_eq!(ours["link_chain"], json!(4));
+    assert_eq!(worker.metric("celery_task_rejected_total", ""), 0.0);
+}
+
 mod join_script {
     //! The chord join script on a real Redis, through the library's backend: the semantics of
     //! Celery 5.7's `on_chord_part_return`, step by step.

@@ -237,6 +237,26 @@ impl Backend {
         Ok(written == 1)
     }
 
+    /// Celery's `set_chord_size`, for a chord this worker starts (a chord step of a chain):
+    /// the header's size under `.s`, with the join keys' expiry, and any claim left by an
+    /// earlier run of the same group dropped.
+    pub async fn chord_set_size(&self, group_id: &str, size: usize) -> RedisResult<()> {
+        let k = keys::chord_keys(group_id);
+        let mut set = redis::cmd("SET");
+        set.arg(&k.size).arg(size);
+        if self.expires.as_secs() > 0 {
+            set.arg("EX").arg(self.expires.as_secs());
+        }
+        redis::pipe()
+            .atomic()
+            .del(&k.claim)
+            .ignore()
+            .add_command(set)
+            .ignore()
+            .query_async(&mut self.conn.clone())
+            .await
+    }
+
     /// After a chord failed: drop its size, so a late copy of a header task does not fail it
     /// again (the entries stay until they expire), as Celery does.
     pub async fn chord_drop_size(&self, group_id: &str) -> RedisResult<()> {

@@ -95,7 +95,9 @@ impl fmt::Display for Rejection {
 }
 
 /// A signature from the `embed` part (link, link_error, chain): `{task, args, kwargs, options,
-/// subtask_type, immutable}`. Only plain task signatures are accepted.
+/// subtask_type, immutable}`: a plain task, or a group or chain (`subtask_type` "group" /
+/// "chain", the members in `kwargs.tasks`, each read and checked here). A chord inside a
+/// workflow is refused with its kind named.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Signature {
     pub task: String,
@@ -103,15 +105,62 @@ pub struct Signature {
     pub kwargs: Map<String, Value>,
     pub options: Map<String, Value>,
     pub immutable: bool,
+    /// `None` for a task; `Some("group")` or `Some("chain")`.
+    pub subtask_type: Option<String>,
 }
 
 impl Signature {
     /// Read one signature dict; `what` names it in the error (e.g. `link[0]`).
     pub fn from_value(v: &Value, what: &str) -> Result<Signature, String> {
         let obj = v.as_object().ok_or_else(|| format!("{what} is not a signature object"))?;
-        if let Some(kind) = obj.get("subtask_type").and_then(Value::as_str) {
-            return Err(format!("{what} is a {kind:?} canvas; only plain task signatures are supported"));
-        }
+        let subtask_type = match obj.get("subtask_type").and_then(Value::as_str) {
+            None => None,
+            Some(kind @ ("group" | "chain")) => {
+                let tasks = obj.get("kwargs").and_then(|k| k.get("tasks"));
+                let members = match tasks {
+                    Some(Value::Array(items)) => items
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| Signature::from_value(s, &format!("{what}.tasks[{i}]")))
+                        .collect::<Result<Vec<_>, _>>()?,
+                    _ => return Err(format!("{what} is a {kind:?} without a list of tasks")),
+                };
+                if members.is_empty() {
+                    return Err(format!("{what} is an empty {kind:?}"));
+                }
+                // A Celery client sends `chain(group, task)` as a chord and flattens chains.
+                if kind == "chain" && members[0].subtask_type.is_some() {
+                    return Err(format!("{what} is a chain whose first step is a group or chain; send it as a chord"));
+                }
+                Some(kind.to_owned())
+            }
+            Some("chord") => {
+                // `chain(a, group(b, c), d)`: Celery sends the group and what follows as a chord
+                // step. A flat header of plain tasks and a plain body are joined here.
+                let part = |key: &str| obj.get("kwargs").and_then(|k| k.get(key));
+                let header = Signature::from_value(part("header").unwrap_or(&Value::Null), &format!("{what}.header"))?;
+                let body = Signature::from_value(part("body").unwrap_or(&Value::Null), &format!("{what}.body"))?;
+                if header.subtask_type.as_deref() != Some("group")
+                    || header.members().iter().any(|m| m.subtask_type.is_some())
+                {
+                    return Err(format!(
+                        "{what} is a chord whose header is not a group of tasks; only flat headers are supported"
+                    ));
+                }
+                if body.subtask_type.is_some() {
+                    return Err(format!(
+                        "{what} is a chord whose body is a {:?}; only a task body is supported",
+                        body.subtask_type.unwrap_or_default()
+                    ));
+                }
+                Some("chord".to_owned())
+            }
+            Some(kind) => {
+                return Err(format!(
+                    "{what} is a {kind:?} canvas; only tasks, groups, chains and chords are supported here"
+                ));
+            }
+        };
         let task = obj.get("task").and_then(Value::as_str).filter(|t| !t.is_empty());
         let task = task.ok_or_else(|| format!("{what} has no task name"))?.to_owned();
         let args = match obj.get("args") {
@@ -128,7 +177,25 @@ impl Signature {
             signature_list(options.get(key), &format!("{what}.options.{key}"))?;
         }
         check_options(&options).map_err(|e| format!("{what}.options.{e}"))?;
-        Ok(Signature { task, args, kwargs, options, immutable })
+        Ok(Signature { task, args, kwargs, options, immutable, subtask_type })
+    }
+
+    /// A chord's `header` or `body` (`kwargs.header` / `kwargs.body`), checked when read.
+    pub fn chord_part(&self, key: &str) -> Option<Signature> {
+        match self.subtask_type.as_deref() {
+            Some("chord") => self.kwargs.get(key).and_then(|v| Signature::from_value(v, key).ok()),
+            _ => None,
+        }
+    }
+
+    /// A group's members or a chain's steps (`kwargs.tasks`), in order; empty for a task.
+    pub fn members(&self) -> Vec<Signature> {
+        match (&self.subtask_type, self.kwargs.get("tasks")) {
+            (Some(_), Some(Value::Array(items))) => {
+                items.iter().filter_map(|s| Signature::from_value(s, "tasks").ok()).collect()
+            }
+            _ => Vec::new(),
+        }
     }
 
     /// `options[key]` as a string, if set.
@@ -639,7 +706,12 @@ fn parse_embed(e: &Map<String, Value>) -> Result<Embed, String> {
 fn chord_body(v: Option<&Value>) -> Result<Option<Signature>, String> {
     match v {
         None | Some(Value::Null) => Ok(None),
-        Some(body) => Signature::from_value(body, "chord body").map(Some),
+        Some(body) => match Signature::from_value(body, "chord body")? {
+            Signature { subtask_type: Some(kind), .. } => {
+                Err(format!("chord body is a {kind:?} canvas; only plain task signatures are supported"))
+            }
+            plain => Ok(Some(plain)),
+        },
     }
 }
 

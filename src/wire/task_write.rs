@@ -34,6 +34,9 @@ pub struct NewTask {
     pub ignore_result: Option<bool>,
     /// Remaining chain (reversed, next task last), carried in `embed.chain`.
     pub chain: Vec<Signature>,
+    /// Set the size of this task's chord (its `group`) to this before sending it: the last
+    /// header member of a chord this worker starts, as Celery's `set_chord_size` does.
+    pub chord_size: Option<usize>,
     /// Sent as a chain step: `embed.chain` is a list even when no step is left (Celery passes
     /// the popped chain on), not `null`.
     pub chain_step: bool,
@@ -67,6 +70,7 @@ impl NewTask {
             ignore_result: None,
             chain: Vec::new(),
             chain_step: false,
+            chord_size: None,
             callbacks: Vec::new(),
             errbacks: Vec::new(),
             chord: None,
@@ -118,6 +122,80 @@ impl NewTask {
         t
     }
 
+    /// Apply `sig` as Celery's `Signature.apply_async((prepend,))` does from a worker: a task
+    /// is one message ([`Self::from_signature`]); a group sends each member (each called with
+    /// `prepend`) with a shared `group_id` (the group's own `task_id`, else a fresh one) and its
+    /// `group_index`; a chain sends its first step (called with `prepend`) carrying the other
+    /// steps in `embed.chain`. `route` names the queue of a task whose signature names none.
+    pub fn apply(
+        sig: &Signature,
+        prepend: Option<Value>,
+        parent: &TaskMessage,
+        route: &dyn Fn(&str) -> String,
+    ) -> Vec<Self> {
+        let prepend = prepend.filter(|_| !sig.immutable);
+        match sig.subtask_type.as_deref() {
+            Some("group") => {
+                let group_id = sig.option_str("task_id").map_or_else(new_uuid, str::to_owned);
+                let mut sent = Vec::new();
+                for (i, member) in sig.members().iter().enumerate() {
+                    let mut tasks = Self::apply(member, prepend.clone(), parent, route);
+                    if let Some(first) = tasks.first_mut() {
+                        first.group = Some(group_id.clone());
+                        first.group_index = i64::try_from(i).ok();
+                    }
+                    sent.extend(tasks);
+                }
+                sent
+            }
+            Some("chain") => {
+                let mut steps = sig.members();
+                if steps.is_empty() {
+                    return Vec::new();
+                }
+                let first = steps.remove(0);
+                steps.reverse(); // the next step is the last element, as Celery keeps it
+                let mut tasks = Self::apply(&first, prepend, parent, route);
+                if let Some(t) = tasks.first_mut() {
+                    t.chain = steps;
+                    t.chain_step = true;
+                }
+                tasks
+            }
+            Some("chord") => {
+                // Celery's `chord.run`: the header's members share its group id, each carries
+                // the body, which keeps the id the client froze it with (what it waits on).
+                let (Some(header), Some(body)) = (sig.chord_part("header"), sig.chord_part("body")) else {
+                    return Vec::new();
+                };
+                let group_id = header.option_str("task_id").map_or_else(new_uuid, str::to_owned);
+                let mut body = body;
+                if body.option_str("task_id").is_none() {
+                    let id = sig.option_str("task_id").map_or_else(new_uuid, str::to_owned);
+                    body.options.insert("task_id".into(), id.into());
+                }
+                body.options.insert("group_id".into(), group_id.clone().into());
+                let members = header.members();
+                let mut sent: Vec<Self> = members
+                    .iter()
+                    .enumerate()
+                    .map(|(i, member)| {
+                        let mut t = Self::from_signature(member, prepend.clone(), parent, &route(&member.task));
+                        t.group = Some(group_id.clone());
+                        t.group_index = i64::try_from(i).ok();
+                        t.chord = Some(body.clone());
+                        t
+                    })
+                    .collect();
+                if let Some(last) = sent.last_mut() {
+                    last.chord_size = Some(members.len());
+                }
+                sent
+            }
+            _ => vec![Self::from_signature(sig, prepend, parent, &route(&sig.task))],
+        }
+    }
+
     /// Several follow-ups sent as one group, as Celery's worker sends several callbacks (and
     /// every errback): a fresh `group_id` shared by all, each with its `group_index`.
     pub fn as_group(tasks: &mut [NewTask]) {
@@ -166,6 +244,7 @@ impl NewTask {
             ignore_result: *ignore_result,
             chain: embed.chain.clone(),
             chain_step: false,
+            chord_size: None,
             callbacks: embed.callbacks.clone(),
             errbacks: embed.errbacks.clone(),
             chord: embed.chord.clone(),
@@ -282,7 +361,7 @@ struct SignatureOut<'a> {
     args: &'a [Value],
     kwargs: &'a Map<String, Value>,
     options: &'a Map<String, Value>,
-    subtask_type: Option<()>,
+    subtask_type: Option<&'a str>,
     immutable: bool,
 }
 
@@ -293,7 +372,7 @@ impl<'a> From<&'a Signature> for SignatureOut<'a> {
             args: &s.args,
             kwargs: &s.kwargs,
             options: &s.options,
-            subtask_type: None,
+            subtask_type: s.subtask_type.as_deref(),
             immutable: s.immutable,
         }
     }

@@ -61,10 +61,13 @@ pub fn settle(
         Ok(value) => {
             let mut send = callbacks(msg, &value, routes);
             if let Some((next, rest)) = msg.embed.chain.split_last() {
-                let mut t = NewTask::from_signature(next, Some(value.clone()), msg, routes.queue_for(&next.task));
-                t.chain = rest.to_vec();
-                t.chain_step = true;
-                send.push(t);
+                // The next step: a task, or a group ending the chain (`a | group(b, c)`).
+                let mut step = NewTask::apply(next, Some(value.clone()), msg, &route(routes));
+                if let (None, [t]) = (&next.subtask_type, step.as_mut_slice()) {
+                    t.chain = rest.to_vec();
+                    t.chain_step = true;
+                }
+                send.extend(step);
             }
             let part = chord::part(msg, TaskState::Success, &value);
             (Kind::Success, store_around(ResultMeta::success(&msg.id, value, now), send, part))
@@ -87,19 +90,27 @@ pub fn settle(
     }
 }
 
-/// The `link` callbacks of `msg`, each called with `value`: one alone is sent as itself,
-/// several as one group (Celery's tracer: `group(callbacks).apply_async((retval,))`).
+/// The `link` callbacks of `msg`, each called with `value`, as Celery's tracer sends them: a
+/// group callback is applied as its own group; the others, if more than one, go as one group
+/// (`group(callbacks).apply_async((retval,))`); one alone as itself.
 fn callbacks(msg: &TaskMessage, value: &Value, routes: &Routes) -> Vec<NewTask> {
-    let mut send: Vec<NewTask> = msg
-        .embed
-        .callbacks
-        .iter()
-        .map(|sig| NewTask::from_signature(sig, Some(value.clone()), msg, routes.queue_for(&sig.task)))
-        .collect();
-    if send.len() > 1 {
-        NewTask::as_group(&mut send);
+    let route = route(routes);
+    let (groups, others): (Vec<&Signature>, Vec<&Signature>) =
+        msg.embed.callbacks.iter().partition(|sig| sig.subtask_type.as_deref() == Some("group"));
+    let mut send: Vec<NewTask> =
+        groups.iter().flat_map(|sig| NewTask::apply(sig, Some(value.clone()), msg, &route)).collect();
+    let mut rest: Vec<NewTask> =
+        others.iter().flat_map(|sig| NewTask::apply(sig, Some(value.clone()), msg, &route)).collect();
+    if others.len() > 1 {
+        NewTask::as_group(&mut rest);
     }
+    send.extend(rest);
     send
+}
+
+/// The routing table as the queue-naming function [`NewTask::apply`] takes.
+fn route(routes: &Routes) -> impl Fn(&str) -> String + '_ {
+    |task| routes.queue_for(task).to_owned()
 }
 
 /// The `link_error` errbacks of `msg`, called with its id.
@@ -116,15 +127,11 @@ pub fn errback_group(
     parent: &TaskMessage,
     routes: &Routes,
 ) -> Vec<NewTask> {
+    let route = route(routes);
     let mut send: Vec<NewTask> = sigs
         .iter()
-        .map(|sig| {
-            let mut t = NewTask::from_signature(
-                sig,
-                Some(Value::String(failed_id.to_owned())),
-                parent,
-                routes.queue_for(&sig.task),
-            );
+        .flat_map(|sig| NewTask::apply(sig, Some(Value::String(failed_id.to_owned())), parent, &route))
+        .map(|mut t| {
             t.parent_id = Some(failed_id.to_owned());
             t.root_id = Some(root_id.to_owned());
             t

@@ -19,6 +19,8 @@
     canvas.py errback_countdown      chain(cpu_bound(10), xsum([1, "a"]) with countdown=2 and its own
                                      link_error io_bound(0), task id ERRBACK_ID)
     canvas.py routed                 chain(cpu_bound(10), xsum) with no queue on the step
+    canvas.py nested                 a | group(b, c); a | group(b, c, d) | xsum; a with link=group(...);
+                                     a with link=chain(...); prints each value
     canvas.py send N                 send a chord of N members (cpu_bound(200 + i)) whose body goes
                                      to queue 'bodyq'; prints the group id and the member ids
 
@@ -152,6 +154,23 @@ def main():
         # A chain step that names no queue: the worker's routing table decides.
         chain(sig("tasks.cpu_bound", 10, task_id=fixed(1)), sig("tasks.xsum", task_id=fixed(2))).apply_async()
         print(json.dumps({"step": fixed(2)}))
+    elif mode == "nested":
+        # Groups and chains inside chains and links; each value as a Python worker gives it.
+        cpu = lambda *a, **o: sig("tasks.cpu_bound", *a, **o)
+        out = {}
+        r = chain(cpu(100).set(immutable=True), group(cpu(), cpu())).apply_async()
+        out["chain_then_group"] = r.get(timeout=60)
+        r = chain(cpu(100).set(immutable=True), group(cpu(), cpu(), cpu(1000).set(immutable=True)), sig("tasks.xsum")).apply_async()
+        out["chain_group_task"] = r.get(timeout=60)
+        first = cpu(100)
+        first.link(group(cpu(task_id=fixed(5)), cpu(task_id=fixed(6))))
+        first.apply_async().get(timeout=60)
+        out["link_group"] = [app.AsyncResult(fixed(n)).get(timeout=60) for n in (5, 6)]
+        first = cpu(100)
+        first.link(chain(cpu(), cpu(task_id=fixed(7))))
+        first.apply_async().get(timeout=60)
+        out["link_chain"] = app.AsyncResult(fixed(7)).get(timeout=60)
+        print(json.dumps(out))
     elif mode == "send":
         n = int(sys.argv[2])
         header = [sig("tasks.cpu_bound", 200 + i) for i in range(n)]
