@@ -844,7 +844,11 @@ mod tests {
             ),
             (
                 serde_json::json!({"link": {"task": "c", "subtask_type": "chain"}}),
-                "link[0].options.link is a \"chain\" canvas",
+                "link[0].options.link is a \"chain\" without a list of tasks",
+            ),
+            (
+                serde_json::json!({"link": {"task": "c", "subtask_type": "xmap"}}),
+                "link[0].options.link is a \"xmap\" canvas",
             ),
             (serde_json::json!({"countdown": "soon"}), "countdown is \"soon\", not a number of seconds"),
             (serde_json::json!({"eta": 5}), "eta is 5, not a date and time"),
