@@ -498,7 +498,8 @@ impl Worker {
 
     /// Switch the fetcher to `queues` (remote add_consumer/cancel_consumer).
     fn consume_from(&self, fetcher: &mut Fetcher, queues: &[String]) {
-        let lists = Arc::new(TakeList::with_order(queues, &self.args.queue.priority_steps, self.args.queue_order_strategy));
+        let lists =
+            Arc::new(TakeList::with_order(queues, &self.args.queue.priority_steps, self.args.queue_order_strategy));
         let master = self.args.redis.sentinel_master.as_deref();
         let conns = (0..lists.keys().len())
             .map(|_| {

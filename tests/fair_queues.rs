@@ -57,15 +57,22 @@ fn completion_positions(extra: &[&str]) -> (Vec<usize>, usize) {
 #[test]
 fn round_robin_serves_a_shallow_queue_beside_a_deep_one() {
     let (shallow, deep_200th) = completion_positions(&[]);
-    println!("round_robin: the shallow queue's {SHALLOW} finished at positions {shallow:?}; the deep queue's 200th at {deep_200th}");
+    println!(
+        "round_robin: the shallow queue's {SHALLOW} finished at positions {shallow:?}; the deep queue's 200th at {deep_200th}"
+    );
     let last = *shallow.iter().max().unwrap();
-    assert!(last < deep_200th, "round robin: every shallow message before the deep queue's 200th ({last} vs {deep_200th})");
+    assert!(
+        last < deep_200th,
+        "round robin: every shallow message before the deep queue's 200th ({last} vs {deep_200th})"
+    );
 }
 
 #[test]
 fn the_priority_order_drains_the_first_queue_first() {
     let (shallow, deep_200th) = completion_positions(&["--queue-order-strategy", "priority"]);
-    println!("priority: the shallow queue's {SHALLOW} finished at positions {shallow:?}; the deep queue's 200th at {deep_200th}");
+    println!(
+        "priority: the shallow queue's {SHALLOW} finished at positions {shallow:?}; the deep queue's 200th at {deep_200th}"
+    );
     let first = *shallow.iter().min().unwrap();
     assert!(first > deep_200th, "priority: the deep queue first ({first} vs {deep_200th})");
     assert!(first > DEEP * 9 / 10, "the deep queue's messages mostly finish first: the first shallow one at {first}");

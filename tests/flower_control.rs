@@ -95,12 +95,20 @@ fn flower_rate_limit_timeout_and_pool_buttons_work_on_our_worker() {
 
     let worker = "workername=rs1%40testhost";
     let (status, body) = flower.post("/api/task/rate-limit/tasks.io_bound", &format!("{worker}&ratelimit=30%2Fm"));
-    assert_eq!((status, serde_json::from_str::<Value>(&body).ok()), (200, Some(json!({"message": "new rate limit set successfully"}))), "{body}");
+    assert_eq!(
+        (status, serde_json::from_str::<Value>(&body).ok()),
+        (200, Some(json!({"message": "new rate limit set successfully"}))),
+        "{body}"
+    );
     let registered = inspect(&redis, "registered");
     assert!(registered.as_array().unwrap().iter().any(|t| t == "tasks.io_bound [rate_limit=30/m]"), "{registered}");
 
     let (status, body) = flower.post("/api/task/timeout/tasks.io_bound", &format!("{worker}&soft=1&hard=2"));
-    assert_eq!((status, serde_json::from_str::<Value>(&body).ok()), (200, Some(json!({"message": "time limits set successfully"}))), "{body}");
+    assert_eq!(
+        (status, serde_json::from_str::<Value>(&body).ok()),
+        (200, Some(json!({"message": "time limits set successfully"}))),
+        "{body}"
+    );
     let ids = python_client(&redis, "send", &json!([{"task": "tasks.io_bound", "args": [30]}]), WAIT);
     let id = ids[0].as_str().unwrap().to_owned();
     wait_all(&redis, std::slice::from_ref(&id), "FAILURE", WAIT);

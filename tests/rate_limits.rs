@@ -49,7 +49,10 @@ fn celery_control_rate_limit_paces_our_worker_and_registered_shows_it() {
     );
     let registered = ask(&redis, "inspect", &["registered"]);
     assert!(registered.as_array().unwrap().iter().any(|t| t == "tasks.io_bound [rate_limit=30/m]"), "{registered}");
-    assert!(registered.as_array().unwrap().iter().any(|t| t == "tasks.cpu_bound"), "no limit, no brackets: {registered}");
+    assert!(
+        registered.as_array().unwrap().iter().any(|t| t == "tasks.cpu_bound"),
+        "no limit, no brackets: {registered}"
+    );
 
     // 30/m is one start every 2 s: ten tasks that take no time take at least 18 s.
     let started = Instant::now();
@@ -69,7 +72,10 @@ fn celery_control_rate_limit_paces_our_worker_and_registered_shows_it() {
     assert_eq!(ask(&redis, "control", &["rate_limit", "tasks.nope", "10/s"]), json!({"error": "unknown task"}));
     assert_eq!(ask(&redis, "inspect", &["ping"]), json!({"ok": "pong"}));
     let registered = ask(&redis, "inspect", &["registered"]);
-    assert!(registered.as_array().unwrap().iter().any(|t| t == "tasks.io_bound [rate_limit=30/m]"), "kept: {registered}");
+    assert!(
+        registered.as_array().unwrap().iter().any(|t| t == "tasks.io_bound [rate_limit=30/m]"),
+        "kept: {registered}"
+    );
 
     // Lifting it: ten more go at once (well under the 18 s the limit would take).
     assert_eq!(
@@ -140,7 +146,8 @@ fn pool_grow_and_shrink_change_the_run_slots_and_stats_lists_one_entry_per_slot(
     assert!(ok, "{out}");
     wait_all(&redis, &ids, "REVOKED", WAIT);
     // One slot left: of two more long tasks, one runs and one waits.
-    let more = send(&redis, json!([{"task": "tasks.io_bound", "args": [600]}, {"task": "tasks.io_bound", "args": [600]}]));
+    let more =
+        send(&redis, json!([{"task": "tasks.io_bound", "args": [600]}, {"task": "tasks.io_bound", "args": [600]}]));
     wait_for("one task active", WAIT, || (ask(&redis, "inspect", &["active"]).as_array()?.len() == 1).then_some(()));
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(ask(&redis, "inspect", &["active"]).as_array().unwrap().len(), 1, "one run slot after the shrink");

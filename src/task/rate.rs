@@ -96,8 +96,9 @@ pub fn task_rate_flag(s: &str) -> Result<(String, Option<RateLimit>), String> {
     if task.is_empty() {
         return Err(format!("{s:?} names no task: write e.g. tasks.io_bound=30/m"));
     }
-    let rate = RateLimit::parse(rate)
-        .map_err(|e| format!("{s:?}: the rate {e}; write a count per s, m or h, e.g. 10/s, 100/m, 1000/h (0 = none)"))?;
+    let rate = RateLimit::parse(rate).map_err(|e| {
+        format!("{s:?}: the rate {e}; write a count per s, m or h, e.g. 10/s, 100/m, 1000/h (0 = none)")
+    })?;
     Ok((task.to_owned(), rate))
 }
 

@@ -558,12 +558,12 @@ impl TakeList {
             return;
         }
         let queue = keys::queue_of_key(key);
-        if let Some(i) = queues.iter().position(|q| q == queue) {
-            if i + 1 != queues.len() {
-                let q = queues.remove(i);
-                queues.push(q);
-                *scan = Arc::new(Self::build(queues, &self.steps));
-            }
+        if let Some(i) = queues.iter().position(|q| q == queue)
+            && i + 1 != queues.len()
+        {
+            let q = queues.remove(i);
+            queues.push(q);
+            *scan = Arc::new(Self::build(queues, &self.steps));
         }
     }
 }

@@ -201,10 +201,10 @@ struct GiveBack<'a> {
 
 impl Drop for GiveBack<'_> {
     fn drop(&mut self) {
-        if self.armed {
-            if let Some(b) = self.limits.tasks.locked().get_mut(self.task).and_then(|p| p.bucket.as_mut()) {
-                b.give_back();
-            }
+        if self.armed
+            && let Some(b) = self.limits.tasks.locked().get_mut(self.task).and_then(|p| p.bucket.as_mut())
+        {
+            b.give_back();
         }
     }
 }

@@ -55,9 +55,9 @@ impl Pool {
 
     /// `pool_grow n`. Err: Python's error repr, for the reply.
     pub fn grow(&self, n: u32) -> Result<u32, String> {
-        let now = self.slots.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
-            s.checked_add(n).filter(|&t| t <= MAX_SLOTS)
-        });
+        let now = self
+            .slots
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| s.checked_add(n).filter(|&t| t <= MAX_SLOTS));
         let before = now.map_err(|s| {
             format!("ValueError(\"can't grow the pool by {n}: it has {s} run slots, at most {MAX_SLOTS}\")")
         })?;
@@ -69,9 +69,8 @@ impl Pool {
 
     /// `pool_shrink n`: never below one slot. Err: Python's error repr, for the reply.
     pub fn shrink(&self, n: u32) -> Result<u32, String> {
-        let now = self.slots.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
-            s.checked_sub(n).filter(|&t| t >= 1)
-        });
+        let now =
+            self.slots.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| s.checked_sub(n).filter(|&t| t >= 1));
         let before = now.map_err(|s| {
             format!("ValueError(\"can't shrink the pool by {n}: it has {s} run slots and keeps at least one\")")
         })?;

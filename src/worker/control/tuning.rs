@@ -68,7 +68,10 @@ impl WorkerState {
             let v = v.filter(|v| v.is_finite() && *v >= 0.0).ok_or_else(|| {
                 format!("ValueError({})", super::repr(&format!("{name} must be a number of seconds >= 0").into()))
             })?;
-            Ok(Duration::try_from_secs_f64(v).ok().filter(|d| !d.is_zero()).map(|d| d.min(crate::runtime::args::MAX_DURATION)))
+            Ok(Duration::try_from_secs_f64(v)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .map(|d| d.min(crate::runtime::args::MAX_DURATION)))
         };
         let (soft, hard) = (secs("soft")?, secs("hard")?);
         if self.limits.set_time_limits(task, soft, hard) == Err(LimitError::UnknownTask) {
@@ -82,11 +85,18 @@ impl WorkerState {
     pub(super) fn resize_pool(&self, args: &Map<String, Value>, grow: bool) -> Result<Value, String> {
         let n = match args.get("n") {
             None | Some(Value::Null) => 1,
-            Some(Value::Number(n)) => n.as_i64().ok_or_else(|| format!("ValueError({})", super::repr(&format!("n must be an integer, not {n}").into())))?,
+            Some(Value::Number(n)) => n.as_i64().ok_or_else(|| {
+                format!("ValueError({})", super::repr(&format!("n must be an integer, not {n}").into()))
+            })?,
             Some(Value::String(s)) => s.trim().parse().map_err(|_| {
                 format!("ValueError({})", super::repr(&format!("invalid literal for int() with base 10: {s:?}").into()))
             })?,
-            Some(other) => return Err(format!("TypeError({})", super::repr(&format!("n must be an integer, not {other}").into()))),
+            Some(other) => {
+                return Err(format!(
+                    "TypeError({})",
+                    super::repr(&format!("n must be an integer, not {other}").into())
+                ));
+            }
         };
         // Python's grow/shrink loop n times: nothing for n < 1.
         let n = u32::try_from(n.max(0)).unwrap_or(u32::MAX);
