@@ -937,6 +937,25 @@ mod tests {
     }
 
     #[test]
+    fn round_robin_moves_the_queue_taken_from_to_the_end() {
+        let steps = PrioritySteps::default();
+        let queues = ["a".to_owned(), "b".to_owned(), "c".to_owned()];
+        let first_step = |l: &TakeList| l.keys()[..3].to_vec();
+        let rr = TakeList::with_order(&queues, &steps, QueueOrder::RoundRobin);
+        assert_eq!(first_step(&rr), ["a", "b", "c"]);
+        rr.taken_from("a");
+        assert_eq!(first_step(&rr), ["b", "c", "a"]);
+        // A priority list counts for its queue; every step of every queue precedes the next step.
+        rr.taken_from(&steps.key_for("c", 9));
+        assert_eq!(first_step(&rr), ["b", "a", "c"]);
+        let fixed = TakeList::with_order(&queues, &steps, QueueOrder::Priority);
+        fixed.taken_from("a");
+        assert_eq!(first_step(&fixed), ["a", "b", "c"]);
+        let sorted = TakeList::with_order(&["z".to_owned(), "m".to_owned()], &steps, QueueOrder::Sorted);
+        assert_eq!(sorted.keys()[..2].to_vec(), ["m", "z"]);
+    }
+
+    #[test]
     fn a_redis_without_blmove_is_told_by_its_error_code() {
         assert!(is_unknown_command(&server_error("-ERR unknown command 'BLMOVE', with args beginning with: 'q' \r\n")));
         assert!(!is_unknown_command(&server_error("-ERR wrong number of arguments for 'blmove' command\r\n")));
