@@ -19,6 +19,7 @@
 pub mod args;
 pub mod builtin;
 pub mod canvas;
+pub mod rate;
 
 pub use args::{Arg, Args, Json, Param, Seconds};
 
@@ -109,6 +110,9 @@ pub struct TaskOptions {
     pub soft_time_limit: Option<Duration>,
     /// Store no result unless the message asks for one.
     pub ignore_result: bool,
+    /// Celery's `rate_limit`: at most this many starts per second per worker (a token bucket;
+    /// a task over it waits, held and leased, for its turn). `None`: no limit.
+    pub rate_limit: Option<rate::RateLimit>,
 }
 
 impl TaskOptions {
@@ -120,6 +124,7 @@ impl TaskOptions {
             time_limit: None,
             soft_time_limit: None,
             ignore_result: false,
+            rate_limit: None,
         }
     }
 
@@ -145,6 +150,14 @@ impl TaskOptions {
 
     pub fn ignore_result(mut self, ignore: bool) -> Self {
         self.ignore_result = ignore;
+        self
+    }
+
+    /// Celery's `rate_limit` in its syntax: `"10/s"`, `"100/m"`, `"1000/h"`, a plain number
+    /// (per second); `"0"` is no limit. Panics on a string Celery would refuse (a programming
+    /// error, like a bad literal); use [`rate::RateLimit::parse`] for input.
+    pub fn rate_limit(mut self, limit: &str) -> Self {
+        self.rate_limit = rate::RateLimit::parse(limit).unwrap_or_else(|e| panic!("rate_limit({limit:?}): {e}"));
         self
     }
 

@@ -20,7 +20,7 @@ use crate::runtime::shutdown::{Shutdown, Stage};
 use crate::runtime::sync::Locked;
 use crate::task::{Call, Context, Registry, Task, TaskError, TaskOptions, TaskResult};
 use crate::transport::backend::{self, Backend, DEFAULT_RESULT_EXPIRES, Stored};
-use crate::transport::broker::{BRPOP_TIMEOUT, Broker, End, Fetcher, LARGE_REPLY, TakeList, Taken};
+use crate::transport::broker::{BRPOP_TIMEOUT, Broker, End, Fetcher, LARGE_REPLY, QueueOrder, TakeList, Taken};
 use crate::transport::connection::{self, Backoff, Health, redact_url};
 use crate::transport::lease;
 use crate::wire::keys;
@@ -138,13 +138,29 @@ pub struct WorkerArgs {
     /// loses that task instead of running it again. SIGTERM still lets it finish.
     #[arg(long, env = "WORKER_ACKS_EARLY", value_parser = clap::builder::BoolishValueParser::new())]
     pub acks_early: bool,
+    /// A task's rate limit, `TASK=RATE` in Celery's syntax (`10/s`, `100/m`, `1000/h`, a plain
+    /// number per second, `0` none); repeatable or comma-separated. Wins over the task's own
+    /// `rate_limit`; per worker, as Celery's. `control rate_limit` changes it live.
+    #[arg(long = "rate-limit", env = "WORKER_RATE_LIMITS", value_delimiter = ',', value_name = "TASK=RATE",
+          value_parser = crate::task::rate::task_rate_flag)]
+    pub rate_limits: Vec<(String, Option<crate::task::rate::RateLimit>)>,
+    /// Which queue a take looks at first (kombu's queue_order_strategy): `round_robin` moves a
+    /// queue to the end of the cycle once a message is taken from it, so no queue starves;
+    /// `priority` always scans --queues in the order given; `sorted`, by name.
+    #[arg(long, value_enum, default_value_t = QueueOrder::RoundRobin)]
+    pub queue_order_strategy: QueueOrder,
+    /// Queues not to consume, comma-separated (Celery's `-X`): taken out of --queues at start.
+    #[arg(short = 'X', long, value_delimiter = ',')]
+    pub exclude_queues: Vec<String>,
 }
 
 pub mod chord;
 pub mod control;
 pub mod events;
 pub mod inflight;
+pub mod limits;
 pub mod mingle;
+pub mod pool;
 pub mod routes;
 pub mod settle;
 pub mod statedb;
@@ -213,13 +229,24 @@ pub async fn run(args: WorkerArgs, registry: Registry) -> Result<(), StartError>
 pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: Shutdown) -> Result<(), StartError> {
     // Celery's built-in canvas tasks (celery.map, …) over the tasks this worker runs.
     let registry = crate::task::canvas::register(registry);
-    let queues = args.queue.names()?;
+    let queues = consumed_queues(args.queue.names()?, &args.exclude_queues)?;
     args.redis.apply_keyprefix()?;
+    let limits = Arc::new(limits::TaskLimits::new(&registry, &args.rate_limits).map_err(|unknown| {
+        StartError::Config(format!(
+            "--rate-limit names {unknown:?}, which this worker does not run; registered: {:?}",
+            registry.names().filter(|n| !n.starts_with("celery.")).collect::<Vec<_>>()
+        ))
+    })?);
+    let metrics = WorkerMetrics::new(registry.names());
+    let pool = {
+        let gauge = metrics.concurrency.clone();
+        Arc::new(pool::Pool::new(args.concurrency, args.prefetch_multiplier, move |n| gauge.set(i64::from(n))))
+    };
     // Replies may queue behind a busy Redis; a blocking wait needs its block time on top.
     let op_timeout = connection::response_timeout(args.health_check_interval);
     let master = args.redis.sentinel_master.as_deref();
     let broker_conn = connection::connect("BROKER_URL", &args.redis.broker_url, master, op_timeout)?;
-    let lists = Arc::new(TakeList::new(&queues, &args.queue.priority_steps));
+    let lists = Arc::new(TakeList::with_order(&queues, &args.queue.priority_steps, args.queue_order_strategy));
     // One connection per list for the blocking wait, so a wait on one list never delays another.
     let wait_conns = (0..lists.keys().len())
         .map(|_| connection::connect("BROKER_URL", &args.redis.broker_url, master, op_timeout + BRPOP_TIMEOUT))
@@ -232,7 +259,7 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
     let (events, pending_events) = Events::new(broker_conn.clone(), &node, args.events);
     let in_flight = Arc::new(InFlight::new());
     let state = WorkerState::new(
-        control_settings(&args, &node, &queues, &registry),
+        control_settings(&args, &node, &queues, pool.clone(), limits),
         in_flight.clone(),
         events.clone(),
         backend.clone(),
@@ -248,7 +275,7 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
     let worker = Arc::new(Worker {
         broker: Broker::new(broker_conn.clone(), steps.clone()),
         backend: backend.with_shared_broker(backend::shared_broker_db(&args.redis.broker_url, &args.redis.backend_url)),
-        metrics: WorkerMetrics::new(registry.names()),
+        metrics,
         broker_health: Health::new("broker", "BROKER_URL", &args.redis.broker_url),
         backend_health: Health::new("backend", "BACKEND_URL", &args.redis.backend_url),
         pidbox_health: Health::new("remote control", "BROKER_URL", &args.redis.broker_url),
@@ -256,7 +283,7 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
         registry,
         in_flight: in_flight.clone(),
         give_up: AtomicBool::new(false),
-        run_slots: Arc::new(Semaphore::new(args.concurrency as usize)),
+        run_slots: pool.run_slots().clone(),
         finishing: Arc::new(Semaphore::new(2 * args.concurrency as usize)),
         lists: std::sync::Mutex::new(lists.clone()),
         origin: format!("gen{}@{}", std::process::id(), node.split_once('@').map_or(node.as_str(), |(_, h)| h)),
@@ -483,7 +510,8 @@ impl Worker {
     /// A fetch in flight is never abandoned (with the BRPOP fallback its message would be lost);
     /// it lasts ≤ 1 s.
     async fn fetch_loop(self: Arc<Self>, fetcher: &mut Fetcher) -> JoinSet<()> {
-        let slots = Arc::new(Semaphore::new((self.args.concurrency * self.args.prefetch_multiplier) as usize));
+        // The prefetch budget: slots × --prefetch-multiplier, following pool_grow/pool_shrink.
+        let slots = self.state.pool().fetch_slots().clone();
         let mut deliveries = JoinSet::new();
         let mut backoff = Backoff::default();
         let mut queue_changes = self.state.queue_changes();
@@ -533,7 +561,8 @@ impl Worker {
 
     /// Switch the fetcher to `queues` (remote add_consumer/cancel_consumer).
     fn consume_from(&self, fetcher: &mut Fetcher, queues: &[String]) {
-        let lists = Arc::new(TakeList::new(queues, &self.args.queue.priority_steps));
+        let lists =
+            Arc::new(TakeList::with_order(queues, &self.args.queue.priority_steps, self.args.queue_order_strategy));
         let master = self.args.redis.sentinel_master.as_deref();
         let conns = (0..lists.keys().len())
             .map(|_| {
@@ -735,6 +764,12 @@ impl Worker {
                 () = self.shutdown.reached(Stage::Graceful) => return Err(Stop::Left), // the drain puts it back
             }
         }
+        // Its rate limit's token (Celery: after the ETA, before the pool); held and leased meanwhile.
+        tokio::select! {
+            () = self.state.limits().acquire(&msg.task) => {}
+            () = self.state.revoked.wait(&msg.id, false) => {}
+            () = self.shutdown.reached(Stage::Graceful) => return Err(Stop::Left),
+        }
         let run_slot = tokio::select! {
             p = self.run_slots.clone().acquire_owned() => p.expect("semaphore never closed"),
             () = self.shutdown.reached(Stage::Graceful) => return Err(Stop::Left),
@@ -820,7 +855,7 @@ impl Worker {
                 return None;
             }
         }
-        let (limit, limit_exc) = time_limit(msg, task.options(), &self.args);
+        let (limit, limit_exc) = time_limit(msg, &self.state.limits().options(task.options()), &self.args);
         tracing::debug!(task_id = %msg.id, task = %msg.task, retries = msg.retries, "task started");
         let started = Instant::now();
         let ctx = Context::new(msg.id.clone(), msg.retries, task.options());
@@ -1166,8 +1201,28 @@ fn ignores_result(msg: &TaskMessage, task: Option<&dyn Task>) -> bool {
     msg.ignore_result.unwrap_or_else(|| task.is_some_and(|t| t.options().ignore_result))
 }
 
+/// `--queues` without `--exclude-queues` (Celery's `-X`, applied once at start; add_consumer
+/// may add an excluded queue later, as in Celery).
+fn consumed_queues(queues: Vec<String>, exclude: &[String]) -> Result<Vec<String>, StartError> {
+    let exclude: Vec<&str> = exclude.iter().map(|q| q.trim()).collect();
+    let left: Vec<String> = queues.iter().filter(|q| !exclude.contains(&q.as_str())).cloned().collect();
+    if left.is_empty() {
+        return Err(StartError::Config(format!(
+            "--exclude-queues removes every queue of --queues ({}); consume at least one",
+            queues.join(",")
+        )));
+    }
+    Ok(left)
+}
+
 /// What remote control reports about this worker's configuration.
-fn control_settings(args: &WorkerArgs, node: &str, queues: &[String], registry: &Registry) -> control::Settings {
+fn control_settings(
+    args: &WorkerArgs,
+    node: &str,
+    queues: &[String],
+    pool: Arc<pool::Pool>,
+    limits: Arc<limits::TaskLimits>,
+) -> control::Settings {
     let mut conf = serde_json::Map::new();
     conf.insert("broker_url".into(), redact_url(&args.redis.broker_url).into());
     conf.insert("result_backend".into(), redact_url(&args.redis.backend_url).into());
@@ -1180,12 +1235,10 @@ fn control_settings(args: &WorkerArgs, node: &str, queues: &[String], registry: 
     conf.insert("result_expires".into(), args.result_expires.into());
     control::Settings {
         node: node.to_owned(),
-        concurrency: args.concurrency,
-        prefetch_multiplier: args.prefetch_multiplier,
+        pool,
+        limits,
         broker_url: args.redis.broker_url.clone(),
         queues: queues.to_vec(),
-        // As Celery's `inspect registered`: its own built-ins (`celery.*`) are not listed.
-        registered: registry.names().filter(|n| !n.starts_with("celery.")).map(str::to_owned).collect(),
         conf,
     }
 }

@@ -95,8 +95,8 @@ impl RedisArgs {
 /// flatten this.
 #[derive(Clone, Debug, clap::Args)]
 pub struct QueueArgs {
-    /// Queues, comma-separated: the worker consumes them (kombu's BRPOP order, no queue
-    /// preferred), the exporter reports them, loadgen sends to the one given (also spelt
+    /// Queues, comma-separated: the worker consumes them (round robin by default, so no queue
+    /// is preferred: see the worker's --queue-order-strategy), the exporter reports them, loadgen sends to the one given (also spelt
     /// --queue).
     #[arg(long, visible_alias = "queue", value_delimiter = ',', default_value = keys::DEFAULT_QUEUE, global = true)]
     pub queues: Vec<String>,
@@ -137,6 +137,9 @@ pub enum StartError {
     /// A background service the worker needs ended; the text says which and why.
     #[error("stopped: {0}")]
     ServiceEnded(String),
+    /// Flags that contradict each other or the tasks; the text names the flag and the fix.
+    #[error("{0}")]
+    Config(String),
 }
 
 #[cfg(test)]

@@ -231,7 +231,7 @@ impl Broker {
         };
         invocation.arg(now_unix).arg(attempt.token).arg(attempt.forget_arg()).arg(MARKER_TTL_MS);
         if let Some(lists) = next {
-            lists.add_to(&mut invocation);
+            lists.scan().add_to(&mut invocation);
         }
         let reply: Vec<redis::Value> = invocation.invoke_async(&mut self.conn.clone()).await?;
         let mut reply = reply.into_iter();
@@ -253,6 +253,9 @@ impl Broker {
             (None, ..) => None,
             _ => return Err(unexpected_reply("finish")),
         };
+        if let (Some(t), Some(lists)) = (&taken, next) {
+            lists.taken_from(&t.key);
+        }
         if taken.is_some() && lost_reply_for_test("finish") {
             return Err(lost_reply_error());
         }
@@ -469,25 +472,104 @@ pub struct Finished {
     pub next: Option<Taken>,
 }
 
-/// The lists a worker takes from, in kombu's BRPOP order, with what a take script needs for
-/// each: the key and the queue name as JSON (the tail of its `unacked` entries).
+/// Which queue a take looks at first (kombu's Redis `queue_order_strategy`). Within the order,
+/// every priority step of every queue comes before the next step (kombu's BRPOP order), so
+/// priorities still win across queues.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum QueueOrder {
+    /// kombu's default: after a message is taken from a queue, that queue moves to the end of
+    /// the cycle, so a busy queue cannot starve the others.
+    #[default]
+    #[value(name = "round_robin")]
+    RoundRobin,
+    /// The order given, always: the first non-empty queue wins.
+    #[value(name = "priority")]
+    Priority,
+    /// By queue name, always.
+    #[value(name = "sorted")]
+    Sorted,
+}
+
+/// One scan's lists, in order, with what a take script needs for each: the key and the queue
+/// name as JSON (the tail of its `unacked` entries).
 #[derive(Debug)]
-pub struct TakeList {
-    keys: Vec<String>,
+pub struct Scan {
+    pub keys: Vec<String>,
     queue_json: Vec<String>,
 }
 
+/// The lists a worker takes from, in kombu's BRPOP order for the current queue order.
+#[derive(Debug)]
+pub struct TakeList {
+    steps: PrioritySteps,
+    order: QueueOrder,
+    /// The queues in the current cycle order, and the scan built from it.
+    cycle: std::sync::Mutex<(Vec<String>, Arc<Scan>)>,
+}
+
 impl TakeList {
+    /// The queues in the order given, always (kombu's `priority` strategy).
     pub fn new(queues: &[String], steps: &PrioritySteps) -> Self {
+        Self::with_order(queues, steps, QueueOrder::Priority)
+    }
+
+    pub fn with_order(queues: &[String], steps: &PrioritySteps, order: QueueOrder) -> Self {
+        let mut queues = queues.to_vec();
+        if order == QueueOrder::Sorted {
+            queues.sort();
+        }
+        let scan = Arc::new(Self::build(&queues, steps));
+        TakeList { steps: steps.clone(), order, cycle: std::sync::Mutex::new((queues, scan)) }
+    }
+
+    fn build(queues: &[String], steps: &PrioritySteps) -> Scan {
         let keys = steps.brpop_keys(queues);
         let queue_json = keys.iter().map(|k| crate::wire::pyjson::to_string(keys::queue_of_key(k))).collect();
-        TakeList { keys, queue_json }
+        Scan { keys, queue_json }
     }
 
-    pub fn keys(&self) -> &[String] {
-        &self.keys
+    /// The lists in the order the next take scans them.
+    pub fn scan(&self) -> Arc<Scan> {
+        self.cycle.locked().1.clone()
     }
 
+    /// The lists in the current scan order.
+    pub fn keys(&self) -> Vec<String> {
+        self.scan().keys.clone()
+    }
+
+    /// How many lists (one wait connection each).
+    pub fn len(&self) -> usize {
+        self.cycle.locked().1.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A message was taken from list `key`: with round robin its queue goes to the end of
+    /// the cycle (kombu's `round_robin_cycle.rotate`).
+    pub fn taken_from(&self, key: &str) {
+        if self.order != QueueOrder::RoundRobin {
+            return;
+        }
+        let mut cycle = self.cycle.locked();
+        let (queues, scan) = &mut *cycle;
+        if queues.len() < 2 {
+            return;
+        }
+        let queue = keys::queue_of_key(key);
+        if let Some(i) = queues.iter().position(|q| q == queue)
+            && i + 1 != queues.len()
+        {
+            let q = queues.remove(i);
+            queues.push(q);
+            *scan = Arc::new(Self::build(queues, &self.steps));
+        }
+    }
+}
+
+impl Scan {
     /// Append the lists as a take script reads them: the keys after the script's own, and
     /// their queue names after its own arguments.
     fn add_to(&self, invocation: &mut redis::ScriptInvocation<'_>) {
@@ -643,7 +725,8 @@ impl Fetcher {
         match &mut self.wait {
             Wait::Rotate(conns) => {
                 let first = conns[0].clone();
-                let mut waits = rotate_waits(conns, self.lists.keys());
+                let scan = self.lists.scan();
+                let mut waits = rotate_waits(conns, &scan.keys);
                 // The first list that has something wakes us; the other waits may be dropped:
                 // BLMOVE onto the same list moves nothing, whoever gets the reply.
                 let (mut woken, mut fallback) = (false, false);
@@ -676,8 +759,14 @@ impl Fetcher {
                 Ok(self.after_wait(taken))
             }
             Wait::Brpop(conn) => {
-                let popped: Option<(String, Vec<u8>)> =
-                    redis::cmd("BRPOP").arg(self.lists.keys()).arg(BRPOP_TIMEOUT.as_secs()).query_async(conn).await?;
+                let popped: Option<(String, Vec<u8>)> = redis::cmd("BRPOP")
+                    .arg(&self.lists.scan().keys)
+                    .arg(BRPOP_TIMEOUT.as_secs())
+                    .query_async(conn)
+                    .await?;
+                if let Some((key, _)) = &popped {
+                    self.lists.taken_from(key);
+                }
                 if popped.as_ref().is_some_and(|(_, bytes)| bytes.len() > LARGE_REPLY) {
                     conn.reset();
                 }
@@ -697,8 +786,8 @@ impl Fetcher {
     async fn wait_and_take(&mut self) -> RedisResult<Option<Taken>> {
         let Wait::Rotate(conns) = &self.wait else { return Ok(None) };
         let conns = conns.clone();
-        let lists = self.lists.clone();
-        let keys = lists.keys();
+        let scan = self.lists.scan();
+        let keys = &scan.keys;
         let mut taker = conns[0].clone();
         let id: i64 = match redis::cmd("CLIENT").arg("ID").query_async(&mut taker).await {
             Ok(id) => id,
@@ -713,7 +802,7 @@ impl Fetcher {
         let take = pipe.cmd("EVALSHA").arg(self.take.get_hash()).arg(keys.len() + 3);
         take.arg(keys::unacked()).arg(keys::unacked_index()).arg(&self.marker.key).arg(keys);
         take.arg("").arg(attempt.token).arg(attempt.forget_arg()).arg(MARKER_TTL_MS);
-        take.arg(&lists.queue_json);
+        take.arg(&scan.queue_json);
         let taken = pipe.query_async::<(Option<(String, Vec<u8>, String)>,)>(&mut taker);
         let mut wakers = rotate_waits(&conns[1..], &keys[1..]);
         tokio::pin!(taken);
@@ -750,7 +839,8 @@ impl Fetcher {
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => None,
             Err(e) => return Err(e),
         };
-        if taken.is_some() {
+        if let Some(t) = &taken {
+            self.lists.taken_from(&t.key);
             tracing::debug!(unblocked, "an idle wait took a message");
         }
         Ok(self.after_wait(taken))
@@ -787,11 +877,14 @@ impl Fetcher {
         invocation.key(keys::unacked()).key(keys::unacked_index()).key(&self.marker.key);
         invocation.arg(crate::wire::time::unix_seconds(chrono::Utc::now()));
         invocation.arg(attempt.token).arg(attempt.forget_arg()).arg(MARKER_TTL_MS);
-        self.lists.add_to(&mut invocation);
+        self.lists.scan().add_to(&mut invocation);
         let mut reply = invocation
             .invoke_async::<Option<(String, Vec<u8>, String)>>(&mut self.take_conn)
             .await
             .map(|r| r.map(|(key, bytes, tag)| Taken::from_reply(key, bytes, tag)));
+        if let Ok(Some(t)) = &reply {
+            self.lists.taken_from(&t.key);
+        }
         if matches!(reply, Ok(Some(_))) && lost_reply_for_test("fetch") {
             reply = Err(lost_reply_error());
         }
@@ -842,6 +935,25 @@ mod tests {
             Ok(redis::Value::ServerError(e)) => e.into(),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn round_robin_moves_the_queue_taken_from_to_the_end() {
+        let steps = PrioritySteps::default();
+        let queues = ["a".to_owned(), "b".to_owned(), "c".to_owned()];
+        let first_step = |l: &TakeList| l.keys()[..3].to_vec();
+        let rr = TakeList::with_order(&queues, &steps, QueueOrder::RoundRobin);
+        assert_eq!(first_step(&rr), ["a", "b", "c"]);
+        rr.taken_from("a");
+        assert_eq!(first_step(&rr), ["b", "c", "a"]);
+        // A priority list counts for its queue; every step of every queue precedes the next step.
+        rr.taken_from(&steps.key_for("c", 9));
+        assert_eq!(first_step(&rr), ["b", "a", "c"]);
+        let fixed = TakeList::with_order(&queues, &steps, QueueOrder::Priority);
+        fixed.taken_from("a");
+        assert_eq!(first_step(&fixed), ["a", "b", "c"]);
+        let sorted = TakeList::with_order(&["z".to_owned(), "m".to_owned()], &steps, QueueOrder::Sorted);
+        assert_eq!(sorted.keys()[..2].to_vec(), ["m", "z"]);
     }
 
     #[test]

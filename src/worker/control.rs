@@ -24,6 +24,8 @@ use crate::wire::time::{python_isoformat, unix_seconds};
 use crate::wire::{ExceptionInfo, ResultMeta, TaskMessage};
 use crate::worker::events::{Events, WorkerCounts};
 use crate::worker::inflight::{Held, InFlight, Phase};
+use crate::worker::limits::TaskLimits;
+use crate::worker::pool::Pool;
 use chrono::Utc;
 use futures::StreamExt;
 use redis::AsyncCommands;
@@ -38,6 +40,8 @@ use tokio::sync::watch;
 /// beyond this count or age.
 const REVOKES_MAX: usize = 50_000;
 const REVOKE_EXPIRES: Duration = Duration::from_secs(10_800);
+
+mod tuning;
 
 /// The node name Celery derives from `-n`: `name@host`; a value without `@` is a host name
 /// (`celery@<value>`), and `%h`, `%n`, `%d` expand to the host name, its first label, its domain.
@@ -185,13 +189,14 @@ pub struct WorkerState {
     pub revoked: Revoked,
     node: String,
     started: Instant,
-    concurrency: u32,
-    prefetch: u32,
+    /// Run slots and prefetch budget (`pool_grow`/`pool_shrink` change them).
+    pool: Arc<Pool>,
+    /// Rate and time limits per task (`rate_limit`/`time_limit` change them).
+    limits: Arc<TaskLimits>,
     broker_url: String,
     queues: Mutex<Vec<String>>,
     /// Bumped when add_consumer/cancel_consumer change `queues`.
     queues_changed: watch::Sender<u64>,
-    registered: Vec<String>,
     in_flight: Arc<InFlight>,
     processed: AtomicU64,
     backend: Backend,
@@ -202,11 +207,10 @@ pub struct WorkerState {
 /// How the worker is configured, for `stats` and `conf` replies.
 pub struct Settings {
     pub node: String,
-    pub concurrency: u32,
-    pub prefetch_multiplier: u32,
+    pub pool: Arc<Pool>,
+    pub limits: Arc<TaskLimits>,
     pub broker_url: String,
     pub queues: Vec<String>,
-    pub registered: Vec<String>,
     pub conf: Map<String, Value>,
 }
 
@@ -218,19 +222,16 @@ impl WorkerState {
         backend: Backend,
         shutdown: Shutdown,
     ) -> Arc<Self> {
-        let mut registered = settings.registered;
-        registered.sort();
         Arc::new(WorkerState {
             events,
             revoked: Revoked::default(),
             node: settings.node,
             started: Instant::now(),
-            concurrency: settings.concurrency,
-            prefetch: settings.concurrency * settings.prefetch_multiplier,
+            pool: settings.pool,
+            limits: settings.limits,
             broker_url: settings.broker_url,
             queues: Mutex::new(settings.queues),
             queues_changed: watch::channel(0).0,
-            registered,
             in_flight,
             processed: AtomicU64::new(0),
             backend,
@@ -241,6 +242,16 @@ impl WorkerState {
 
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// Run slots and prefetch budget.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Rate and time limits per task.
+    pub fn limits(&self) -> &TaskLimits {
+        &self.limits
     }
 
     /// The queues to consume now (changed by add_consumer/cancel_consumer).
@@ -356,7 +367,8 @@ impl WorkerState {
                 let state = match h.phase(now) {
                     Phase::Active { .. } => "active",
                     Phase::Reserved => "reserved",
-                    Phase::Scheduled { .. } => "ready",
+                    // Celery 5.7's name for a task waiting for its ETA.
+                    Phase::Scheduled { .. } => "scheduled",
                 };
                 json!([state, self.info(h, false)])
             });
@@ -391,8 +403,11 @@ impl WorkerState {
             "uptime": self.started.elapsed().as_secs(),
             "pool": {
                 "implementation": "celery_autoscale:tokio",
-                "max-concurrency": self.concurrency,
-                "processes": [pid],
+                "max-concurrency": self.pool.slots(),
+                // One entry per run slot, as Celery lists one pid per pool process (Flower
+                // reads the pool size from it). Every slot is this one process, so each entry
+                // is its pid.
+                "processes": vec![pid; self.pool.slots() as usize],
                 "max-tasks-per-child": "N/A",
                 "put-guarded-by-semaphore": false,
                 "timeouts": [0, 0],
@@ -413,7 +428,7 @@ impl WorkerState {
                 "failover_strategy": "round-robin",
                 "alternates": [],
             },
-            "prefetch_count": self.prefetch,
+            "prefetch_count": self.pool.prefetch(),
             "rusage": rusage(),
         })
     }
@@ -495,7 +510,7 @@ impl WorkerState {
             }
             "reserved" | "dump_reserved" => Value::Array(self.list(false, |p| *p == Phase::Reserved)),
             "scheduled" | "dump_schedule" => self.scheduled(),
-            "registered" | "dump_tasks" => json!(self.registered),
+            "registered" | "dump_tasks" => self.registered(args),
             "active_queues" => self.active_queues(),
             "query_task" => self.query_task(&pidbox::maybe_list(args.get("ids")).unwrap_or_default()),
             "revoked" | "dump_revoked" => json!(self.revoked.ids()),
@@ -510,6 +525,10 @@ impl WorkerState {
                 self.shutdown.advance(Stage::Graceful);
                 return Ok(None);
             }
+            "rate_limit" => self.rate_limit(args)?,
+            "time_limit" => self.time_limit(args)?,
+            "pool_grow" => self.resize_pool(args, true)?,
+            "pool_shrink" => self.resize_pool(args, false)?,
             "add_consumer" => self.set_queue(args, method, true)?,
             "cancel_consumer" => self.set_queue(args, method, false)?,
             "enable_events" => ok(if self.events.set_task_events(true) {
