@@ -125,11 +125,8 @@ impl Signature {
                         .collect::<Result<Vec<_>, _>>()?,
                     _ => return Err(format!("{what} is a {kind:?} without a list of tasks")),
                 };
-                if members.is_empty() {
-                    return Err(format!("{what} is an empty {kind:?}"));
-                }
                 // A Celery client sends `chain(group, task)` as a chord and flattens chains.
-                if kind == "chain" && members[0].subtask_type.is_some() {
+                if kind == "chain" && members.first().is_some_and(|m| m.subtask_type.is_some()) {
                     return Err(format!("{what} is a chain whose first step is a group or chain; send it as a chord"));
                 }
                 Some(kind.to_owned())
