@@ -193,7 +193,7 @@ mod tests {
         let (kind, s) = settle(&msg, Ok(json!(3)), "celery", Utc::now());
         assert_eq!(kind, Kind::Success);
         assert!(s.store_first.is_none() && s.send.is_empty());
-        assert_eq!(s.store_with_ack.map(|m| m.status.as_str()), Some("SUCCESS"));
+        assert_eq!(s.store_with_ack.as_ref().map(|m| m.status.as_str()), Some("SUCCESS"));
     }
 
     #[test]
@@ -228,7 +228,7 @@ mod tests {
         let (_, s) =
             settle(&plain, Err(TaskError::Raise(ExceptionInfo::builtin("ValueError", "bad"))), "celery", Utc::now());
         assert!(s.send.is_empty() && s.store_first.is_none());
-        assert_eq!(s.store_with_ack.map(|m| m.status.as_str()), Some("FAILURE"));
+        assert_eq!(s.store_with_ack.as_ref().map(|m| m.status.as_str()), Some("FAILURE"));
     }
 
     #[test]
