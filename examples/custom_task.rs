@@ -49,8 +49,8 @@ async fn main() {
                 .retry_backoff_max(Duration::from_secs(60))
                 .max_retries(Some(4)),
             ["fail_times"],
-            |(fail_times,): (u32,), ctx| async move {
-                if ctx.retries < fail_times {
+            |(fail_times,): (u64,), ctx| async move {
+                if u64::from(ctx.retries) < fail_times {
                     return Err(TaskError::new("builtins", "ConnectionError", "upstream unavailable"));
                 }
                 Ok::<_, TaskError>(ctx.retries)

@@ -152,8 +152,8 @@ async fn main() {
                 .retry_jitter(false)
                 .max_retries(Some(3)),
             ["fail_times"],
-            |(fail_times,): (u32,), ctx| async move {
-                if ctx.retries < fail_times {
+            |(fail_times,): (u64,), ctx| async move {
+                if u64::from(ctx.retries) < fail_times {
                     return Err(TaskError::new("myapp.errors", "Busy", "busy"));
                 }
                 Ok::<_, TaskError>(ctx.retries)
