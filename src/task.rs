@@ -55,15 +55,23 @@ pub enum TaskError {
     /// The task raised this exception: FAILURE, with `exc_type`/`exc_module`/`exc_message`.
     Raise(ExceptionInfo),
     /// `Task.retry`: RETRY is stored and the message re-sent with `retries + 1` after
-    /// `countdown` (with `args`/`kwargs` instead of the request's when set). Build it with
+    /// `countdown` (with the `changed` arguments instead of the request's). Build it with
     /// [`Context::retry`] or [`Context::retry_with`], which apply `max_retries`.
-    Retry { exc: ExceptionInfo, countdown: Duration, args: Option<Vec<Value>>, kwargs: Option<Map<String, Value>> },
+    Retry { exc: ExceptionInfo, countdown: Duration, changed: Option<Box<Arguments>> },
     /// Celery's `raise Reject(reason, requeue=...)`: with `requeue` the message goes back to
     /// the end of its queue and nothing is stored; without, FAILURE (`Reject`) is stored and
     /// the message dropped, as Celery 5.7 does. Build it with [`TaskError::reject`].
     Reject { exc: ExceptionInfo, requeue: bool },
     /// Celery's `raise Ignore()`: no state is stored, the message is acknowledged.
     Ignore,
+}
+
+/// Arguments a retry changes ([`context::Retry::args`], [`context::Retry::kwargs`]); `None`
+/// keeps the request's.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Arguments {
+    pub args: Option<Vec<Value>>,
+    pub kwargs: Option<Map<String, Value>>,
 }
 
 impl TaskError {
@@ -501,8 +509,7 @@ mod tests {
             TaskError::Retry {
                 exc: ExceptionInfo::builtin("ValueError", "x"),
                 countdown: Duration::from_secs(7),
-                args: None,
-                kwargs: None
+                changed: None
             }
         );
         assert_eq!(

@@ -202,7 +202,7 @@ mod tests {
         let exc = |n| TaskError::runtime_error(format!("flaky: attempt {n} of 3 fails on purpose")).exception().clone();
         assert_eq!(
             run(FLAKY, json!([2, 0.25]), 0, None).await,
-            Some(Err(TaskError::Retry { exc: exc(1), countdown, args: None, kwargs: None }))
+            Some(Err(TaskError::Retry { exc: exc(1), countdown, changed: None }))
         );
         assert_eq!(run(FLAKY, json!([2]), 2, None).await, Some(Ok(json!(2))));
         let gave_up = run(FLAKY, json!([10]), 3, None).await.unwrap().unwrap_err();

@@ -332,7 +332,9 @@ impl From<Retry<'_>> for TaskError {
             Some(eta) => (eta - Utc::now()).to_std().unwrap_or_default(),
             None => r.countdown.unwrap_or(r.ctx.default_retry_delay),
         };
-        TaskError::Retry { exc: r.exc, countdown, args: r.args, kwargs: r.kwargs }
+        let changed = (r.args.is_some() || r.kwargs.is_some())
+            .then(|| Box::new(super::Arguments { args: r.args, kwargs: r.kwargs }));
+        TaskError::Retry { exc: r.exc, countdown, changed }
     }
 }
 
@@ -376,8 +378,7 @@ mod tests {
             TaskError::Retry {
                 exc: ExceptionInfo::builtin("ValueError", "x"),
                 countdown: Duration::from_secs(2),
-                args: Some(vec![json!(9)]),
-                kwargs: None
+                changed: Some(Box::new(crate::task::Arguments { args: Some(vec![json!(9)]), kwargs: None }))
             }
         );
         let at = Utc::now() + chrono::Duration::seconds(60);

@@ -50,7 +50,7 @@ pub fn autoretry(options: &TaskOptions, retries: u32, outcome: TaskResult) -> Ta
         )),
         None => options.default_retry_delay,
     };
-    Err(TaskError::Retry { exc, countdown, args: None, kwargs: None })
+    Err(TaskError::Retry { exc, countdown, changed: None })
 }
 
 #[cfg(test)]
@@ -90,12 +90,7 @@ mod tests {
             .max_retries(Some(2));
         let raise = |t: &str| Err(TaskError::Raise(ExceptionInfo::builtin(t, "x")));
         let retry = |c| {
-            Err(TaskError::Retry {
-                exc: ExceptionInfo::builtin("ConnectionError", "x"),
-                countdown: c,
-                args: None,
-                kwargs: None,
-            })
+            Err(TaskError::Retry { exc: ExceptionInfo::builtin("ConnectionError", "x"), countdown: c, changed: None })
         };
         assert_eq!(autoretry(&opts, 0, raise("ConnectionError")), retry(Duration::from_secs(2)));
         assert_eq!(autoretry(&opts, 1, raise("ConnectionError")), retry(Duration::from_secs(4)));

@@ -98,12 +98,13 @@ pub fn settle(msg: &TaskMessage, outcome: TaskResult, queue: &str, now: DateTime
             let plan = failed(msg, &exc, now);
             (Kind::Failure(exc), plan)
         }
-        Err(TaskError::Retry { exc, countdown, args, kwargs }) => {
+        Err(TaskError::Retry { exc, countdown, changed }) => {
             let mut again = NewTask::retry_of(msg, queue, countdown);
-            if let Some(args) = args {
+            let changed = changed.map(|c| *c).unwrap_or_default();
+            if let Some(args) = changed.args {
                 again.args = args;
             }
-            if let Some(kwargs) = kwargs {
+            if let Some(kwargs) = changed.kwargs {
                 again.kwargs = kwargs;
             }
             let plan = Settlement {
@@ -180,7 +181,7 @@ mod tests {
     }
 
     fn retry(exc: ExceptionInfo, secs: u64) -> TaskError {
-        TaskError::Retry { exc, countdown: Duration::from_secs(secs), args: None, kwargs: None }
+        TaskError::Retry { exc, countdown: Duration::from_secs(secs), changed: None }
     }
 
     fn sig(task: &str, args: Value) -> Value {
@@ -277,8 +278,10 @@ mod tests {
         let changed = TaskError::Retry {
             exc,
             countdown: Duration::from_secs(1),
-            args: Some(vec![json!(5)]),
-            kwargs: Some(json!({"y": 6}).as_object().unwrap().clone()),
+            changed: Some(Box::new(crate::task::Arguments {
+                args: Some(vec![json!(5)]),
+                kwargs: Some(json!({"y": 6}).as_object().unwrap().clone()),
+            })),
         };
         let (_, s) = settle(&msg, Err(changed), "celery", Utc::now());
         let again = crate::wire::parse_message(&s.send[0].to_message("gen1@test").0).unwrap();
