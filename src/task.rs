@@ -19,9 +19,14 @@
 pub mod args;
 pub mod builtin;
 pub mod canvas;
+pub mod context;
+pub mod limits;
 pub mod rate;
+pub mod retry;
 
 pub use args::{Arg, Args, Json, Param, Seconds};
+pub use context::{Context, DeliveryInfo, Request, Retry, StateUpdate};
+pub use limits::{Ended, Limits};
 
 use crate::wire::ExceptionInfo;
 use futures::FutureExt as _;
@@ -31,7 +36,6 @@ use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::marker::PhantomData;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -40,6 +44,8 @@ use std::time::Duration;
 pub const DEFAULT_MAX_RETRIES: u32 = 3;
 /// Celery's default `Task.default_retry_delay`.
 pub const DEFAULT_RETRY_DELAY: Duration = Duration::from_secs(180);
+/// Celery's default `Task.retry_backoff_max`.
+pub const DEFAULT_RETRY_BACKOFF_MAX: Duration = Duration::from_secs(600);
 
 /// What a task body returns: the result value (stored as the task's `result`) or an error.
 pub type TaskResult = Result<Value, TaskError>;
@@ -50,8 +56,23 @@ pub enum TaskError {
     /// The task raised this exception: FAILURE, with `exc_type`/`exc_module`/`exc_message`.
     Raise(ExceptionInfo),
     /// `Task.retry`: RETRY is stored and the message re-sent with `retries + 1` after
-    /// `countdown`. Build it with [`Context::retry`], which applies `max_retries`.
-    Retry { exc: ExceptionInfo, countdown: Duration },
+    /// `countdown` (with the `changed` arguments instead of the request's). Build it with
+    /// [`Context::retry`] or [`Context::retry_with`], which apply `max_retries`.
+    Retry { exc: ExceptionInfo, countdown: Duration, changed: Option<Box<Arguments>> },
+    /// Celery's `raise Reject(reason, requeue=...)`: with `requeue` the message goes back to
+    /// the end of its queue and nothing is stored; without, FAILURE (`Reject`) is stored and
+    /// the message dropped, as Celery 5.7 does. Build it with [`TaskError::reject`].
+    Reject { exc: ExceptionInfo, requeue: bool },
+    /// Celery's `raise Ignore()`: no state is stored, the message is acknowledged.
+    Ignore,
+}
+
+/// Arguments a retry changes ([`context::Retry::args`], [`context::Retry::kwargs`]); `None`
+/// keeps the request's.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Arguments {
+    pub args: Option<Vec<Value>>,
+    pub kwargs: Option<Map<String, Value>>,
 }
 
 impl TaskError {
@@ -73,10 +94,26 @@ impl TaskError {
         TaskError::Raise(ExceptionInfo::builtin("RuntimeError", message))
     }
 
-    /// The exception stored in the result (for a retry: the one that caused it).
+    /// `Reject(reason, requeue)`.
+    pub fn reject(reason: impl Into<String>, requeue: bool) -> Self {
+        let exc = ExceptionInfo::new("celery.exceptions", "Reject", vec![Value::String(reason.into()), requeue.into()]);
+        TaskError::Reject { exc, requeue }
+    }
+
+    /// `SoftTimeLimitExceeded()`, for a body that caught the soft limit
+    /// ([`Context::soft_limit`]), cleaned up, and reports it.
+    pub fn soft_time_limit_exceeded() -> Self {
+        TaskError::Raise(ExceptionInfo::soft_time_limit_exceeded())
+    }
+
+    /// The exception stored in the result (for a retry: the one that caused it; `Ignore`,
+    /// which stores nothing, is `celery.exceptions.Ignore()`).
     pub fn exception(&self) -> &ExceptionInfo {
+        static IGNORE: std::sync::LazyLock<ExceptionInfo> =
+            std::sync::LazyLock::new(|| ExceptionInfo::new("celery.exceptions", "Ignore", vec![]));
         match self {
-            TaskError::Raise(exc) | TaskError::Retry { exc, .. } => exc,
+            TaskError::Raise(exc) | TaskError::Retry { exc, .. } | TaskError::Reject { exc, .. } => exc,
+            TaskError::Ignore => &IGNORE,
         }
     }
 }
@@ -100,19 +137,35 @@ impl<E: std::error::Error + Send + Sync + 'static> From<E> for TaskError {
 pub struct TaskOptions {
     /// The full name producers send, e.g. `tasks.word_count`.
     pub name: String,
-    /// Retries allowed through [`Context::retry`]; `None` retries forever. Default 3.
+    /// Retries allowed through [`Context::retry`] and `autoretry_for`; `None` retries forever.
+    /// Default 3.
     pub max_retries: Option<u32>,
     /// Countdown of a retry that names none. Default 180 s.
     pub default_retry_delay: Duration,
-    /// Hard limit: the task fails with `TimeLimitExceeded` (a blocking body is told to stop).
+    /// Hard limit: the task fails with `TimeLimitExceeded` (an async body is dropped; a
+    /// blocking one is told to stop and, if it does not within a second, left behind).
     pub time_limit: Option<Duration>,
-    /// Soft limit: the task fails with `SoftTimeLimitExceeded`.
+    /// Soft limit: a body that watches it ([`Context::soft_limit`]) may clean up until the hard
+    /// limit; one that does not fails with `SoftTimeLimitExceeded`.
     pub soft_time_limit: Option<Duration>,
     /// Store no result unless the message asks for one.
     pub ignore_result: bool,
     /// Celery's `rate_limit`: at most this many starts per second per worker (a token bucket;
     /// a task over it waits, held and leased, for its turn). `None`: no limit.
     pub rate_limit: Option<rate::RateLimit>,
+    /// Celery's `autoretry_for`: exception kinds (`"module.Type"`, or `"Type"` of any module;
+    /// `"Exception"` for all) the body's error is retried for ([`retry::autoretry`]).
+    pub autoretry_for: Vec<String>,
+    /// Celery's `dont_autoretry_for`: kinds never retried automatically.
+    pub dont_autoretry_for: Vec<String>,
+    /// Celery's `retry_backoff`: `Some(base)` seconds (Celery's `True` is 1) makes the
+    /// automatic retry's countdown `min(retry_backoff_max, base·2^retries)`; `None` uses
+    /// `default_retry_delay`.
+    pub retry_backoff: Option<u64>,
+    /// Celery's `retry_backoff_max`. Default 600 s.
+    pub retry_backoff_max: Duration,
+    /// Celery's `retry_jitter`: the backoff countdown is drawn from `[0, countdown]`. Default on.
+    pub retry_jitter: bool,
 }
 
 impl TaskOptions {
@@ -125,7 +178,39 @@ impl TaskOptions {
             soft_time_limit: None,
             ignore_result: false,
             rate_limit: None,
+            autoretry_for: Vec::new(),
+            dont_autoretry_for: Vec::new(),
+            retry_backoff: None,
+            retry_backoff_max: DEFAULT_RETRY_BACKOFF_MAX,
+            retry_jitter: true,
         }
+    }
+
+    /// Retry automatically on these exception kinds (see [`TaskOptions::autoretry_for`]).
+    pub fn autoretry_for<S: Into<String>>(mut self, kinds: impl IntoIterator<Item = S>) -> Self {
+        self.autoretry_for = kinds.into_iter().map(Into::into).collect();
+        self
+    }
+
+    pub fn dont_autoretry_for<S: Into<String>>(mut self, kinds: impl IntoIterator<Item = S>) -> Self {
+        self.dont_autoretry_for = kinds.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Exponential backoff from `base` seconds (Celery's `retry_backoff=True` is `1`).
+    pub fn retry_backoff(mut self, base: u64) -> Self {
+        self.retry_backoff = Some(base);
+        self
+    }
+
+    pub fn retry_backoff_max(mut self, max: Duration) -> Self {
+        self.retry_backoff_max = max;
+        self
+    }
+
+    pub fn retry_jitter(mut self, jitter: bool) -> Self {
+        self.retry_jitter = jitter;
+        self
     }
 
     pub fn max_retries(mut self, max: Option<u32>) -> Self {
@@ -179,56 +264,6 @@ impl From<String> for TaskOptions {
     }
 }
 
-/// What a running task knows about its message (Celery's `self.request`), and its way to ask
-/// for a retry or notice a time limit.
-#[derive(Clone, Debug)]
-pub struct Context {
-    /// The task id.
-    pub id: String,
-    /// Retries so far (0 on the first run).
-    pub retries: u32,
-    max_retries: Option<u32>,
-    default_retry_delay: Duration,
-    cancel: Arc<AtomicBool>,
-}
-
-impl Context {
-    pub fn new(id: impl Into<String>, retries: u32, options: &TaskOptions) -> Self {
-        Context {
-            id: id.into(),
-            retries,
-            max_retries: options.max_retries,
-            default_retry_delay: options.default_retry_delay,
-            cancel: Arc::new(AtomicBool::new(false)),
-        }
-    }
-
-    /// Celery's `self.retry(exc=..., countdown=...)`: a [`TaskError::Retry`], or — once
-    /// `max_retries` is reached — `exc` itself, as Celery re-raises it. `countdown` `None`
-    /// means the task's `default_retry_delay`.
-    pub fn retry(&self, exc: TaskError, countdown: Option<Duration>) -> TaskError {
-        let exc = match exc {
-            TaskError::Raise(e) | TaskError::Retry { exc: e, .. } => e,
-        };
-        if self.max_retries.is_some_and(|max| self.retries >= max) {
-            return TaskError::Raise(exc);
-        }
-        TaskError::Retry { exc, countdown: countdown.unwrap_or(self.default_retry_delay) }
-    }
-
-    /// True once the task's time limit has passed: a blocking body should return soon (its
-    /// result is discarded; the worker reports the time limit).
-    pub fn is_cancelled(&self) -> bool {
-        self.cancel.load(Ordering::Relaxed)
-    }
-
-    /// The flag behind [`is_cancelled`](Self::is_cancelled), for loops that take an
-    /// `&AtomicBool`.
-    pub fn cancel_flag(&self) -> &AtomicBool {
-        &self.cancel
-    }
-}
-
 /// A call whose arguments fit its task's signature, ready to run.
 pub struct Call(Body);
 
@@ -259,42 +294,14 @@ impl Call {
         matches!(self.0, Body::Blocking(_))
     }
 
-    /// Run to completion, or until `limit` passes: then `None` (the caller reports the time
-    /// limit). A blocking body is told through [`Context::is_cancelled`] and waited for, so a
-    /// timed-out task never keeps a core busy behind the worker's back. A panic in the body is
-    /// the task's `RuntimeError`, not the worker's.
+    /// Run to completion, or until the hard `limit` passes: then `None` (the caller reports
+    /// the time limit). A panic in the body is the task's `RuntimeError`, not the worker's.
+    /// See [`Call::run_limited`] for the soft limit and what a hard limit does to a blocking
+    /// body.
     pub async fn run(self, ctx: Context, limit: Option<Duration>) -> Option<TaskResult> {
-        let deadline = async move {
-            match limit {
-                Some(l) => tokio::time::sleep(l).await,
-                None => std::future::pending().await,
-            }
-        };
-        match self.0 {
-            Body::Async(body) => {
-                let fut = AssertUnwindSafe(body(ctx)).catch_unwind();
-                tokio::select! {
-                    r = fut => Some(r.unwrap_or_else(|p| Err(panicked(p.as_ref())))),
-                    () = deadline => None,
-                }
-            }
-            Body::Blocking(body) => {
-                // Also when this future is dropped (the worker abandons a task at the end of
-                // its shutdown timeout): the thread is told to stop, so the process can exit.
-                let cancel = CancelOnDrop(ctx.cancel.clone());
-                let mut handle = tokio::task::spawn_blocking(move || body(&ctx));
-                tokio::select! {
-                    joined = &mut handle => Some(joined.unwrap_or_else(|e| match e.try_into_panic() {
-                        Ok(p) => Err(panicked(p.as_ref())),
-                        Err(e) => Err(TaskError::runtime_error(format!("task thread failed: {e}"))),
-                    })),
-                    () = deadline => {
-                        drop(cancel);
-                        let _ = handle.await;
-                        None
-                    }
-                }
-            }
+        match self.run_limited(ctx, Limits { soft: None, hard: limit }).await {
+            Ended::Returned(r) => Some(r),
+            Ended::SoftLimit | Ended::HardLimit { .. } => None,
         }
     }
 }
@@ -328,6 +335,22 @@ pub trait Task: Send + Sync + 'static {
 
     /// Bind a message's `args`/`kwargs`: a [`Call`], or Python's `TypeError` text.
     fn bind(&self, args: &[Value], kwargs: &Map<String, Value>) -> Result<Call, String>;
+
+    /// Celery's `on_success(retval, task_id, args, kwargs)`: after the body succeeded, before
+    /// the result is stored. Hooks run on the worker's async runtime: keep them quick.
+    fn on_success(&self, _retval: &Value, _request: &Request) {}
+
+    /// Celery's `on_failure(exc, task_id, args, kwargs, einfo)`: the task failed (its body
+    /// raised, hit a time limit, or rejected its message without requeue).
+    fn on_failure(&self, _exc: &ExceptionInfo, _request: &Request) {}
+
+    /// Celery's `on_retry(exc, task_id, args, kwargs, einfo)`: the task is being retried.
+    fn on_retry(&self, _exc: &ExceptionInfo, _request: &Request) {}
+
+    /// Celery's `after_return(status, retval, task_id, args, kwargs, einfo)`: after every
+    /// run, with the state (`SUCCESS`, `FAILURE`, `RETRY`, `REJECTED`, `IGNORED`) and the
+    /// result or exception.
+    fn after_return(&self, _state: &str, _retval: &Value, _request: &Request) {}
 }
 
 /// The tasks a worker serves, by name.
@@ -496,7 +519,11 @@ mod tests {
         let retry = Context::new("id", 0, &opts).retry(exc(), None);
         assert_eq!(
             retry,
-            TaskError::Retry { exc: ExceptionInfo::builtin("ValueError", "x"), countdown: Duration::from_secs(7) }
+            TaskError::Retry {
+                exc: ExceptionInfo::builtin("ValueError", "x"),
+                countdown: Duration::from_secs(7),
+                changed: None
+            }
         );
         assert_eq!(
             Context::new("id", 3, &opts).retry(exc(), Some(Duration::ZERO)),

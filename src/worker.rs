@@ -18,7 +18,9 @@ use crate::runtime::http;
 use crate::runtime::metrics::WorkerMetrics;
 use crate::runtime::shutdown::{Shutdown, Stage};
 use crate::runtime::sync::Locked;
-use crate::task::{Call, Context, Registry, Task, TaskError, TaskOptions, TaskResult};
+use crate::task::{
+    Call, Context, Ended, Limits, Registry, StateUpdate, Task, TaskError, TaskOptions, TaskResult, retry,
+};
 use crate::transport::backend::{self, Backend, DEFAULT_RESULT_EXPIRES, Stored};
 use crate::transport::broker::{BRPOP_TIMEOUT, Broker, End, Fetcher, LARGE_REPLY, QueueOrder, TakeList, Taken};
 use crate::transport::connection::{self, Backoff, Health, redact_url};
@@ -422,6 +424,13 @@ pub use test_hooks::END_SERVICE_ENV;
 
 /// A message the worker has accepted: parsed, bound to its task, recorded in `unacked` and
 /// held in [`InFlight`] under `tag`.
+/// What a run of the body gave: its outcome, how long it took, and its request (for the hooks).
+struct Ran {
+    outcome: TaskResult,
+    elapsed: Duration,
+    request: Arc<crate::task::Request>,
+}
+
 struct Accepted {
     msg: Arc<TaskMessage>,
     task: Arc<dyn Task>,
@@ -662,13 +671,16 @@ impl Worker {
         let delivered = async {
             let (held, call) = self.accept(taken, holding).await?;
             let run_slot = self.until_runnable(&held, fetch_slot).await?;
-            let (outcome, elapsed) = self.run(&held, call).await?;
+            let ran = self.run(&held, call).await?;
             // The run slot is free once the task has run, so a waiting message starts while
             // this result travels. Bounded by `finishing` so a stalled result backend stops
             // fetching instead of piling up finished tasks in memory.
             let finishing = self.finishing.acquire().await.expect("semaphore never closed");
             drop(run_slot);
-            let last = self.follow_up(&held.msg, &*held.task, outcome, &held.queue, elapsed).await;
+            let Some(last) = self.follow_up(&held.msg, &*held.task, ran, &held.queue).await else {
+                self.requeue(&held.tag).await;
+                return Err(Stop::Left);
+            };
             Ok::<_, Stop>((held.tag, last, finishing))
         };
         match delivered.await {
@@ -800,7 +812,7 @@ impl Worker {
 
     /// Run the task body, unless `revoke --terminate` ends it first (REVOKED is stored) or a
     /// redelivered task already succeeded: both end the delivery with an acknowledgement.
-    async fn run(&self, held: &Accepted, call: Call) -> Result<(TaskResult, Duration), Stop> {
+    async fn run(&self, held: &Accepted, call: Call) -> Result<Ran, Stop> {
         let Accepted { msg, task, tag, .. } = held;
         tokio::select! {
             r = self.execute(msg, &**task, call) => r.ok_or_else(|| Stop::Ack(tag.clone())),
@@ -844,7 +856,7 @@ impl Worker {
     }
 
     /// Run the task; `None` when a redelivered task had already succeeded (nothing to do).
-    async fn execute(&self, msg: &TaskMessage, task: &dyn Task, call: Call) -> Option<(TaskResult, Duration)> {
+    async fn execute(&self, msg: &TaskMessage, task: &dyn Task, call: Call) -> Option<Ran> {
         if msg.redelivered {
             let status = self.redis_backend("read a stored result", || self.backend.status(&msg.id)).await.flatten();
             if status.as_deref() == Some("SUCCESS") {
@@ -855,28 +867,72 @@ impl Worker {
                 return None;
             }
         }
-        let (limit, limit_exc) = time_limit(msg, &self.state.limits().options(task.options()), &self.args);
+        let (limits, hard_exc) = time_limits(msg, &self.state.limits().options(task.options()), &self.args);
         tracing::debug!(task_id = %msg.id, task = %msg.task, retries = msg.retries, "task started");
         let started = Instant::now();
-        let ctx = Context::new(msg.id.clone(), msg.retries, task.options());
-        let outcome = call.run(ctx, limit).await.unwrap_or_else(|| {
-            Err(TaskError::Raise(limit_exc.unwrap_or_else(ExceptionInfo::soft_time_limit_exceeded)))
-        });
-        Some((outcome, started.elapsed()))
+        let (ctx, updates) = Context::for_message(msg, task.options(), &self.node);
+        let request = ctx.shared_request();
+        let ended = self.with_state_updates(msg, call.run_limited(ctx, limits), updates).await;
+        let outcome = match ended {
+            Ended::Returned(r) => retry::autoretry(task.options(), msg.retries, r),
+            Ended::SoftLimit => {
+                retry::autoretry(task.options(), msg.retries, Err(TaskError::soft_time_limit_exceeded()))
+            }
+            Ended::HardLimit { abandoned } => {
+                if abandoned {
+                    tracing::warn!(task_id = %msg.id, task = %msg.task, "hard time limit: the blocking body did not stop within {:?}; its thread is left running until the body returns (its result is discarded) and the slot goes to the next task", crate::task::limits::HARD_LIMIT_GRACE);
+                }
+                Err(TaskError::Raise(hard_exc.unwrap_or_else(ExceptionInfo::soft_time_limit_exceeded)))
+            }
+        };
+        Some(Ran { outcome, elapsed: started.elapsed(), request })
+    }
+
+    /// Drive `run` while writing the task's state updates ([`Context::update_state`]) in
+    /// order; the ones still queued when it ends are written before it returns, so the final
+    /// result comes after every update.
+    async fn with_state_updates<T>(
+        &self,
+        msg: &TaskMessage,
+        run: impl std::future::Future<Output = T>,
+        mut updates: tokio::sync::mpsc::UnboundedReceiver<StateUpdate>,
+    ) -> T {
+        let mut run = std::pin::pin!(run);
+        let mut open = true;
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut run => {
+                    updates.close();
+                    while let Ok(update) = updates.try_recv() {
+                        self.store_update(msg, update).await;
+                    }
+                    return out;
+                }
+                update = updates.recv(), if open => match update {
+                    Some(update) => self.store_update(msg, update).await,
+                    None => open = false,
+                },
+            }
+        }
+    }
+
+    /// A state the task set: stored as Celery's `update_state` stores it, whether or not the
+    /// task ignores its result.
+    async fn store_update(&self, msg: &TaskMessage, update: StateUpdate) {
+        let mut meta = ResultMeta::custom(&msg.id, &update.state, update.meta);
+        meta.group_id = msg.group.clone();
+        meta.parent_id = msg.parent_id.clone();
+        self.store_meta(&meta).await;
     }
 
     /// Carry out the Celery rules of the outcome ([`settle::settle`]): count, log and send
     /// the event, store what goes first and send the follow-ups; returns the result to store
     /// with the acknowledgement.
-    async fn follow_up(
-        &self,
-        msg: &TaskMessage,
-        t: &dyn Task,
-        outcome: TaskResult,
-        queue: &str,
-        elapsed: Duration,
-    ) -> Option<ResultMeta> {
+    /// Returns `None` instead when the message is to be requeued (`Reject(requeue=True)`).
+    async fn follow_up(&self, msg: &TaskMessage, t: &dyn Task, ran: Ran, queue: &str) -> Option<Option<ResultMeta>> {
         let task = msg.task.as_str();
+        let Ran { outcome, elapsed, request } = ran;
         let (kind, plan) = settle::settle(msg, outcome, queue, Utc::now(), &self.args.task_routes);
         match &kind {
             settle::Kind::Success => {
@@ -884,18 +940,38 @@ impl Worker {
                 self.metrics.duration.with_label_values(&[task]).observe(elapsed.as_secs_f64());
                 tracing::debug!(task_id = %msg.id, task, seconds = elapsed.as_secs_f64(), "task succeeded");
                 let stored = plan.store_first.as_ref().or(plan.store_with_ack.as_ref());
-                self.state.succeeded(msg, stored.map_or(&Value::Null, |m| &m.result), elapsed);
+                let value = stored.map_or(&Value::Null, |m| &m.result);
+                self.state.succeeded(msg, value, elapsed);
+                t.on_success(value, &request);
+                t.after_return(kind.state(), value, &request);
             }
             settle::Kind::Failure(exc) => {
                 self.metrics.failure.with_label_values(&[task]).inc();
                 self.metrics.duration.with_label_values(&[task]).observe(elapsed.as_secs_f64());
                 tracing::info!(task_id = %msg.id, task, "task failed: {}", exc.summary());
                 self.state.failed(msg, exc);
+                t.on_failure(exc, &request);
+                t.after_return(kind.state(), &exc.to_value(), &request);
             }
             settle::Kind::Retry { exc, countdown } => {
                 self.metrics.retried.with_label_values(&[task]).inc();
                 tracing::info!(task_id = %msg.id, task, retries = msg.retries + 1, ?countdown, "task retry: {}", exc.summary());
                 self.state.retried(msg, exc);
+                t.on_retry(exc, &request);
+                t.after_return(kind.state(), &exc.to_value(), &request);
+            }
+            settle::Kind::Reject { exc, requeue } => {
+                tracing::info!(task_id = %msg.id, task, requeue, "task rejected its message: {}", exc.summary());
+                if !requeue {
+                    self.metrics.failure.with_label_values(&[task]).inc();
+                    self.state.failed(msg, exc);
+                }
+                self.state.events.task_rejected(&msg.id, *requeue);
+                t.after_return(kind.state(), &exc.to_value(), &request);
+            }
+            settle::Kind::Ignore => {
+                tracing::debug!(task_id = %msg.id, task, "task ignored: nothing stored");
+                t.after_return(kind.state(), &Value::Null, &request);
             }
         }
         if let Some(meta) = plan.store_first {
@@ -907,7 +983,21 @@ impl Worker {
         for follow_up in plan.send {
             self.send(follow_up).await;
         }
-        plan.store_with_ack.and_then(|meta| self.complete_meta(msg, t, meta))
+        if plan.requeue {
+            return None;
+        }
+        Some(plan.store_with_ack.and_then(|meta| self.complete_meta(msg, t, meta)))
+    }
+
+    /// `Reject(requeue=True)`: the message goes back to the end of its queue.
+    async fn requeue(&self, tag: &str) {
+        if let Some(held) = self.in_flight.finish(tag) {
+            let back =
+                self.redis("requeue a rejected message", || self.broker.put_back(tag, &held.entry, End::Back)).await;
+            if back == Some(true) {
+                self.metrics.requeued.inc();
+            }
+        }
     }
 
     /// Store a result unless the message (or, if it does not say, the task) ignores results.
@@ -1178,21 +1268,18 @@ fn log_kept_success(stored: Option<Stored>, meta: &ResultMeta) {
     }
 }
 
-/// The effective limit: the earlier of soft and hard, with the exception it raises. Each
-/// comes from the message, else the task's options, else the worker's flags (as Celery).
-fn time_limit(msg: &TaskMessage, task: &TaskOptions, args: &WorkerArgs) -> (Option<Duration>, Option<ExceptionInfo>) {
+/// The run's soft and hard limits, with the exception the hard one raises. Each comes from the
+/// message, else the task's options, else the worker's flags (as Celery).
+fn time_limits(msg: &TaskMessage, task: &TaskOptions, args: &WorkerArgs) -> (Limits, Option<ExceptionInfo>) {
     let default = |task: Option<Duration>, worker: Option<Duration>| {
         task.or(worker).and_then(|d| Number::from_f64(d.as_secs_f64()))
     };
     let hard = msg.hard_time_limit.clone().or_else(|| default(task.time_limit, args.time_limit));
     let soft = msg.soft_time_limit.clone().or_else(|| default(task.soft_time_limit, args.soft_time_limit));
     let secs = |n: &Number| Duration::try_from_secs_f64(number_seconds(n)).ok();
-    match (hard.as_ref().and_then(secs), soft.as_ref().and_then(secs)) {
-        (Some(h), Some(s)) if s < h => (Some(s), None),
-        (Some(h), _) => (Some(h), hard.as_ref().map(ExceptionInfo::time_limit_exceeded)),
-        (None, Some(s)) => (Some(s), None),
-        (None, None) => (None, None),
-    }
+    let limits = Limits { soft: soft.as_ref().and_then(secs), hard: hard.as_ref().and_then(secs) };
+    let exc = limits.hard.and(hard.as_ref()).map(ExceptionInfo::time_limit_exceeded);
+    (limits, exc)
 }
 
 /// The message's `ignore_result` header if it sets one (Python's `send_task` sends `null`),
@@ -1269,14 +1356,17 @@ mod tests {
         let plain = TaskOptions::new("t.x");
         let hard = |s: f64| Some(ExceptionInfo::time_limit_exceeded(&Number::from_f64(s).unwrap()));
         let secs = Duration::from_secs_f64;
-        assert_eq!(time_limit(&message((None, None), None), &plain, &worker), (Some(secs(50.0)), None), "soft first");
+        let limits = |soft: Option<f64>, hard: Option<f64>| Limits { soft: soft.map(secs), hard: hard.map(secs) };
+        let plain_msg = message((None, None), None);
+        assert_eq!(time_limits(&plain_msg, &plain, &worker), (limits(Some(50.0), Some(60.0)), hard(60.0)));
         let task = TaskOptions::new("t.x").time_limit(secs(2.0));
-        assert_eq!(time_limit(&message((None, None), None), &task, &worker), (Some(secs(2.0)), hard(2.0)));
-        assert_eq!(time_limit(&message((Some(1.5), None), None), &task, &worker), (Some(secs(1.5)), hard(1.5)));
+        assert_eq!(time_limits(&plain_msg, &task, &worker), (limits(Some(50.0), Some(2.0)), hard(2.0)));
+        let from_msg = message((Some(1.5), Some(1.0)), None);
+        assert_eq!(time_limits(&from_msg, &task, &worker), (limits(Some(1.0), Some(1.5)), hard(1.5)));
         let soft = TaskOptions::new("t.x").soft_time_limit(secs(0.5));
-        assert_eq!(time_limit(&message((None, None), None), &soft, &worker), (Some(secs(0.5)), None));
         let none = Cli::parse_from(["w"]).worker;
-        assert_eq!(time_limit(&message((None, None), None), &plain, &none), (None, None));
+        assert_eq!(time_limits(&plain_msg, &soft, &none), (limits(Some(0.5), None), None));
+        assert_eq!(time_limits(&plain_msg, &plain, &none), (limits(None, None), None));
     }
 
     #[test]

@@ -200,7 +200,10 @@ mod tests {
     async fn flaky_retries_then_succeeds_or_gives_up() {
         let countdown = Duration::from_millis(250);
         let exc = |n| TaskError::runtime_error(format!("flaky: attempt {n} of 3 fails on purpose")).exception().clone();
-        assert_eq!(run(FLAKY, json!([2, 0.25]), 0, None).await, Some(Err(TaskError::Retry { exc: exc(1), countdown })));
+        assert_eq!(
+            run(FLAKY, json!([2, 0.25]), 0, None).await,
+            Some(Err(TaskError::Retry { exc: exc(1), countdown, changed: None }))
+        );
         assert_eq!(run(FLAKY, json!([2]), 2, None).await, Some(Ok(json!(2))));
         let gave_up = run(FLAKY, json!([10]), 3, None).await.unwrap().unwrap_err();
         assert!(matches!(gave_up, TaskError::Raise(_)), "max_retries (3) reached: {gave_up:?}");

@@ -115,7 +115,10 @@ async fn run_each(task: Arc<dyn Task>, items: Vec<Value>, star: bool, ctx: Conte
         };
         match result {
             Ok(v) => out.push(v),
-            Err(TaskError::Raise(e)) | Err(TaskError::Retry { exc: e, .. }) => return Err(TaskError::Raise(e)),
+            Err(TaskError::Raise(e)) | Err(TaskError::Retry { exc: e, .. }) | Err(TaskError::Reject { exc: e, .. }) => {
+                return Err(TaskError::Raise(e));
+            }
+            Err(TaskError::Ignore) => return Err(TaskError::Ignore),
         }
     }
     Ok(Value::Array(out))

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 
 /// The states this worker writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TaskState {
     Success,
     Failure,
@@ -16,11 +16,14 @@ pub enum TaskState {
     Revoked,
     /// Stored when a task starts, with `--track-started` (Celery's `task_track_started`).
     Started,
+    /// A state the task names itself (`update_state(state="PROGRESS", ...)`).
+    Custom(String),
 }
 
 impl TaskState {
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> &str {
         match self {
+            TaskState::Custom(s) => s,
             TaskState::Success => "SUCCESS",
             TaskState::Failure => "FAILURE",
             TaskState::Retry => "RETRY",
@@ -151,6 +154,12 @@ impl ResultMeta {
     }
 
     /// RETRY has no `date_done` (fixture r07).
+    /// A state the task stored itself (Celery's `update_state`): `meta` as the result, no
+    /// `date_done`.
+    pub fn custom(task_id: &str, state: &str, meta: Value) -> Self {
+        Self::base(task_id, TaskState::Custom(state.to_owned()), meta, None, None)
+    }
+
     pub fn retry(task_id: &str, task: &str, exc: &ExceptionInfo) -> Self {
         Self::base(task_id, TaskState::Retry, exc.to_value(), Some(exc.traceback(task)), None)
     }

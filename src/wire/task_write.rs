@@ -47,6 +47,8 @@ pub struct NewTask {
     /// `argsrepr` as a tuple: what a follow-up sent through a `Signature` shows (it keeps its
     /// args as a tuple); `send_task`'s own calls show a list.
     pub args_tuple: bool,
+    /// Custom headers (`apply_async(headers={...})`), written after Celery's own.
+    pub headers: Map<String, Value>,
 }
 
 impl NewTask {
@@ -75,6 +77,7 @@ impl NewTask {
             errbacks: Vec::new(),
             chord: None,
             args_tuple: false,
+            headers: Map::new(),
         }
     }
 
@@ -207,8 +210,9 @@ impl NewTask {
     }
 
     /// The message Celery's `Task.retry` sends (fixture w01): the same task, id, arguments,
-    /// headers and workflow (links, chain, its chord and place in the group) as `msg`, with
-    /// `retries + 1`, an ETA `countdown` from now, and `parent_id` = the task itself.
+    /// headers (custom ones included) and workflow (links, chain, its chord and place in the
+    /// group) as `msg`, with `retries + 1`, an ETA `countdown` from now, and the request's
+    /// `parent_id` — the task itself when it had none (Celery's `send_task` from inside a task).
     pub fn retry_of(msg: &TaskMessage, queue: &str, countdown: std::time::Duration) -> Self {
         let TaskMessage {
             task,
@@ -234,7 +238,7 @@ impl NewTask {
             queue: queue.into(),
             priority: (*priority).clamp(0, 9) as u8,
             root_id: Some(msg.root_id().to_owned()),
-            parent_id: Some(id.clone()),
+            parent_id: Some(msg.parent_id.clone().unwrap_or_else(|| id.clone())),
             group: group.clone(),
             group_index: *group_index,
             eta: chrono::Duration::from_std(countdown).ok().and_then(|c| Utc::now().checked_add_signed(c)),
@@ -249,6 +253,7 @@ impl NewTask {
             errbacks: embed.errbacks.clone(),
             chord: embed.chord.clone(),
             args_tuple: false,
+            headers: custom_headers(msg),
         }
     }
 
@@ -292,6 +297,7 @@ impl NewTask {
                 replaced_task_nesting: 0,
                 stamped_headers: None,
                 stamps: Map::new(),
+                custom: &self.headers,
             },
             PropertiesOut {
                 correlation_id: &self.id,
@@ -332,6 +338,49 @@ struct HeadersOut<'a> {
     replaced_task_nesting: u32,
     stamped_headers: Option<()>,
     stamps: Map<String, Value>,
+    #[serde(flatten)]
+    custom: &'a Map<String, Value>,
+}
+
+/// The headers of Celery's own protocol (and the ones kombu/RabbitMQ add); a message's others
+/// are custom ones (`apply_async(headers={...})`).
+pub const PROTOCOL_HEADERS: &[&str] = &[
+    "lang",
+    "task",
+    "id",
+    "shadow",
+    "eta",
+    "expires",
+    "group",
+    "group_index",
+    "retries",
+    "timelimit",
+    "root_id",
+    "parent_id",
+    "argsrepr",
+    "kwargsrepr",
+    "origin",
+    "ignore_result",
+    "replaced_task_nesting",
+    "stamped_headers",
+    "stamps",
+    "redelivered",
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+];
+
+/// The custom headers of `msg`: those not in [`PROTOCOL_HEADERS`].
+pub fn custom_headers(msg: &TaskMessage) -> Map<String, Value> {
+    match msg.envelope.get("headers").and_then(Value::as_object) {
+        Some(h) => h
+            .iter()
+            .filter(|(k, _)| !PROTOCOL_HEADERS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        None => Map::new(),
+    }
 }
 
 #[derive(Serialize)]

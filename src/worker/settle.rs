@@ -15,7 +15,12 @@
 //!   then counted in the chord's join (Celery's order: whoever sees the chord complete finds
 //!   every member's result), then the follow-ups are sent; see [`super::chord`].
 //! - **retry**: RETRY is stored, then the message is sent again with `retries + 1` after the
-//!   countdown, to the queue it came from.
+//!   countdown, to the queue it came from (with the new arguments, if the retry changed them).
+//! - **reject** (`Reject(requeue=True)`): nothing is stored; the message goes back to the end
+//!   of its queue. With `requeue=False`: FAILURE (`Reject`) is stored and the errbacks sent, as
+//!   for a failure (Celery 5.7 marks it failed), and the message is acknowledged (dropped: the
+//!   Redis transport has no dead-letter exchange).
+//! - **ignore** (`Ignore`): nothing is stored or sent; the message is acknowledged.
 
 use super::chord::{self, ChordStep};
 use super::routes::Routes;
@@ -36,6 +41,8 @@ pub struct Settlement {
     pub send: Vec<NewTask>,
     /// Store together with the acknowledgement.
     pub store_with_ack: Option<ResultMeta>,
+    /// Put the message back at the end of its queue instead of acknowledging it.
+    pub requeue: bool,
 }
 
 /// The outcome's kind, for metrics, logs and events (the success value is the stored
@@ -44,7 +51,29 @@ pub struct Settlement {
 pub enum Kind {
     Success,
     Failure(ExceptionInfo),
-    Retry { exc: ExceptionInfo, countdown: std::time::Duration },
+    Retry {
+        exc: ExceptionInfo,
+        countdown: std::time::Duration,
+    },
+    /// `Reject`: requeued, or (without requeue) failed with the `Reject` exception.
+    Reject {
+        exc: ExceptionInfo,
+        requeue: bool,
+    },
+    Ignore,
+}
+
+impl Kind {
+    /// The state Celery's tracer reports to `after_return`.
+    pub fn state(&self) -> &'static str {
+        match self {
+            Kind::Success => "SUCCESS",
+            Kind::Failure(_) => "FAILURE",
+            Kind::Retry { .. } => "RETRY",
+            Kind::Reject { .. } => "REJECTED",
+            Kind::Ignore => "IGNORED",
+        }
+    }
 }
 
 /// Apply the rules to `outcome` of `msg` (taken from `queue`) at `now`; a follow-up whose
@@ -73,21 +102,51 @@ pub fn settle(
             (Kind::Success, store_around(ResultMeta::success(&msg.id, value, now), send, part))
         }
         Err(TaskError::Raise(exc)) => {
-            let send = errbacks(msg, routes);
-            let meta = ResultMeta::failure(&msg.id, task, &exc, now);
-            let part = chord::part(msg, TaskState::Failure, &exc.to_value());
-            (Kind::Failure(exc), store_around(meta, send, part))
+            let plan = failed(msg, &exc, now, routes);
+            (Kind::Failure(exc), plan)
         }
-        Err(TaskError::Retry { exc, countdown }) => {
+        Err(TaskError::Retry { exc, countdown, changed }) => {
+            let mut again = NewTask::retry_of(msg, queue, countdown);
+            let changed = changed.map(|c| *c).unwrap_or_default();
+            if let Some(args) = changed.args {
+                again.args = args;
+            }
+            if let Some(kwargs) = changed.kwargs {
+                again.kwargs = kwargs;
+            }
             let plan = Settlement {
                 chord: None,
                 store_first: Some(ResultMeta::retry(&msg.id, task, &exc)),
-                send: vec![NewTask::retry_of(msg, queue, countdown)],
+                send: vec![again],
                 store_with_ack: None,
+                requeue: false,
             };
             (Kind::Retry { exc, countdown }, plan)
         }
+        Err(TaskError::Reject { exc, requeue: true }) => {
+            (Kind::Reject { exc, requeue: true }, Settlement { requeue: true, ..nothing() })
+        }
+        Err(TaskError::Reject { mut exc, requeue: false }) => {
+            // Stored by the worker's request handling, not the tracer: no traceback.
+            exc.raised_by_task = false;
+            let plan = failed(msg, &exc, now, routes);
+            (Kind::Reject { exc, requeue: false }, plan)
+        }
+        Err(TaskError::Ignore) => (Kind::Ignore, nothing()),
     }
+}
+
+/// FAILURE with `exc`: the errbacks, and the chord's count for a header member.
+fn failed(msg: &TaskMessage, exc: &ExceptionInfo, now: DateTime<Utc>, routes: &Routes) -> Settlement {
+    let send = errbacks(msg, routes);
+    let meta = ResultMeta::failure(&msg.id, &msg.task, exc, now);
+    let part = chord::part(msg, TaskState::Failure, &exc.to_value());
+    store_around(meta, send, part)
+}
+
+/// Nothing stored or sent: the message is acknowledged.
+fn nothing() -> Settlement {
+    Settlement { chord: None, store_first: None, send: Vec::new(), store_with_ack: None, requeue: false }
 }
 
 /// The `link` callbacks of `msg`, each called with `value`, as Celery's tracer sends them: a
@@ -146,9 +205,9 @@ pub fn errback_group(
 /// looking at the header group, the body) finds every member's result.
 fn store_around(meta: ResultMeta, send: Vec<NewTask>, chord: Option<ChordStep>) -> Settlement {
     if send.is_empty() && chord.is_none() {
-        Settlement { chord, store_first: None, send, store_with_ack: Some(meta) }
+        Settlement { chord, store_first: None, send, store_with_ack: Some(meta), requeue: false }
     } else {
-        Settlement { chord, store_first: Some(meta), send, store_with_ack: None }
+        Settlement { chord, store_first: Some(meta), send, store_with_ack: None, requeue: false }
     }
 }
 
@@ -170,6 +229,10 @@ mod tests {
         crate::wire::parse_message(env.to_string().as_bytes()).unwrap()
     }
 
+    fn retry(exc: ExceptionInfo, secs: u64) -> TaskError {
+        TaskError::Retry { exc, countdown: Duration::from_secs(secs), changed: None }
+    }
+
     fn sig(task: &str, args: Value) -> Value {
         json!({"task": task, "args": args, "kwargs": {}, "options": {}, "subtask_type": null, "immutable": false})
     }
@@ -180,7 +243,7 @@ mod tests {
         let (kind, s) = settle(&msg, Ok(json!(3)), "celery", Utc::now(), &Routes::default());
         assert_eq!(kind, Kind::Success);
         assert!(s.store_first.is_none() && s.send.is_empty());
-        assert_eq!(s.store_with_ack.map(|m| m.status.as_str()), Some("SUCCESS"));
+        assert_eq!(s.store_with_ack.as_ref().map(|m| m.status.as_str()), Some("SUCCESS"));
     }
 
     #[test]
@@ -220,20 +283,14 @@ mod tests {
             &Routes::default(),
         );
         assert!(s.send.is_empty() && s.store_first.is_none());
-        assert_eq!(s.store_with_ack.map(|m| m.status.as_str()), Some("FAILURE"));
+        assert_eq!(s.store_with_ack.as_ref().map(|m| m.status.as_str()), Some("FAILURE"));
     }
 
     #[test]
     fn a_retry_stores_retry_and_sends_the_message_again_to_its_queue() {
         let msg = message(json!({"callbacks": null, "errbacks": null, "chain": null, "chord": null}));
         let exc = ExceptionInfo::builtin("IOError", "again");
-        let (kind, s) = settle(
-            &msg,
-            Err(TaskError::Retry { exc, countdown: Duration::from_secs(5) }),
-            "q2",
-            Utc::now(),
-            &Routes::default(),
-        );
+        let (kind, s) = settle(&msg, Err(retry(exc, 5)), "q2", Utc::now(), &Routes::default());
         assert!(matches!(kind, Kind::Retry { countdown, .. } if countdown == Duration::from_secs(5)), "{kind:?}");
         assert_eq!(s.store_first.as_ref().map(|m| m.status.as_str()), Some("RETRY"));
         assert!(s.store_with_ack.is_none());
@@ -262,16 +319,56 @@ mod tests {
         );
         assert!(s.chord.is_some(), "a failure counts too");
         let exc = ExceptionInfo::builtin("IOError", "again");
-        let (_, s) = settle(
-            &msg,
-            Err(TaskError::Retry { exc, countdown: Duration::from_secs(1) }),
-            "celery",
-            Utc::now(),
-            &Routes::default(),
-        );
+        let (_, s) = settle(&msg, Err(retry(exc, 1)), "celery", Utc::now(), &Routes::default());
         assert!(s.chord.is_none(), "a retry does not count yet");
         let again = crate::wire::parse_message(&s.send[0].to_message("gen1@test").0).unwrap();
         assert_eq!((again.group.as_deref(), again.group_index), (Some("g1"), Some(2)));
         assert_eq!(again.embed.chord.map(|b| b.task), Some("tasks.xsum".to_owned()));
+    }
+
+    #[test]
+    fn a_retry_keeps_custom_headers_and_the_parent_and_may_change_the_arguments() {
+        let mut t = NewTask::new("tasks.add", vec![json!(1), json!(2)], Map::new(), "celery");
+        t.parent_id = Some("the-caller".into());
+        t.root_id = Some("the-root".into());
+        t.headers.insert("tenant".into(), json!("acme"));
+        let msg = crate::wire::parse_message(&t.to_message("gen1@test").0).unwrap();
+        let exc = ExceptionInfo::builtin("IOError", "again");
+        let changed = TaskError::Retry {
+            exc,
+            countdown: Duration::from_secs(1),
+            changed: Some(Box::new(crate::task::Arguments {
+                args: Some(vec![json!(5)]),
+                kwargs: Some(json!({"y": 6}).as_object().unwrap().clone()),
+            })),
+        };
+        let (_, s) = settle(&msg, Err(changed), "celery", Utc::now(), &Routes::default());
+        let again = crate::wire::parse_message(&s.send[0].to_message("gen1@test").0).unwrap();
+        assert_eq!((again.parent_id.as_deref(), again.root_id.as_deref()), (Some("the-caller"), Some("the-root")));
+        assert_eq!(crate::wire::task_write::custom_headers(&again), *json!({"tenant": "acme"}).as_object().unwrap());
+        assert_eq!((again.args.clone(), again.kwargs.get("y")), (vec![json!(5)], Some(&json!(6))));
+        assert_eq!(again.retries, 1);
+    }
+
+    #[test]
+    fn reject_requeues_or_fails_and_ignore_stores_nothing() {
+        let msg = message(
+            json!({"callbacks": null, "errbacks": [sig("tasks.on_error", json!([]))], "chain": null, "chord": null}),
+        );
+        let (kind, s) = settle(&msg, Err(TaskError::reject("not now", true)), "celery", Utc::now(), &Routes::default());
+        assert!(matches!(kind, Kind::Reject { requeue: true, .. }));
+        assert!(s.requeue && s.store_first.is_none() && s.store_with_ack.is_none() && s.send.is_empty());
+        let (kind, s) = settle(&msg, Err(TaskError::reject("never", false)), "celery", Utc::now(), &Routes::default());
+        assert_eq!(kind.state(), "REJECTED");
+        assert!(!s.requeue);
+        let failure = s.store_first.expect("FAILURE stored before the errback");
+        assert_eq!(failure.status.as_str(), "FAILURE");
+        assert_eq!(failure.result["exc_type"], "Reject");
+        assert_eq!(failure.result["exc_message"], json!(["never", false]));
+        assert_eq!(failure.traceback, None);
+        assert_eq!(s.send.len(), 1, "errbacks run, as for a failure");
+        let (kind, s) = settle(&msg, Err(TaskError::Ignore), "celery", Utc::now(), &Routes::default());
+        assert_eq!(kind, Kind::Ignore);
+        assert_eq!(s, nothing());
     }
 }
