@@ -467,6 +467,7 @@ fn follow_up_fields(raw: &str) -> Value {
     json!({
         "task": h["task"], "id": h["id"], "argsrepr": h["argsrepr"], "kwargsrepr": h["kwargsrepr"],
         "timelimit": h["timelimit"], "ignore_result": h["ignore_result"], "retries": h["retries"],
+        "x-trace": h["x-trace"],
         "group": h["group"].is_string(), "group_index": h["group_index"],
         "parent_id": h["parent_id"], "root_id": h["root_id"],
         "eta_in": from_now(&h["eta"]), "expires_in": from_now(&h["expires"]),
@@ -518,6 +519,7 @@ fn follow_ups_carry_their_own_options_as_a_python_worker_sends_them() {
         (json!(30), json!(600), json!(5))
     );
     assert_eq!(step["timelimit"], json!([60, 50]));
+    assert_eq!(step["x-trace"], "t-1", "the step's custom header");
     assert_eq!(step["errbacks"][0][0], "tasks.io_bound");
     assert_eq!(ours["links"]["one_group"], true);
     assert_eq!(ours["errs"]["one_group"], true);

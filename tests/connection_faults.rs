@@ -200,10 +200,11 @@ fn a_refused_take_script_stops_the_worker_with_one_clear_error() {
 #[test]
 fn a_background_service_that_ends_stops_the_worker() {
     let redis = Redis::start();
+    // Without mingle's 1 s wait for peers, the worker is Ready well before the hook fires.
     let mut w = Worker::spawn_with_env(
         &redis,
         free_port(),
-        &[],
+        &["--without-mingle"],
         &[(celery_autoscale::worker::END_SERVICE_ENV, "lease renewer")],
     );
     w.wait_ready(Duration::from_secs(20));

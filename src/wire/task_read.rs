@@ -225,6 +225,9 @@ fn check_options(options: &Map<String, Value>) -> Result<(), String> {
     number("time_limit")?;
     number("soft_time_limit")?;
     time("eta", false)?;
+    if let Some(h) = options.get("headers").filter(|h| !h.is_null() && !h.is_object()) {
+        return Err(format!("headers is {h}, not a dict"));
+    }
     time("expires", true)?;
     match options.get("priority") {
         None | Some(Value::Null) => Ok(()),

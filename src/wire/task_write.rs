@@ -86,7 +86,8 @@ impl NewTask {
     /// and the workflow's root, and the signature's own options: its `task_id`, `queue` (else
     /// its `routing_key`, else `routed_queue`: the worker's routing table or the default queue),
     /// `priority`, `countdown`/`eta`, `expires`, `time_limit`/`soft_time_limit`,
-    /// `ignore_result`, `group_id`/`group_index`, and its own `link`/`link_error`.
+    /// `ignore_result`, `group_id`/`group_index`, custom `headers`, and its own
+    /// `link`/`link_error`.
     /// [`Signature::from_value`] checked every option read here.
     pub fn from_signature(sig: &Signature, prepend: Option<Value>, parent: &TaskMessage, routed_queue: &str) -> Self {
         let mut args = Vec::with_capacity(sig.args.len() + 1);
@@ -122,6 +123,10 @@ impl NewTask {
         t.ignore_result = Some(sig.options.get("ignore_result").and_then(Value::as_bool).unwrap_or(false));
         t.callbacks = sig.option_links("link");
         t.errbacks = sig.option_links("link_error");
+        // `apply_async(headers={...})`: Celery merges them into the message headers.
+        if let Some(Value::Object(headers)) = sig.options.get("headers") {
+            t.headers = headers.clone();
+        }
         t
     }
 

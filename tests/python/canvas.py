@@ -132,7 +132,7 @@ def main():
         # (countdown, expires, priority, time limits, its own link_error), two link callbacks
         # (sent as one group) and two errbacks of a failing task (always a group).
         step = sig("tasks.xsum", task_id=fixed(2), queue="hold", countdown=30, expires=600, priority=5,
-                   time_limit=60, soft_time_limit=50)
+                   time_limit=60, soft_time_limit=50, headers={"x-trace": "t-1"})
         step.on_error(sig("tasks.io_bound", task_id=fixed(6), queue="errq"))
         chain(sig("tasks.cpu_bound", 10, task_id=fixed(1)), step).apply_async()
         first = sig("tasks.cpu_bound", 100, task_id=fixed(3))
