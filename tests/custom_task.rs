@@ -4,39 +4,10 @@
 
 mod common;
 
-use common::{Redis, Worker, python_client, repo_root, run_python};
+use common::{Redis, Worker, example_binary, python_client, run_python};
 use serde_json::{Value, json};
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
-
-/// Build the example (a no-op when `cargo test` already did) and return its path: the
-/// `examples/` directory of this test binary's profile (`target/<profile>/deps/..`).
-fn example_binary() -> PathBuf {
-    let profile_dir = std::env::current_exe().unwrap().parent().and_then(|deps| deps.parent()).unwrap().to_owned();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut build = Command::new(cargo);
-    build.args(["build", "--quiet", "--example", "custom_task", "--manifest-path"]).arg(repo_root().join("Cargo.toml"));
-    // Drop what `cargo test` set for this test's own process: build scripts that watch these
-    // (ring's does) would otherwise rebuild on every switch between this build and a plain one.
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy();
-        let set_for_us =
-            ["CARGO_PKG_", "CARGO_CFG_", "CARGO_BIN_", "CARGO_MANIFEST_"].iter().any(|p| key.starts_with(p))
-                || ["CARGO_CRATE_NAME", "CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR", "OUT_DIR"].contains(&&*key);
-        if set_for_us {
-            build.env_remove(&*key);
-        }
-    }
-    if profile_dir.file_name().is_some_and(|p| p == "release") {
-        build.arg("--release");
-    }
-    let status = build.status().expect("run cargo build --example custom_task");
-    assert!(status.success(), "cargo build --example custom_task failed: {status}");
-    let bin = profile_dir.join("examples").join(format!("custom_task{}", std::env::consts::EXE_SUFFIX));
-    assert!(bin.exists(), "example binary not at {}", bin.display());
-    bin
-}
 
 fn ok(o: &Value) -> &Value {
     assert_eq!(o["ok"], true, "expected success, got {o}");
@@ -54,7 +25,7 @@ fn type_error(o: &Value) -> &str {
 
 #[test]
 fn a_users_task_runs_next_to_the_builtins() {
-    let bin = example_binary();
+    let bin = example_binary("custom_task");
     let redis = Redis::start();
     let worker = Worker::spawn_command(Command::new(bin), &redis, common::free_port(), &["--concurrency", "2"]);
     worker.wait_ready(Duration::from_secs(30));
@@ -103,7 +74,7 @@ fn a_users_task_runs_next_to_the_builtins() {
 /// reads with `AsyncResult.info` while it runs.
 #[test]
 fn the_examples_retries_back_off_with_jitter_and_its_progress_is_readable() {
-    let bin = example_binary();
+    let bin = example_binary("custom_task");
     let redis = Redis::start();
     let worker = Worker::spawn_command(Command::new(bin), &redis, common::free_port(), &["--concurrency", "2"]);
     worker.wait_ready(Duration::from_secs(30));

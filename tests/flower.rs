@@ -5,59 +5,15 @@
 mod common;
 
 use common::*;
-use serde_json::{Value, json};
-use std::process::{Child, Command, Stdio};
+use serde_json::json;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(90);
 
-struct Flower {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Flower {
-    fn start(redis: &Redis) -> Flower {
-        let port = free_port();
-        let dir = tempfile::tempdir().unwrap();
-        let child = Command::new(python())
-            .args(["-m", "celery", "--broker", &redis.url(0), "flower"])
-            .args(["--address=127.0.0.1", &format!("--port={port}"), "--inspect_timeout=5000"])
-            .arg(format!("--db={}", dir.path().join("flower.db").display()))
-            .env("FLOWER_UNAUTHENTICATED_API", "true")
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn flower (pip install -r scripts/requirements.txt)");
-        let f = Flower { child, port, _dir: dir };
-        wait_for("flower /healthcheck", WAIT, || match http_get(f.port, "/healthcheck") {
-            Some((200, _)) => Some(()),
-            _ => None,
-        });
-        f
-    }
-
-    fn json(&self, path: &str) -> Option<Value> {
-        match http_get(self.port, path)? {
-            (200, body) => serde_json::from_str(&body).ok(),
-            _ => None,
-        }
-    }
-}
-
-impl Drop for Flower {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn flower_lists_our_worker_and_its_tasks_beside_a_python_worker() {
     let redis = Redis::start();
-    let flower = Flower::start(&redis);
+    let flower = Flower::start(&redis, None);
     // Only the Rust worker consumes this queue, so the tasks below are ours.
     let rust = Worker::start(&redis, &["--events", "--hostname", "rs1@testhost", "--queues", "rust-only"]);
     let _py = PythonWorker::start(&redis, &["-E", "-n", "py1@testhost", "-c", "1"], &[]);

@@ -5,36 +5,10 @@
 
 mod common;
 
-use common::{Redis, Worker, python_client, repo_root, run_python, wait_for};
+use common::{Redis, Worker, example_binary, python_client, run_python, wait_for};
 use serde_json::{Value, json};
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// Build an example (a no-op when `cargo test` already did) and return its path.
-fn example_binary(name: &str) -> PathBuf {
-    let profile_dir = std::env::current_exe().unwrap().parent().and_then(|deps| deps.parent()).unwrap().to_owned();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut build = Command::new(cargo);
-    build.args(["build", "--quiet", "--example", name, "--manifest-path"]).arg(repo_root().join("Cargo.toml"));
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy();
-        let set_for_us =
-            ["CARGO_PKG_", "CARGO_CFG_", "CARGO_BIN_", "CARGO_MANIFEST_"].iter().any(|p| key.starts_with(p))
-                || ["CARGO_CRATE_NAME", "CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR", "OUT_DIR"].contains(&&*key);
-        if set_for_us {
-            build.env_remove(&*key);
-        }
-    }
-    if profile_dir.file_name().is_some_and(|p| p == "release") {
-        build.arg("--release");
-    }
-    let status = build.status().expect("run cargo build --example");
-    assert!(status.success(), "cargo build --example {name} failed: {status}");
-    let bin = profile_dir.join("examples").join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    assert!(bin.exists(), "example binary not at {}", bin.display());
-    bin
-}
 
 fn start(redis: &Redis, concurrency: &str) -> Worker {
     let worker = Worker::spawn_command(

@@ -17,6 +17,34 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Build example `name` (a no-op when `cargo test` already did) and return its path: the
+/// `examples/` directory of this test binary's profile (`target/<profile>/deps/..`).
+pub fn example_binary(name: &str) -> PathBuf {
+    let profile_dir = std::env::current_exe().unwrap().parent().and_then(|deps| deps.parent()).unwrap().to_owned();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(cargo);
+    build.args(["build", "--quiet", "--example", name, "--manifest-path"]).arg(repo_root().join("Cargo.toml"));
+    // Drop what `cargo test` set for this test's own process: build scripts that watch these
+    // (ring's does) would otherwise rebuild on every switch between this build and a plain one.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        let set_for_us =
+            ["CARGO_PKG_", "CARGO_CFG_", "CARGO_BIN_", "CARGO_MANIFEST_"].iter().any(|p| key.starts_with(p))
+                || ["CARGO_CRATE_NAME", "CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR", "OUT_DIR"].contains(&&*key);
+        if set_for_us {
+            build.env_remove(&*key);
+        }
+    }
+    if profile_dir.file_name().is_some_and(|p| p == "release") {
+        build.arg("--release");
+    }
+    let status = build.status().expect("run cargo build --example");
+    assert!(status.success(), "cargo build --example {name} failed: {status}");
+    let bin = profile_dir.join("examples").join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(bin.exists(), "example binary not at {}", bin.display());
+    bin
+}
+
 /// The wire fixtures captured from real Celery 5.7 (tests/fixtures/celery, see its INDEX.md).
 pub fn fixtures() -> PathBuf {
     repo_root().join("tests/fixtures/celery")
@@ -482,6 +510,79 @@ pub fn run_python(script: &str, args: &[&str], env: &[(&str, String)], timeout: 
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// Flower (from the venv) headless on a free loopback port, its API open
+/// (`FLOWER_UNAUTHENTICATED_API`), killed on drop. `app`: a Celery app for `-A` (Flower refuses
+/// control of a task its app does not know), e.g. `tests/python`'s `tasks`.
+pub struct Flower {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Flower {
+    pub fn start(redis: &Redis, app: Option<&str>) -> Flower {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let mut flower = Command::new(python());
+        flower.args(["-m", "celery"]);
+        if let Some(app) = app {
+            flower.args(["-A", app]);
+        }
+        let child = flower
+            .args(["--broker", &redis.url(0), "flower"])
+            .args(["--address=127.0.0.1", &format!("--port={port}"), "--inspect_timeout=5000"])
+            .arg(format!("--db={}", dir.path().join("flower.db").display()))
+            .env("FLOWER_UNAUTHENTICATED_API", "true")
+            .env("PYTHONPATH", repo_root().join("tests/python"))
+            .env("BROKER_URL", redis.url(0))
+            .env("BACKEND_URL", redis.url(1))
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn flower (pip install -r scripts/requirements.txt)");
+        let f = Flower { child, port, _dir: dir };
+        wait_for("flower /healthcheck", Duration::from_secs(120), || match http_get(f.port, "/healthcheck") {
+            Some((200, _)) => Some(()),
+            _ => None,
+        });
+        f
+    }
+
+    /// `GET path` as JSON, when it answers 200.
+    pub fn json(&self, path: &str) -> Option<Value> {
+        match http_get(self.port, path)? {
+            (200, body) => serde_json::from_str(&body).ok(),
+            _ => None,
+        }
+    }
+
+    /// `POST path` with a form body: (status, body).
+    pub fn post(&self, path: &str, form: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{form}",
+            self.port,
+            form.len()
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        (status, body)
+    }
+}
+
+impl Drop for Flower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// A real Python Celery worker (`celery -A tasks worker`) on `redis`, killed on drop.
