@@ -116,13 +116,8 @@ impl Signature {
         let subtask_type = match obj.get("subtask_type").and_then(Value::as_str) {
             None => None,
             Some(kind @ ("group" | "chain")) => {
-                let tasks = obj.get("kwargs").and_then(|k| k.get("tasks"));
-                let members = match tasks {
-                    Some(Value::Array(items)) => items
-                        .iter()
-                        .enumerate()
-                        .map(|(i, s)| Signature::from_value(s, &format!("{what}.tasks[{i}]")))
-                        .collect::<Result<Vec<_>, _>>()?,
+                let members = match obj.get("kwargs").and_then(|k| k.get("tasks")) {
+                    Some(tasks @ Value::Array(_)) => signatures(Some(tasks), &format!("{what}.tasks"))?,
                     _ => return Err(format!("{what} is a {kind:?} without a list of tasks")),
                 };
                 // A Celery client sends `chain(group, task)` as a chord and flattens chains.
@@ -239,11 +234,8 @@ fn check_options(options: &Map<String, Value>) -> Result<(), String> {
 /// A signature option holding one signature or a list of them (`link`, `link_error`).
 fn signature_list(v: Option<&Value>, what: &str) -> Result<Vec<Signature>, String> {
     match v {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::Array(items)) => {
-            items.iter().enumerate().map(|(i, s)| Signature::from_value(s, &format!("{what}[{i}]"))).collect()
-        }
-        Some(one) => Ok(vec![Signature::from_value(one, what)?]),
+        Some(one @ Value::Object(_)) => Ok(vec![Signature::from_value(one, what)?]),
+        list => signatures(list, what),
     }
 }
 
