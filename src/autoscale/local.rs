@@ -27,6 +27,7 @@ mod view;
 use crate::autoscale::exporter::{self, ExporterArgs};
 use crate::autoscale::hpa::{self, Autoscaler, HpaSpec, MetricReading, Observation, Timestamp};
 use crate::autoscale::scrape;
+use crate::autoscale::simulate::{Signal, SignalSample};
 use crate::runtime::args::{self, QueueArgs, RedisArgs};
 use crate::runtime::metrics::{EXPORTER_LAST_SUCCESS, QUEUE_DEPTH, QUEUE_RESERVED};
 use crate::runtime::shutdown::{Shutdown, Stage};
@@ -37,7 +38,8 @@ use crate::wire::keys::PrioritySteps;
 use fleet::{Census, Fleet, WorkerKind};
 use load::Load;
 use redis::OwnedRedis;
-use rustix::process::Signal;
+use rustix::process::Signal as ProcessSignal;
+use std::collections::VecDeque;
 use std::io::IsTerminal;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -121,6 +123,22 @@ pub struct LocalArgs {
     /// Stop after this many seconds in any case.
     #[arg(long, value_parser = args::duration)]
     pub max_duration: Option<Duration>,
+    /// What the autoscaler's metric carries, as in `simulate --signal`: `depth` (waiting tasks),
+    /// `depth+running` (waiting + held by workers, the exporter's celery_queue_reserved),
+    /// `depth+arrivals` (waiting + the arrival rate × --lookahead, the rate from Δdepth + tasks
+    /// finished over --rate-window) or `depth+growth` (waiting + the queue's growth rate, when
+    /// positive, × --lookahead). Default: the signal the HPA's metric names
+    /// (celery_queue_depth → depth, celery_queue_depth_running → depth+running, …).
+    #[arg(long, value_name = "SIGNAL")]
+    pub signal: Option<Signal>,
+    /// `--signal depth+arrivals` or `depth+growth`: seconds of arrivals the rate term adds (the
+    /// cluster's metric delay + sync period + pod start; the kubenix option hpa.lookaheadSeconds).
+    #[arg(long, value_name = "SECONDS", default_value = "40", value_parser = args::non_negative_duration, allow_hyphen_values = true)]
+    pub lookahead: Duration,
+    /// `--signal depth+arrivals` or `depth+growth`: seconds over which the rate is measured
+    /// (shorter while the run is younger).
+    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = args::duration, allow_hyphen_values = true)]
+    pub rate_window: Duration,
 }
 
 /// A command line split into argv, shell-style.
@@ -147,8 +165,9 @@ pub enum LocalError {
     #[error("--load: {0}")]
     Load(String),
     #[error(
-        "HPA {hpa}: local mode scales on celery_queue_depth for one queue; the HPA's first metric must be \
-         celery_queue_depth with a selector matchLabels {{queue: <name>}} (found {found})"
+        "HPA {hpa}: local mode scales on the depth of one queue; the HPA's first metric must be \
+         celery_queue_depth (or a signal's celery_queue_depth_running, _arrivals, _growth) with a selector \
+         matchLabels {{queue: <name>}} (found {found})"
     )]
     UnsupportedMetric { hpa: String, found: String },
     #[error(
@@ -253,7 +272,7 @@ fn free_loopback_port() -> std::io::Result<u16> {
 }
 
 /// Signal a child process; one that has already exited is not an error.
-fn send_signal(child: &tokio::process::Child, sig: Signal) {
+fn send_signal(child: &tokio::process::Child, sig: ProcessSignal) {
     if let Some(pid) = child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
         let _ = rustix::process::kill_process(pid, sig);
     }
@@ -267,16 +286,18 @@ fn program_exists(program: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
 
-/// Load the HPA and the queue its metric selects.
-fn load_hpa(args: &LocalArgs) -> Result<(HpaSpec, String), LocalError> {
+/// Load the HPA, the queue its metric selects and the signal that metric names.
+fn load_hpa(args: &LocalArgs) -> Result<(HpaSpec, String, Signal), LocalError> {
     let spec = match &args.hpa {
         Some(path) => hpa::load_hpa_file(path, args.hpa_name.as_deref())?,
         None => hpa::parse_hpa_manifest(PROJECT_HPA, args.hpa_name.as_deref())?,
     };
-    let queue =
-        spec.metrics.first().filter(|m| m.name == QUEUE_DEPTH).and_then(|m| m.match_labels.get("queue").cloned());
-    match queue {
-        Some(q) => Ok((spec, q)),
+    let selected = spec.metrics.first().and_then(|m| {
+        let signal = Signal::from_metric_name(&m.name)?;
+        Some((m.match_labels.get("queue")?.clone(), signal))
+    });
+    match selected {
+        Some((q, signal)) => Ok((spec, q, signal)),
         None => Err(LocalError::UnsupportedMetric {
             hpa: spec.name.clone(),
             found: spec.metrics.first().map_or("no metric".into(), |m| format!("{} {:?}", m.name, m.match_labels)),
@@ -363,11 +384,16 @@ struct Run {
     leftover: u64,
     /// Why the run could not do what it was asked (the load could not be sent, workers crash-loop).
     failure: Option<String>,
+    /// What the autoscaler's metric carries (--signal, else the HPA metric's).
+    signal: Signal,
+    /// The signal's inputs once a second, as far back as --rate-window (rate signals only).
+    history: VecDeque<(Instant, SignalSample)>,
 }
 
 impl Run {
     async fn start(args: LocalArgs, shutdown: Shutdown) -> Result<Run, LocalError> {
-        let (spec, queue) = load_hpa(&args)?;
+        let (spec, queue, hpa_signal) = load_hpa(&args)?;
+        let signal = args.signal.unwrap_or(hpa_signal);
         let target_per_pod = spec.metrics.first().and_then(|m| match m.target {
             hpa::MetricTarget::AverageValue(milli) => Some(milli as f64 / 1000.0),
             hpa::MetricTarget::Value(_) => None,
@@ -441,10 +467,11 @@ impl Run {
             args.sync_period.as_secs_f64(),
         );
         say(&format!(
-            "celery-autoscale local: HPA {} (min {}, max {}), sync every {} s; broker {}{}; exporter http://127.0.0.1:{}/metrics",
+            "celery-autoscale local: HPA {} (min {}, max {}), signal {}, sync every {} s; broker {}{}; exporter http://127.0.0.1:{}/metrics",
             spec.name,
             spec.min_replicas,
             spec.max_replicas,
+            signal.name(),
             args.sync_period.as_secs_f64(),
             redact_url(&broker_url),
             if redis.is_some() { " (embedded)" } else { "" },
@@ -485,6 +512,8 @@ impl Run {
             scale_events: Vec::new(),
             leftover,
             failure: None,
+            signal,
+            history: VecDeque::new(),
             args,
         })
     }
@@ -517,9 +546,11 @@ impl Run {
         self.poll_load().await;
         let reading = self.exporter.read(&self.queue).await;
         let census = self.fleet.census().await;
+        let tasks = self.tasks(&census);
+        let metric = self.metric(now, &reading, tasks);
         let mut event = String::new();
         if now >= self.next_sync {
-            event = self.sync(now, t, &reading, &census);
+            event = self.sync(now, t, metric, &reading, &census);
         }
         let replaced_before = self.fleet.replaced;
         self.fleet.converge(self.desired.max(0) as usize).await;
@@ -529,7 +560,6 @@ impl Run {
         for e in self.fleet.take_events() {
             self.view.event(t, &e);
         }
-        let tasks = self.tasks(&census);
         let rate = self.rate.update(tasks.map(|(ok, failed)| ok + failed), now);
         let row = timeline::Row {
             succeeded: tasks.map(|(ok, _)| ok),
@@ -613,13 +643,46 @@ impl Run {
         }
     }
 
-    /// The controller's sync: decide from the exporter's depth. Returns the timeline event.
-    fn sync(&mut self, now: Instant, t: f64, reading: &QueueReading, census: &Census) -> String {
-        self.next_sync += self.args.sync_period;
-        let metric = match reading.depth {
-            Some(d) => MetricReading::total(Some((d * 1000.0) as i64)),
-            None => MetricReading::Failed("the exporter serves no celery_queue_depth (Redis unreachable?)".into()),
+    /// The autoscaler's metric now: `signal` of the exporter's depth and reserved and of the tasks
+    /// finished, with the same arithmetic as `simulate` ([`Signal::value`]). Records the inputs
+    /// the rate signals look back at.
+    fn metric(&mut self, now: Instant, reading: &QueueReading, tasks: Option<(f64, f64)>) -> MetricReading {
+        let missing = |what: &str| MetricReading::Failed(format!("the exporter serves no {what} (Redis unreachable?)"));
+        let Some(depth) = reading.depth else {
+            return missing("celery_queue_depth");
         };
+        let running = match (self.signal, reading.reserved) {
+            (Signal::DepthRunning, None) => return missing("celery_queue_reserved"),
+            (_, reserved) => reserved.unwrap_or(0.0),
+        };
+        let completed = match (self.signal, tasks) {
+            (_, Some((ok, failed))) => ok + failed,
+            (Signal::DepthArrivals, None) => {
+                return MetricReading::Failed(
+                    "depth+arrivals needs the tasks finished, which a --worker-command without --load does not report"
+                        .into(),
+                );
+            }
+            (_, None) => 0.0,
+        };
+        let sample = SignalSample { depth, running, completed };
+        let mut then = None;
+        if self.signal.uses_rate() {
+            self.history.push_back((now, sample));
+            // Keep the newest sample at least --rate-window old, and everything after it.
+            while self.history.len() > 1 && now.duration_since(self.history[1].0) >= self.args.rate_window {
+                self.history.pop_front();
+            }
+            then = self.history.front().filter(|(at, _)| *at < now).copied();
+        }
+        let window = then.map_or(0.0, |(at, _)| now.duration_since(at).as_secs_f64());
+        let value = self.signal.value(sample, then.map(|(_, s)| s), self.args.lookahead.as_secs_f64(), window);
+        MetricReading::total(Some((value * 1000.0).round() as i64))
+    }
+
+    /// The controller's sync: decide from the metric. Returns the timeline event.
+    fn sync(&mut self, now: Instant, t: f64, metric: MetricReading, reading: &QueueReading, census: &Census) -> String {
+        self.next_sync += self.args.sync_period;
         let observation = Observation {
             spec_replicas: self.desired,
             status_replicas: census.running,
@@ -850,11 +913,44 @@ mod tests {
     #[test]
     fn the_project_hpa_is_built_in_and_names_its_queue() {
         let args = <LocalArgsParser as clap::Parser>::parse_from(["x"]).args;
-        let (spec, queue) = load_hpa(&args).unwrap();
+        let (spec, queue, signal) = load_hpa(&args).unwrap();
         assert_eq!(
-            (spec.name.as_str(), queue.as_str(), spec.min_replicas, spec.max_replicas),
-            ("worker", "celery", 1, 20)
+            (spec.name.as_str(), queue.as_str(), spec.min_replicas, spec.max_replicas, signal),
+            ("worker", "celery", 1, 20, Signal::Depth)
         );
+    }
+
+    #[test]
+    fn the_signal_follows_the_hpa_metric_and_bad_flags_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tuned.yaml");
+        std::fs::write(&path, PROJECT_HPA.replace("name: celery_queue_depth", "name: celery_queue_depth_running"))
+            .unwrap();
+        let args = <LocalArgsParser as clap::Parser>::parse_from(["x", "--hpa", path.to_str().unwrap()]).args;
+        assert_eq!(load_hpa(&args).unwrap().2, Signal::DepthRunning);
+        std::fs::write(&path, PROJECT_HPA.replace("name: celery_queue_depth", "name: celery_queue_depth_other"))
+            .unwrap();
+        let err = load_hpa(&args).unwrap_err().to_string();
+        assert!(err.contains("celery_queue_depth_running, _arrivals, _growth"), "{err}");
+        for (flag, value) in [
+            ("--signal", ""),
+            ("--signal", "depth+queue"),
+            ("--lookahead", "NaN"),
+            ("--lookahead", "-1"),
+            ("--lookahead", "1e300"),
+            ("--lookahead", ""),
+            ("--rate-window", "0"),
+            ("--rate-window", "-5"),
+            ("--rate-window", "inf"),
+        ] {
+            let e = <LocalArgsParser as clap::Parser>::try_parse_from(["x", flag, value]).unwrap_err().to_string();
+            assert!(e.contains(flag), "{flag} {value:?}: {e}");
+            assert!(
+                e.contains("possible values: depth, depth+running, depth+arrivals, depth+growth")
+                    || e.contains("is not a usable number of seconds"),
+                "{flag} {value:?}: {e}"
+            );
+        }
     }
 
     #[test]
@@ -887,7 +983,7 @@ mod tests {
         assert_eq!(left, ["notes.txt"]);
     }
 
-    #[derive(clap::Parser)]
+    #[derive(clap::Parser, Debug)]
     struct LocalArgsParser {
         #[command(flatten)]
         args: LocalArgs,

@@ -48,7 +48,9 @@ use crate::runtime::args;
 use crate::tools::pattern::LoadPattern;
 use crate::tools::plot::{TimelinePoint, write_svg};
 
-pub use closed_loop::{ClosedLoopRun, Sample, Signal, Summary, Workload, WorkloadError, closed_loop, timeline_csv};
+pub use closed_loop::{
+    ClosedLoopRun, Sample, Signal, SignalSample, Summary, Workload, WorkloadError, closed_loop, timeline_csv,
+};
 pub use closed_loop::{MAX_PODS, MAX_SIMULATED_TASKS, MAX_STEPS};
 pub use oracle::oracle;
 pub use trace::{Trace, TraceError, TraceRow, parse_trace, read_trace, replay_trace};
@@ -341,7 +343,7 @@ fn run_tune(args: &SimulateArgs, config: ControllerConfig, out: &mut dyn Write) 
         )?;
     }
     writeln!(out, "# kubenix (nix/k8s/options.nix), for the worker pool {}:", seed.name)?;
-    out.write_all(tune::kubenix_options(&seed.name, &best.candidate).as_bytes())?;
+    out.write_all(tune::kubenix_options(&seed.name, &best.candidate, lookahead(best, &base)).as_bytes())?;
     writeln!(
         out,
         "# the metric pipeline must deliver the depth within {delay} s: exporter --interval (nix/k8s/exporter.nix) + \
@@ -349,16 +351,22 @@ fn run_tune(args: &SimulateArgs, config: ControllerConfig, out: &mut dyn Write) 
     )?;
     writeln!(
         out,
-        "# signal {}: the adapter's metricsQuery (nix/k8s/files/adapter-config.yaml; no kubenix option selects it):\n#   {}",
+        "# signal {}: the HPA reads the External metric {}, which the adapter serves with the metricsQuery\n\
+         # (nix/k8s/signals.nix, the rules of the ConfigMap adapter-config):\n#   {}",
         best.candidate.signal.name(),
+        best.candidate.signal.metric_name(),
         promql(best, &base)
     )?;
     Ok(())
 }
 
+/// The rate signals' lookahead for the chosen candidate: scrape delay + sync period + pod start.
+fn lookahead(best: &tune::Evaluation, base: &Workload) -> f64 {
+    (best.candidate.scrape_delay + base.sync_period + base.pod_startup).as_secs_f64()
+}
+
 fn promql(best: &tune::Evaluation, base: &Workload) -> String {
-    let lookahead = (best.candidate.scrape_delay + base.sync_period + base.pod_startup).as_secs_f64();
-    best.candidate.signal.promql(lookahead, base.rate_window.as_secs_f64())
+    best.candidate.signal.promql(lookahead(best, base), base.rate_window.as_secs_f64())
 }
 
 fn file_label(path: &Path) -> String {

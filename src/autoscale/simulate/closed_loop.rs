@@ -61,25 +61,76 @@ impl Signal {
         }
     }
 
-    /// The adapter's metricsQuery that serves this signal (prometheus-adapter template syntax,
-    /// as in nix/k8s/files/adapter-config.yaml), for a pipeline delay of `lookahead` seconds
-    /// and a rate window of `window` seconds.
+    /// The External metric the adapter serves this signal as, and the HPA reads:
+    /// `celery_queue_` + the name with `+` as `_` (`celery_queue_depth`, `celery_queue_depth_running`, …).
+    /// nix/k8s/signals.nix names the adapter rules the same way (tests/exporter_prometheus.rs checks it).
+    pub fn metric_name(self) -> String {
+        format!("celery_queue_{}", self.name().replace('+', "_"))
+    }
+
+    /// The signal an External metric name serves ([`Signal::metric_name`] backwards).
+    pub fn from_metric_name(name: &str) -> Option<Signal> {
+        [Signal::Depth, Signal::DepthRunning, Signal::DepthArrivals, Signal::DepthGrowth]
+            .into_iter()
+            .find(|s| s.metric_name() == name)
+    }
+
+    /// Whether the value needs a rate over a window (and so the lookahead and the window).
+    pub fn uses_rate(self) -> bool {
+        matches!(self, Signal::DepthArrivals | Signal::DepthGrowth)
+    }
+
+    /// The value of the metric from what was seen at one instant (`now`) and, for the rate
+    /// signals, `window` seconds before it (`then`), with a lookahead of `lookahead` seconds:
+    /// the one home of the signals' arithmetic (the closed loop and `local` both call it), the
+    /// same as [`Signal::promql`] computes in Prometheus. Without `then`, a rate counts as 0.
+    pub fn value(self, now: SignalSample, then: Option<SignalSample>, lookahead: f64, window: f64) -> f64 {
+        let rate = |change: f64| if window > 0.0 { (change / window).max(0.0) } else { 0.0 };
+        match (self, then) {
+            (Signal::Depth, _) => now.depth,
+            (Signal::DepthRunning, _) => now.depth + now.running,
+            (Signal::DepthArrivals, Some(then)) => {
+                now.depth + lookahead * rate(now.depth - then.depth + (now.completed - then.completed))
+            }
+            (Signal::DepthGrowth, Some(then)) => now.depth + lookahead * rate(now.depth - then.depth),
+            (Signal::DepthArrivals | Signal::DepthGrowth, None) => now.depth,
+        }
+    }
+
+    /// The adapter's metricsQuery that serves this signal (prometheus-adapter template syntax:
+    /// `<<.Series>>` is celery_queue_depth, `<<.LabelMatchers>>` the HPA's selector and
+    /// namespace), for a lookahead of `lookahead` seconds and a rate window of `window` seconds.
+    /// nix/k8s/signals.nix writes the same queries into the adapter's rules, and
+    /// tests/exporter_prometheus.rs checks the rendered ones against this and runs them on a real
+    /// Prometheus.
+    ///
+    /// The completions of `depth+arrivals` are every worker's `celery_task_success_total`
+    /// (labelled by task, not queue: the sum over the Prometheus, which scrapes one namespace's
+    /// workers), added to each queue's series (`on() group_left`) and 0 before any task finished.
     pub fn promql(self, lookahead: f64, window: f64) -> String {
         let depth = "max by (queue) (<<.Series>>{<<.LabelMatchers>>})";
+        let growth = format!("max by (queue) (delta(<<.Series>>{{<<.LabelMatchers>>}}[{window}s]))");
         match self {
             Signal::Depth => depth.to_owned(),
             Signal::DepthRunning => {
                 format!("{depth} + max by (queue) (celery_queue_reserved{{<<.LabelMatchers>>}})")
             }
             Signal::DepthArrivals => format!(
-                "{depth} + {lookahead} * clamp_min((max by (queue) (delta(<<.Series>>{{<<.LabelMatchers>>}}[{window}s])) \
-                 + sum by (queue) (increase(celery_task_success_total{{<<.LabelMatchers>>}}[{window}s]))) / {window}, 0)"
+                "{depth} + {lookahead} * clamp_min(({growth} + on() group_left() \
+                 (sum(increase(celery_task_success_total[{window}s])) or vector(0))) / {window}, 0)"
             ),
-            Signal::DepthGrowth => format!(
-                "{depth} + {lookahead} * clamp_min(max by (queue) (delta(<<.Series>>{{<<.LabelMatchers>>}}[{window}s])) / {window}, 0)"
-            ),
+            Signal::DepthGrowth => format!("{depth} + {lookahead} * clamp_min({growth} / {window}, 0)"),
         }
     }
+}
+
+/// What a signal is computed from at one instant: tasks waiting, tasks held by workers, and tasks
+/// completed so far (a counter).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct SignalSample {
+    pub depth: f64,
+    pub running: f64,
+    pub completed: f64,
 }
 
 /// The most tasks one closed-loop run models (each waiting task costs the model 16 bytes).
@@ -116,9 +167,7 @@ impl Workload {
         if self.service_time.is_zero() {
             return err("--service-time must be greater than 0");
         }
-        if matches!(self.signal, Signal::DepthArrivals | Signal::DepthGrowth)
-            && (self.rate_window.is_zero() || !whole_ms(self.rate_window))
-        {
+        if self.signal.uses_rate() && (self.rate_window.is_zero() || !whole_ms(self.rate_window)) {
             return err("--rate-window must be a whole number of milliseconds, at least 0.001");
         }
         // Memory grows with tasks and steps: refuse what would not fit rather than abort.
@@ -270,11 +319,7 @@ pub fn closed_loop(mut autoscaler: Autoscaler, workload: &Workload) -> ClosedLoo
         .collect();
     let mut queue: VecDeque<i64> = VecDeque::new();
     // What the metric pipeline can still look back at: (waiting, running, completed) per step.
-    let window = if matches!(workload.signal, Signal::DepthArrivals | Signal::DepthGrowth) {
-        ms(workload.rate_window)
-    } else {
-        0
-    };
+    let window = if workload.signal.uses_rate() { ms(workload.rate_window) } else { 0 };
     let keep = ((delay + window) / step + 2) as usize;
     // u32: at most MAX_SIMULATED_TASKS tasks, so counts fit; 12 bytes per step held.
     let mut history: VecDeque<(u32, u32, u32)> = VecDeque::with_capacity(keep.min(1 << 20));
@@ -331,21 +376,13 @@ pub fn closed_loop(mut autoscaler: Autoscaler, workload: &Workload) -> ClosedLoo
         let is_sync = t % sync_period == 0;
         if is_sync {
             let seen_at = t - delay;
-            let (depth, running, done) = at(seen_at);
-            let value = match workload.signal {
-                Signal::Depth => depth as f64,
-                Signal::DepthRunning => (depth + running) as f64,
-                Signal::DepthArrivals => {
-                    let (old_depth, _, old_done) = at(seen_at - window);
-                    let arrived = depth as f64 - old_depth as f64 + (done - old_done) as f64;
-                    depth as f64 + lookahead * (arrived / (window as f64 / 1000.0)).max(0.0)
-                }
-                Signal::DepthGrowth => {
-                    let (old_depth, _, _) = at(seen_at - window);
-                    let grown = depth as f64 - old_depth as f64;
-                    depth as f64 + lookahead * (grown / (window as f64 / 1000.0)).max(0.0)
-                }
+            let sample = |(depth, running, completed): (u64, u64, u64)| SignalSample {
+                depth: depth as f64,
+                running: running as f64,
+                completed: completed as f64,
             };
+            let then = workload.signal.uses_rate().then(|| sample(at(seen_at - window)));
+            let value = workload.signal.value(sample(at(seen_at)), then, lookahead, window as f64 / 1000.0);
             metric_seen = Some(value);
             let live = pods.iter().filter(|p| !p.terminating).count() as i32;
             let ready = pods.iter().filter(|p| !p.terminating && p.ready(t)).count() as i32;

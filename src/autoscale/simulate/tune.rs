@@ -150,6 +150,7 @@ impl Candidate {
     pub fn spec(&self, seed: &HpaSpec) -> HpaSpec {
         let mut spec = seed.clone();
         for metric in &mut spec.metrics {
+            metric.name = self.signal.metric_name();
             metric.target = MetricTarget::AverageValue(i64::from(self.target) * 1000);
         }
         spec.behavior = Some(Behavior { scale_up: self.scale_up.clone(), scale_down: self.scale_down.clone() });
@@ -532,6 +533,8 @@ pub fn hpa_yaml(
     if let Some(spec) = hpa.spec.as_mut() {
         for metric in spec.metrics.iter_mut().flatten() {
             if let Some(external) = metric.external.as_mut() {
+                // The External metric that carries the candidate's signal (nix/k8s/signals.nix).
+                external.metric.name = candidate.signal.metric_name();
                 external.target = k8s::MetricTarget {
                     type_: "AverageValue".into(),
                     average_value: Some(Quantity(candidate.target.to_string())),
@@ -574,7 +577,10 @@ fn k8s_rules(rules: &ScalingRules) -> k8s::HPAScalingRules {
 }
 
 /// The candidate as options of the kubenix module (nix/k8s/options.nix) for the pool `pool`.
-pub fn kubenix_options(pool: &str, candidate: &Candidate) -> String {
+/// The chosen candidate as options of nix/k8s/options.nix for the worker pool `pool`;
+/// `lookahead` (seconds, rounded to the option's whole seconds) is printed for the rate signals,
+/// whose adapter rules use it.
+pub fn kubenix_options(pool: &str, candidate: &Candidate, lookahead: f64) -> String {
     let rules = |r: &ScalingRules| {
         let policies: Vec<String> = r
             .policies
@@ -595,8 +601,17 @@ pub fn kubenix_options(pool: &str, candidate: &Candidate) -> String {
         )
     };
     format!(
-        "celeryAutoscale.workers.{pool}.hpa = {{\n  averageValue = \"{}\";\n  behavior = {{\n    scaleUp = {};\n    \
-         scaleDown = {};\n  }};\n}};\n",
+        "celeryAutoscale.workers.{pool}.hpa = {{\n  signal = \"{}\";\n{}  averageValue = \"{}\";\n  \
+         behavior = {{\n    scaleUp = {};\n    scaleDown = {};\n  }};\n}};\n",
+        candidate.signal.name(),
+        if !candidate.signal.uses_rate() {
+            String::new()
+        } else if lookahead.fract() == 0.0 {
+            format!("  lookaheadSeconds = {lookahead};\n")
+        } else {
+            // The option is whole seconds.
+            format!("  lookaheadSeconds = {}; # {lookahead} s, rounded\n", lookahead.round())
+        },
         candidate.target,
         rules(&candidate.scale_up),
         rules(&candidate.scale_down)
@@ -702,7 +717,18 @@ mod tests {
             assert_eq!(loaded, candidate.spec(&seed), "{yaml}");
             assert!(yaml.starts_with("# tuned\n# by a test\n---\n"));
         }
-        let options = kubenix_options("worker", &Grid::default_grid().candidates()[0]);
-        assert!(options.starts_with("celeryAutoscale.workers.worker.hpa = {\n  averageValue = \"2\";"), "{options}");
+        let first = &Grid::default_grid().candidates()[0];
+        let options = kubenix_options("worker", first, 40.0);
+        assert!(
+            options
+                .starts_with("celeryAutoscale.workers.worker.hpa = {\n  signal = \"depth\";\n  averageValue = \"2\";"),
+            "{options}"
+        );
+        let growth = Candidate { signal: Signal::DepthGrowth, ..first.clone() };
+        assert!(
+            kubenix_options("worker", &growth, 35.0)
+                .contains("  signal = \"depth+growth\";\n  lookaheadSeconds = 35;\n")
+        );
+        assert!(kubenix_options("worker", &growth, 32.5).contains("  lookaheadSeconds = 33; # 32.5 s, rounded\n"));
     }
 }
