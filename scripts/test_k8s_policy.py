@@ -182,6 +182,33 @@ def worker_events_on_in_base(r):
     first_container(r, "Deployment", "worker")["args"].append("--events")
 
 
+def adapter_config(r):
+    cm = next(o for o in r.base if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "adapter-config")
+    return cm, policy.yaml.safe_load(cm["data"]["config.yaml"])
+
+
+def adapter_rule_dropped(r):
+    cm, config = adapter_config(r)
+    config["externalRules"] = [x for x in config["externalRules"] if policy.served_name(x) != "celery_queue_depth_growth"]
+    cm["data"]["config.yaml"] = policy.yaml.safe_dump(config)
+
+
+def adapter_depth_rule_changed(r):
+    cm, config = adapter_config(r)
+    config["externalRules"][0]["metricsQuery"] += " + max by (queue) (celery_queue_reserved{<<.LabelMatchers>>})"
+    cm["data"]["config.yaml"] = policy.yaml.safe_dump(config)
+
+
+def adapter_config_changed_without_annotation(r):
+    cm, _ = adapter_config(r)
+    cm["data"]["config.yaml"] += "# edited\n"
+
+
+def tuned_example_drifted(r):
+    hpa = built_object(r, "example-tuned.yaml", "HorizontalPodAutoscaler", "worker")
+    hpa["spec"]["metrics"][0]["external"]["target"]["averageValue"] = "3"
+
+
 def per_queue_build_drifted(r):
     built_object(r, "example-per-queue.yaml", "Deployment", "worker-io")["metadata"]["labels"]["extra"] = "x"
 
@@ -197,6 +224,10 @@ BAD_CASES = [
     (policy.check_loadgen_job, loadgen_does_not_wait, "waits for results"),
     (policy.check_hpa, hpa_max_changed, "HPA min 1 max 20"),
     (policy.check_adapter, apiservice_wrong_port, "APIService does not point at the adapter Service"),
+    (policy.check_adapter, adapter_rule_dropped, "one external rule per signal"),
+    (policy.check_adapter, adapter_depth_rule_changed, "must serve celery_queue_depth as the raw depth"),
+    (policy.check_adapter, adapter_config_changed_without_annotation, "config-sha256 annotation"),
+    (policy.check_examples, tuned_example_drifted, "the HPA differs from examples/hpa-tuned.yaml"),
     (policy.check_rbac, auth_delegator_unbound, "system:auth-delegator"),
     (policy.check_keda, keda_build_keeps_hpa, "still has the adapter or the HPA"),
     (policy.check_builds, base_build_lost_object, "does not give the rendered objects"),
@@ -234,10 +265,12 @@ class PolicyChecks(unittest.TestCase):
         missing = [fn.__name__ for fn in policy.CHECKS if fn not in covered]
         self.assertEqual(missing, [], "add a defect for each new check to BAD_CASES")
 
-    def test_expressions_include_the_filled_adapter_query(self):
+    def test_expressions_include_every_filled_adapter_query(self):
         exprs = policy.expressions(GOOD)
-        self.assertEqual(exprs[-1], policy.filled_query(GOOD))
-        self.assertIn('queue="celery"', exprs[-1])
+        self.assertEqual(exprs[-4:], [policy.filled_query(GOOD, m) for m in policy.SIGNAL_METRICS])
+        self.assertEqual(len(set(exprs[-4:])), 4)
+        for e in exprs[-4:]:
+            self.assertIn('queue="celery"', e)
         self.assertFalse(any("$namespace" in e or "<<." in e for e in exprs))
 
 

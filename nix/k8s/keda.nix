@@ -12,20 +12,18 @@ let
   c = import ./constants.nix;
   policy = import ./scaling-policy.nix;
 
-  # The adapter's metricsQuery (files/adapter-config.yaml, the one home of the query), filled in
-  # the way the adapter fills it for the worker HPA: the series name, the HPA selector and the namespace.
-  adapterQuery = builtins.head (builtins.match
-    ".*\n    metricsQuery: '([^'\n]*)'\n.*"
-    (builtins.readFile ./files/adapter-config.yaml));
-  fill = matcher: builtins.replaceStrings
+  # The adapter's metricsQuery of the pool's signal (options.nix: adapterRules, from signals.nix), filled
+  # in the way the adapter fills it for the worker HPA: the series name, the HPA selector and the namespace.
+  adapterQuery = signal: (lib.findFirst (r: r.signal == signal) null config.celeryAutoscale.adapterRules).metricsQuery;
+  fill = signal: matcher: builtins.replaceStrings
     [ "<<.Series>>" "<<.LabelMatchers>>" ]
     [ policy.metricName ''${matcher},namespace="${c.namespace}"'' ]
-    adapterQuery;
+    (adapterQuery signal);
   # One queue: the adapter's query as the adapter fills it for the HPA. Several: their sum, as the HPA
   # adds them up (KEDA's trigger needs a single value).
-  query = queues:
-    if lib.length queues == 1 then fill ''queue="${lib.head queues}"''
-    else "sum(${fill ''queue=~"${lib.concatStringsSep "|" queues}"''})";
+  query = signal: queues:
+    if lib.length queues == 1 then fill signal ''queue="${lib.head queues}"''
+    else "sum(${fill signal ''queue=~"${lib.concatStringsSep "|" queues}"''})";
 
   scaledObject = name: p: {
     spec = {
@@ -46,7 +44,7 @@ let
         metricType = "AverageValue";
         metadata = {
           serverAddress = "http://prometheus.${c.namespace}.svc:${toString c.ports.prometheus}";
-          query = query p.queues;
+          query = builtins.seq p.hpa.metricName (query p.hpa.signal p.queues);
           threshold = p.hpa.averageValue;
           activationThreshold = "0";
           # An empty result is an error (the HPA holds its count), as on the adapter path, not a 0.

@@ -5,7 +5,8 @@
 #   celeryAutoscale.redis    where the Redis is, whether the in-cluster one serves TLS, and how
 #                            clients trust it (a CA from a Secret, rediss:// URLs)
 #   celeryAutoscale.workers  one entry per worker pool: a Deployment, a PodDisruptionBudget and an
-#                            HPA named after the entry, scaling on the depth of the pool's queues
+#                            HPA named after the entry, scaling on the pool's queues by its
+#                            hpa.signal (depth by default) with its hpa.profile's numbers
 #
 # Example (nix/k8s/example-per-queue.nix): one pool per task type, each on its own queue:
 #   celeryAutoscale.workers = {
@@ -17,6 +18,7 @@ let
   inherit (lib) mkOption types;
   c = import ./constants.nix;
   policy = import ./scaling-policy.nix;
+  signals = import ./signals.nix;
   cfg = config.celeryAutoscale;
   caDir = "/etc/redis-ca";
 
@@ -123,17 +125,68 @@ let
           description = "Send task events (--events, Celery's -E), as Flower and `celery events` need. Off by default, as in Celery.";
         };
         hpa = {
+          profile = mkOption {
+            type = types.enum (lib.attrNames policy.profiles);
+            default = "seed";
+            description = ''
+              The numbers signal, averageValue and behavior default to (scaling-policy.nix):
+              "seed" (depth, 10 per pod, up 200 %/15 s, down 50 %/30 s after 60 s) or "tuned" (what
+              `simulate --tune` chose, examples/hpa-tuned.yaml: depth+running, 2 per pod, up 10 pods
+              per 15 s, down 100 % per 15 s, no windows). Setting signal, averageValue or behavior
+              overrides the profile's.
+            '';
+          };
           minReplicas = mkOption { type = types.ints.positive; default = policy.minReplicas; description = "The HPA's minReplicas."; };
           maxReplicas = mkOption { type = types.ints.positive; default = policy.maxReplicas; description = "The HPA's maxReplicas."; };
+          signal = mkOption {
+            type = types.enum signals.names;
+            default = policy.profiles.${config.hpa.profile}.signal;
+            defaultText = lib.literalExpression "the profile's (seed: \"depth\")";
+            description = ''
+              What the HPA's External metric carries (signals.nix; `simulate --signal`, `local --signal`):
+              "depth" (celery_queue_depth: tasks waiting), "depth+running" (celery_queue_depth_running:
+              + tasks held by workers), "depth+arrivals" (celery_queue_depth_arrivals: + lookaheadSeconds
+              × the arrival rate; a single pool on a single queue only, as the workers' completions
+              carry no queue) or "depth+growth" (celery_queue_depth_growth: + lookaheadSeconds × the
+              queue's growth rate, when positive). The adapter serves all four.
+            '';
+          };
+          lookaheadSeconds = mkOption {
+            type = types.ints.unsigned;
+            default = policy.lookaheadSeconds;
+            description = ''
+              depth+arrivals and depth+growth: seconds of arrivals the rate term adds, the metric delay
+              + HPA sync period + pod start (15 + 15 + 10). The adapter serves one rule per signal:
+              every pool on a rate signal must use the same value.
+            '';
+          };
           averageValue = mkOption {
             type = types.str;
-            default = policy.averageValue;
-            description = "Target queue depth per pod: desired replicas = ceil(depth / averageValue).";
+            default = policy.profiles.${config.hpa.profile}.averageValue;
+            defaultText = lib.literalExpression "the profile's (seed: \"10\")";
+            description = "Target metric per pod: desired replicas = ceil(metric / averageValue).";
           };
           behavior = mkOption {
             type = types.attrsOf types.anything;
-            default = policy.behavior;
+            default = policy.profiles.${config.hpa.profile}.behavior;
+            defaultText = lib.literalExpression "the profile's";
             description = "The HPA's behavior (scaling policies and stabilization windows).";
+          };
+          metricName = mkOption {
+            type = types.str;
+            internal = true;
+            readOnly = true;
+            description = "The External metric the HPA reads: the signal's (signals.nix).";
+            default =
+              let pools = lib.attrNames cfg.workers;
+              in
+              if config.hpa.signal == "depth+arrivals" && (lib.length pools > 1 || lib.length config.queues > 1) then
+                throw ''
+                  celeryAutoscale.workers.${name}.hpa.signal = "depth+arrivals" needs a single pool on a single queue
+                  (pools: ${lib.concatStringsSep ", " pools}; queues of ${name}: ${lib.concatStringsSep ", " config.queues}):
+                  the workers' celery_task_success_total carries no queue, so the arrivals of one queue cannot be told
+                  apart. Use signal = "depth+growth" (it needs no completions) or "depth+running".''
+              else signals.metricName config.hpa.signal;
           };
         };
         selectorLabels = mkOption {
@@ -240,6 +293,31 @@ in
       readOnly = true;
       description = "Every queue some pool consumes, in pool order: the exporter's --queues.";
       default = lib.unique (lib.concatMap (p: p.queues) (lib.attrValues cfg.workers));
+    };
+
+    adapterRules = mkOption {
+      type = types.listOf (types.attrsOf types.str);
+      internal = true;
+      readOnly = true;
+      description = ''
+        The adapter's External metrics, one per signal (signals.nix): { signal, metricName, metricsQuery },
+        the rate signals with the lookaheadSeconds of the pools that use one (else the default).
+      '';
+      default =
+        let
+          ratePools = lib.filterAttrs (_: p: signals.usesRate p.hpa.signal) cfg.workers;
+          lookaheads = lib.unique (lib.mapAttrsToList (_: p: p.hpa.lookaheadSeconds) ratePools);
+          lookahead =
+            if lookaheads == [ ] then policy.lookaheadSeconds
+            else if lib.length lookaheads == 1 then lib.head lookaheads
+            else
+              throw ''
+                celeryAutoscale.workers.<pool>.hpa.lookaheadSeconds differ between the pools on depth+arrivals or
+                depth+growth (${lib.concatStringsSep ", " (lib.mapAttrsToList (n: p: "${n}: ${toString p.hpa.lookaheadSeconds}") ratePools)}):
+                the adapter serves one rule per signal; give them the same lookaheadSeconds.'';
+          query = signals.query { inherit lookahead; window = policy.rateWindowSeconds; };
+        in
+        map (signal: { inherit signal; metricName = signals.metricName signal; metricsQuery = query signal; }) signals.names;
     };
   };
 }
