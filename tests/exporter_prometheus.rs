@@ -5,10 +5,12 @@
 
 mod common;
 
+use celery_autoscale::autoscale::simulate::{Signal, SimulateArgs};
 use common::{
     BIN, Exporter, PythonWorker, Redis, Worker, enqueue, free_port, http_get, metric_value, repo_root, task, wait_for,
 };
 use redis::Commands;
+use serde::Deserialize;
 use serde_json::{Value, json};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -188,17 +190,58 @@ impl Drop for Prometheus {
     }
 }
 
-/// The adapter's metricsQuery as the adapter fills it for the HPA's selector `queue=celery`
-/// in namespace celery-autoscale.
-fn adapter_query() -> String {
-    let cfg: serde_norway::Value = serde_norway::from_str(
-        &std::fs::read_to_string(repo_root().join("nix/k8s/files/adapter-config.yaml")).unwrap(),
-    )
-    .unwrap();
-    let template = cfg["externalRules"][0]["metricsQuery"].as_str().unwrap();
+/// The external rules of the rendered ConfigMap adapter-config (k8s/adapter.yaml, generated from
+/// nix/k8s/signals.nix): (the External metric served, its metricsQuery template).
+fn adapter_rules() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(repo_root().join("k8s/adapter.yaml")).unwrap();
+    let config = serde_norway::Deserializer::from_str(&text)
+        .map(|d| serde_norway::Value::deserialize(d).unwrap())
+        .find(|doc| doc["kind"] == "ConfigMap" && doc["metadata"]["name"] == "adapter-config")
+        .expect("k8s/adapter.yaml holds the ConfigMap adapter-config");
+    let cfg: serde_norway::Value = serde_norway::from_str(config["data"]["config.yaml"].as_str().unwrap()).unwrap();
+    cfg["externalRules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|rule| {
+            let name =
+                rule["name"]["as"].as_str().unwrap_or(rule["seriesQuery"].as_str().unwrap().split('{').next().unwrap());
+            (name.to_owned(), rule["metricsQuery"].as_str().unwrap().to_owned())
+        })
+        .collect()
+}
+
+/// The adapter's metricsQuery serving `metric`, as the adapter fills it for the HPA's selector
+/// `queue=celery` in namespace celery-autoscale.
+fn adapter_query(metric: &str) -> String {
+    let (_, template) = adapter_rules().into_iter().find(|(name, _)| name == metric).expect("the adapter serves it");
     template
         .replace("<<.Series>>", "celery_queue_depth")
         .replace("<<.LabelMatchers>>", "queue=\"celery\",namespace=\"celery-autoscale\"")
+}
+
+const SIGNALS: [Signal; 4] = [Signal::Depth, Signal::DepthRunning, Signal::DepthArrivals, Signal::DepthGrowth];
+
+#[test]
+fn the_adapter_serves_each_signal_with_the_query_the_simulator_models() {
+    // The simulator's defaults: lookahead = --scrape-delay + --sync-period + --pod-startup, and
+    // --rate-window; the kubenix defaults (scaling-policy.nix) must be the same.
+    #[derive(clap::Parser)]
+    struct P {
+        #[command(flatten)]
+        args: SimulateArgs,
+    }
+    let sim = <P as clap::Parser>::parse_from(["simulate", "--hpa", "k8s/autoscaling.yaml"]).args;
+    let lookahead = (sim.scrape_delay + sim.sync_period + sim.pod_startup).as_secs_f64();
+    assert_eq!(lookahead, 40.0);
+    let window = sim.rate_window.as_secs_f64();
+    let expected: Vec<(String, String)> =
+        SIGNALS.iter().map(|s| (s.metric_name(), s.promql(lookahead, window))).collect();
+    assert_eq!(adapter_rules(), expected, "k8s/adapter.yaml (nix/k8s/signals.nix) and Signal::promql differ");
+    assert_eq!(expected[0].0, "celery_queue_depth", "the default HPA metric keeps its name");
+    for s in SIGNALS {
+        assert_eq!(Signal::from_metric_name(&s.metric_name()), Some(s));
+    }
 }
 
 #[test]
@@ -221,10 +264,22 @@ fn prometheus_scrapes_the_exporter_and_a_worker_and_the_adapter_query_returns_on
     });
     let series = prom.query("celery_queue_depth{queue=\"celery\"}");
     assert_eq!(series[0]["metric"]["namespace"], "celery-autoscale", "the shipped relabelling adds the namespace");
-    let q = adapter_query();
+    let q = adapter_query("celery_queue_depth");
     let filled = prom.query(&q);
     assert_eq!(filled.len(), 1, "the adapter query {q} returns exactly one series: {filled:?}");
     assert_eq!(filled[0]["value"][1], "120");
+    // Every signal's rule returns one series per queue, before any worker ran (no
+    // celery_task_success_total yet) and after; the rate terms only add.
+    let value = |metric: &str| {
+        let q = adapter_query(metric);
+        let r = prom.query(&q);
+        assert_eq!(r.len(), 1, "{metric}: {q} returns exactly one series: {r:?}");
+        assert_eq!(r[0]["metric"]["queue"], "celery", "{metric}: {r:?}");
+        r[0]["value"][1].as_str().unwrap().parse::<f64>().unwrap()
+    };
+    assert_eq!(value("celery_queue_depth_running"), 120.0, "nothing held yet");
+    assert!(value("celery_queue_depth_arrivals") >= 120.0);
+    assert!(value("celery_queue_depth_growth") >= 120.0);
 
     // A worker on the port Prometheus scrapes drains the queue; the task rate turns positive.
     let _w = Worker::spawn_with_metrics_port(&redis, worker_port, &["--concurrency", "8"]);
@@ -235,6 +290,9 @@ fn prometheus_scrapes_the_exporter_and_a_worker_and_the_adapter_query_returns_on
     wait_for("depth 0 in Prometheus", Duration::from_secs(60), || {
         prom.query(&q).first().and_then(|s| (s["value"][1] == "0").then_some(()))
     });
+    for s in SIGNALS {
+        value(&s.metric_name());
+    }
     let up = prom.query("up{job=\"celery-worker\",namespace=\"celery-autoscale\"}");
     assert_eq!(up.len(), 1);
     assert_eq!(up[0]["value"][1], "1");

@@ -284,7 +284,11 @@ fn tune_is_deterministic_and_its_hpa_replays() {
     assert_eq!(a.replace(path(&first), "X"), b.replace(path(&second), "X"), "two searches print the same");
     assert_eq!(std::fs::read_to_string(&first).unwrap(), std::fs::read_to_string(&second).unwrap());
     assert!(a.contains("# Pareto front: ") && a.contains(" of 24 candidates"), "{a}");
-    assert!(a.contains("celeryAutoscale.workers.worker.hpa = {"), "{a}");
+    assert!(a.contains("celeryAutoscale.workers.worker.hpa = {\n  signal = \"depth\";\n  averageValue = "), "{a}");
+    assert!(
+        a.contains("# signal depth: the HPA reads the External metric celery_queue_depth, which the adapter serves"),
+        "{a}"
+    );
 
     // The written HPA, replayed on the first workload, gives the tuned row of the report.
     let tuned_row = a.lines().find(|l| l.starts_with("tuned ")).expect("a tuned row").to_owned();

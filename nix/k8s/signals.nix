@@ -11,7 +11,9 @@
 # HPA's selector plus namespace="<HPA namespace>").
 let
   depth = "max by (queue) (<<.Series>>{<<.LabelMatchers>>})";
-  growth = window: "max by (queue) (delta(<<.Series>>{<<.LabelMatchers>>}[${toString window}s]))";
+  # The change of the depth over the window; 0 until Prometheus holds two samples in it (delta is
+  # empty then), so that a fresh series is served at once.
+  growth = window: "(max by (queue) (delta(<<.Series>>{<<.LabelMatchers>>}[${toString window}s])) or 0 * ${depth})";
 in
 rec {
   # In the order the adapter config lists them; "depth" is the default and today's rule.

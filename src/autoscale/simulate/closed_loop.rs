@@ -107,9 +107,12 @@ impl Signal {
     /// The completions of `depth+arrivals` are every worker's `celery_task_success_total`
     /// (labelled by task, not queue: the sum over the Prometheus, which scrapes one namespace's
     /// workers), added to each queue's series (`on() group_left`) and 0 before any task finished.
+    /// The rate terms are 0 while the window holds a single sample of the depth.
     pub fn promql(self, lookahead: f64, window: f64) -> String {
         let depth = "max by (queue) (<<.Series>>{<<.LabelMatchers>>})";
-        let growth = format!("max by (queue) (delta(<<.Series>>{{<<.LabelMatchers>>}}[{window}s]))");
+        // 0 until Prometheus holds two samples in the window (delta is empty then), as `value`
+        // counts a rate without an earlier sample.
+        let growth = format!("(max by (queue) (delta(<<.Series>>{{<<.LabelMatchers>>}}[{window}s])) or 0 * {depth})");
         match self {
             Signal::Depth => depth.to_owned(),
             Signal::DepthRunning => {
