@@ -27,9 +27,13 @@ impl Run {
     }
 
     fn command(&self, broker: Option<&Redis>, extra: &[&str]) -> Command {
+        self.command_with_hpa(broker, &fast_hpa(), extra)
+    }
+
+    fn command_with_hpa(&self, broker: Option<&Redis>, hpa: &str, extra: &[&str]) -> Command {
         let mut c = Command::new(BIN);
         c.arg("local")
-            .args(["--hpa", &fast_hpa(), "--sync-period", "2", "--worker-shutdown-timeout", "10"])
+            .args(["--hpa", hpa, "--sync-period", "2", "--worker-shutdown-timeout", "10"])
             .args(["--exporter-listen", &format!("127.0.0.1:{}", free_port())])
             .args(["--data-dir", &self.path("data"), "--output-dir", &self.path("out")])
             .args(extra)
@@ -360,4 +364,52 @@ fn pgrep(word: &str) -> Vec<u32> {
 /// `s` quoted for a POSIX shell's word splitting (what --worker-command applies).
 fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The fast HPA with a target of 2 per worker (the concurrency), reading `metric`.
+fn hpa_reading(run: &Run, metric: &str) -> String {
+    let text = std::fs::read_to_string(fast_hpa()).unwrap();
+    let text = text
+        .replace("averageValue: \"10\"", "averageValue: \"2\"")
+        .replace("name: celery_queue_depth\n", &format!("name: {metric}\n"));
+    let path = run.path(&format!("{metric}.yaml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn depth_plus_running_keeps_busy_workers_that_depth_alone_scales_in() {
+    // Eight 25 s tasks on workers of 2 slots: once all are taken the queue is empty, and the
+    // depth alone asks for the minimum while four workers are still busy; waiting + held by
+    // workers keeps asking for four until the tasks are done.
+    let load = ["--load", "burst:8", "--task", "io", "--io-seconds", "25:25", "--max-duration", "150"];
+    let mut timelines = Vec::new();
+    for (metric, signal) in [("celery_queue_depth", "depth"), ("celery_queue_depth_running", "depth+running")] {
+        let redis = Redis::start();
+        let run = Run::new();
+        // The signal follows the HPA's metric name (no --signal).
+        let hpa = hpa_reading(&run, metric);
+        let out = run.command_with_hpa(Some(&redis), &hpa, &load).output().unwrap();
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{signal}: local failed\n{stdout}\n{stderr}");
+        assert!(stdout.contains(&format!("signal {signal}, sync every 2 s")), "{stdout}");
+        assert!(stdout.contains("done: 8 tasks succeeded, 0 failed"), "{signal}: {stdout}");
+        timelines.push(run.timeline());
+    }
+    // (depth, reserved, desired) per second.
+    let rows = |rows: &[Vec<String>]| -> Vec<(f64, f64, f64)> {
+        let (depth, reserved, desired) = (column(rows, 1), column(rows, 2), column(rows, 3));
+        (0..rows.len()).map(|i| (depth[i], reserved[i], desired[i])).collect()
+    };
+    let (depth_run, running_run) = (rows(&timelines[0]), rows(&timelines[1]));
+    // depth: fewer workers desired than the held work needs, while it is held.
+    assert!(
+        depth_run.iter().any(|&(d, r, want)| r >= 4.0 && want < ((d + r) / 2.0).ceil()),
+        "depth alone should leave busy workers short: {depth_run:?}"
+    );
+    // depth+running: four desired for as long as the eight tasks are held.
+    let from = running_run.iter().position(|&(_, _, want)| want == 4.0).expect("depth+running asks for four workers");
+    let held: Vec<_> = running_run[from..].iter().filter(|&&(_, r, _)| r == 8.0).collect();
+    assert!(held.len() >= 10, "the eight tasks were held for a while: {running_run:?}");
+    assert!(held.iter().all(|&&(_, _, want)| want == 4.0), "depth+running kept four workers: {running_run:?}");
 }
