@@ -2,7 +2,7 @@
 #
 # Exactly one replica with the Recreate strategy, so that no two exporters report the same queue at
 # once (not even during a rollout). Two would double a `sum`; the adapter query uses `max by (queue)`
-# (files/adapter-config.yaml), which would also tolerate an overlap.
+# (nix/k8s/signals.nix), which would also tolerate an overlap.
 # --queues follows the worker pools (options.nix: celeryAutoscale.queues).
 { lib, config, images, ... }:
 let
