@@ -42,10 +42,10 @@
         ];
         src = lib.fileset.toSource { root = ./.; fileset = buildFiles; };
         # What the tests read besides: fixtures, the Python Celery scripts, the shipped Prometheus
-        # config, alert rules and adapter rules.
+        # config and alert rules, and the adapter rules as rendered (k8s/adapter.yaml).
         testSrc = lib.fileset.toSource {
           root = ./.;
-          fileset = lib.fileset.unions [ buildFiles ./tests ./nix/k8s/files ];
+          fileset = lib.fileset.unions [ buildFiles ./tests ./nix/k8s/files ./k8s/adapter.yaml ];
         };
         # The static checks of the repository files (k8s/, nix/, scripts/, flake.nix).
         repoSrc = lib.fileset.toSource {
@@ -55,6 +55,7 @@
             ./nix
             ./scripts
             ./flake.nix
+            ./examples/hpa-tuned.yaml # the tuned profile's HPA, which k8s/examples/tuned must match
           ];
         };
 
