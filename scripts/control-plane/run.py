@@ -492,10 +492,10 @@ def quantity(q):
 
 # ---- scenarios -----------------------------------------------------------------------------------
 
-def run_burst(h, samples):
+def run_burst(h, samples, label="burst"):
     docs = h.rendered(os.path.join(ROOT, "k8s", "jobs"))
     job = next(d for d in docs if d["kind"] == "Job")["metadata"]["name"]
-    record(h, samples, "burst")
+    record(h, samples, label)
     log(f"burst: applying k8s/jobs (Job {job}: loadgen burst of 400 cpu tasks, --wait)")
     h.apply(docs, "k8s/jobs")
     t0 = time.monotonic()
@@ -505,7 +505,7 @@ def run_burst(h, samples):
         now = time.monotonic() - t0
         replicas, ready = h.deployment()
         peak = max(peak, replicas)
-        record(h, samples, "burst")
+        record(h, samples, label)
         if seen_up is None and replicas >= 5:
             seen_up = now
             log(f"burst: ≥ 5 replicas after {now:.0f} s (bound {UP_BOUND} s)")
@@ -533,44 +533,103 @@ def run_burst(h, samples):
             raise Fail(f"burst: HorizontalPodAutoscaler {NS}/worker did not scale back to 1 within {DOWN_BOUND} s")
         h.alive("kube-controller-manager")
         time.sleep(2)
+    pod_logs = [n for n in os.listdir(h.logs) if n.startswith(f"{NS}_{job}-")]
+    results = loadgen_results(os.path.join(h.logs, sorted(pod_logs)[-1])) if pod_logs else {}
     h.kubectl("-n", NS, "delete", "job", job, "--cascade=foreground", "--timeout=60s")
-    return peak
+    return {"peak": peak, **results}
 
 
-def run_ramp(h, samples):
-    argv = [h.app, "loadgen", "ramp", *RAMP, *RAMP_TASK, "--wait", "--wait-timeout", "600"]
-    log(f"ramp: {' '.join(argv[1:])} (a producer outside the cluster, as a user's app)")
+def run_ramp(h, samples, label="ramp"):
+    return run_producer(h, samples, label, ["ramp", *RAMP, *RAMP_TASK])
+
+
+def run_burst_io(h, samples, label="burst-io"):
+    """The model's burst:400 (0.5 s tasks, 2 per pod): `loadgen burst --task io` from outside."""
+    return run_producer(h, samples, label, ["burst", "--n", "400", *RAMP_TASK])
+
+
+def run_producer(h, samples, label, load):
+    """`loadgen <load> --wait` as a producer outside the cluster, as a user's app; watched until
+    every task is SUCCESS and the Deployment is back at 1 replica."""
+    argv = [h.app, "loadgen", *load, "--wait", "--wait-timeout", "600"]
+    log(f"{label}: {' '.join(argv[1:])} (a producer outside the cluster, as a user's app)")
     env = {"BROKER_URL": f"redis://:{h.redis_password}@127.0.0.1:{h.ports['redis']}/0",
            "BACKEND_URL": f"redis://:{h.redis_password}@127.0.0.1:{h.ports['redis']}/1"}
-    record(h, samples, "ramp")
-    p = h.start("loadgen-ramp", argv, env=env)
+    record(h, samples, label)
+    p = h.start(f"loadgen-{label}", argv, env=env)
     t0 = time.monotonic()
     peak, done = 0, None
     while True:
         now = time.monotonic() - t0
         replicas, _ = h.deployment()
         peak = max(peak, replicas)
-        record(h, samples, "ramp")
+        record(h, samples, label)
         if done is None:
             code = p.poll()
             if code is not None:
                 if code != 0:
-                    raise Fail(f"ramp: loadgen exited {code}: not every task ended SUCCESS (see {h.logs}/loadgen-ramp.log)")
+                    raise Fail(f"{label}: loadgen exited {code}: not every task ended SUCCESS (see {h.logs}/loadgen-{label}.log)")
                 done = now
-                log(f"ramp: every task SUCCESS after {now:.0f} s; peak {peak} replicas")
+                log(f"{label}: every task SUCCESS after {now:.0f} s; peak {peak} replicas")
             elif now > 700:
-                raise Fail("ramp: loadgen still waiting after 700 s")
+                raise Fail(f"{label}: loadgen still waiting after 700 s")
         elif replicas == 1:
-            log(f"ramp: back to 1 replica {now - done:.0f} s after the last result (bound {DOWN_BOUND} s)")
+            log(f"{label}: back to 1 replica {now - done:.0f} s after the last result (bound {DOWN_BOUND} s)")
             break
         elif now - done > DOWN_BOUND:
-            raise Fail(f"ramp: HorizontalPodAutoscaler {NS}/worker did not scale back to 1 within {DOWN_BOUND} s")
+            raise Fail(f"{label}: HorizontalPodAutoscaler {NS}/worker did not scale back to 1 within {DOWN_BOUND} s")
         time.sleep(2)
-    h.stop("loadgen-ramp")
-    return peak
+    h.stop(f"loadgen-{label}")
+    return {"peak": peak, **loadgen_results(os.path.join(h.logs, f"loadgen-{label}.log"))}
+
+
+def loadgen_results(path):
+    """p95 latency (send to result) and makespan from `loadgen --wait`'s results line."""
+    with open(path, errors="replace") as f:
+        text = f.read()
+    out = {}
+    for key, pat in (("p95_latency", r"p95 ([0-9.]+) s"), ("makespan", r"makespan ([0-9.]+) s")):
+        m = re.findall(pat, text)
+        if m:
+            out[key] = float(m[-1])
+    return out
+
+
+def figures(samples, label):
+    """What the table of docs/Autoscaling.md reports, from the run's samples (every ~2 s): the
+    replica-seconds of spec.replicas from the load's start until back at minReplicas, and the
+    largest backlog Redis held."""
+    rows = [x for x in samples if x["scenario"] == label]
+    ts = [dt.datetime.fromisoformat(x["time"]) for x in rows]
+    rs = sum(r["spec_replicas"] * (t1 - t0).total_seconds() for r, t0, t1 in zip(rows, ts, ts[1:]))
+    return {"replica_s": round(rs), "peak_backlog": max((r["redis_depth"] for r in rows), default=0)}
+
+
+def apply_profile(h, components, base_docs):
+    """k8s/ with the given k8s/examples Components, applied over the running deployment; the
+    adapter restarts on the new ConfigMap (its pod would, through the config checksum), and the
+    HPA must be ScalingActive on its metric again."""
+    kdir = os.path.join(h.work, "kustomize-" + "+".join(components))
+    os.makedirs(kdir, exist_ok=True)
+    with open(os.path.join(kdir, "kustomization.yaml"), "w") as f:
+        yaml.safe_dump({"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+                        "resources": [os.path.relpath(os.path.join(ROOT, "k8s"), kdir)],
+                        "components": [os.path.relpath(os.path.join(ROOT, "k8s", "examples", c), kdir) for c in components]}, f)
+    docs = h.local_patch(h.rendered(kdir))
+    h.apply(docs, f"k8s/ with k8s/examples/{{{','.join(components)}}}")
+    old = next(d for d in base_docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "adapter-config")
+    new = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "adapter-config")
+    if old["data"] != new["data"]:
+        h.stop("prometheus-adapter")
+        h.start_adapter()
+        h.check_apiservice()
+    h.check_hpa()
+    log(f"applied k8s/ with k8s/examples/{{{','.join(components)}}} ({len(docs)} objects); HPA ScalingActive")
+    return docs
 
 
 SCALE_IN_FLEET, SCALE_IN_BUSY, SCALE_IN_TASK_S = 6, 3, 120
+TUNED_COMPONENTS = ["tuned", "pod-deletion-cost"]
 COST = "controller.kubernetes.io/pod-deletion-cost"
 
 
@@ -607,15 +666,7 @@ def run_scale_in(h, cost, base_docs):
     running when its SIGTERM came), and the runs again of those its shutdown timeout put back."""
     mode = "with deletion costs" if cost else "without deletion costs"
     if cost:
-        kdir = os.path.join(h.work, "kustomize-pod-deletion-cost")
-        os.makedirs(kdir, exist_ok=True)
-        with open(os.path.join(kdir, "kustomization.yaml"), "w") as f:
-            yaml.safe_dump({"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-                            "resources": [os.path.relpath(os.path.join(ROOT, "k8s"), kdir)],
-                            "components": [os.path.relpath(os.path.join(ROOT, "k8s", "examples", "pod-deletion-cost"), kdir)]}, f)
-        docs = h.local_patch(h.rendered(kdir))
-        h.apply(docs, "k8s/ with k8s/examples/pod-deletion-cost")
-        log(f"scale-in: applied k8s/examples/pod-deletion-cost ({len(docs)} objects): the worker keeps its pod's {COST}")
+        apply_profile(h, ["pod-deletion-cost"], base_docs)
     set_min_replicas(h, SCALE_IN_FLEET)
     h.wait(f"scale-in: {SCALE_IN_FLEET} Ready workers", lambda: h.deployment() == (SCALE_IN_FLEET, SCALE_IN_FLEET)
            and len(worker_pods(h)) == SCALE_IN_FLEET, 180, f"see HorizontalPodAutoscaler {NS}/worker and pod-runner.log", every=2)
@@ -911,7 +962,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", required=True, help="directory of the control-plane binaries (build.sh prints it)")
     ap.add_argument("--app", required=True, help="the celery-autoscale binary (release build)")
-    ap.add_argument("--scenarios", default="burst,ramp,scale-in")
+    ap.add_argument("--scenarios", default="burst,ramp,burst-io,scale-in,tuned")
     ap.add_argument("--skip-negative", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the work directory even when everything passed")
     a = ap.parse_args()
@@ -966,10 +1017,12 @@ def main():
                 peaks[s] = run_burst(h, samples)
             elif s == "ramp":
                 peaks[s] = run_ramp(h, samples)
-            elif s == "scale-in":
-                pass  # after the sync comparison: it moves minReplicas, which the replay does not model
+            elif s == "burst-io":
+                peaks[s] = run_burst_io(h, samples)
+            elif s in ("scale-in", "tuned"):
+                pass  # after the sync comparison, which replays the rendered HPA unchanged
             else:
-                raise Fail(f"--scenarios: unknown scenario {s!r} (burst, ramp, scale-in)")
+                raise Fail(f"--scenarios: unknown scenario {s!r} (burst, ramp, burst-io, scale-in, tuned)")
         with open(os.path.join(work, "samples.csv"), "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["time", "scenario", "redis_depth", "metric", "spec_replicas", "ready_replicas"])
             w.writeheader()
@@ -985,12 +1038,28 @@ def main():
         compare(h, syncs, work)
         if "scale-in" in a.scenarios.split(","):
             scale_in = {cost: run_scale_in(h, cost, docs) for cost in (False, True)}
+        if "tuned" in a.scenarios.split(","):
+            # The tuned profile (hpa.profile = "tuned": its target, behavior and signal) with
+            # deletion costs on, on the same burst and ramp as the seed's runs above.
+            apply_profile(h, TUNED_COMPONENTS, docs)
+            h.wait("worker Deployment at 1 Ready replica", lambda: h.deployment() == (1, 1), 120,
+                   f"see {h.logs}/{NS}_worker-*.log and pod-runner.log", every=2)
+            peaks["burst-io-tuned"] = run_burst_io(h, samples, "burst-io-tuned")
+            peaks["ramp-tuned"] = run_ramp(h, samples, "ramp-tuned")
+        with open(os.path.join(work, "samples.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["time", "scenario", "redis_depth", "metric", "spec_replicas", "ready_replicas"])
+            w.writeheader()
+            w.writerows(samples)
+        for label, res in peaks.items():
+            fig = {**figures(samples, label), **res}
+            log(f"figures {label}: replica-s {fig['replica_s']}, peak backlog {fig['peak_backlog']}, peak replicas "
+                f"{fig['peak']}, p95 latency {fig.get('p95_latency', '-')} s, makespan {fig.get('makespan', '-')} s")
 
         if not a.skip_negative:
             negative_tests(h, docs)
         # Stop the node first: every worker gets SIGTERM and its grace, as on a node drain.
         h.stop("pod-runner", grace=60)
-        expected = (400 if "burst" in peaks else 0) + (ramp_total() if "ramp" in peaks else 0) \
+        expected = sum(400 if k.startswith("burst") else ramp_total() for k in peaks) \
             + sum(SCALE_IN_BUSY + reruns for _, reruns in scale_in.values())
         started_runs, stopped, pods = check_runs(h)
         if stopped != pods:
