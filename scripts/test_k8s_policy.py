@@ -178,6 +178,16 @@ def redis_tls_exporter_without_ca(r):
     c["volumeMounts"] = [m for m in c["volumeMounts"] if m["mountPath"] != "/etc/redis-ca"]
 
 
+def pod_cost_policy_unbound(r):
+    name = "celery-autoscale.worker-pod-deletion-cost"
+    r.built["example-pod-deletion-cost.yaml"] = [o for o in r.built["example-pod-deletion-cost.yaml"]
+                                                 if not (o["kind"] == "ValidatingAdmissionPolicyBinding" and o["metadata"]["name"] == name)]
+
+
+def pod_cost_role_widened(r):
+    built_object(r, "example-pod-deletion-cost.yaml", "Role", "worker-pod-deletion-cost")["rules"][0]["verbs"].append("delete")
+
+
 def worker_events_on_in_base(r):
     first_container(r, "Deployment", "worker")["args"].append("--events")
 
@@ -239,6 +249,8 @@ BAD_CASES = [
     (policy.check_examples, python_worker_short_visibility, "must stay >= 3600 s"),
     (policy.check_examples, per_queue_selector_overlaps, "also selects the pods of pool worker-io"),
     (policy.check_examples, redis_tls_exporter_without_ca, "exporter BROKER_URL is not rediss:// with a CA"),
+    (policy.check_examples, pod_cost_policy_unbound, "is not bound with Deny"),
+    (policy.check_examples, pod_cost_role_widened, "must grant exactly patch on pods"),
     (policy.check_worker, worker_events_on_in_base, "events are off by default"),
 ]
 

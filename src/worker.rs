@@ -154,6 +154,17 @@ pub struct WorkerArgs {
     /// Queues not to consume, comma-separated (Celery's `-X`): taken out of --queues at start.
     #[arg(short = 'X', long, value_delimiter = ',')]
     pub exclude_queues: Vec<String>,
+    /// Keep this pod's `controller.kubernetes.io/pod-deletion-cost` annotation current from the
+    /// tasks it runs (0 when idle), so a Deployment scaled in deletes idle workers first. Needs
+    /// --pod-name and --pod-namespace (the downward API) and RBAC to patch pods (docs/Autoscaling.md).
+    #[arg(long, env = "WORKER_POD_DELETION_COST", value_parser = clap::builder::BoolishValueParser::new())]
+    pub pod_deletion_cost: bool,
+    /// This worker's pod (for --pod-deletion-cost); Kubernetes: `fieldRef: metadata.name`.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// This worker's namespace (for --pod-deletion-cost); Kubernetes: `fieldRef: metadata.namespace`.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
 }
 
 pub mod chord;
@@ -162,6 +173,7 @@ pub mod events;
 pub mod inflight;
 pub mod limits;
 pub mod mingle;
+pub mod pod_cost;
 pub mod pool;
 pub mod routes;
 pub mod settle;
@@ -232,6 +244,7 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
     // Celery's built-in canvas tasks (celery.map, …) over the tasks this worker runs.
     let registry = crate::task::canvas::register(registry);
     let queues = consumed_queues(args.queue.names()?, &args.exclude_queues)?;
+    let pod = pod_ref(&args)?;
     args.redis.apply_keyprefix()?;
     let limits = Arc::new(limits::TaskLimits::new(&registry, &args.rate_limits).map_err(|unknown| {
         StartError::Config(format!(
@@ -334,7 +347,7 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
         let w = worker.clone();
         Arc::new(move || w.in_flight.tags())
     };
-    let services: [(&'static str, futures::future::BoxFuture<'static, ()>); 4] = [
+    let mut services: Vec<(&'static str, futures::future::BoxFuture<'static, ()>)> = vec![
         ("events", Box::pin(events.clone().run(pending_events, counts))),
         (
             "remote control (pidbox)",
@@ -348,6 +361,13 @@ pub async fn run_with_shutdown(args: WorkerArgs, registry: Registry, shutdown: S
         ("visibility-timeout restorer", Box::pin(worker.clone().restore_loop())),
         ("lease renewer", Box::pin(lease::renew_loop(worker.broker.clone(), held, worker.args.visibility_timeout))),
     ];
+    if let Some(pod) = pod {
+        let metrics = pod_cost::CostMetrics {
+            written: worker.metrics.pod_deletion_cost.clone(),
+            writes: worker.metrics.pod_deletion_cost_writes.clone(),
+        };
+        services.push(("pod deletion cost", Box::pin(pod_cost::keep_current(pod, in_flight.clone(), metrics))));
+    }
     let (ended_tx, ended_rx) = tokio::sync::mpsc::channel(services.len());
     let mut aborts = Vec::new();
     let mut event_loop = None;
@@ -1300,6 +1320,24 @@ fn consumed_queues(queues: Vec<String>, exclude: &[String]) -> Result<Vec<String
         )));
     }
     Ok(left)
+}
+
+/// The pod whose deletion cost this worker keeps current, with --pod-deletion-cost.
+fn pod_ref(args: &WorkerArgs) -> Result<Option<pod_cost::PodRef>, StartError> {
+    if !args.pod_deletion_cost {
+        return Ok(None);
+    }
+    let given = |v: &Option<String>| v.as_deref().map(str::trim).filter(|v| !v.is_empty()).map(str::to_owned);
+    match (given(&args.pod_name), given(&args.pod_namespace)) {
+        (Some(name), Some(namespace)) => Ok(Some(pod_cost::PodRef { name, namespace })),
+        (name, _) => Err(StartError::Config(format!(
+            "--pod-deletion-cost needs --pod-{} (env POD_{}): in Kubernetes, set it from the downward API \
+             (valueFrom.fieldRef.fieldPath: metadata.{})",
+            if name.is_none() { "name" } else { "namespace" },
+            if name.is_none() { "NAME" } else { "NAMESPACE" },
+            if name.is_none() { "name" } else { "namespace" },
+        ))),
+    }
 }
 
 /// What remote control reports about this worker's configuration.

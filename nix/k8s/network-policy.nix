@@ -7,6 +7,7 @@
 # prometheus-adapter and kube-state-metrics -> API server; DNS for those that resolve Service names.
 # Kubelet probes come from the node itself, which common CNIs (Calico, Cilium) always admit.
 # `kubectl port-forward` enters the pod's own network namespace and is not filtered either.
+{ lib, config, ... }:
 let
   c = import ./constants.nix;
   a = c.apps;
@@ -34,7 +35,7 @@ let
   };
 in
 {
-  imports = [ ./common.nix ];
+  imports = [ ./common.nix ./options.nix ];
 
   kubernetes.resources.networkPolicies = {
     default-deny.spec = {
@@ -47,7 +48,9 @@ in
     };
     worker = allow a.worker {
       ingress = [ (fromPods a.prometheus c.ports.worker) ];
-      egress = [ (toPods a.redis c.ports.redis) dns ];
+      # The API server too when a pool keeps its pods' deletion cost (options.nix podDeletionCost).
+      egress = [ (toPods a.redis c.ports.redis) dns ]
+        ++ lib.optional (lib.any (p: p.podDeletionCost) (lib.attrValues config.celeryAutoscale.workers)) apiServer;
     };
     exporter = allow a.exporter {
       ingress = [ (fromPods a.prometheus c.ports.exporter) ];

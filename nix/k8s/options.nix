@@ -119,6 +119,20 @@ let
             broker_transport_options (as the project's tests/python/tasks.py does).
           '';
         };
+        podDeletionCost = mkOption {
+          type = types.bool;
+          default = false;
+          description = ''
+            Scale-in removes idle workers first: each worker keeps its pod's
+            controller.kubernetes.io/pod-deletion-cost annotation at 0 while idle and higher while
+            it runs tasks (--pod-deletion-cost), and the ReplicaSet controller deletes the lowest
+            first. Renders a ServiceAccount, a Role that may patch pods in the namespace (RBAC
+            cannot name the caller's own pod), and a ValidatingAdmissionPolicy that narrows the
+            grant back to the caller's own pod and this one annotation (Kubernetes >= 1.30, with
+            bound service-account tokens naming their pod, >= 1.32 by default). Off by default
+            because it gives the worker an API credential; our worker only (not python-celery).
+          '';
+        };
         events = mkOption {
           type = types.bool;
           default = false;
@@ -221,7 +235,9 @@ let
         (toString config.shutdownTimeout)
         "--visibility-timeout"
         (toString config.visibilityTimeout)
-      ]) ++ lib.optional config.events "--events" ++ config.extraArgs);
+      ]) ++ lib.optional config.events "--events"
+      ++ lib.optional (config.podDeletionCost && !python) "--pod-deletion-cost"
+      ++ config.extraArgs);
     });
 in
 {

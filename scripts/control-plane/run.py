@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import redis
@@ -491,10 +492,10 @@ def quantity(q):
 
 # ---- scenarios -----------------------------------------------------------------------------------
 
-def run_burst(h, samples):
+def run_burst(h, samples, label="burst"):
     docs = h.rendered(os.path.join(ROOT, "k8s", "jobs"))
     job = next(d for d in docs if d["kind"] == "Job")["metadata"]["name"]
-    record(h, samples, "burst")
+    record(h, samples, label)
     log(f"burst: applying k8s/jobs (Job {job}: loadgen burst of 400 cpu tasks, --wait)")
     h.apply(docs, "k8s/jobs")
     t0 = time.monotonic()
@@ -504,7 +505,7 @@ def run_burst(h, samples):
         now = time.monotonic() - t0
         replicas, ready = h.deployment()
         peak = max(peak, replicas)
-        record(h, samples, "burst")
+        record(h, samples, label)
         if seen_up is None and replicas >= 5:
             seen_up = now
             log(f"burst: ≥ 5 replicas after {now:.0f} s (bound {UP_BOUND} s)")
@@ -532,41 +533,247 @@ def run_burst(h, samples):
             raise Fail(f"burst: HorizontalPodAutoscaler {NS}/worker did not scale back to 1 within {DOWN_BOUND} s")
         h.alive("kube-controller-manager")
         time.sleep(2)
+    pod_logs = [n for n in os.listdir(h.logs) if n.startswith(f"{NS}_{job}-")]
+    results = loadgen_results(os.path.join(h.logs, sorted(pod_logs)[-1])) if pod_logs else {}
     h.kubectl("-n", NS, "delete", "job", job, "--cascade=foreground", "--timeout=60s")
-    return peak
+    return {"peak": peak, **results}
 
 
-def run_ramp(h, samples):
-    argv = [h.app, "loadgen", "ramp", *RAMP, *RAMP_TASK, "--wait", "--wait-timeout", "600"]
-    log(f"ramp: {' '.join(argv[1:])} (a producer outside the cluster, as a user's app)")
+def run_ramp(h, samples, label="ramp"):
+    return run_producer(h, samples, label, ["ramp", *RAMP, *RAMP_TASK])
+
+
+def run_burst_io(h, samples, label="burst-io"):
+    """The model's burst:400 (0.5 s tasks, 2 per pod): `loadgen burst --task io` from outside."""
+    return run_producer(h, samples, label, ["burst", "--n", "400", *RAMP_TASK])
+
+
+def run_producer(h, samples, label, load):
+    """`loadgen <load> --wait` as a producer outside the cluster, as a user's app; watched until
+    every task is SUCCESS and the Deployment is back at 1 replica."""
+    argv = [h.app, "loadgen", *load, "--wait", "--wait-timeout", "600"]
+    log(f"{label}: {' '.join(argv[1:])} (a producer outside the cluster, as a user's app)")
     env = {"BROKER_URL": f"redis://:{h.redis_password}@127.0.0.1:{h.ports['redis']}/0",
            "BACKEND_URL": f"redis://:{h.redis_password}@127.0.0.1:{h.ports['redis']}/1"}
-    record(h, samples, "ramp")
-    p = h.start("loadgen-ramp", argv, env=env)
+    record(h, samples, label)
+    p = h.start(f"loadgen-{label}", argv, env=env)
     t0 = time.monotonic()
     peak, done = 0, None
     while True:
         now = time.monotonic() - t0
         replicas, _ = h.deployment()
         peak = max(peak, replicas)
-        record(h, samples, "ramp")
+        record(h, samples, label)
         if done is None:
             code = p.poll()
             if code is not None:
                 if code != 0:
-                    raise Fail(f"ramp: loadgen exited {code}: not every task ended SUCCESS (see {h.logs}/loadgen-ramp.log)")
+                    raise Fail(f"{label}: loadgen exited {code}: not every task ended SUCCESS (see {h.logs}/loadgen-{label}.log)")
                 done = now
-                log(f"ramp: every task SUCCESS after {now:.0f} s; peak {peak} replicas")
+                log(f"{label}: every task SUCCESS after {now:.0f} s; peak {peak} replicas")
             elif now > 700:
-                raise Fail("ramp: loadgen still waiting after 700 s")
+                raise Fail(f"{label}: loadgen still waiting after 700 s")
         elif replicas == 1:
-            log(f"ramp: back to 1 replica {now - done:.0f} s after the last result (bound {DOWN_BOUND} s)")
+            log(f"{label}: back to 1 replica {now - done:.0f} s after the last result (bound {DOWN_BOUND} s)")
             break
         elif now - done > DOWN_BOUND:
-            raise Fail(f"ramp: HorizontalPodAutoscaler {NS}/worker did not scale back to 1 within {DOWN_BOUND} s")
+            raise Fail(f"{label}: HorizontalPodAutoscaler {NS}/worker did not scale back to 1 within {DOWN_BOUND} s")
         time.sleep(2)
-    h.stop("loadgen-ramp")
-    return peak
+    h.stop(f"loadgen-{label}")
+    return {"peak": peak, **loadgen_results(os.path.join(h.logs, f"loadgen-{label}.log"))}
+
+
+def loadgen_results(path):
+    """p95 latency (send to result) and makespan from `loadgen --wait`'s results line."""
+    with open(path, errors="replace") as f:
+        text = f.read()
+    out = {}
+    for key, pat in (("p95_latency", r"p95 ([0-9.]+) s"), ("makespan", r"makespan ([0-9.]+) s")):
+        m = re.findall(pat, text)
+        if m:
+            out[key] = float(m[-1])
+    return out
+
+
+def figures(samples, label):
+    """What the table of docs/Autoscaling.md reports, from the run's samples (every ~2 s): the
+    replica-seconds of spec.replicas from the load's start until back at minReplicas, and the
+    largest backlog Redis held."""
+    rows = [x for x in samples if x["scenario"] == label]
+    ts = [dt.datetime.fromisoformat(x["time"]) for x in rows]
+    rs = sum(r["spec_replicas"] * (t1 - t0).total_seconds() for r, t0, t1 in zip(rows, ts, ts[1:]))
+    return {"replica_s": round(rs), "peak_backlog": max((r["redis_depth"] for r in rows), default=0)}
+
+
+def apply_profile(h, components, base_docs):
+    """k8s/ with the given k8s/examples Components, applied over the running deployment; the
+    adapter restarts on the new ConfigMap (its pod would, through the config checksum), and the
+    HPA must be ScalingActive on its metric again."""
+    kdir = os.path.join(h.work, "kustomize-" + "+".join(components))
+    os.makedirs(kdir, exist_ok=True)
+    with open(os.path.join(kdir, "kustomization.yaml"), "w") as f:
+        yaml.safe_dump({"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+                        "resources": [os.path.relpath(os.path.join(ROOT, "k8s"), kdir)],
+                        "components": [os.path.relpath(os.path.join(ROOT, "k8s", "examples", c), kdir) for c in components]}, f)
+    docs = h.local_patch(h.rendered(kdir))
+    h.apply(docs, f"k8s/ with k8s/examples/{{{','.join(components)}}}")
+    old = next(d for d in base_docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "adapter-config")
+    new = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "adapter-config")
+    if old["data"] != new["data"]:
+        h.stop("prometheus-adapter")
+        h.start_adapter()
+        h.check_apiservice()
+    h.check_hpa()
+    log(f"applied k8s/ with k8s/examples/{{{','.join(components)}}} ({len(docs)} objects); HPA ScalingActive")
+    return docs
+
+
+SCALE_IN_FLEET, SCALE_IN_BUSY, SCALE_IN_TASK_S = 6, 3, 120
+TUNED_COMPONENTS = ["tuned", "pod-deletion-cost"]
+COST = "controller.kubernetes.io/pod-deletion-cost"
+
+
+def worker_pods(h):
+    """The worker pods not being deleted: name → its deletion-cost annotation (None when unset)."""
+    pods = h.get_json("-n", NS, "pods", "-l", "app.kubernetes.io/name=worker")["items"]
+    return {p["metadata"]["name"]: (p["metadata"].get("annotations") or {}).get(COST)
+            for p in pods if not p["metadata"].get("deletionTimestamp")}
+
+
+def active_by_pod(h):
+    """celery_worker_active_tasks of every worker pod, read from its /metrics (the loopback ports
+    the pod-runner lists for the scrape Service, labelled with the pod's name)."""
+    path = os.path.join(h.work, "sd", f"worker-metrics.{NS}.svc_9191.json")
+    with open(path) as f:
+        groups = json.load(f)
+    out = {}
+    for g in groups:
+        for t in g["targets"]:
+            with urllib.request.urlopen(f"http://{t}/metrics", timeout=3) as r:
+                m = re.search(r"(?m)^celery_worker_active_tasks (\d+)", r.read().decode())
+            out[g["labels"]["pod"]] = int(m.group(1)) if m else 0
+    return out
+
+
+def set_min_replicas(h, n):
+    h.kubectl("-n", NS, "patch", "hpa", "worker", "--type=merge", "-p", json.dumps({"spec": {"minReplicas": n}}))
+
+
+def run_scale_in(h, cost, base_docs):
+    """A scale-down of a partly busy fleet: 6 workers, 3 of them running a 120 s task, the HPA's
+    minReplicas lowered to 3 while they run. Returns (tasks interrupted, extra runs): the tasks
+    running on the pods the ReplicaSet controller deleted (each victim logs how many it was
+    running when its SIGTERM came), and the runs again of those its shutdown timeout put back."""
+    mode = "with deletion costs" if cost else "without deletion costs"
+    if cost:
+        apply_profile(h, ["pod-deletion-cost"], base_docs)
+    set_min_replicas(h, SCALE_IN_FLEET)
+    h.wait(f"scale-in: {SCALE_IN_FLEET} Ready workers", lambda: h.deployment() == (SCALE_IN_FLEET, SCALE_IN_FLEET)
+           and len(worker_pods(h)) == SCALE_IN_FLEET, 180, f"see HorizontalPodAutoscaler {NS}/worker and pod-runner.log", every=2)
+    if cost:
+        h.wait("scale-in: every worker pod's deletion cost written (0, idle)",
+               lambda: set(worker_pods(h).values()) == {"0"}, 60, f"see {h.logs}/{NS}_worker-*.log (pod deletion cost)")
+        check_cost_policy(h)
+    argv = [h.app, "loadgen", "burst", "--n", str(SCALE_IN_BUSY), "--task", "io", "--io-seconds", str(SCALE_IN_TASK_S),
+            "--wait", "--wait-timeout", "900"]
+    env = {"BROKER_URL": f"redis://:{h.redis_password}@127.0.0.1:{h.ports['redis']}/0",
+           "BACKEND_URL": f"redis://:{h.redis_password}@127.0.0.1:{h.ports['redis']}/1"}
+    name = f"loadgen-scale-in-{'cost' if cost else 'plain'}"
+    p = h.start(name, argv, env=env)
+    busy = h.wait(f"scale-in: {SCALE_IN_BUSY} tasks running", lambda: (
+        lambda a: {k for k, v in a.items() if v} if sum(a.values()) == SCALE_IN_BUSY else None)(active_by_pod(h)),
+        60, f"see {h.logs}/{name}.log")
+    if cost:
+        def costs_follow():
+            pods = worker_pods(h)
+            return all((pods.get(n) or "0") != "0" for n in busy) and all(pods[n] == "0" for n in pods if n not in busy)
+        h.wait("scale-in: busy pods cost more than idle ones", costs_follow, 30, f"see {h.logs}/{NS}_worker-*.log")
+    before = worker_pods(h)
+    log(f"scale-in ({mode}): {len(busy)} of {len(before)} workers busy ({', '.join(sorted(busy))}); "
+        f"costs {dict(sorted(before.items()))}; minReplicas → {SCALE_IN_BUSY}")
+    set_min_replicas(h, SCALE_IN_BUSY)
+    h.wait(f"scale-in: the HPA down to {SCALE_IN_BUSY}", lambda: h.deployment()[0] == SCALE_IN_BUSY, 150,
+           f"see HorizontalPodAutoscaler {NS}/worker (its scale-down window is 60 s)", every=2)
+    h.wait(f"scale-in: {SCALE_IN_BUSY} worker pods left", lambda: len(worker_pods(h)) == SCALE_IN_BUSY, 60,
+           "see kube-controller-manager.log (replicaset-controller)")
+    victims = sorted(set(before) - set(worker_pods(h)))
+    # Each victim's own account of its SIGTERM: how many tasks it was running.
+    interrupted = reruns = 0
+
+    def drained():
+        nonlocal interrupted, reruns
+        interrupted = reruns = 0
+        for v in victims:
+            with open(os.path.join(h.logs, f"{NS}_{v}_worker.log"), errors="replace") as f:
+                text = f.read()
+            if '"worker stopped"' not in text:
+                return False
+            for line in text.splitlines():
+                if "stopped fetching; waiting for running tasks" in line:
+                    rec = json.loads(line)
+                    running = int(rec.get("fields", rec).get("running", 0))
+                    interrupted += running
+                    if "shutdown timeout reached" in text:
+                        reruns += running
+        return True
+    h.wait("scale-in: the deleted workers stopped", drained, 120, f"see {h.logs}/{NS}_<victim>_worker.log")
+    busy_victims = sorted(set(victims) & busy)
+    log(f"scale-in ({mode}): the ReplicaSet deleted {', '.join(victims)}: {len(busy_victims)} of them busy, "
+        f"{interrupted} tasks interrupted ({reruns} put back and run again)")
+    code = p.wait(SCALE_IN_TASK_S * 3 + 120)
+    if code != 0:
+        raise Fail(f"scale-in: loadgen exited {code}: not every task ended SUCCESS (see {h.logs}/{name}.log)")
+    h.stop(name)
+    hpa = next(d for d in base_docs if d["kind"] == "HorizontalPodAutoscaler" and d["metadata"]["name"] == "worker")
+    set_min_replicas(h, hpa["spec"]["minReplicas"])
+    h.wait("scale-in: back to 1 replica", lambda: h.deployment() == (1, 1), DOWN_BOUND,
+           f"see HorizontalPodAutoscaler {NS}/worker", every=2)
+    if cost and (interrupted or busy_victims):
+        raise Fail(f"scale-in with deletion costs: the ReplicaSet controller deleted busy workers {busy_victims} "
+                   f"({interrupted} tasks interrupted); see the pods' {COST} in the log above")
+    return interrupted, reruns
+
+
+def check_cost_policy(h):
+    """The worker's credential does what the rendered RBAC and admission policy allow, and no more:
+    its own pod's cost annotation, not another pod's, not a label."""
+    pods = sorted(worker_pods(h)) or [None]
+    token = h.kubectl("create", "token", "worker", "-n", NS, "--duration=10m",
+                      "--bound-object-kind=Pod", f"--bound-object-name={pods[0]}").stdout.strip()
+    own, other = pods[0], None
+    # The other pod: any pod of the namespace that is not this one (the exporter's).
+    for p in h.get_json("-n", NS, "pods")["items"]:
+        if p["metadata"]["name"] != own and not p["metadata"].get("deletionTimestamp"):
+            other = p["metadata"]["name"]
+            break
+    ctx = ssl.create_default_context(cafile=f"{h.pki}/ca.crt")
+
+    def patch(pod, meta):
+        """A bare merge PATCH, as the worker sends it (kubectl patch would GET the pod first,
+        which the Role does not grant)."""
+        req = urllib.request.Request(
+            f"https://127.0.0.1:{h.ports['apiserver']}/api/v1/namespaces/{NS}/pods/{pod}", method="PATCH",
+            data=json.dumps({"metadata": meta}).encode(),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/merge-patch+json"})
+        try:
+            with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
+                return r.status, ""
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}").get("message", "")
+    cases = [("its own pod's cost", own, {"annotations": {COST: "0"}}, True),
+             ("another pod's cost", other, {"annotations": {COST: "-5"}}, False),
+             ("its own pod's labels", own, {"labels": {"app.kubernetes.io/name": "stolen"}}, False),
+             ("another annotation", own, {"annotations": {"example.com/x": "1"}}, False),
+             ("a cost that is not an integer", own, {"annotations": {COST: "high"}}, False)]
+    for what, pod, meta, allowed in cases:
+        status, why = patch(pod, meta)
+        if (status == 200) != allowed:
+            raise Fail(f"the worker's ServiceAccount {'could not' if allowed else 'could'} patch {what} ({pod}): "
+                       f"HTTP {status} {why[:300]}; see Role worker-pod-deletion-cost and "
+                       f"ValidatingAdmissionPolicy {NS}.worker-pod-deletion-cost")
+        if not allowed:
+            log(f"  refused {what}: HTTP {status} {why[:160]}")
+    log(f"the worker's ServiceAccount may patch its own pod's {COST} and was refused the other {len(cases) - 1} patches")
 
 
 def record(h, samples, scenario):
@@ -755,7 +962,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", required=True, help="directory of the control-plane binaries (build.sh prints it)")
     ap.add_argument("--app", required=True, help="the celery-autoscale binary (release build)")
-    ap.add_argument("--scenarios", default="burst,ramp")
+    ap.add_argument("--scenarios", default="burst,ramp,burst-io,scale-in,tuned")
     ap.add_argument("--skip-negative", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the work directory even when everything passed")
     a = ap.parse_args()
@@ -804,13 +1011,18 @@ def main():
 
         samples = []
         peaks = {}
+        scale_in = {}
         for s in [x for x in a.scenarios.split(",") if x]:
             if s == "burst":
                 peaks[s] = run_burst(h, samples)
             elif s == "ramp":
                 peaks[s] = run_ramp(h, samples)
+            elif s == "burst-io":
+                peaks[s] = run_burst_io(h, samples)
+            elif s in ("scale-in", "tuned"):
+                pass  # after the sync comparison, which replays the rendered HPA unchanged
             else:
-                raise Fail(f"--scenarios: unknown scenario {s!r} (burst, ramp)")
+                raise Fail(f"--scenarios: unknown scenario {s!r} (burst, ramp, burst-io, scale-in, tuned)")
         with open(os.path.join(work, "samples.csv"), "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["time", "scenario", "redis_depth", "metric", "spec_replicas", "ready_replicas"])
             w.writeheader()
@@ -824,19 +1036,41 @@ def main():
         syncs = parse_syncs(os.path.join(h.logs, "kube-controller-manager.log"), dt.datetime.now(dt.timezone.utc).year)
         attach_metrics(syncs, watch.events)
         compare(h, syncs, work)
+        if "scale-in" in a.scenarios.split(","):
+            scale_in = {cost: run_scale_in(h, cost, docs) for cost in (False, True)}
+        if "tuned" in a.scenarios.split(","):
+            # The tuned profile (hpa.profile = "tuned": its target, behavior and signal) with
+            # deletion costs on, on the same burst and ramp as the seed's runs above.
+            apply_profile(h, TUNED_COMPONENTS, docs)
+            h.wait("worker Deployment at 1 Ready replica", lambda: h.deployment() == (1, 1), 120,
+                   f"see {h.logs}/{NS}_worker-*.log and pod-runner.log", every=2)
+            peaks["burst-io-tuned"] = run_burst_io(h, samples, "burst-io-tuned")
+            peaks["ramp-tuned"] = run_ramp(h, samples, "ramp-tuned")
+        with open(os.path.join(work, "samples.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["time", "scenario", "redis_depth", "metric", "spec_replicas", "ready_replicas"])
+            w.writeheader()
+            w.writerows(samples)
+        for label, res in peaks.items():
+            fig = {**figures(samples, label), **res}
+            log(f"figures {label}: replica-s {fig['replica_s']}, peak backlog {fig['peak_backlog']}, peak replicas "
+                f"{fig['peak']}, p95 latency {fig.get('p95_latency', '-')} s, makespan {fig.get('makespan', '-')} s")
 
         if not a.skip_negative:
             negative_tests(h, docs)
         # Stop the node first: every worker gets SIGTERM and its grace, as on a node drain.
         h.stop("pod-runner", grace=60)
-        expected = (400 if "burst" in peaks else 0) + (ramp_total() if "ramp" in peaks else 0)
+        expected = sum(400 if k.startswith("burst") else ramp_total() for k in peaks) \
+            + sum(SCALE_IN_BUSY + reruns for _, reruns in scale_in.values())
         started_runs, stopped, pods = check_runs(h)
         if stopped != pods:
             raise Fail(f"{pods - stopped} worker pods did not stop cleanly (no 'worker stopped' line); see {h.logs}")
         if started_runs != expected:
             raise Fail(f"the workers started {started_runs} task runs for {expected} tasks sent: "
                        f"{'some ran twice' if started_runs > expected else 'some never ran'}")
-        log(f"{expected} tasks sent, {started_runs} runs: none lost, none run twice; peaks {peaks}")
+        log(f"{expected} task runs expected, {started_runs} runs: none lost, none run twice "
+            f"(but the {sum(r for _, r in scale_in.values())} a scale-in put back); peaks {peaks}")
+        if scale_in:
+            log(f"scale-in: tasks interrupted without deletion costs {scale_in[False][0]}, with them {scale_in[True][0]}")
         ok = True
     except Fail as e:
         log(f"FAILED: {e}")

@@ -39,6 +39,9 @@ pub struct WorkerMetrics {
     pub requeued: IntCounter,
     pub duplicates_skipped: IntCounter,
     pub delivery_panics: IntCounter,
+    /// --pod-deletion-cost: the cost last written to the pod (−1 before the first write).
+    pub pod_deletion_cost: IntGauge,
+    pub pod_deletion_cost_writes: IntCounterVec,
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
@@ -136,6 +139,17 @@ impl WorkerMetrics {
                 "celery_worker_delivery_panics_total",
                 "Deliveries that panicked; the message they held was put back (or, on a repeat, failed).",
             ),
+            pod_deletion_cost: int_gauge(
+                &r,
+                "celery_worker_pod_deletion_cost",
+                "The controller.kubernetes.io/pod-deletion-cost last written to this pod (--pod-deletion-cost; -1 before the first write).",
+            ),
+            pod_deletion_cost_writes: counter_vec(
+                &r,
+                "celery_worker_pod_deletion_cost_writes_total",
+                "Writes of the pod deletion cost through the Kubernetes API, by outcome (ok, error).",
+                "outcome",
+            ),
             registry: r,
         };
         // Create every series at zero so rate() works from the first scrape.
@@ -148,6 +162,7 @@ impl WorkerMetrics {
         for reason in RejectReason::ALL {
             m.rejected.with_label_values(&[reason.label()]);
         }
+        m.pod_deletion_cost.set(-1);
         m
     }
 }

@@ -16,6 +16,16 @@
 //     failureThreshold/successThreshold; the pod's Ready condition follows.
 //   - Deletion: SIGTERM to the process group, terminationGracePeriodSeconds (the deletion's
 //     grace), then SIGKILL, then the final delete with grace 0, as the kubelet does.
+//   - Service account: a pod with a projected serviceAccountToken volume (the ServiceAccount
+//     admission plugin adds kube-api-access-* when the token is automounted) gets a token
+//     requested for it through the TokenRequest API, bound to the pod, with the projection's
+//     audience and expiry, as the kubelet does. The kubelet mounts it at
+//     /var/run/secrets/kubernetes.io/serviceaccount; processes share one filesystem here, so the
+//     runner writes it, ca.crt and namespace to a directory of the pod's own and points
+//     KUBECONFIG at a kubeconfig there (server, CA, tokenFile). Clients that infer their config
+//     (client-go, kube-rs) read KUBECONFIG first and in-cluster files second, so the same program
+//     authenticates as the pod's service account here and in a cluster. The token is not renewed
+//     (the test runs well inside its hour).
 //   - restartPolicy: Always restarts with the kubelet's back-off (10 s doubling to 5 min);
 //     Never/OnFailure end the pod Succeeded or Failed, so Jobs complete.
 //
@@ -42,6 +52,7 @@ import (
 	"syscall"
 	"time"
 
+	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
@@ -99,6 +110,8 @@ func main() {
 
 type runner struct {
 	client    kubernetes.Interface
+	apiHost   string // the API server, for the pods' service-account kubeconfigs
+	apiCA     []byte
 	programs  map[string]string
 	endpoints map[string]string // "svc.ns:port" -> "127.0.0.1:port"
 
@@ -121,7 +134,13 @@ func newRunner() (*runner, error) {
 	if err != nil {
 		return nil, err
 	}
-	r := &runner{client: client, programs: map[string]string{}, endpoints: map[string]string{},
+	ca := cfg.TLSClientConfig.CAData
+	if len(ca) == 0 && cfg.TLSClientConfig.CAFile != "" {
+		if ca, err = os.ReadFile(cfg.TLSClientConfig.CAFile); err != nil {
+			return nil, fmt.Errorf("--kubeconfig: its CA file: %w", err)
+		}
+	}
+	r := &runner{client: client, apiHost: cfg.Host, apiCA: ca, programs: map[string]string{}, endpoints: map[string]string{},
 		pods: map[types.UID]*podProc{}, sdDirty: make(chan struct{}, 1)}
 	for _, m := range images {
 		name, path, ok := strings.Cut(m, "=")
@@ -598,6 +617,13 @@ func (p *podProc) start(ctx context.Context, pod *corev1.Pod, ct *container) err
 	if err != nil {
 		return err
 	}
+	kc, err := p.r.serviceAccount(ctx, pod)
+	if err != nil {
+		return err
+	}
+	if kc != "" {
+		env = append(env, "KUBECONFIG="+kc)
+	}
 	vars := map[string]string{}
 	for _, kv := range env {
 		k, v, _ := strings.Cut(kv, "=")
@@ -754,6 +780,63 @@ func replaceHostPort(s, hostPort, addr string) string {
 		s = strings.ReplaceAll(s, prefix+hostPort, prefix+addr)
 	}
 	return s
+}
+
+// serviceAccount writes the pod's service-account credentials (see the package comment) and
+// returns the kubeconfig path, or "" when the pod mounts no service-account token.
+func (r *runner) serviceAccount(ctx context.Context, pod *corev1.Pod) (string, error) {
+	var proj *corev1.ServiceAccountTokenProjection
+	for _, v := range pod.Spec.Volumes {
+		if v.Projected == nil {
+			continue
+		}
+		for _, src := range v.Projected.Sources {
+			if src.ServiceAccountToken != nil {
+				proj = src.ServiceAccountToken
+			}
+		}
+	}
+	if proj == nil {
+		return "", nil
+	}
+	sa := pod.Spec.ServiceAccountName
+	if sa == "" {
+		sa = "default"
+	}
+	req := &authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{
+		ExpirationSeconds: proj.ExpirationSeconds,
+		BoundObjectRef:    &authenticationv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: pod.Name, UID: pod.UID},
+	}}
+	if proj.Audience != "" {
+		req.Spec.Audiences = []string{proj.Audience}
+	}
+	tok, err := r.client.CoreV1().ServiceAccounts(pod.Namespace).CreateToken(ctx, sa, req, metav1.CreateOptions{})
+	if err != nil {
+		return "", fmt.Errorf("service account %s/%s: token request: %w", pod.Namespace, sa, err)
+	}
+	dir := filepath.Join(os.TempDir(), "pods", string(pod.UID), "serviceaccount")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", err
+	}
+	kc := filepath.Join(dir, "kubeconfig")
+	files := map[string][]byte{
+		"token":     []byte(tok.Status.Token),
+		"ca.crt":    r.apiCA,
+		"namespace": []byte(pod.Namespace),
+		"kubeconfig": []byte(fmt.Sprintf(`apiVersion: v1
+kind: Config
+clusters: [{name: local, cluster: {server: %q, certificate-authority: %q}}]
+users: [{name: sa, user: {tokenFile: %q}}]
+contexts: [{name: sa, context: {cluster: local, user: sa, namespace: %q}}]
+current-context: sa
+`, r.apiHost, filepath.Join(dir, "ca.crt"), filepath.Join(dir, "token"), pod.Namespace)),
+	}
+	for name, data := range files {
+		if err := os.WriteFile(filepath.Join(dir, name), data, 0o600); err != nil {
+			return "", err
+		}
+	}
+	return kc, nil
 }
 
 // resolveEnv builds the process environment from the container's env, as the kubelet does.
