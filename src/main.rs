@@ -94,6 +94,6 @@ fn one_sentence(e: &anyhow::Error) -> String {
 fn exit_code(e: &anyhow::Error) -> i32 {
     let usage = matches!(e.downcast_ref(), Some(loadgen::LoadgenError::Config(_)))
         || e.downcast_ref::<simulate::WorkloadError>().is_some()
-        || matches!(e.downcast_ref(), Some(args::StartError::NoQueues));
+        || matches!(e.downcast_ref(), Some(args::StartError::NoQueues | args::StartError::Config(_)));
     if usage { 2 } else { 1 }
 }

@@ -203,3 +203,28 @@ fn loadgen_memory_stays_bounded_for_a_billion_tasks() {
     assert!(redis.depth("celery") > 1000, "Redis should have taken thousands before refusing");
     assert!(peak > 0 && peak < 200_000, "loadgen peak RSS {peak} kB for a billion-task burst");
 }
+
+#[test]
+fn pod_deletion_cost_names_the_missing_pod_setting() {
+    let (code, stderr) = {
+        let output = Command::new(BIN)
+            .args(["worker", "--pod-deletion-cost", "--broker-url", &nobody_url()])
+            .env_remove("POD_NAME")
+            .env_remove("POD_NAMESPACE")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(stderr.matches("--pod-deletion-cost needs --pod-name").count(), 1, "{stderr}");
+    assert_error(
+        &["worker", "--pod-deletion-cost", "--pod-name", "w", "--pod-namespace", " "],
+        2,
+        &["--pod-deletion-cost needs --pod-namespace"],
+    );
+    let out = Command::new(BIN).args(["worker"]).env("WORKER_POD_DELETION_COST", "maybe").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--pod-deletion-cost") && !stderr.contains("panicked"), "{stderr}");
+}

@@ -628,7 +628,7 @@ def apply_profile(h, components, base_docs):
     return docs
 
 
-SCALE_IN_FLEET, SCALE_IN_BUSY, SCALE_IN_TASK_S = 6, 3, 120
+SCALE_IN_FLEET, SCALE_IN_BUSY, SCALE_IN_TASK_S = 6, 3, 90
 TUNED_COMPONENTS = ["tuned", "pod-deletion-cost"]
 COST = "controller.kubernetes.io/pod-deletion-cost"
 
@@ -660,7 +660,7 @@ def set_min_replicas(h, n):
 
 
 def run_scale_in(h, cost, base_docs):
-    """A scale-down of a partly busy fleet: 6 workers, 3 of them running a 120 s task, the HPA's
+    """A scale-down of a partly busy fleet: 6 workers, 3 of them running a 90 s task, the HPA's
     minReplicas lowered to 3 while they run. Returns (tasks interrupted, extra runs): the tasks
     running on the pods the ReplicaSet controller deleted (each victim logs how many it was
     running when its SIGTERM came), and the runs again of those its shutdown timeout put back."""
@@ -697,6 +697,9 @@ def run_scale_in(h, cost, base_docs):
     h.wait(f"scale-in: {SCALE_IN_BUSY} worker pods left", lambda: len(worker_pods(h)) == SCALE_IN_BUSY, 60,
            "see kube-controller-manager.log (replicaset-controller)")
     victims = sorted(set(before) - set(worker_pods(h)))
+    if p.poll() is not None:
+        raise Fail(f"scale-in: the {SCALE_IN_TASK_S} s tasks ended before the scale-down, so it did not meet a busy "
+                   "fleet; raise SCALE_IN_TASK_S in scripts/control-plane/run.py")
     # Each victim's own account of its SIGTERM: how many tasks it was running.
     interrupted = reruns = 0
 
@@ -962,7 +965,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", required=True, help="directory of the control-plane binaries (build.sh prints it)")
     ap.add_argument("--app", required=True, help="the celery-autoscale binary (release build)")
-    ap.add_argument("--scenarios", default="burst,ramp,burst-io,scale-in,tuned")
+    # burst-io (the seed on the model's burst:400) is measured for docs/Autoscaling.md on demand:
+    # .ci/run's time goes to the tuned profile's runs instead.
+    ap.add_argument("--scenarios", default="burst,ramp,scale-in,tuned")
     ap.add_argument("--skip-negative", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the work directory even when everything passed")
     a = ap.parse_args()
