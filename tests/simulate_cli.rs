@@ -148,7 +148,7 @@ fn closed_loop_prints_a_summary_and_writes_csv_and_svg() {
     let oracle: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(oracle[0], "oracle", "the just-in-time oracle closes the table");
     assert_eq!((oracle[1], oracle[3]), ("290", "14.5"), "20 pods once the first pod start is over");
-    assert_eq!(oracle[9], "1.00");
+    assert_eq!(oracle[10], "1.00");
 
     let timeline = std::fs::read_to_string(&csv).unwrap();
     assert!(timeline.starts_with("t,arrived,queue_depth,reserved,metric_seen,desired_replicas"));
@@ -332,4 +332,34 @@ fn every_signal_runs_and_depth_is_todays() {
         assert!(out.lines().next().unwrap().contains(&format!("signal={signal}")), "{out}");
         assert!(out.lines().nth(2).unwrap().contains("330/330"), "{out}");
     }
+}
+
+#[test]
+fn idle_first_scale_in_interrupts_fewer_tasks_than_newest_first() {
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let hpa = format!("{repo}/examples/hpa-tuned.yaml");
+    let interrupted = |order: &str| -> u64 {
+        let out = stdout_of(&[
+            "--hpa",
+            &hpa,
+            "--signal",
+            "depth+running",
+            "--scrape-delay",
+            "10",
+            "--load",
+            "ramp:1:40:300",
+            "--scale-in",
+            order,
+        ]);
+        let mut lines = out.lines().skip(1);
+        assert!(lines.next().unwrap().contains("reversals  interrupted  replica-s/oracle"));
+        // interrupted, then the two ratios, end each row.
+        let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+        row[row.len() - 3].parse().unwrap()
+    };
+    let (newest, idle_first) = (interrupted("newest"), interrupted("idle-first"));
+    // The tuned policy scales in while the ramp's pods are busy: the newest pods are often busy.
+    assert!(newest >= 5, "newest first interrupts tasks on this load: {newest}");
+    assert!(idle_first * 5 <= newest, "idle first: {idle_first} against {newest}");
+    assert!(stderr_of_failure(&["--hpa", &hpa, "--scale-in", "oldest"]).contains("--scale-in"));
 }

@@ -49,7 +49,7 @@ use crate::tools::pattern::LoadPattern;
 use crate::tools::plot::{TimelinePoint, write_svg};
 
 pub use closed_loop::{
-    ClosedLoopRun, Sample, Signal, SignalSample, Summary, Workload, WorkloadError, closed_loop, timeline_csv,
+    ClosedLoopRun, Sample, ScaleIn, Signal, SignalSample, Summary, Workload, WorkloadError, closed_loop, timeline_csv,
 };
 pub use closed_loop::{MAX_PODS, MAX_SIMULATED_TASKS, MAX_STEPS};
 pub use oracle::oracle;
@@ -121,6 +121,12 @@ pub struct SimulateArgs {
     /// estimated.
     #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = args::duration)]
     pub rate_window: Duration,
+    /// Closed loop: which pods a scale-down deletes: `newest` (the ReplicaSet's choice when every
+    /// pod costs the same) or `idle-first` (the workers keep their pod deletion cost,
+    /// `worker --pod-deletion-cost`). The table's `interrupted` counts the tasks running on the
+    /// pods chosen.
+    #[arg(long, value_name = "ORDER", value_enum, default_value_t = ScaleIn::Newest)]
+    pub scale_in: ScaleIn,
     /// Closed loop: time step of the model, in seconds (whole milliseconds).
     #[arg(long, value_name = "SECONDS", default_value = "0.1", value_parser = args::duration)]
     pub step: Duration,
@@ -235,6 +241,7 @@ pub fn run_to(args: &SimulateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         initial_replicas: args.initial_replicas,
         signal: args.signal,
         rate_window: args.rate_window,
+        scale_in: args.scale_in,
     };
     workload.validate()?;
 
@@ -296,6 +303,7 @@ fn run_tune(args: &SimulateArgs, config: ControllerConfig, out: &mut dyn Write) 
         initial_replicas: args.initial_replicas,
         signal: args.signal,
         rate_window: args.rate_window,
+        scale_in: args.scale_in,
     };
     for load in &mix {
         Workload { load: load.clone(), ..base.clone() }.validate()?;
@@ -397,6 +405,7 @@ pub fn summary_table(rows: &[(String, Summary)], oracle: &Summary) -> String {
         "scale events",
         "done/tasks",
         "reversals",
+        "interrupted",
         "replica-s/oracle",
         "p95 wait/oracle",
     ];
@@ -405,7 +414,7 @@ pub fn summary_table(rows: &[(String, Summary)], oracle: &Summary) -> String {
         (Some(v), Some(r)) if r > 0.0 => format!("{:.2}", v / r),
         _ => "-".into(),
     };
-    let cells = |name: &str, s: &Summary, events: String, reversals: String| -> [String; 11] {
+    let cells = |name: &str, s: &Summary, events: String, reversals: String| -> [String; 12] {
         [
             name.to_owned(),
             format!("{:.0}", s.replica_seconds),
@@ -416,11 +425,12 @@ pub fn summary_table(rows: &[(String, Summary)], oracle: &Summary) -> String {
             events,
             format!("{}/{}", s.completed, s.tasks),
             reversals,
+            s.interrupted.to_string(),
             ratio(Some(s.replica_seconds), Some(oracle.replica_seconds)),
             ratio(s.p95_wait, oracle.p95_wait),
         ]
     };
-    let mut table: Vec<[String; 11]> =
+    let mut table: Vec<[String; 12]> =
         rows.iter().map(|(name, s)| cells(name, s, s.scale_events.to_string(), s.reversals.to_string())).collect();
     table.push(cells("oracle", oracle, "-".into(), "-".into()));
     aligned(&header, &table)

@@ -27,6 +27,20 @@ pub struct Workload {
     pub signal: Signal,
     /// The window over which `depth+arrivals` estimates the arrival rate.
     pub rate_window: Duration,
+    /// Which pods a scale-down deletes.
+    pub scale_in: ScaleIn,
+}
+
+/// How the ReplicaSet controller picks the pods a scale-down deletes: not-ready before ready,
+/// then (with pod deletion costs) the cheapest, then the newest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ScaleIn {
+    /// Every pod costs the same (no `controller.kubernetes.io/pod-deletion-cost`): the newest go.
+    #[default]
+    Newest,
+    /// The worker's `--pod-deletion-cost`: idle pods (cost 0) go first, then the least busy
+    /// (the cost is [`crate::worker::pod_cost::cost`] of the tasks a pod runs).
+    IdleFirst,
 }
 
 /// The value the HPA's metric carries, all of it as the HPA sees it (`scrape_delay` old).
@@ -273,6 +287,9 @@ pub struct Summary {
     pub scale_events: u32,
     /// Scale events in the other direction than the one before (up after down or down after up).
     pub reversals: u32,
+    /// Tasks running on a pod when a scale-down chose it (it lets them finish, as the worker's
+    /// drain does within its shutdown timeout, but they were interrupted).
+    pub interrupted: u64,
     pub tasks: u64,
     pub completed: u64,
     pub simulated: f64,
@@ -334,6 +351,7 @@ pub fn closed_loop(mut autoscaler: Autoscaler, workload: &Workload) -> ClosedLoo
     let mut metric_seen: Option<f64> = None;
     let (mut pod_ms, mut peak_backlog, mut max_replicas, mut scale_events) = (0i64, 0usize, spec_replicas, 0u32);
     let (mut reversals, mut last_direction) = (0u32, 0i32);
+    let mut interrupted = 0u64;
     let mut timeline = Vec::new();
 
     let mut t = 0i64;
@@ -411,7 +429,7 @@ pub fn closed_loop(mut autoscaler: Autoscaler, workload: &Workload) -> ClosedLoo
             }
             spec_replicas = decision.replicas;
             max_replicas = max_replicas.max(spec_replicas);
-            resize(&mut pods, spec_replicas, t, startup);
+            interrupted += resize(&mut pods, spec_replicas, t, startup, workload.scale_in) as u64;
             pods.retain(|p| !(p.terminating && p.running.is_empty()));
         }
 
@@ -454,6 +472,7 @@ pub fn closed_loop(mut autoscaler: Autoscaler, workload: &Workload) -> ClosedLoo
             max_replicas,
             scale_events,
             reversals,
+            interrupted,
             tasks: total,
             completed,
             simulated: t as f64 / 1000.0,
@@ -471,9 +490,9 @@ pub(super) fn p95(waits: &mut [i64]) -> Option<f64> {
 }
 
 /// Brings the number of live pods to `target`: new pods start now and become ready after
-/// `startup`; victims are chosen like the ReplicaSet controller (not-ready before ready, then
-/// the newest first).
-fn resize(pods: &mut Vec<Pod>, target: i32, t: i64, startup: i64) {
+/// `startup`; victims are chosen like the ReplicaSet controller (not-ready before ready, then by
+/// `scale_in`). Returns the tasks the victims were running.
+fn resize(pods: &mut Vec<Pod>, target: i32, t: i64, startup: i64, scale_in: ScaleIn) -> usize {
     let live = pods.iter().filter(|p| !p.terminating).count() as i32;
     if target > live {
         for _ in live..target {
@@ -481,11 +500,19 @@ fn resize(pods: &mut Vec<Pod>, target: i32, t: i64, startup: i64) {
         }
     } else if target < live {
         let mut victims: Vec<usize> = (0..pods.len()).filter(|&i| !pods[i].terminating).collect();
-        victims.sort_by_key(|&i| (pods[i].ready(t), std::cmp::Reverse(pods[i].created_at)));
+        let cost = |p: &Pod| match scale_in {
+            ScaleIn::Newest => 0,
+            ScaleIn::IdleFirst => crate::worker::pod_cost::cost(p.running.len()),
+        };
+        victims.sort_by_key(|&i| (pods[i].ready(t), cost(&pods[i]), std::cmp::Reverse(pods[i].created_at)));
+        let mut interrupted = 0;
         for &i in victims.iter().take((live - target) as usize) {
             pods[i].terminating = true;
+            interrupted += pods[i].running.len();
         }
+        return interrupted;
     }
+    0
 }
 
 /// The timeline as CSV.
@@ -545,6 +572,7 @@ mod tests {
             initial_replicas: None,
             signal: Signal::Depth,
             rate_window: Duration::from_secs(30),
+            scale_in: ScaleIn::Newest,
         }
     }
 
@@ -575,13 +603,36 @@ mod tests {
             (0..3).map(|i| Pod { created_at: i, ready_at: i, terminating: false, running: vec![100] }).collect();
         // A pod still starting goes first, then the newest ready one.
         pods.push(Pod { created_at: 50, ready_at: 200, terminating: false, running: Vec::new() });
-        resize(&mut pods, 2, 60, 10);
+        assert_eq!(resize(&mut pods, 2, 60, 10, ScaleIn::Newest), 1, "the newest ready pod was running a task");
         let terminating: Vec<i64> = pods.iter().filter(|p| p.terminating).map(|p| p.created_at).collect();
         assert_eq!(terminating, [2, 50]);
         assert_eq!(pods[2].running, [100], "a victim keeps its task until it finishes");
-        resize(&mut pods, 4, 70, 10);
+        resize(&mut pods, 4, 70, 10, ScaleIn::Newest);
         assert_eq!(pods.len(), 6);
         assert_eq!(pods[5].ready_at, 80);
+    }
+
+    #[test]
+    fn idle_first_deletes_idle_pods_before_busy_ones_whatever_their_age() {
+        // Oldest two busy (1 and 3 tasks), newest two idle, one older idle.
+        let running = [vec![], vec![100], vec![100, 100, 100], vec![], vec![]];
+        let fleet = || -> Vec<Pod> {
+            running
+                .iter()
+                .enumerate()
+                .map(|(i, r)| Pod { created_at: i as i64, ready_at: i as i64, terminating: false, running: r.clone() })
+                .collect()
+        };
+        let gone = |pods: &[Pod]| -> Vec<i64> { pods.iter().filter(|p| p.terminating).map(|p| p.created_at).collect() };
+        let mut pods = fleet();
+        assert_eq!(resize(&mut pods, 2, 60, 10, ScaleIn::IdleFirst), 0, "three idle pods to delete: none busy");
+        assert_eq!(gone(&pods), [0, 3, 4]);
+        let mut pods = fleet();
+        assert_eq!(resize(&mut pods, 1, 60, 10, ScaleIn::IdleFirst), 1, "then the least busy (cost 1 < cost 2)");
+        assert_eq!(gone(&pods), [0, 1, 3, 4]);
+        let mut pods = fleet();
+        assert_eq!(resize(&mut pods, 2, 60, 10, ScaleIn::Newest), 3, "newest first: 4, 3 and the one running 3");
+        assert_eq!(gone(&pods), [2, 3, 4]);
     }
 
     #[test]

@@ -116,6 +116,7 @@ pub fn oracle(workload: &Workload, min_replicas: i32, max_replicas: i32) -> Summ
         max_replicas: most_pods as i32,
         scale_events: 0,
         reversals: 0,
+        interrupted: 0,
         tasks: total,
         completed,
         simulated: t as f64 / 1000.0,
@@ -141,6 +142,7 @@ mod tests {
             initial_replicas: None,
             signal: Signal::Depth,
             rate_window: Duration::from_secs(30),
+            scale_in: crate::autoscale::simulate::ScaleIn::Newest,
         }
     }
 

@@ -651,6 +651,7 @@ mod tests {
             initial_replicas: None,
             signal: Signal::Depth,
             rate_window: Duration::from_secs(30),
+            scale_in: crate::autoscale::simulate::ScaleIn::Newest,
         }
     }
 
