@@ -574,6 +574,93 @@ fn groups_chains_and_chords_inside_chains_and_links_give_what_a_python_worker_gi
     assert_eq!(worker.metric("celery_task_rejected_total", ""), 0.0);
 }
 
+#[test]
+fn chord_bodies_that_are_groups_chains_and_chords_give_what_a_python_worker_gives() {
+    let python = {
+        let redis = Redis::start();
+        let _w = python_worker(&redis, "celery", &[]);
+        canvas(&redis, &["bodies"], Duration::from_secs(180))
+    };
+    let redis = Redis::start();
+    let worker = Worker::start(&redis, &["--concurrency", "2"]);
+    let ours = canvas(&redis, &["bodies"], Duration::from_secs(180));
+    for what in ["group", "chain", "chord", "chain_then_group", "group_fail_members"] {
+        assert_eq!(ours[what], python[what], "{what}: ours {ours}, Python's {python}");
+    }
+    // The header gives [4, 25]: xsum = 29, cpu_bound(29) = 10, cpu_bound(1000) = 168.
+    assert_eq!(ours["group"], json!({"ok": true, "value": [29, 168]}));
+    assert_eq!(ours["chain"], json!({"ok": true, "value": 10}));
+    assert_eq!(ours["chord"], json!({"ok": true, "value": 58}));
+    assert_eq!(ours["chain_then_group"], json!({"ok": true, "value": [10, 10]}));
+    // A failed header member: each member of the group body holds that member's own error
+    // (the ChordError's cause, as Celery stores it), and `.get()` on the group raises it.
+    assert_eq!(ours["group_fail"], python["group_fail"], "ours {ours}, Python's {python}");
+    let type_error = json!({"state": "FAILURE", "exc_type": "TypeError", "exc_args": ["unsupported operand type(s) for +: 'int' and 'str'"]});
+    assert_eq!(ours["group_fail_members"], json!([type_error, type_error]));
+    assert_eq!(worker.metric("celery_task_rejected_total", ""), 0.0, "nothing refused");
+    assert_eq!(redis.unacked(), 0);
+}
+
+/// What the worker that completes a chord sends for a group body and a chain body, parked on
+/// `hold`, in task-id order.
+fn parked_bodies(start: impl FnOnce(&Redis) -> Side) -> Vec<Value> {
+    let redis = Redis::start();
+    let side = start(&redis);
+    canvas(&redis, &["parked_bodies"], Duration::from_secs(60));
+    let raw: Vec<String> = wait_for("3 body messages on hold", Duration::from_secs(60), || {
+        let raw: Vec<String> = redis.conn(0).lrange("hold", 0, -1).unwrap();
+        (raw.len() == 3).then_some(raw)
+    });
+    drop(side);
+    let mut out: Vec<Value> = raw
+        .iter()
+        .map(|m| {
+            let env: Value = serde_json::from_str(m).unwrap();
+            use base64::Engine as _;
+            let body = base64::engine::general_purpose::STANDARD.decode(env["body"].as_str().unwrap()).unwrap();
+            let body: Value = serde_json::from_slice(&body).unwrap();
+            let next = body[2]["chain"].as_array().map(|c| {
+                c.iter()
+                    .map(|s| json!([s["task"], s["options"]["task_id"], s["options"]["group_id"].is_string()]))
+                    .collect::<Vec<_>>()
+            });
+            let mut f = follow_up_fields(m);
+            f["group_is_the_header"] = json!(env["headers"]["group"] == GROUP_ID);
+            f["next"] = json!(next);
+            f
+        })
+        .collect();
+    out.sort_by_key(|f| f["id"].as_str().unwrap_or_default().to_owned());
+    out
+}
+
+#[test]
+fn group_and_chain_bodies_are_sent_as_a_python_worker_sends_them() {
+    let python = parked_bodies(|r| Side {
+        _python: Some(PythonWorker::start(r, &["-Q", "celery", "-c", "1"], &[])),
+        _ours: None,
+    });
+    let ours = parked_bodies(|r| Side { _python: None, _ours: Some(Worker::start(r, &["--concurrency", "1"])) });
+    assert_eq!(ours, python, "ours (left) vs a Python 5.7 worker's (right)");
+    // Spelled out: the group body's members keep the ids and places the client froze them
+    // with, and (Celery's immutable option) the header's group id; the chain body's first step
+    // has no group and carries the rest.
+    let ids: Vec<&str> = ours.iter().map(|f| f["id"].as_str().unwrap()).collect();
+    assert_eq!(
+        ids,
+        [
+            "00000000-0000-4000-8000-00000000c003",
+            "00000000-0000-4000-8000-00000000c004",
+            "00000000-0000-4000-8000-00000000c005"
+        ]
+    );
+    assert_eq!((ours[0]["args"].clone(), ours[0]["group_index"].clone()), (json!([[4, 25]]), json!(0)));
+    assert_eq!((ours[1]["args"].clone(), ours[1]["group_index"].clone()), (json!([1000]), json!(1)));
+    assert!(ours[0]["group_is_the_header"] == true && ours[1]["group_is_the_header"] == true);
+    assert_eq!((ours[2]["group"].clone(), ours[2]["chain"].clone()), (json!(false), json!(1)));
+    assert_eq!(ours[2]["next"], json!([["tasks.cpu_bound", "00000000-0000-4000-8000-00000000c006", true]]));
+}
+
 mod join_script {
     //! The chord join script on a real Redis, through the library's backend: the semantics of
     //! Celery 5.7's `on_chord_part_return`, step by step.

@@ -128,21 +128,17 @@ impl Signature {
             }
             Some("chord") => {
                 // `chain(a, group(b, c), d)`: Celery sends the group and what follows as a chord
-                // step. A flat header of plain tasks and a plain body are joined here.
+                // step. A flat header of tasks is joined here.
                 let part = |key: &str| obj.get("kwargs").and_then(|k| k.get(key));
                 let header = Signature::from_value(part("header").unwrap_or(&Value::Null), &format!("{what}.header"))?;
-                let body = Signature::from_value(part("body").unwrap_or(&Value::Null), &format!("{what}.body"))?;
+                // The body may be a task, a group, a chain or a chord, read and checked here: it
+                // is applied as a whole when the join completes.
+                Signature::from_value(part("body").unwrap_or(&Value::Null), &format!("{what}.body"))?;
                 if header.subtask_type.as_deref() != Some("group")
                     || header.members().iter().any(|m| m.subtask_type.is_some())
                 {
                     return Err(format!(
                         "{what} is a chord whose header is not a group of tasks; only flat headers are supported"
-                    ));
-                }
-                if body.subtask_type.is_some() {
-                    return Err(format!(
-                        "{what} is a chord whose body is a {:?}; only a task body is supported",
-                        body.subtask_type.unwrap_or_default()
                     ));
                 }
                 Some("chord".to_owned())
@@ -693,17 +689,12 @@ fn parse_embed(e: &Map<String, Value>) -> Result<Embed, String> {
     })
 }
 
-/// `embed.chord`: the body a chord header member completes; a plain task signature (a body
-/// that is itself a group, chain or chord is refused with its kind named).
+/// `embed.chord`: the body a chord header member completes: a task, or a group, chain or
+/// chord applied as a whole when the join completes (each read and checked here).
 fn chord_body(v: Option<&Value>) -> Result<Option<Signature>, String> {
     match v {
         None | Some(Value::Null) => Ok(None),
-        Some(body) => match Signature::from_value(body, "chord body")? {
-            Signature { subtask_type: Some(kind), .. } => {
-                Err(format!("chord body is a {kind:?} canvas; only plain task signatures are supported"))
-            }
-            plain => Ok(Some(plain)),
-        },
+        Some(body) => Signature::from_value(body, "chord body").map(Some),
     }
 }
 
