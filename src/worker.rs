@@ -1080,7 +1080,7 @@ impl Worker {
     }
 
     async fn send(&self, task: NewTask) {
-        if let (Some(size), Some(group)) = (task.chord_size, task.group.as_deref()) {
+        if let Some((group, size)) = task.chord_size.as_ref().map(|(g, n)| (g.as_str(), *n)) {
             self.redis_backend("set a chord's size", || self.backend.chord_set_size(group, size)).await;
         }
         let (bytes, _) = task.to_message(&self.origin);

@@ -128,17 +128,21 @@ impl Signature {
             }
             Some("chord") => {
                 // `chain(a, group(b, c), d)`: Celery sends the group and what follows as a chord
-                // step. A flat header of tasks is joined here.
+                // step. A header of tasks and chains is joined here.
                 let part = |key: &str| obj.get("kwargs").and_then(|k| k.get(key));
                 let header = Signature::from_value(part("header").unwrap_or(&Value::Null), &format!("{what}.header"))?;
                 // The body may be a task, a group, a chain or a chord, read and checked here: it
                 // is applied as a whole when the join completes.
                 Signature::from_value(part("body").unwrap_or(&Value::Null), &format!("{what}.body"))?;
-                if header.subtask_type.as_deref() != Some("group")
-                    || header.members().iter().any(|m| m.subtask_type.is_some())
+                if header.subtask_type.as_deref() != Some("group") {
+                    return Err(format!("{what} is a chord whose header is not a group"));
+                }
+                if let Some(kind) =
+                    header.members().iter().find_map(|m| m.subtask_type.clone().filter(|k| k != "chain"))
                 {
                     return Err(format!(
-                        "{what} is a chord whose header is not a group of tasks; only flat headers are supported"
+                        "{what} is a chord whose header holds a {kind:?}; a chord this worker starts \
+                         (a chord step of a chain or a link) may hold tasks and chains only"
                     ));
                 }
                 Some("chord".to_owned())
@@ -164,6 +168,10 @@ impl Signature {
         for key in ["link", "link_error"] {
             signature_list(options.get(key), &format!("{what}.options.{key}"))?;
         }
+        // A chain's last step that is a chord header member carries the body here.
+        if let Some(body) = options.get("chord").filter(|b| !b.is_null()) {
+            Signature::from_value(body, &format!("{what}.options.chord"))?;
+        }
         check_options(&options).map_err(|e| format!("{what}.options.{e}"))?;
         Ok(Signature { task, args, kwargs, options, immutable, subtask_type })
     }
@@ -184,6 +192,13 @@ impl Signature {
             }
             _ => Vec::new(),
         }
+    }
+
+    /// The chord body in `options.chord` (a chain's last step that is a chord header member),
+    /// checked when the signature was read.
+    pub fn option_chord(&self) -> Option<Signature> {
+        let body = self.options.get("chord").filter(|b| !b.is_null())?;
+        Signature::from_value(body, "options.chord").ok()
     }
 
     /// `options[key]` as a string, if set.
@@ -892,12 +907,19 @@ mod tests {
         assert_eq!((m.group.as_deref(), m.group_index), (Some("g"), Some(3)));
         assert_eq!(m.embed.chord.map(|b| b.task), Some("tasks.xsum".to_owned()));
         let group_body = serde_json::json!({"task": "celery.group", "subtask_type": "group", "kwargs": {"tasks": []}});
+        let m = with_embed(serde_json::json!({}), serde_json::json!({"chord": group_body})).unwrap();
+        assert_eq!(
+            m.embed.chord.and_then(|b| b.subtask_type).as_deref(),
+            Some("group"),
+            "applied when the join completes"
+        );
+        let xmap_body = serde_json::json!({"task": "celery.map", "subtask_type": "xmap", "kwargs": {}});
         for (headers, embed, reason, says) in [
             (
                 serde_json::json!({}),
-                serde_json::json!({"chord": group_body}),
+                serde_json::json!({"chord": xmap_body}),
                 RejectReason::UnsupportedCanvas,
-                "\"group\"",
+                "\"xmap\" canvas",
             ),
             (
                 serde_json::json!({}),

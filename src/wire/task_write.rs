@@ -34,9 +34,10 @@ pub struct NewTask {
     pub ignore_result: Option<bool>,
     /// Remaining chain (reversed, next task last), carried in `embed.chain`.
     pub chain: Vec<Signature>,
-    /// Set the size of this task's chord (its `group`) to this before sending it: the last
-    /// header member of a chord this worker starts, as Celery's `set_chord_size` does.
-    pub chord_size: Option<usize>,
+    /// Set the size of this chord (group id, number of header members) before sending this
+    /// task: the last message of a chord this worker starts, as Celery's `set_chord_size` does
+    /// (a header member, or the first step of a chain that is one).
+    pub chord_size: Option<(String, usize)>,
     /// Sent as a chain step: `embed.chain` is a list even when no step is left (Celery passes
     /// the popped chain on), not `null`.
     pub chain_step: bool,
@@ -121,6 +122,9 @@ impl NewTask {
         let limit = |key| sig.options.get(key).and_then(Value::as_number).cloned();
         t.time_limit = (limit("time_limit"), limit("soft_time_limit"));
         t.ignore_result = Some(sig.options.get("ignore_result").and_then(Value::as_bool).unwrap_or(false));
+        // A chord header member sent as a chain's last step carries the body in its options
+        // (Celery's `apply_async(chord=...)`).
+        t.chord = sig.option_chord();
         t.callbacks = sig.option_links("link");
         t.errbacks = sig.option_links("link_error");
         // `apply_async(headers={...})`: Celery merges them into the message headers.
@@ -168,19 +172,30 @@ impl NewTask {
                 // Kept when the client froze the body with one (Celery's immutable option).
                 body.options.entry("group_id").or_insert_with(|| group_id.clone().into());
                 let members = header.members();
-                let mut sent: Vec<Self> = members
-                    .iter()
-                    .enumerate()
-                    .map(|(i, member)| {
-                        let mut t = Self::from_signature(member, prepend.clone(), parent, &route(&member.task));
-                        t.group = Some(group_id.clone());
-                        t.group_index = i64::try_from(i).ok();
-                        t.chord = Some(body.clone());
-                        t
-                    })
-                    .collect();
+                let mut sent = Vec::new();
+                for (i, member) in members.iter().enumerate() {
+                    let prepend = prepend.clone().filter(|_| !member.immutable);
+                    if member.subtask_type.as_deref() == Some("chain") {
+                        // Celery's `prepare_steps`: the chain's last step is the header member
+                        // (its group, place and the body); the first step has none.
+                        let mut steps = member.members();
+                        if let Some(last) = steps.last_mut() {
+                            last.options.insert("group_id".into(), group_id.clone().into());
+                            last.options.insert("group_index".into(), i.into());
+                            last.options.insert("chord".into(), signature_value(&body));
+                        }
+                        sent.extend(Self::apply_chain(steps, prepend, parent, route));
+                        continue;
+                    }
+                    let mut t = Self::from_signature(member, prepend, parent, &route(&member.task));
+                    t.group = Some(group_id.clone());
+                    t.group_index = i64::try_from(i).ok();
+                    t.chord = Some(body.clone());
+                    sent.push(t);
+                }
+                // Celery's `set_chord_size`, before the last member is sent.
                 if let Some(last) = sent.last_mut() {
-                    last.chord_size = Some(members.len());
+                    last.chord_size = Some((group_id, members.len()));
                 }
                 sent
             }
@@ -362,6 +377,11 @@ impl NewTask {
         );
         (pyjson::to_vec(&envelope), delivery_tag)
     }
+}
+
+/// A signature as Celery writes it in a message (`embed` or an option of another signature).
+pub fn signature_value(sig: &Signature) -> Value {
+    serde_json::to_value(SignatureOut::from(sig)).unwrap_or(Value::Null)
 }
 
 // The envelope as typed structs: field order is Python's key order, and no map is built.

@@ -92,9 +92,18 @@ pub fn settle(
             if let Some((next, rest)) = msg.embed.chain.split_last() {
                 // The next step: a task, or a group ending the chain (`a | group(b, c)`).
                 let mut step = NewTask::apply(next, Some(value.clone()), msg, &route(routes));
-                if let (None, [t]) = (&next.subtask_type, step.as_mut_slice()) {
-                    t.chain = rest.to_vec();
-                    t.chain_step = true;
+                match (next.subtask_type.as_deref(), step.as_mut_slice()) {
+                    (None, [t]) => {
+                        t.chain = rest.to_vec();
+                        t.chain_step = true;
+                    }
+                    // Celery passes the popped (empty) chain on to a group's members.
+                    (Some("group"), members) => {
+                        for t in members.iter_mut().filter(|t| t.chain.is_empty()) {
+                            t.chain_step = true;
+                        }
+                    }
+                    _ => {}
                 }
                 send.extend(step);
             }

@@ -26,6 +26,12 @@
     canvas.py parked_bodies          the fixed-id chords of 'bodies' (header c001, c002) with the body's
                                      messages parked on queue 'hold': a group body (c003, c004), a chain
                                      body (c005 then c006)
+    canvas.py parked_group_chain     chain(cpu_bound(100) c001, group(chain(cpu_bound c002 on 'hold',
+                                     cpu_bound c003), cpu_bound c004 on 'hold')): the group as a worker
+                                     sends it
+    canvas.py headers                chord headers holding a group and a chain, sent by the client, and a
+                                     chord step of a chain whose header holds a chain (or a group), sent
+                                     by the worker; prints each outcome
     canvas.py send N                 send a chord of N members (cpu_bound(200 + i)) whose body goes
                                      to queue 'bodyq'; prints the group id and the member ids
 
@@ -175,6 +181,9 @@ def main():
         first.link(chain(cpu(), cpu(task_id=fixed(7))))
         first.apply_async().get(timeout=60)
         out["link_chain"] = app.AsyncResult(fixed(7)).get(timeout=60)
+        # A chain inside a group a worker sends: the group's result is the chain's last value.
+        r = chain(cpu(100), group(chain(cpu(), cpu()), cpu(1000).set(immutable=True))).apply_async()
+        out["group_of_chain"] = r.get(timeout=60)
         print(json.dumps(out))
     elif mode == "bodies":
         cpu, xsum = (lambda *a, **o: sig("tasks.cpu_bound", *a, **o)), (lambda *a, **o: sig("tasks.xsum", *a, **o))
@@ -219,6 +228,28 @@ def main():
         c = chord(header, chain(sig("tasks.xsum", task_id=fixed(5), **hold), sig("tasks.cpu_bound", task_id=fixed(6))))
         c.apply_async()
         print(json.dumps({"group": GROUP_ID}))
+    elif mode == "parked_group_chain":
+        hold = dict(queue="hold")
+        cpu = lambda *a, **o: sig("tasks.cpu_bound", *a, **o)
+        inner = chain(cpu(task_id=fixed(2), **hold), cpu(task_id=fixed(3)))
+        chain(cpu(100, task_id=fixed(1)), group(inner, cpu(task_id=fixed(4), **hold))).apply_async()
+        print(json.dumps({"sent": 1}))
+    elif mode == "headers":
+        cpu, xsum = (lambda *a, **o: sig("tasks.cpu_bound", *a, **o)), (lambda *a, **o: sig("tasks.xsum", *a, **o))
+        acc = sig("celery.accumulate")
+        calls = {
+            "group_in_header": lambda: chord([group(cpu(10), cpu(11)), cpu(100)])(acc),
+            "chain_in_header": lambda: chord([chain(cpu(100), cpu()), cpu(10)])(xsum()),
+            "chain_in_header_in_chain": lambda: chain(cpu(100), group(chain(cpu(), cpu()), cpu(1000).set(immutable=True)), xsum()).apply_async(),
+            "group_in_header_in_chain": lambda: chain(cpu(100), group(group(cpu(), cpu()), cpu()), xsum()).apply_async(),
+        }
+        out = {}
+        for what, call in calls.items():
+            try:
+                out[what] = {"ok": True, "value": call().get(timeout=60)}
+            except Exception as exc:  # the test asserts on it
+                out[what] = exception(exc)
+        print(json.dumps(out))
     elif mode == "send":
         n = int(sys.argv[2])
         header = [sig("tasks.cpu_bound", 200 + i) for i in range(n)]
