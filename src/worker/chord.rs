@@ -297,6 +297,40 @@ mod tests {
         );
     }
 
+    /// A group body as a Celery 5.7 client freezes it: members with their ids, the header's
+    /// group id and their places.
+    fn group_body() -> Value {
+        let member = |id: &str, i: i64| {
+            json!({"task": "tasks.xsum", "args": [], "kwargs": {}, "subtask_type": null, "immutable": false,
+                   "options": {"task_id": id, "group_id": "g1", "group_index": i}})
+        };
+        json!({"task": "celery.group", "args": [], "kwargs": {"tasks": [member("m0", 0), member("m1", 1)]},
+               "options": {"task_id": "bg", "group_id": "g1"}, "subtask_type": "group", "immutable": false})
+    }
+
+    #[test]
+    fn a_group_body_sends_its_members_and_fails_each_with_the_cause() {
+        let msg = header(Some(1), group_body());
+        let step = part(&msg, TaskState::Success, &json!(3)).unwrap();
+        let entries = [part_entry("h0", TaskState::Success, &json!(2)), step.part.entry.clone()];
+        let BodyPlan::Send(tasks) = body_plan(&step.body, &entries, false, &msg, Utc::now(), &Routes::default()) else {
+            panic!("sent")
+        };
+        let sent: Vec<_> = tasks.iter().map(|t| (t.id.as_str(), t.group.as_deref(), t.group_index)).collect();
+        assert_eq!(sent, [("m0", Some("g1"), Some(0)), ("m1", Some("g1"), Some(1))], "their frozen group id kept");
+        assert!(tasks.iter().all(|t| t.args == vec![json!([2, 3])]));
+        let exc = ExceptionInfo::builtin("TypeError", "bad");
+        let entries = [part_entry("h0", TaskState::Failure, &exc.to_value())];
+        let BodyPlan::Fail { error, metas, .. } =
+            body_plan(&step.body, &entries, false, &msg, Utc::now(), &Routes::default())
+        else {
+            panic!("failed")
+        };
+        assert_eq!(error.exc_type, "ChordError");
+        let failed: Vec<_> = metas.iter().map(|m| (m.task_id.as_str(), m.result["exc_type"].clone())).collect();
+        assert_eq!(failed, [("m0", json!("TypeError")), ("m1", json!("TypeError")), ("bg", json!("TypeError"))]);
+    }
+
     #[test]
     fn a_failed_member_fails_the_body_with_a_chord_error_and_calls_its_errbacks() {
         let errback = json!({"task": "tasks.on_error", "args": [], "kwargs": {}, "options": {"task_id": "e1"}, "subtask_type": null, "immutable": false});
@@ -310,7 +344,7 @@ mod tests {
             panic!("failed")
         };
         let [meta] = metas.as_slice() else { panic!("one FAILURE: {metas:?}") };
-        assert_eq!((meta.task_id.as_str(), meta.status), ("b1", TaskState::Failure));
+        assert_eq!((meta.task_id.as_str(), meta.status.clone()), ("b1", TaskState::Failure));
         assert_eq!(
             meta.result,
             json!({"exc_type": "ChordError", "exc_message": ["Dependency h1 raised ValueError('boom')"], "exc_module": "celery.exceptions"})
