@@ -933,7 +933,11 @@ impl Worker {
     async fn follow_up(&self, msg: &TaskMessage, t: &dyn Task, ran: Ran, queue: &str) -> Option<Option<ResultMeta>> {
         let task = msg.task.as_str();
         let Ran { outcome, elapsed, request } = ran;
-        let (kind, plan) = settle::settle(msg, outcome, queue, Utc::now(), &self.args.task_routes);
+        let spawned = match &outcome {
+            Ok(value) => t.spawned(&msg.args, &msg.kwargs, value),
+            Err(_) => Vec::new(),
+        };
+        let (kind, plan) = settle::settle_spawning(msg, outcome, spawned, queue, Utc::now(), &self.args.task_routes);
         match &kind {
             settle::Kind::Success => {
                 self.metrics.success.with_label_values(&[task]).inc();

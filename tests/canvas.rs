@@ -404,6 +404,26 @@ fn map_starmap_and_chunks_give_what_a_python_worker_gives() {
 }
 
 #[test]
+fn the_celery_chunks_task_gives_what_a_python_worker_gives() {
+    let python = {
+        let redis = Redis::start();
+        let _w = python_worker(&redis, "celery", &[]);
+        canvas(&redis, &["chunks_task"], Duration::from_secs(120))
+    };
+    let redis = Redis::start();
+    let worker = Worker::start(&redis, &["--concurrency", "2"]);
+    let ours = canvas(&redis, &["chunks_task"], Duration::from_secs(120));
+    assert_eq!(ours, python, "ours (left) vs a Python 5.7 worker's (right)");
+    // A GroupResult stored as Celery stores it, whose starmaps the worker sent and ran.
+    assert_eq!(ours["shape"], json!([2, 2, true, null, [2, 2, 2]]));
+    assert_eq!(ours["value"], json!([[4, 25], [168, 1], [0]]));
+    assert_eq!(ours["bad_n"]["exc_type"], "ValueError");
+    assert_eq!(worker.metric("celery_task_success_total", "celery.chunks"), 1.0);
+    assert_eq!(worker.metric("celery_task_success_total", "celery.starmap"), 3.0);
+    assert_eq!(worker.metric("celery_task_rejected_total", ""), 0.0);
+}
+
+#[test]
 fn a_revoked_member_fails_the_chord_as_celery_does() {
     let redis = Redis::start();
     let worker = Worker::start(&redis, &["--concurrency", "1"]);

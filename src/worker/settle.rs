@@ -85,10 +85,26 @@ pub fn settle(
     now: DateTime<Utc>,
     routes: &Routes,
 ) -> (Kind, Settlement) {
+    settle_spawning(msg, outcome, Vec::new(), queue, now, routes)
+}
+
+/// [`settle`], for a built-in canvas task whose success also applies `spawned`
+/// ([`crate::task::Task::spawned`]): those are sent first (Celery applies them while the
+/// task runs), each with no argument.
+pub fn settle_spawning(
+    msg: &TaskMessage,
+    outcome: TaskResult,
+    spawned: Vec<Signature>,
+    queue: &str,
+    now: DateTime<Utc>,
+    routes: &Routes,
+) -> (Kind, Settlement) {
     let task = msg.task.as_str();
     match outcome {
         Ok(value) => {
-            let mut send = callbacks(msg, &value, routes);
+            let mut send: Vec<NewTask> =
+                spawned.iter().flat_map(|sig| NewTask::apply(sig, None, msg, &route(routes))).collect();
+            send.extend(callbacks(msg, &value, routes));
             if let Some((next, rest)) = msg.embed.chain.split_last() {
                 // The next step: a task, or a group ending the chain (`a | group(b, c)`).
                 let mut step = NewTask::apply(next, Some(value.clone()), msg, &route(routes));

@@ -32,6 +32,8 @@
     canvas.py headers                chord headers holding a group and a chain, sent by the client, and a
                                      chord step of a chain whose header holds a chain (or a group), sent
                                      by the worker; prints each outcome
+    canvas.py chunks_task            the celery.chunks message itself (send_task), and one whose n is 0;
+                                     prints the stored GroupResult's shape and its values
     canvas.py send N                 send a chord of N members (cpu_bound(200 + i)) whose body goes
                                      to queue 'bodyq'; prints the group id and the member ids
 
@@ -249,6 +251,19 @@ def main():
                 out[what] = {"ok": True, "value": call().get(timeout=60)}
             except Exception as exc:  # the test asserts on it
                 out[what] = exception(exc)
+        print(json.dumps(out))
+    elif mode == "chunks_task":
+        from celery.result import result_from_tuple
+        cpu = dict(sig("tasks.cpu_bound"))
+        r = app.send_task("celery.chunks", args=[cpu, [(10,), (100,), (1000,), (2,), (0,)], 2])
+        v = r.get(timeout=60)
+        out = {"shape": [len(v), len(v[0]), isinstance(v[0][0], str), v[0][1], [len(m) for m in v[1]]],
+               "value": result_from_tuple(v, app).get(timeout=60)}
+        try:
+            app.send_task("celery.chunks", args=[cpu, [(10,)], 0]).get(timeout=60)
+            out["bad_n"] = {"ok": True}
+        except Exception as exc:  # the test asserts on it
+            out["bad_n"] = exception(exc)
         print(json.dumps(out))
     elif mode == "send":
         n = int(sys.argv[2])
