@@ -39,8 +39,9 @@ pub enum RejectReason {
     UnknownTask,
     /// Arguments that do not fit the task's signature or types (FAILURE `TypeError`).
     BadArguments,
-    /// Nested canvas (a group, chain or chord inside a link, a chain or a chord body) is not
-    /// supported by this worker.
+    /// A canvas form this worker does not run (another kind than a group, chain or chord in a
+    /// workflow, a chain led by a group, a chord it would start whose header holds a group or
+    /// a chord), or a malformed signature inside the workflow.
     UnsupportedCanvas,
     /// Larger than `--max-message-bytes` (or a body inflating beyond it): refused undecoded.
     TooLarge,
@@ -96,8 +97,8 @@ impl fmt::Display for Rejection {
 
 /// A signature from the `embed` part (link, link_error, chain): `{task, args, kwargs, options,
 /// subtask_type, immutable}`: a plain task, or a group or chain (`subtask_type` "group" /
-/// "chain", the members in `kwargs.tasks`, each read and checked here). A chord inside a
-/// workflow is refused with its kind named.
+/// "chain", the members in `kwargs.tasks`, each read and checked here), or a chord (its header
+/// a group of tasks and chains, its body any of these). Other kinds are refused, named.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Signature {
     pub task: String,

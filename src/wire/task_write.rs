@@ -136,10 +136,11 @@ impl NewTask {
 
     /// Apply `sig` as Celery's `Signature.apply_async((prepend,))` does from a worker: a task
     /// is one message ([`Self::from_signature`]); a group sends its members (each called with
-    /// `prepend`) as [`Self::group_member`] says, under the group's own `task_id` (else a fresh
-    /// id); a chain sends its first step (called with `prepend`) carrying the other steps in
-    /// `embed.chain`; a chord sends its header members, each carrying the body. `route` names
-    /// the queue of a task whose signature names none.
+    /// `prepend`) as Celery's `group._prepared` freezes them, under the group's own `task_id`
+    /// (else a fresh id): a chain member's last step carries the group; a chain sends its first
+    /// step (called with `prepend`) carrying the other steps in `embed.chain`; a chord sends its
+    /// header members (a chain member's last step), each carrying the body. `route` names the
+    /// queue of a task whose signature names none.
     pub fn apply(
         sig: &Signature,
         prepend: Option<Value>,

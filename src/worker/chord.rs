@@ -12,7 +12,7 @@
 //! errbacks are sent (Celery sends them first, so an errback may look before the ChordError
 //! is there); errbacks are sent as `(body_id,)` task messages, one each (Celery calls an
 //! errback that takes more than the task id in-process and sends the others as a group); a
-//! header holding groups (a GroupResult saved by the producer) fails the chord with a clear
+//! header the producer saved as a GroupResult fails the chord with a clear
 //! `ChordError` instead of being joined by structure.
 
 use super::Worker;
@@ -62,7 +62,7 @@ pub enum BodyPlan {
 }
 
 /// The body of a complete chord, from the header's `entries` in join order. `nested`: the
-/// producer saved a group result (a header holding groups), which this worker does not join.
+/// producer saved a group result, which this worker does not join by structure.
 pub fn body_plan(
     body: &Signature,
     entries: &[Vec<u8>],
@@ -73,7 +73,7 @@ pub fn body_plan(
 ) -> BodyPlan {
     let joined = if nested {
         Err(JoinError::Unreadable(
-            "the chord header holds groups (a saved GroupResult); this worker joins flat headers only".into(),
+            "the chord header was saved as a GroupResult; this worker joins flat headers only".into(),
         ))
     } else {
         chord::join(entries)
@@ -362,6 +362,6 @@ mod tests {
             panic!()
         };
         let meta = &metas[0];
-        assert!(meta.result["exc_message"][0].as_str().unwrap().contains("holds groups"), "{}", meta.result);
+        assert!(meta.result["exc_message"][0].as_str().unwrap().contains("saved as a GroupResult"), "{}", meta.result);
     }
 }
