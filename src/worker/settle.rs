@@ -289,6 +289,41 @@ mod tests {
     }
 
     #[test]
+    fn a_chain_in_a_group_or_a_chord_header_carries_the_group_on_its_last_step() {
+        let chain = |a: &str, b: &str| {
+            json!({"task": "celery.chain", "args": [], "kwargs": {"tasks": [sig(a, json!([])), sig(b, json!([]))]},
+                   "options": {}, "subtask_type": "chain", "immutable": false})
+        };
+        let group = json!({"task": "celery.group", "args": [], "kwargs": {"tasks": [chain("tasks.a", "tasks.b"), sig("tasks.c", json!([]))]},
+                           "options": {"task_id": "g1"}, "subtask_type": "group", "immutable": false});
+        let msg = message(json!({"callbacks": null, "errbacks": null, "chain": [group.clone()], "chord": null}));
+        let (_, s) = settle(&msg, Ok(json!(3)), "celery", Utc::now(), &Routes::default());
+        let [first, plain] = s.send.as_slice() else { panic!("{:?}", s.send) };
+        assert_eq!(
+            (first.task.as_str(), first.group.as_deref()),
+            ("tasks.a", None),
+            "the chain's first step: no group"
+        );
+        let last = &first.chain[0];
+        assert_eq!((last.option_str("group_id"), last.options.get("group_index")), (Some("g1"), Some(&json!(0))));
+        assert_eq!((plain.group.as_deref(), plain.group_index, plain.chain_step), (Some("g1"), Some(1), true));
+        let chord = json!({"task": "celery.chord", "args": [], "kwargs": {"header": group, "body": sig("tasks.xsum", json!([])), "kwargs": {}},
+                           "options": {}, "subtask_type": "chord", "immutable": false});
+        let msg = message(json!({"callbacks": null, "errbacks": null, "chain": [chord], "chord": null}));
+        let (_, s) = settle(&msg, Ok(json!(3)), "celery", Utc::now(), &Routes::default());
+        let [first, plain] = s.send.as_slice() else { panic!("{:?}", s.send) };
+        let last = &first.chain[0];
+        assert_eq!(
+            last.option_chord().map(|b| b.task),
+            Some("tasks.xsum".to_owned()),
+            "the body rides on the last step"
+        );
+        assert_eq!((last.option_str("group_id"), first.group.as_deref()), (Some("g1"), None));
+        assert_eq!(plain.chord.as_ref().map(|b| b.task.as_str()), Some("tasks.xsum"));
+        assert_eq!(plain.chord_size, Some(("g1".to_owned(), 2)), "the size, set before the last member is sent");
+    }
+
+    #[test]
     fn a_failure_with_errbacks_stores_first_and_calls_each_with_the_task_id() {
         let msg = message(
             json!({"callbacks": [sig("tasks.cb", json!([]))], "errbacks": [sig("tasks.on_error", json!([]))], "chain": null, "chord": null}),
