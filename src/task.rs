@@ -351,6 +351,14 @@ pub trait Task: Send + Sync + 'static {
     /// run, with the state (`SUCCESS`, `FAILURE`, `RETRY`, `REJECTED`, `IGNORED`) and the
     /// result or exception.
     fn after_return(&self, _state: &str, _retval: &Value, _request: &Request) {}
+
+    /// Internal, for the built-in canvas tasks: what a successful run applies from inside the
+    /// worker, each sent as a follow-up with no argument (Celery's `celery.chunks` applies a
+    /// group of `celery.starmap`). Other tasks send nothing this way.
+    #[doc(hidden)]
+    fn spawned(&self, _args: &[Value], _kwargs: &Map<String, Value>, _retval: &Value) -> Vec<crate::wire::Signature> {
+        Vec::new()
+    }
 }
 
 /// The tasks a worker serves, by name.

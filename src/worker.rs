@@ -953,7 +953,11 @@ impl Worker {
     async fn follow_up(&self, msg: &TaskMessage, t: &dyn Task, ran: Ran, queue: &str) -> Option<Option<ResultMeta>> {
         let task = msg.task.as_str();
         let Ran { outcome, elapsed, request } = ran;
-        let (kind, plan) = settle::settle(msg, outcome, queue, Utc::now(), &self.args.task_routes);
+        let spawned = match &outcome {
+            Ok(value) => t.spawned(&msg.args, &msg.kwargs, value),
+            Err(_) => Vec::new(),
+        };
+        let (kind, plan) = settle::settle_spawning(msg, outcome, spawned, queue, Utc::now(), &self.args.task_routes);
         match &kind {
             settle::Kind::Success => {
                 self.metrics.success.with_label_values(&[task]).inc();
@@ -1100,7 +1104,7 @@ impl Worker {
     }
 
     async fn send(&self, task: NewTask) {
-        if let (Some(size), Some(group)) = (task.chord_size, task.group.as_deref()) {
+        if let Some((group, size)) = task.chord_size.as_ref().map(|(g, n)| (g.as_str(), *n)) {
             self.redis_backend("set a chord's size", || self.backend.chord_set_size(group, size)).await;
         }
         let (bytes, _) = task.to_message(&self.origin);

@@ -328,30 +328,46 @@ fn malformed_chords_are_refused_and_counted_and_the_worker_goes_on() {
     let redis = Redis::start();
     let worker = Worker::start(&redis, &["--concurrency", "1"]);
     let plain_body = json!({"task": "tasks.xsum", "args": [], "kwargs": {}, "options": {}, "immutable": false});
-    let group_body =
-        json!({"task": "celery.group", "args": [], "kwargs": {"tasks": []}, "options": {}, "subtask_type": "group"});
+    // A group body is applied when the join completes; one whose member is not a signature is
+    // refused when the member arrives, naming the form.
+    let group_body = json!({"task": "celery.group", "args": [], "kwargs": {"tasks": ["junk"]}, "options": {}, "subtask_type": "group"});
     // A join key of the wrong type (something else wrote it): the script fails inside Redis.
     let _: () = redis.conn(1).set("celery-taskset-meta-g-wrong.j", "not a zset").unwrap();
     let mut c = redis.conn(0);
     for bytes in [
         member_message("m-group-body", "g1", 0, group_body),
         member_message("m-junk-body", "g2", 0, json!("junk")),
-        member_message("m-wrong-type", "g-wrong", 0, plain_body),
+        member_message("m-wrong-type", "g-wrong", 0, plain_body.clone()),
     ] {
         let _: () = c.lpush("celery", bytes).unwrap();
     }
-    let ids = ["m-group-body".to_owned(), "m-junk-body".to_owned()];
+    // A chord step whose header holds a group (a Celery client flattens it; this worker does
+    // not start such a chord): refused up front, naming the form.
+    let nested_header = json!({"task": "celery.group", "args": [], "kwargs": {"tasks": [
+        {"task": "celery.group", "args": [], "kwargs": {"tasks": [plain_body.clone()]}, "options": {}, "subtask_type": "group"}
+    ]}, "options": {}, "subtask_type": "group"});
+    let chord_step = json!({"task": "celery.chord", "args": [], "kwargs": {"header": nested_header, "body": plain_body.clone(), "kwargs": {}}, "options": {}, "subtask_type": "chord"});
+    let mut t = common::task("tasks.cpu_bound", vec![json!(10)]);
+    t.id = "m-nested-header".into();
+    let mut env: Value = serde_json::from_slice(&t.to_message("gen0@tests").0).unwrap();
+    use base64::Engine as _;
+    let embed = json!({"callbacks": null, "errbacks": null, "chain": [chord_step], "chord": null});
+    env["body"] = base64::engine::general_purpose::STANDARD.encode(json!([[10], {}, embed]).to_string()).into();
+    let _: () = c.lpush("celery", serde_json::to_vec(&env).unwrap()).unwrap();
+    let ids = ["m-group-body".to_owned(), "m-junk-body".to_owned(), "m-nested-header".to_owned()];
     common::wait_all(&redis, &ids, "FAILURE", Duration::from_secs(30));
     let r = redis.result("m-group-body").unwrap();
     assert_eq!(r["result"]["exc_type"], "NotImplementedError");
-    assert!(r["result"]["exc_message"][0].as_str().unwrap().contains("\"group\" canvas"), "{r}");
+    assert!(r["result"]["exc_message"][0].as_str().unwrap().contains("chord body.tasks[0] is not a signature"), "{r}");
     // The member whose join cannot be written still runs and succeeds; the join error is
     // logged and counted, and the worker serves on.
     common::wait_all(&redis, &["m-wrong-type".to_owned()], "SUCCESS", Duration::from_secs(30));
     wait_for("the join error counted", Duration::from_secs(10), || {
         (worker.metric("celery_task_rejected_total", "reason=\"chord_join\"") == 1.0).then_some(())
     });
-    assert_eq!(worker.metric("celery_task_rejected_total", "reason=\"unsupported_canvas\""), 2.0);
+    let r = redis.result("m-nested-header").unwrap();
+    assert!(r["result"]["exc_message"][0].as_str().unwrap().contains("header holds a \"group\""), "{r}");
+    assert_eq!(worker.metric("celery_task_rejected_total", "reason=\"unsupported_canvas\""), 3.0);
     let after = common::enqueue(&redis, &[common::task("tasks.cpu_bound", vec![json!(100)])]);
     common::wait_all(&redis, &after, "SUCCESS", Duration::from_secs(30));
     wait_for("everything acknowledged", Duration::from_secs(10), || (redis.unacked() == 0).then_some(()));
@@ -384,6 +400,26 @@ fn map_starmap_and_chunks_give_what_a_python_worker_gives() {
     assert_eq!(ours["map_not_registered"]["exc_args"], json!(["tasks.nobody_has_this"]));
     assert_eq!(worker.metric("celery_task_success_total", "celery.map"), 1.0);
     assert_eq!(worker.metric("celery_task_success_total", "celery.starmap"), 4.0, "one, and one per chunk");
+    assert_eq!(worker.metric("celery_task_rejected_total", ""), 0.0);
+}
+
+#[test]
+fn the_celery_chunks_task_gives_what_a_python_worker_gives() {
+    let python = {
+        let redis = Redis::start();
+        let _w = python_worker(&redis, "celery", &[]);
+        canvas(&redis, &["chunks_task"], Duration::from_secs(120))
+    };
+    let redis = Redis::start();
+    let worker = Worker::start(&redis, &["--concurrency", "2"]);
+    let ours = canvas(&redis, &["chunks_task"], Duration::from_secs(120));
+    assert_eq!(ours, python, "ours (left) vs a Python 5.7 worker's (right)");
+    // A GroupResult stored as Celery stores it, whose starmaps the worker sent and ran.
+    assert_eq!(ours["shape"], json!([2, 2, true, null, [2, 2, 2]]));
+    assert_eq!(ours["value"], json!([[4, 25], [168, 1], [0]]));
+    assert_eq!(ours["bad_n"]["exc_type"], "ValueError");
+    assert_eq!(worker.metric("celery_task_success_total", "celery.chunks"), 1.0);
+    assert_eq!(worker.metric("celery_task_success_total", "celery.starmap"), 3.0);
     assert_eq!(worker.metric("celery_task_rejected_total", ""), 0.0);
 }
 
@@ -571,7 +607,145 @@ fn groups_chains_and_chords_inside_chains_and_links_give_what_a_python_worker_gi
     assert_eq!(ours["chain_group_task"], json!(9 + 9 + 168));
     assert_eq!(ours["link_group"], json!([9, 9]));
     assert_eq!(ours["link_chain"], json!(4));
+    assert_eq!(ours["group_of_chain"], json!([4, 168]));
     assert_eq!(worker.metric("celery_task_rejected_total", ""), 0.0);
+}
+
+#[test]
+fn chord_bodies_that_are_groups_chains_and_chords_give_what_a_python_worker_gives() {
+    let python = {
+        let redis = Redis::start();
+        let _w = python_worker(&redis, "celery", &[]);
+        canvas(&redis, &["bodies"], Duration::from_secs(180))
+    };
+    let redis = Redis::start();
+    let worker = Worker::start(&redis, &["--concurrency", "2"]);
+    let ours = canvas(&redis, &["bodies"], Duration::from_secs(180));
+    for what in ["group", "chain", "chord", "chain_then_group", "group_fail_members"] {
+        assert_eq!(ours[what], python[what], "{what}: ours {ours}, Python's {python}");
+    }
+    // The header gives [4, 25]: xsum = 29, cpu_bound(29) = 10, cpu_bound(1000) = 168.
+    assert_eq!(ours["group"], json!({"ok": true, "value": [29, 168]}));
+    assert_eq!(ours["chain"], json!({"ok": true, "value": 10}));
+    assert_eq!(ours["chord"], json!({"ok": true, "value": 58}));
+    assert_eq!(ours["chain_then_group"], json!({"ok": true, "value": [10, 10]}));
+    // A failed header member: each member of the group body holds that member's own error
+    // (the ChordError's cause, as Celery stores it), and `.get()` on the group raises it.
+    assert_eq!(ours["group_fail"], python["group_fail"], "ours {ours}, Python's {python}");
+    let type_error = json!({"state": "FAILURE", "exc_type": "TypeError", "exc_args": ["unsupported operand type(s) for +: 'int' and 'str'"]});
+    assert_eq!(ours["group_fail_members"], json!([type_error, type_error]));
+    assert_eq!(worker.metric("celery_task_rejected_total", ""), 0.0, "nothing refused");
+    assert_eq!(redis.unacked(), 0);
+}
+
+/// The `n` messages canvas.py `mode` leaves parked on `hold` when `start`'s worker runs it, in
+/// task-id order: their fields ([`follow_up_fields`]), whether their group is [`GROUP_ID`],
+/// and the chain they carry (each step's task, id, and whether it has a `group_id`).
+fn parked(mode: &str, n: usize, start: impl FnOnce(&Redis) -> Side) -> Vec<Value> {
+    let redis = Redis::start();
+    let side = start(&redis);
+    canvas(&redis, &[mode], Duration::from_secs(60));
+    let raw: Vec<String> = wait_for(&format!("{n} messages on hold"), Duration::from_secs(60), || {
+        let raw: Vec<String> = redis.conn(0).lrange("hold", 0, -1).unwrap();
+        (raw.len() == n).then_some(raw)
+    });
+    drop(side);
+    let mut out: Vec<Value> = raw
+        .iter()
+        .map(|m| {
+            let env: Value = serde_json::from_str(m).unwrap();
+            use base64::Engine as _;
+            let body = base64::engine::general_purpose::STANDARD.decode(env["body"].as_str().unwrap()).unwrap();
+            let body: Value = serde_json::from_slice(&body).unwrap();
+            let next = body[2]["chain"].as_array().map(|c| {
+                c.iter()
+                    .map(|s| {
+                        let o = &s["options"];
+                        json!([s["task"], o["task_id"], o["group_id"].is_string(), o["group_index"]])
+                    })
+                    .collect::<Vec<_>>()
+            });
+            let mut f = follow_up_fields(m);
+            f["group_is_the_header"] = json!(env["headers"]["group"] == GROUP_ID);
+            f["next"] = json!(next);
+            f
+        })
+        .collect();
+    out.sort_by_key(|f| f["id"].as_str().unwrap_or_default().to_owned());
+    out
+}
+
+/// A Python worker of one process (the order the chord members finish in is fixed).
+fn python_one(redis: &Redis) -> Side {
+    Side { _python: Some(PythonWorker::start(redis, &["-Q", "celery", "-c", "1"], &[])), _ours: None }
+}
+
+fn ours_one(redis: &Redis) -> Side {
+    Side { _python: None, _ours: Some(Worker::start(redis, &["--concurrency", "1"])) }
+}
+
+#[test]
+fn group_and_chain_bodies_are_sent_as_a_python_worker_sends_them() {
+    let python = parked("parked_bodies", 3, python_one);
+    let ours = parked("parked_bodies", 3, ours_one);
+    assert_eq!(ours, python, "ours (left) vs a Python 5.7 worker's (right)");
+    // Spelled out: the group body's members keep the ids and places the client froze them
+    // with, and (Celery's immutable option) the header's group id; the chain body's first step
+    // has no group and carries the rest.
+    let ids: Vec<&str> = ours.iter().map(|f| f["id"].as_str().unwrap()).collect();
+    assert_eq!(
+        ids,
+        [
+            "00000000-0000-4000-8000-00000000c003",
+            "00000000-0000-4000-8000-00000000c004",
+            "00000000-0000-4000-8000-00000000c005"
+        ]
+    );
+    assert_eq!((ours[0]["args"].clone(), ours[0]["group_index"].clone()), (json!([[4, 25]]), json!(0)));
+    assert_eq!((ours[1]["args"].clone(), ours[1]["group_index"].clone()), (json!([1000]), json!(1)));
+    assert!(ours[0]["group_is_the_header"] == true && ours[1]["group_is_the_header"] == true);
+    assert_eq!((ours[2]["group"].clone(), ours[2]["chain"].clone()), (json!(false), json!(1)));
+    assert_eq!(ours[2]["next"], json!([["tasks.cpu_bound", "00000000-0000-4000-8000-00000000c006", true, null]]));
+}
+
+#[test]
+fn a_chain_in_a_group_carries_the_group_on_its_last_step_as_a_python_worker_sends_it() {
+    let python = parked("parked_group_chain", 2, python_one);
+    let ours = parked("parked_group_chain", 2, ours_one);
+    assert_eq!(ours, python, "ours (left) vs a Python 5.7 worker's (right)");
+    // Spelled out: the chain's first step has no group; its last step (in `chain`) has the
+    // group's id and the chain's place; the plain member has both.
+    assert_eq!(
+        (ours[0]["id"].as_str(), ours[0]["group"].clone()),
+        (Some("00000000-0000-4000-8000-00000000c002"), json!(false))
+    );
+    assert_eq!(ours[0]["next"], json!([["tasks.cpu_bound", "00000000-0000-4000-8000-00000000c003", true, 0]]));
+    assert_eq!((ours[1]["group"].clone(), ours[1]["group_index"].clone()), (json!(true), json!(1)));
+}
+
+#[test]
+fn chord_headers_holding_groups_and_chains_give_what_a_python_worker_gives() {
+    let python = {
+        let redis = Redis::start();
+        let _w = python_worker(&redis, "celery", &[]);
+        canvas(&redis, &["headers"], Duration::from_secs(180))
+    };
+    let redis = Redis::start();
+    let worker = Worker::start(&redis, &["--concurrency", "2"]);
+    let ours = canvas(&redis, &["headers"], Duration::from_secs(180));
+    for what in ["group_in_header", "chain_in_header", "chain_in_header_in_chain"] {
+        assert_eq!(ours[what], python[what], "{what}: ours {ours}, Python's {python}");
+    }
+    // The client flattens a group in the header (5, 4 then 25: its order); a chain counts once,
+    // with its last value: cpu_bound(100) = 25, cpu_bound(25) = 9, cpu_bound(9) = 4.
+    assert_eq!(ours["group_in_header"], json!({"ok": true, "value": [[5, 4, 25]]}));
+    assert_eq!(ours["chain_in_header"], json!({"ok": true, "value": 9 + 4}));
+    assert_eq!(ours["chain_in_header_in_chain"], json!({"ok": true, "value": 4 + 168}));
+    // The client flattens a group inside a chord step's header before sending it.
+    assert_eq!(ours["group_in_header_in_chain"], python["group_in_header_in_chain"]);
+    assert_eq!(ours["group_in_header_in_chain"], json!({"ok": true, "value": 27}));
+    assert_eq!(worker.metric("celery_task_rejected_total", ""), 0.0, "nothing refused");
+    assert_eq!(redis.unacked(), 0);
 }
 
 mod join_script {

@@ -7,18 +7,26 @@
 //! results expire by themselves. A mapped task that is not registered here fails the call with
 //! `NotRegistered('<name>')`, as in Python.
 //!
-//! Not here: `celery.chunks` (Celery's publishes a group of `celery.starmap` tasks from inside
-//! the worker; `task.chunks(...).group()` and `.apply_async()` send that group from the client
-//! and work), and the chord/group/chain/unlock tasks, which a Celery 5 client on the Redis
-//! backend does not send.
+//! `celery.chunks(task, it, n)` applies, from inside the worker, a group of one
+//! `celery.starmap` per `n` items and returns that group's result as Celery stores a
+//! `GroupResult` (`[[group_id, null], [[[id, null], null], ...]]`): the ids are chosen when the
+//! call is bound and the group is sent by the worker after the run ([`Task::spawned`]). The
+//! starmaps are routed by their own name (`celery.starmap`), not the mapped task's as Celery's
+//! `route_name` does.
+//!
+//! Not here: the chord/group/chain/unlock tasks, which a Celery 5 client on the Redis backend
+//! does not send.
 
 use super::args::{self, Param, type_name};
 use super::{Call, Context, Registry, Task, TaskError, TaskOptions, TaskResult};
-use serde_json::{Map, Value};
+use crate::wire::Signature;
+use crate::wire::task_write::new_uuid;
+use serde_json::{Map, Value, json};
 use std::sync::Arc;
 
 pub const MAP: &str = "celery.map";
 pub const STARMAP: &str = "celery.starmap";
+pub const CHUNKS: &str = "celery.chunks";
 pub const ACCUMULATE: &str = "celery.accumulate";
 pub const BACKEND_CLEANUP: &str = "celery.backend_cleanup";
 
@@ -31,6 +39,9 @@ pub fn register(registry: Registry) -> Registry {
     }
     if out.get(STARMAP).is_none() {
         out = out.add_task(MapTask { options: TaskOptions::new(STARMAP), tasks, star: true });
+    }
+    if out.get(CHUNKS).is_none() {
+        out = out.add_task(Chunks { options: TaskOptions::new(CHUNKS) });
     }
     if out.get(ACCUMULATE).is_none() {
         out = out.add_task(Accumulate { options: TaskOptions::new(ACCUMULATE) });
@@ -124,6 +135,73 @@ async fn run_each(task: Arc<dyn Task>, items: Vec<Value>, star: bool, ctx: Conte
     Ok(Value::Array(out))
 }
 
+/// `chunks(task, it, n)`: a group of `xstarmap(task, part)`, one per `n` items of `it`.
+struct Chunks {
+    options: TaskOptions,
+}
+
+/// The parts of `chunks(task, it, n)` (Celery's `_chunks`: `n` items each, the last what is
+/// left), or the error Python raises.
+fn chunk_parts(it: &Value, n: &Value) -> Result<Vec<Value>, TaskError> {
+    let items = iterate(it)?;
+    let n = match n {
+        Value::Number(n) if n.is_i64() => n.as_i64().unwrap_or(0),
+        other => {
+            return Err(TaskError::type_error(format!(
+                "'{}' object cannot be interpreted as an integer",
+                type_name(other)
+            )));
+        }
+    };
+    let size = usize::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| {
+        TaskError::new(
+            "builtins",
+            "ValueError",
+            "Stop argument for islice() must be None or an integer: 0 <= x <= sys.maxsize.",
+        )
+    })?;
+    Ok(items.chunks(size).map(|part| Value::Array(part.to_vec())).collect())
+}
+
+fn chunk_params() -> [Param; 3] {
+    [Param::required("task"), Param::required("it"), Param::required("n")]
+}
+
+impl Task for Chunks {
+    fn options(&self) -> &TaskOptions {
+        &self.options
+    }
+
+    fn bind(&self, args: &[Value], kwargs: &Map<String, Value>) -> Result<Call, String> {
+        let [_task, it, n] = args::bind("chunks", &chunk_params(), args, kwargs)?;
+        // The ids of the group and of each starmap, as a `GroupResult`'s `as_tuple()`.
+        let result = chunk_parts(&it, &n).map(|parts| {
+            let members: Vec<Value> = parts.iter().map(|_| json!([[new_uuid(), null], null])).collect();
+            json!([[new_uuid(), null], members])
+        });
+        Ok(Call::future(move |_ctx| async move { result }))
+    }
+
+    /// The group the run returned the result of: `celery.starmap(task, part)` under the ids it
+    /// chose.
+    fn spawned(&self, args: &[Value], kwargs: &Map<String, Value>, retval: &Value) -> Vec<Signature> {
+        let Ok([task, it, n]) = args::bind("chunks", &chunk_params(), args, kwargs) else { return Vec::new() };
+        let Ok(parts) = chunk_parts(&it, &n) else { return Vec::new() };
+        let ids = retval[1].as_array().map(Vec::as_slice).unwrap_or_default();
+        let members: Vec<Value> = parts
+            .into_iter()
+            .zip(ids)
+            .map(|(part, id)| {
+                json!({"task": STARMAP, "args": [], "kwargs": {"task": task, "it": part},
+                       "options": {"task_id": id[0][0]}, "subtask_type": null, "immutable": false})
+            })
+            .collect();
+        let group = json!({"task": "celery.group", "args": [], "kwargs": {"tasks": members},
+                           "options": {"task_id": retval[0][0]}, "subtask_type": "group", "immutable": false});
+        Signature::from_value(&group, "celery.chunks").map(|g| vec![g]).unwrap_or_default()
+    }
+}
+
 /// `accumulate(self, *args, **kwargs)`: `args[index]` if `index` is given, else `args`.
 struct Accumulate {
     options: TaskOptions,
@@ -156,7 +234,6 @@ impl Task for Accumulate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     async fn run(registry: &Registry, name: &str, args: Value, kwargs: Value) -> TaskResult {
         let task = registry.get(name).unwrap();
@@ -186,6 +263,25 @@ mod tests {
         assert!(not_iterable.exception().exc_message[0].as_str().unwrap().contains("must be an iterable"));
         let no_it = r.get(MAP).unwrap().bind(&[sig("tasks.xsum")], &Map::new()).err().unwrap();
         assert_eq!(no_it, "xmap() missing 1 required positional argument: 'it'");
+    }
+
+    #[tokio::test]
+    async fn chunks_returns_its_group_result_and_spawns_that_group() {
+        let r = register(Registry::with_builtins());
+        let args = json!([sig("tasks.cpu_bound"), [[10], [100], [1000]], 2]);
+        let retval = run(&r, CHUNKS, args.clone(), json!({})).await.unwrap();
+        let group = r.get(CHUNKS).unwrap().spawned(args.as_array().unwrap(), &Map::new(), &retval);
+        let [group] = group.as_slice() else { panic!("one group: {group:?}") };
+        assert_eq!(
+            (group.subtask_type.as_deref(), group.option_str("task_id")),
+            (Some("group"), retval[0][0].as_str())
+        );
+        let members = group.members();
+        assert_eq!(members.len(), 2);
+        assert_eq!(members[1].option_str("task_id"), retval[1][1][0][0].as_str());
+        assert_eq!((members[1].task.as_str(), &members[1].kwargs["it"]), (STARMAP, &json!([[1000]])));
+        let bad = run(&r, CHUNKS, json!([sig("tasks.cpu_bound"), [1], 0]), json!({})).await.unwrap_err();
+        assert_eq!(bad.exception().exc_type, "ValueError");
     }
 
     #[tokio::test]

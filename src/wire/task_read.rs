@@ -39,8 +39,9 @@ pub enum RejectReason {
     UnknownTask,
     /// Arguments that do not fit the task's signature or types (FAILURE `TypeError`).
     BadArguments,
-    /// Nested canvas (a group, chain or chord inside a link, a chain or a chord body) is not
-    /// supported by this worker.
+    /// A canvas form this worker does not run (another kind than a group, chain or chord in a
+    /// workflow, a chain led by a group, a chord it would start whose header holds a group or
+    /// a chord), or a malformed signature inside the workflow.
     UnsupportedCanvas,
     /// Larger than `--max-message-bytes` (or a body inflating beyond it): refused undecoded.
     TooLarge,
@@ -96,8 +97,8 @@ impl fmt::Display for Rejection {
 
 /// A signature from the `embed` part (link, link_error, chain): `{task, args, kwargs, options,
 /// subtask_type, immutable}`: a plain task, or a group or chain (`subtask_type` "group" /
-/// "chain", the members in `kwargs.tasks`, each read and checked here). A chord inside a
-/// workflow is refused with its kind named.
+/// "chain", the members in `kwargs.tasks`, each read and checked here), or a chord (its header
+/// a group of tasks and chains, its body any of these). Other kinds are refused, named.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Signature {
     pub task: String,
@@ -128,21 +129,21 @@ impl Signature {
             }
             Some("chord") => {
                 // `chain(a, group(b, c), d)`: Celery sends the group and what follows as a chord
-                // step. A flat header of plain tasks and a plain body are joined here.
+                // step. A header of tasks and chains is joined here.
                 let part = |key: &str| obj.get("kwargs").and_then(|k| k.get(key));
                 let header = Signature::from_value(part("header").unwrap_or(&Value::Null), &format!("{what}.header"))?;
-                let body = Signature::from_value(part("body").unwrap_or(&Value::Null), &format!("{what}.body"))?;
-                if header.subtask_type.as_deref() != Some("group")
-                    || header.members().iter().any(|m| m.subtask_type.is_some())
+                // The body may be a task, a group, a chain or a chord, read and checked here: it
+                // is applied as a whole when the join completes.
+                Signature::from_value(part("body").unwrap_or(&Value::Null), &format!("{what}.body"))?;
+                if header.subtask_type.as_deref() != Some("group") {
+                    return Err(format!("{what} is a chord whose header is not a group"));
+                }
+                if let Some(kind) =
+                    header.members().iter().find_map(|m| m.subtask_type.clone().filter(|k| k != "chain"))
                 {
                     return Err(format!(
-                        "{what} is a chord whose header is not a group of tasks; only flat headers are supported"
-                    ));
-                }
-                if body.subtask_type.is_some() {
-                    return Err(format!(
-                        "{what} is a chord whose body is a {:?}; only a task body is supported",
-                        body.subtask_type.unwrap_or_default()
+                        "{what} is a chord whose header holds a {kind:?}; a chord this worker starts \
+                         (a chord step of a chain or a link) may hold tasks and chains only"
                     ));
                 }
                 Some("chord".to_owned())
@@ -168,6 +169,10 @@ impl Signature {
         for key in ["link", "link_error"] {
             signature_list(options.get(key), &format!("{what}.options.{key}"))?;
         }
+        // A chain's last step that is a chord header member carries the body here.
+        if let Some(body) = options.get("chord").filter(|b| !b.is_null()) {
+            Signature::from_value(body, &format!("{what}.options.chord"))?;
+        }
         check_options(&options).map_err(|e| format!("{what}.options.{e}"))?;
         Ok(Signature { task, args, kwargs, options, immutable, subtask_type })
     }
@@ -188,6 +193,13 @@ impl Signature {
             }
             _ => Vec::new(),
         }
+    }
+
+    /// The chord body in `options.chord` (a chain's last step that is a chord header member),
+    /// checked when the signature was read.
+    pub fn option_chord(&self) -> Option<Signature> {
+        let body = self.options.get("chord").filter(|b| !b.is_null())?;
+        Signature::from_value(body, "options.chord").ok()
     }
 
     /// `options[key]` as a string, if set.
@@ -693,17 +705,12 @@ fn parse_embed(e: &Map<String, Value>) -> Result<Embed, String> {
     })
 }
 
-/// `embed.chord`: the body a chord header member completes; a plain task signature (a body
-/// that is itself a group, chain or chord is refused with its kind named).
+/// `embed.chord`: the body a chord header member completes: a task, or a group, chain or
+/// chord applied as a whole when the join completes (each read and checked here).
 fn chord_body(v: Option<&Value>) -> Result<Option<Signature>, String> {
     match v {
         None | Some(Value::Null) => Ok(None),
-        Some(body) => match Signature::from_value(body, "chord body")? {
-            Signature { subtask_type: Some(kind), .. } => {
-                Err(format!("chord body is a {kind:?} canvas; only plain task signatures are supported"))
-            }
-            plain => Ok(Some(plain)),
-        },
+        Some(body) => Signature::from_value(body, "chord body").map(Some),
     }
 }
 
@@ -901,12 +908,19 @@ mod tests {
         assert_eq!((m.group.as_deref(), m.group_index), (Some("g"), Some(3)));
         assert_eq!(m.embed.chord.map(|b| b.task), Some("tasks.xsum".to_owned()));
         let group_body = serde_json::json!({"task": "celery.group", "subtask_type": "group", "kwargs": {"tasks": []}});
+        let m = with_embed(serde_json::json!({}), serde_json::json!({"chord": group_body})).unwrap();
+        assert_eq!(
+            m.embed.chord.and_then(|b| b.subtask_type).as_deref(),
+            Some("group"),
+            "applied when the join completes"
+        );
+        let xmap_body = serde_json::json!({"task": "celery.map", "subtask_type": "xmap", "kwargs": {}});
         for (headers, embed, reason, says) in [
             (
                 serde_json::json!({}),
-                serde_json::json!({"chord": group_body}),
+                serde_json::json!({"chord": xmap_body}),
                 RejectReason::UnsupportedCanvas,
-                "\"group\"",
+                "\"xmap\" canvas",
             ),
             (
                 serde_json::json!({}),

@@ -34,9 +34,10 @@ pub struct NewTask {
     pub ignore_result: Option<bool>,
     /// Remaining chain (reversed, next task last), carried in `embed.chain`.
     pub chain: Vec<Signature>,
-    /// Set the size of this task's chord (its `group`) to this before sending it: the last
-    /// header member of a chord this worker starts, as Celery's `set_chord_size` does.
-    pub chord_size: Option<usize>,
+    /// Set the size of this chord (group id, number of header members) before sending this
+    /// task: the last message of a chord this worker starts, as Celery's `set_chord_size` does
+    /// (a header member, or the first step of a chain that is one).
+    pub chord_size: Option<(String, usize)>,
     /// Sent as a chain step: `embed.chain` is a list even when no step is left (Celery passes
     /// the popped chain on), not `null`.
     pub chain_step: bool,
@@ -121,6 +122,9 @@ impl NewTask {
         let limit = |key| sig.options.get(key).and_then(Value::as_number).cloned();
         t.time_limit = (limit("time_limit"), limit("soft_time_limit"));
         t.ignore_result = Some(sig.options.get("ignore_result").and_then(Value::as_bool).unwrap_or(false));
+        // A chord header member sent as a chain's last step carries the body in its options
+        // (Celery's `apply_async(chord=...)`).
+        t.chord = sig.option_chord();
         t.callbacks = sig.option_links("link");
         t.errbacks = sig.option_links("link_error");
         // `apply_async(headers={...})`: Celery merges them into the message headers.
@@ -131,10 +135,12 @@ impl NewTask {
     }
 
     /// Apply `sig` as Celery's `Signature.apply_async((prepend,))` does from a worker: a task
-    /// is one message ([`Self::from_signature`]); a group sends each member (each called with
-    /// `prepend`) with a shared `group_id` (the group's own `task_id`, else a fresh one) and its
-    /// `group_index`; a chain sends its first step (called with `prepend`) carrying the other
-    /// steps in `embed.chain`. `route` names the queue of a task whose signature names none.
+    /// is one message ([`Self::from_signature`]); a group sends its members (each called with
+    /// `prepend`) as Celery's `group._prepared` freezes them, under the group's own `task_id`
+    /// (else a fresh id): a chain member's last step carries the group; a chain sends its first
+    /// step (called with `prepend`) carrying the other steps in `embed.chain`; a chord sends its
+    /// header members (a chain member's last step), each carrying the body. `route` names the
+    /// queue of a task whose signature names none.
     pub fn apply(
         sig: &Signature,
         prepend: Option<Value>,
@@ -147,29 +153,11 @@ impl NewTask {
                 let group_id = sig.option_str("task_id").map_or_else(new_uuid, str::to_owned);
                 let mut sent = Vec::new();
                 for (i, member) in sig.members().iter().enumerate() {
-                    let mut tasks = Self::apply(member, prepend.clone(), parent, route);
-                    if let Some(first) = tasks.first_mut() {
-                        first.group = Some(group_id.clone());
-                        first.group_index = i64::try_from(i).ok();
-                    }
-                    sent.extend(tasks);
+                    sent.extend(Self::group_member(member, i, &group_id, prepend.clone(), parent, route));
                 }
                 sent
             }
-            Some("chain") => {
-                let mut steps = sig.members();
-                if steps.is_empty() {
-                    return Vec::new();
-                }
-                let first = steps.remove(0);
-                steps.reverse(); // the next step is the last element, as Celery keeps it
-                let mut tasks = Self::apply(&first, prepend, parent, route);
-                if let Some(t) = tasks.first_mut() {
-                    t.chain = steps;
-                    t.chain_step = true;
-                }
-                tasks
-            }
+            Some("chain") => Self::apply_chain(sig.members(), prepend, parent, route),
             Some("chord") => {
                 // Celery's `chord.run`: the header's members share its group id, each carries
                 // the body, which keeps the id the client froze it with (what it waits on).
@@ -182,26 +170,98 @@ impl NewTask {
                     let id = sig.option_str("task_id").map_or_else(new_uuid, str::to_owned);
                     body.options.insert("task_id".into(), id.into());
                 }
-                body.options.insert("group_id".into(), group_id.clone().into());
+                // Kept when the client froze the body with one (Celery's immutable option).
+                body.options.entry("group_id").or_insert_with(|| group_id.clone().into());
                 let members = header.members();
-                let mut sent: Vec<Self> = members
-                    .iter()
-                    .enumerate()
-                    .map(|(i, member)| {
-                        let mut t = Self::from_signature(member, prepend.clone(), parent, &route(&member.task));
-                        t.group = Some(group_id.clone());
-                        t.group_index = i64::try_from(i).ok();
-                        t.chord = Some(body.clone());
-                        t
-                    })
-                    .collect();
+                let mut sent = Vec::new();
+                for (i, member) in members.iter().enumerate() {
+                    let prepend = prepend.clone().filter(|_| !member.immutable);
+                    if member.subtask_type.as_deref() == Some("chain") {
+                        // Celery's `prepare_steps`: the chain's last step is the header member
+                        // (its group, place and the body); the first step has none.
+                        let mut steps = member.members();
+                        if let Some(last) = steps.last_mut() {
+                            last.options.insert("group_id".into(), group_id.clone().into());
+                            last.options.insert("group_index".into(), i.into());
+                            last.options.insert("chord".into(), signature_value(&body));
+                        }
+                        sent.extend(Self::apply_chain(steps, prepend, parent, route));
+                        continue;
+                    }
+                    let mut t = Self::from_signature(member, prepend, parent, &route(&member.task));
+                    t.group = Some(group_id.clone());
+                    t.group_index = i64::try_from(i).ok();
+                    t.chord = Some(body.clone());
+                    sent.push(t);
+                }
+                // Celery's `set_chord_size`, before the last member is sent.
                 if let Some(last) = sent.last_mut() {
-                    last.chord_size = Some(members.len());
+                    last.chord_size = Some((group_id, members.len()));
                 }
                 sent
             }
             _ => vec![Self::from_signature(sig, prepend, parent, &route(&sig.task))],
         }
+    }
+
+    /// Member `index` of group `group_id`, as Celery's `group._prepared` freezes it and
+    /// `_apply_tasks` sends it: a task keeps the `group_id` it was frozen with (Celery's
+    /// immutable option) or takes the group's, with its `group_index`; a chain's *last* step
+    /// carries them (its first step has none: the group's result is the chain's last value); a
+    /// nested group is unrolled into this one, its members numbered within it.
+    fn group_member(
+        member: &Signature,
+        index: usize,
+        group_id: &str,
+        prepend: Option<Value>,
+        parent: &TaskMessage,
+        route: &dyn Fn(&str) -> String,
+    ) -> Vec<Self> {
+        let prepend = prepend.filter(|_| !member.immutable);
+        match member.subtask_type.as_deref() {
+            Some("group") => member
+                .members()
+                .iter()
+                .enumerate()
+                .flat_map(|(i, inner)| Self::group_member(inner, i, group_id, prepend.clone(), parent, route))
+                .collect(),
+            Some("chain") => {
+                let mut steps = member.members();
+                if let Some(last) = steps.last_mut().filter(|s| s.subtask_type.is_none()) {
+                    last.options.entry("group_id").or_insert_with(|| group_id.into());
+                    last.options.insert("group_index".into(), index.into());
+                }
+                Self::apply_chain(steps, prepend, parent, route)
+            }
+            Some(_) => Self::apply(member, prepend, parent, route),
+            None => {
+                let mut t = Self::from_signature(member, prepend, parent, &route(&member.task));
+                t.group = Some(member.option_str("group_id").unwrap_or(group_id).to_owned());
+                t.group_index = i64::try_from(index).ok();
+                vec![t]
+            }
+        }
+    }
+
+    /// A chain's `steps`: the first applied (called with `prepend`), carrying the others,
+    /// reversed as Celery keeps them (the next step last), in `embed.chain`.
+    fn apply_chain(
+        mut steps: Vec<Signature>,
+        prepend: Option<Value>,
+        parent: &TaskMessage,
+        route: &dyn Fn(&str) -> String,
+    ) -> Vec<Self> {
+        if steps.is_empty() {
+            return Vec::new();
+        }
+        let first = steps.remove(0);
+        steps.reverse();
+        let mut tasks = Self::apply(&first, prepend, parent, route);
+        if let Some(t) = tasks.first_mut() {
+            t.chain = steps;
+            t.chain_step = true;
+        }
+        tasks
     }
 
     /// Several follow-ups sent as one group, as Celery's worker sends several callbacks (and
@@ -318,6 +378,11 @@ impl NewTask {
         );
         (pyjson::to_vec(&envelope), delivery_tag)
     }
+}
+
+/// A signature as Celery writes it in a message (`embed` or an option of another signature).
+pub fn signature_value(sig: &Signature) -> Value {
+    serde_json::to_value(SignatureOut::from(sig)).unwrap_or(Value::Null)
 }
 
 // The envelope as typed structs: field order is Python's key order, and no map is built.

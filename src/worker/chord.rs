@@ -12,7 +12,7 @@
 //! errbacks are sent (Celery sends them first, so an errback may look before the ChordError
 //! is there); errbacks are sent as `(body_id,)` task messages, one each (Celery calls an
 //! errback that takes more than the task id in-process and sends the others as a group); a
-//! header holding groups (a GroupResult saved by the producer) fails the chord with a clear
+//! header the producer saved as a GroupResult fails the chord with a clear
 //! `ChordError` instead of being joined by structure.
 
 use super::Worker;
@@ -51,16 +51,18 @@ pub fn part(msg: &TaskMessage, state: TaskState, result: &Value) -> Option<Chord
 
 /// What the worker that claimed a complete chord does.
 #[derive(Clone, Debug, PartialEq)]
-#[allow(clippy::large_enum_variant)] // one per completed chord, moved once: boxing buys nothing
 pub enum BodyPlan {
-    /// Send the body with the header's results as its first argument.
-    Send(NewTask),
-    /// Store the body's FAILURE (a `ChordError`), then send its errbacks.
-    Fail { error: ExceptionInfo, meta: ResultMeta, errbacks: Vec<NewTask> },
+    /// Send the body with the header's results as its first argument: one message for a task
+    /// body, the members of a group body, the first step of a chain body, the header of a
+    /// chord body ([`NewTask::apply`]).
+    Send(Vec<NewTask>),
+    /// Store the FAILUREs (a `ChordError`: the body's, or each member's and the group's for a
+    /// group body), then send the errbacks.
+    Fail { error: ExceptionInfo, metas: Vec<ResultMeta>, errbacks: Vec<NewTask> },
 }
 
 /// The body of a complete chord, from the header's `entries` in join order. `nested`: the
-/// producer saved a group result (a header holding groups), which this worker does not join.
+/// producer saved a group result, which this worker does not join by structure.
 pub fn body_plan(
     body: &Signature,
     entries: &[Vec<u8>],
@@ -71,33 +73,63 @@ pub fn body_plan(
 ) -> BodyPlan {
     let joined = if nested {
         Err(JoinError::Unreadable(
-            "the chord header holds groups (a saved GroupResult); this worker joins flat headers only".into(),
+            "the chord header was saved as a GroupResult; this worker joins flat headers only".into(),
         ))
     } else {
         chord::join(entries)
     };
     match joined {
-        Ok(results) => BodyPlan::Send(body_task(body, Value::Array(results), header, routes)),
-        Err(e) => fail(body, &e.chord_error(), header, now, routes),
+        Ok(results) => BodyPlan::Send(body_tasks(body, Value::Array(results), header, routes)),
+        Err(e) => fail(body, &e, header, now, routes),
     }
 }
 
-/// The body's message as Celery's `callback.delay(results)` sends it from the worker that
-/// completed the chord: its own id, queue and options, `parent_id` the header task that
-/// completed it, the workflow's root, `group` the header's (the body's `group_id` option), and
-/// its own `link`/`link_error` ([`NewTask::from_signature`]); no queue of its own: `routed`.
-fn body_task(body: &Signature, results: Value, header: &TaskMessage, routes: &Routes) -> NewTask {
-    NewTask::from_signature(body, Some(results), header, routes.queue_for(&body.task))
+/// The body's messages as Celery's `callback.delay(results)` sends them from the worker that
+/// completed the chord: the body applied as a whole with the results as its first argument
+/// ([`NewTask::apply`]), each message with the ids and options the client froze it with,
+/// `parent_id` the header task that completed the chord and the workflow's root; a task that
+/// names no queue goes where `routes` says.
+fn body_tasks(body: &Signature, results: Value, header: &TaskMessage, routes: &Routes) -> Vec<NewTask> {
+    NewTask::apply(body, Some(results), header, &|task| routes.queue_for(task).to_owned())
 }
 
 /// Celery's `chord_error_from_stack`: the body fails with `exc` (stored under its task id,
-/// without group or parent), and its errbacks are sent as one group with the body's id as their
-/// argument, the body as their parent and root ([`super::settle::errbacks`]).
-fn fail(body: &Signature, exc: &ExceptionInfo, header: &TaskMessage, now: DateTime<Utc>, routes: &Routes) -> BodyPlan {
-    let body_id = body.option_str("task_id").map_or_else(new_uuid, str::to_owned);
-    let meta = ResultMeta::failure(&body_id, &body.task, exc, now);
-    let errbacks = super::settle::errback_group(&body.option_links("link_error"), &body_id, &body_id, header, routes);
-    BodyPlan::Fail { error: exc.clone(), meta, errbacks }
+/// without group or parent; a chain's or a chord's id is the one the client froze it with),
+/// and its errbacks are sent as one group with the body's id as their argument, the body as
+/// their parent and root ([`super::settle::errbacks`]). A group body
+/// (`_handle_group_chord_error`): each member fails with the failed header member's own
+/// exception (the `ChordError`'s cause; the `ChordError` itself when an entry was unreadable)
+/// and gets its own errbacks and the group's, and the group's id is failed too.
+fn fail(body: &Signature, err: &JoinError, header: &TaskMessage, now: DateTime<Utc>, routes: &Routes) -> BodyPlan {
+    let chord_error = err.chord_error();
+    let exc = match (body.subtask_type.as_deref(), err) {
+        (Some("group"), JoinError::Dependency { exc, .. }) => exc,
+        _ => &chord_error,
+    };
+    let fail_one = |sig: &Signature, extra: &[Signature]| {
+        let id = sig.option_str("task_id").map_or_else(new_uuid, str::to_owned);
+        let mut links = sig.option_links("link_error");
+        links.extend(extra.iter().filter(|e| !links.contains(e)).cloned().collect::<Vec<_>>());
+        let errbacks = super::settle::errback_group(&links, &id, &id, header, routes);
+        (ResultMeta::failure(&id, &sig.task, exc, now), errbacks)
+    };
+    let (mut metas, mut errbacks) = (Vec::new(), Vec::new());
+    if body.subtask_type.as_deref() == Some("group") {
+        let group_links = body.option_links("link_error");
+        for member in body.members() {
+            let (meta, sent) = fail_one(&member, &group_links);
+            metas.push(meta);
+            errbacks.extend(sent);
+        }
+        if let Some(group_id) = body.option_str("task_id") {
+            metas.push(ResultMeta::failure(group_id, &body.task, exc, now));
+        }
+    } else {
+        let (meta, sent) = fail_one(body, &[]);
+        metas.push(meta);
+        errbacks = sent;
+    }
+    BodyPlan::Fail { error: chord_error.clone(), metas, errbacks }
 }
 
 impl Worker {
@@ -124,24 +156,30 @@ impl Worker {
             PartReturned::Claimed { token, entries, nested } => (token, entries, nested),
         };
         match body_plan(&step.body, &entries, nested, header, Utc::now(), &self.args.task_routes) {
-            BodyPlan::Send(body) => {
+            BodyPlan::Send(tasks) => {
                 let extended =
                     self.chord_redis("extend the chord claim", || self.backend.chord_extend_claim(gid, &token)).await;
                 if extended != Some(true) {
                     tracing::warn!(group_id = gid, "chord body not sent: another worker holds its claim now");
                     return;
                 }
-                tracing::info!(group_id = gid, body = %body.task, body_id = %body.id, members = entries.len(), "chord complete; sending its body");
-                self.send(body).await;
+                let body_id = tasks.first().map(|t| t.id.clone()).unwrap_or_default();
+                tracing::info!(group_id = gid, body = %step.body.task, body_id = %body_id, messages = tasks.len(), members = entries.len(), "chord complete; sending its body");
+                for task in tasks {
+                    self.send(task).await;
+                }
                 let cleaned = self.chord_redis("clean up the chord", || self.backend.chord_cleanup(gid, &token)).await;
                 if cleaned == Some(false) {
                     tracing::warn!(group_id = gid, "chord claim lost before cleanup; its keys are left to expire");
                 }
             }
-            BodyPlan::Fail { error, meta, errbacks } => {
-                tracing::warn!(group_id = gid, body = %step.body.task, body_id = %meta.task_id, "chord failed: {}", error.summary());
+            BodyPlan::Fail { error, metas, errbacks } => {
+                let body_id = step.body.option_str("task_id").unwrap_or_default();
+                tracing::warn!(group_id = gid, body = %step.body.task, body_id = %body_id, "chord failed: {}", error.summary());
                 self.metrics.failure.with_label_values(&[&step.body.task]).inc();
-                self.store_meta(&meta).await;
+                for meta in &metas {
+                    self.store_meta(meta).await;
+                }
                 for errback in errbacks {
                     self.send(errback).await;
                 }
@@ -247,15 +285,50 @@ mod tests {
         let msg = header(Some(1), body_sig(json!({"task_id": "b1", "group_id": "g1", "queue": "bodyq"})));
         let step = part(&msg, TaskState::Success, &json!(168)).unwrap();
         let entries = [part_entry("h0", TaskState::Success, &json!(25)), step.part.entry.clone()];
-        let BodyPlan::Send(body) = body_plan(&step.body, &entries, false, &msg, Utc::now(), &Routes::default()) else {
+        let BodyPlan::Send(tasks) = body_plan(&step.body, &entries, false, &msg, Utc::now(), &Routes::default()) else {
             panic!("sent")
         };
+        let [body] = tasks.as_slice() else { panic!("one message: {tasks:?}") };
         assert_eq!((body.id.as_str(), body.queue.as_str()), ("b1", "bodyq"));
         assert_eq!(body.args, vec![json!([25, 168])]);
         assert_eq!(
             (body.group.as_deref(), body.parent_id.as_deref(), body.root_id.as_deref()),
             (Some("g1"), Some("h1"), Some("h1"))
         );
+    }
+
+    /// A group body as a Celery 5.7 client freezes it: members with their ids, the header's
+    /// group id and their places.
+    fn group_body() -> Value {
+        let member = |id: &str, i: i64| {
+            json!({"task": "tasks.xsum", "args": [], "kwargs": {}, "subtask_type": null, "immutable": false,
+                   "options": {"task_id": id, "group_id": "g1", "group_index": i}})
+        };
+        json!({"task": "celery.group", "args": [], "kwargs": {"tasks": [member("m0", 0), member("m1", 1)]},
+               "options": {"task_id": "bg", "group_id": "g1"}, "subtask_type": "group", "immutable": false})
+    }
+
+    #[test]
+    fn a_group_body_sends_its_members_and_fails_each_with_the_cause() {
+        let msg = header(Some(1), group_body());
+        let step = part(&msg, TaskState::Success, &json!(3)).unwrap();
+        let entries = [part_entry("h0", TaskState::Success, &json!(2)), step.part.entry.clone()];
+        let BodyPlan::Send(tasks) = body_plan(&step.body, &entries, false, &msg, Utc::now(), &Routes::default()) else {
+            panic!("sent")
+        };
+        let sent: Vec<_> = tasks.iter().map(|t| (t.id.as_str(), t.group.as_deref(), t.group_index)).collect();
+        assert_eq!(sent, [("m0", Some("g1"), Some(0)), ("m1", Some("g1"), Some(1))], "their frozen group id kept");
+        assert!(tasks.iter().all(|t| t.args == vec![json!([2, 3])]));
+        let exc = ExceptionInfo::builtin("TypeError", "bad");
+        let entries = [part_entry("h0", TaskState::Failure, &exc.to_value())];
+        let BodyPlan::Fail { error, metas, .. } =
+            body_plan(&step.body, &entries, false, &msg, Utc::now(), &Routes::default())
+        else {
+            panic!("failed")
+        };
+        assert_eq!(error.exc_type, "ChordError");
+        let failed: Vec<_> = metas.iter().map(|m| (m.task_id.as_str(), m.result["exc_type"].clone())).collect();
+        assert_eq!(failed, [("m0", json!("TypeError")), ("m1", json!("TypeError")), ("bg", json!("TypeError"))]);
     }
 
     #[test]
@@ -265,12 +338,13 @@ mod tests {
         let exc = ExceptionInfo::builtin("ValueError", "boom");
         let entries = [part_entry("h1", TaskState::Failure, &exc.to_value())];
         let step = part(&msg, TaskState::Failure, &exc.to_value()).unwrap();
-        let BodyPlan::Fail { meta, errbacks, .. } =
+        let BodyPlan::Fail { metas, errbacks, .. } =
             body_plan(&step.body, &entries, false, &msg, Utc::now(), &Routes::default())
         else {
             panic!("failed")
         };
-        assert_eq!((meta.task_id.as_str(), meta.status), ("b1", TaskState::Failure));
+        let [meta] = metas.as_slice() else { panic!("one FAILURE: {metas:?}") };
+        assert_eq!((meta.task_id.as_str(), meta.status.clone()), ("b1", TaskState::Failure));
         assert_eq!(
             meta.result,
             json!({"exc_type": "ChordError", "exc_message": ["Dependency h1 raised ValueError('boom')"], "exc_module": "celery.exceptions"})
@@ -283,9 +357,11 @@ mod tests {
             errbacks[0].group.is_some() && errbacks[0].group_index == Some(0),
             "sent as a group of one, as Celery does"
         );
-        let BodyPlan::Fail { meta, .. } = body_plan(&step.body, &[], true, &msg, Utc::now(), &Routes::default()) else {
+        let BodyPlan::Fail { metas, .. } = body_plan(&step.body, &[], true, &msg, Utc::now(), &Routes::default())
+        else {
             panic!()
         };
-        assert!(meta.result["exc_message"][0].as_str().unwrap().contains("holds groups"), "{}", meta.result);
+        let meta = &metas[0];
+        assert!(meta.result["exc_message"][0].as_str().unwrap().contains("saved as a GroupResult"), "{}", meta.result);
     }
 }

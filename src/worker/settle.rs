@@ -85,16 +85,41 @@ pub fn settle(
     now: DateTime<Utc>,
     routes: &Routes,
 ) -> (Kind, Settlement) {
+    settle_spawning(msg, outcome, Vec::new(), queue, now, routes)
+}
+
+/// [`settle`], for a built-in canvas task whose success also applies `spawned`
+/// ([`crate::task::Task::spawned`]): those are sent first (Celery applies them while the
+/// task runs), each with no argument.
+pub fn settle_spawning(
+    msg: &TaskMessage,
+    outcome: TaskResult,
+    spawned: Vec<Signature>,
+    queue: &str,
+    now: DateTime<Utc>,
+    routes: &Routes,
+) -> (Kind, Settlement) {
     let task = msg.task.as_str();
     match outcome {
         Ok(value) => {
-            let mut send = callbacks(msg, &value, routes);
+            let mut send: Vec<NewTask> =
+                spawned.iter().flat_map(|sig| NewTask::apply(sig, None, msg, &route(routes))).collect();
+            send.extend(callbacks(msg, &value, routes));
             if let Some((next, rest)) = msg.embed.chain.split_last() {
                 // The next step: a task, or a group ending the chain (`a | group(b, c)`).
                 let mut step = NewTask::apply(next, Some(value.clone()), msg, &route(routes));
-                if let (None, [t]) = (&next.subtask_type, step.as_mut_slice()) {
-                    t.chain = rest.to_vec();
-                    t.chain_step = true;
+                match (next.subtask_type.as_deref(), step.as_mut_slice()) {
+                    (None, [t]) => {
+                        t.chain = rest.to_vec();
+                        t.chain_step = true;
+                    }
+                    // Celery passes the popped (empty) chain on to a group's members.
+                    (Some("group"), members) => {
+                        for t in members.iter_mut().filter(|t| t.chain.is_empty()) {
+                            t.chain_step = true;
+                        }
+                    }
+                    _ => {}
                 }
                 send.extend(step);
             }
@@ -261,6 +286,41 @@ mod tests {
         assert_eq!(s.send[1].args, vec![json!(3), json!(10)]);
         assert_eq!(s.send[1].chain.len(), 1, "the rest of the chain travels with the next step");
         assert!(s.send.iter().all(|t| t.parent_id.as_deref() == Some("parent-id")));
+    }
+
+    #[test]
+    fn a_chain_in_a_group_or_a_chord_header_carries_the_group_on_its_last_step() {
+        let chain = |a: &str, b: &str| {
+            json!({"task": "celery.chain", "args": [], "kwargs": {"tasks": [sig(a, json!([])), sig(b, json!([]))]},
+                   "options": {}, "subtask_type": "chain", "immutable": false})
+        };
+        let group = json!({"task": "celery.group", "args": [], "kwargs": {"tasks": [chain("tasks.a", "tasks.b"), sig("tasks.c", json!([]))]},
+                           "options": {"task_id": "g1"}, "subtask_type": "group", "immutable": false});
+        let msg = message(json!({"callbacks": null, "errbacks": null, "chain": [group.clone()], "chord": null}));
+        let (_, s) = settle(&msg, Ok(json!(3)), "celery", Utc::now(), &Routes::default());
+        let [first, plain] = s.send.as_slice() else { panic!("{:?}", s.send) };
+        assert_eq!(
+            (first.task.as_str(), first.group.as_deref()),
+            ("tasks.a", None),
+            "the chain's first step: no group"
+        );
+        let last = &first.chain[0];
+        assert_eq!((last.option_str("group_id"), last.options.get("group_index")), (Some("g1"), Some(&json!(0))));
+        assert_eq!((plain.group.as_deref(), plain.group_index, plain.chain_step), (Some("g1"), Some(1), true));
+        let chord = json!({"task": "celery.chord", "args": [], "kwargs": {"header": group, "body": sig("tasks.xsum", json!([])), "kwargs": {}},
+                           "options": {}, "subtask_type": "chord", "immutable": false});
+        let msg = message(json!({"callbacks": null, "errbacks": null, "chain": [chord], "chord": null}));
+        let (_, s) = settle(&msg, Ok(json!(3)), "celery", Utc::now(), &Routes::default());
+        let [first, plain] = s.send.as_slice() else { panic!("{:?}", s.send) };
+        let last = &first.chain[0];
+        assert_eq!(
+            last.option_chord().map(|b| b.task),
+            Some("tasks.xsum".to_owned()),
+            "the body rides on the last step"
+        );
+        assert_eq!((last.option_str("group_id"), first.group.as_deref()), (Some("g1"), None));
+        assert_eq!(plain.chord.as_ref().map(|b| b.task.as_str()), Some("tasks.xsum"));
+        assert_eq!(plain.chord_size, Some(("g1".to_owned(), 2)), "the size, set before the last member is sent");
     }
 
     #[test]

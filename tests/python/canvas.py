@@ -21,6 +21,19 @@
     canvas.py routed                 chain(cpu_bound(10), xsum) with no queue on the step
     canvas.py nested                 a | group(b, c); a | group(b, c, d) | xsum; a with link=group(...);
                                      a with link=chain(...); prints each value
+    canvas.py bodies                 chords whose body is a group, a chain, a chord, a chain ending in a
+                                     group, and a group body whose chord fails; prints each outcome
+    canvas.py parked_bodies          the fixed-id chords of 'bodies' (header c001, c002) with the body's
+                                     messages parked on queue 'hold': a group body (c003, c004), a chain
+                                     body (c005 then c006)
+    canvas.py parked_group_chain     chain(cpu_bound(100) c001, group(chain(cpu_bound c002 on 'hold',
+                                     cpu_bound c003), cpu_bound c004 on 'hold')): the group as a worker
+                                     sends it
+    canvas.py headers                chord headers holding a group and a chain, sent by the client, and a
+                                     chord step of a chain whose header holds a chain (or a group), sent
+                                     by the worker; prints each outcome
+    canvas.py chunks_task            the celery.chunks message itself (send_task), and one whose n is 0;
+                                     prints the stored GroupResult's shape and its values
     canvas.py send N                 send a chord of N members (cpu_bound(200 + i)) whose body goes
                                      to queue 'bodyq'; prints the group id and the member ids
 
@@ -170,6 +183,87 @@ def main():
         first.link(chain(cpu(), cpu(task_id=fixed(7))))
         first.apply_async().get(timeout=60)
         out["link_chain"] = app.AsyncResult(fixed(7)).get(timeout=60)
+        # A chain inside a group a worker sends: the group's result is the chain's last value.
+        r = chain(cpu(100), group(chain(cpu(), cpu()), cpu(1000).set(immutable=True))).apply_async()
+        out["group_of_chain"] = r.get(timeout=60)
+        print(json.dumps(out))
+    elif mode == "bodies":
+        cpu, xsum = (lambda *a, **o: sig("tasks.cpu_bound", *a, **o)), (lambda *a, **o: sig("tasks.xsum", *a, **o))
+        header = lambda: [cpu(10), cpu(100)]  # [4, 25]
+        calls = {
+            "group": lambda: chord(header())(group(xsum(), cpu(1000).set(immutable=True))),
+            "chain": lambda: chord(header())(chain(xsum(), cpu())),
+            "chord": lambda: chord(header())(chord([xsum(), xsum()], xsum())),
+            "chain_then_group": lambda: chord(header())(chain(xsum(), group(cpu(), cpu()))),
+        }
+        out = {}
+        for what, call in calls.items():
+            try:
+                out[what] = {"ok": True, "value": call().get(timeout=60)}
+            except Exception as exc:  # the test asserts on it
+                out[what] = exception(exc)
+        # A failing header member fails each member of a group body with the ChordError.
+        r = chord([cpu(10), xsum([1, "a"])])(group(xsum(task_id=fixed(5)), xsum(task_id=fixed(6))))
+        try:
+            r.get(timeout=60)
+            out["group_fail"] = {"ok": True}
+        except Exception as exc:  # the test asserts on it
+            out["group_fail"] = exception(exc)
+        members = []
+        for n in (5, 6):
+            m = app.AsyncResult(fixed(n))
+            deadline = time.monotonic() + 30
+            while m.state == "PENDING" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            members.append({"state": m.state, "exc_type": type(m.result).__name__,
+                            "exc_args": [str(a) for a in getattr(m.result, "args", ())]})
+        out["group_fail_members"] = members
+        print(json.dumps(out))
+    elif mode == "parked_bodies":
+        hold = dict(queue="hold")
+        header = [sig("tasks.cpu_bound", 10, task_id=fixed(1)), sig("tasks.cpu_bound", 100, task_id=fixed(2))]
+        body = group(sig("tasks.xsum", task_id=fixed(3), **hold), sig("tasks.cpu_bound", 1000, task_id=fixed(4), **hold).set(immutable=True))
+        c = chord(header, body)
+        c.options["task_id"] = GROUP_ID
+        c.apply_async()
+        header = [sig("tasks.cpu_bound", 10, task_id=fixed(7)), sig("tasks.cpu_bound", 100, task_id=fixed(8))]
+        c = chord(header, chain(sig("tasks.xsum", task_id=fixed(5), **hold), sig("tasks.cpu_bound", task_id=fixed(6))))
+        c.apply_async()
+        print(json.dumps({"group": GROUP_ID}))
+    elif mode == "parked_group_chain":
+        hold = dict(queue="hold")
+        cpu = lambda *a, **o: sig("tasks.cpu_bound", *a, **o)
+        inner = chain(cpu(task_id=fixed(2), **hold), cpu(task_id=fixed(3)))
+        chain(cpu(100, task_id=fixed(1)), group(inner, cpu(task_id=fixed(4), **hold))).apply_async()
+        print(json.dumps({"sent": 1}))
+    elif mode == "headers":
+        cpu, xsum = (lambda *a, **o: sig("tasks.cpu_bound", *a, **o)), (lambda *a, **o: sig("tasks.xsum", *a, **o))
+        acc = sig("celery.accumulate")
+        calls = {
+            "group_in_header": lambda: chord([group(cpu(10), cpu(11)), cpu(100)])(acc),
+            "chain_in_header": lambda: chord([chain(cpu(100), cpu()), cpu(10)])(xsum()),
+            "chain_in_header_in_chain": lambda: chain(cpu(100), group(chain(cpu(), cpu()), cpu(1000).set(immutable=True)), xsum()).apply_async(),
+            "group_in_header_in_chain": lambda: chain(cpu(100), group(group(cpu(), cpu()), cpu()), xsum()).apply_async(),
+        }
+        out = {}
+        for what, call in calls.items():
+            try:
+                out[what] = {"ok": True, "value": call().get(timeout=60)}
+            except Exception as exc:  # the test asserts on it
+                out[what] = exception(exc)
+        print(json.dumps(out))
+    elif mode == "chunks_task":
+        from celery.result import result_from_tuple
+        cpu = dict(sig("tasks.cpu_bound"))
+        r = app.send_task("celery.chunks", args=[cpu, [(10,), (100,), (1000,), (2,), (0,)], 2])
+        v = r.get(timeout=60)
+        out = {"shape": [len(v), len(v[0]), isinstance(v[0][0], str), v[0][1], [len(m) for m in v[1]]],
+               "value": result_from_tuple(v, app).get(timeout=60)}
+        try:
+            app.send_task("celery.chunks", args=[cpu, [(10,)], 0]).get(timeout=60)
+            out["bad_n"] = {"ok": True}
+        except Exception as exc:  # the test asserts on it
+            out["bad_n"] = exception(exc)
         print(json.dumps(out))
     elif mode == "send":
         n = int(sys.argv[2])
