@@ -23,14 +23,18 @@ fn python_worker(redis: &Redis, queues: &str, env: &[(&str, &str)]) -> PythonWor
     PythonWorker::start(redis, &["-Q", queues, "-c", "2"], env)
 }
 
+/// What `canvas.py args` prints when a Python 5.7 worker runs the tasks, on a Redis of its own:
+/// the reference each interop test compares ours with.
+fn on_a_python_worker(args: &[&str], timeout: Duration) -> Value {
+    let redis = Redis::start();
+    let _w = python_worker(&redis, "celery", &[]);
+    canvas(&redis, args, timeout)
+}
+
 #[test]
 fn a_python_chord_gives_what_a_python_worker_gives() {
     let ns = "[10, 100, 1000, 10000, 2, 0]";
-    let python = {
-        let redis = Redis::start();
-        let _w = python_worker(&redis, "celery", &[]);
-        canvas(&redis, &["chord", ns], Duration::from_secs(120))
-    };
+    let python = on_a_python_worker(&["chord", ns], Duration::from_secs(120));
     let redis = Redis::start();
     let worker = Worker::start(&redis, &["--concurrency", "2"]);
     let ours = canvas(&redis, &["chord", ns], Duration::from_secs(120));
@@ -54,11 +58,7 @@ fn a_python_chord_gives_what_a_python_worker_gives() {
 
 #[test]
 fn a_failing_header_member_gives_the_bodys_errback_a_chord_error() {
-    let python = {
-        let redis = Redis::start();
-        let _w = python_worker(&redis, "celery", &[]);
-        canvas(&redis, &["fail"], Duration::from_secs(120))
-    };
+    let python = on_a_python_worker(&["fail"], Duration::from_secs(120));
     let redis = Redis::start();
     let worker = Worker::start(&redis, &["--concurrency", "2"]);
     let out = canvas(&redis, &["fail"], Duration::from_secs(120));
@@ -375,11 +375,7 @@ fn malformed_chords_are_refused_and_counted_and_the_worker_goes_on() {
 
 #[test]
 fn map_starmap_and_chunks_give_what_a_python_worker_gives() {
-    let python = {
-        let redis = Redis::start();
-        let _w = python_worker(&redis, "celery", &[]);
-        canvas(&redis, &["maps"], Duration::from_secs(120))
-    };
+    let python = on_a_python_worker(&["maps"], Duration::from_secs(120));
     let redis = Redis::start();
     let worker = Worker::start(&redis, &["--concurrency", "2"]);
     let ours = canvas(&redis, &["maps"], Duration::from_secs(120));
@@ -405,11 +401,7 @@ fn map_starmap_and_chunks_give_what_a_python_worker_gives() {
 
 #[test]
 fn the_celery_chunks_task_gives_what_a_python_worker_gives() {
-    let python = {
-        let redis = Redis::start();
-        let _w = python_worker(&redis, "celery", &[]);
-        canvas(&redis, &["chunks_task"], Duration::from_secs(120))
-    };
+    let python = on_a_python_worker(&["chunks_task"], Duration::from_secs(120));
     let redis = Redis::start();
     let worker = Worker::start(&redis, &["--concurrency", "2"]);
     let ours = canvas(&redis, &["chunks_task"], Duration::from_secs(120));
@@ -593,11 +585,7 @@ fn a_follow_up_without_a_queue_goes_where_the_routing_table_says() {
 
 #[test]
 fn groups_chains_and_chords_inside_chains_and_links_give_what_a_python_worker_gives() {
-    let python = {
-        let redis = Redis::start();
-        let _w = python_worker(&redis, "celery", &[]);
-        canvas(&redis, &["nested"], Duration::from_secs(120))
-    };
+    let python = on_a_python_worker(&["nested"], Duration::from_secs(120));
     let redis = Redis::start();
     let worker = Worker::start(&redis, &["--concurrency", "2"]);
     let ours = canvas(&redis, &["nested"], Duration::from_secs(120));
@@ -613,11 +601,7 @@ fn groups_chains_and_chords_inside_chains_and_links_give_what_a_python_worker_gi
 
 #[test]
 fn chord_bodies_that_are_groups_chains_and_chords_give_what_a_python_worker_gives() {
-    let python = {
-        let redis = Redis::start();
-        let _w = python_worker(&redis, "celery", &[]);
-        canvas(&redis, &["bodies"], Duration::from_secs(180))
-    };
+    let python = on_a_python_worker(&["bodies"], Duration::from_secs(180));
     let redis = Redis::start();
     let worker = Worker::start(&redis, &["--concurrency", "2"]);
     let ours = canvas(&redis, &["bodies"], Duration::from_secs(180));
@@ -725,11 +709,7 @@ fn a_chain_in_a_group_carries_the_group_on_its_last_step_as_a_python_worker_send
 
 #[test]
 fn chord_headers_holding_groups_and_chains_give_what_a_python_worker_gives() {
-    let python = {
-        let redis = Redis::start();
-        let _w = python_worker(&redis, "celery", &[]);
-        canvas(&redis, &["headers"], Duration::from_secs(180))
-    };
+    let python = on_a_python_worker(&["headers"], Duration::from_secs(180));
     let redis = Redis::start();
     let worker = Worker::start(&redis, &["--concurrency", "2"]);
     let ours = canvas(&redis, &["headers"], Duration::from_secs(180));

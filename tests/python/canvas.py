@@ -67,6 +67,19 @@ def exception(exc):
             "exc_args": [a if isinstance(a, (str, int, float)) else repr(a) for a in exc.args]}
 
 
+def outcome(get):
+    """{"ok": True, "value": get()}, or what get() raised, in the form the tests compare."""
+    try:
+        return {"ok": True, "value": get()}
+    except Exception as exc:  # the test asserts on it
+        return exception(exc)
+
+
+def outcomes(calls):
+    """outcome() of each canvas call's result, by name."""
+    return {what: outcome(lambda: call().get(timeout=60)) for what, call in calls.items()}
+
+
 def main():
     mode = sys.argv[1]
     if mode == "chord":
@@ -88,14 +101,9 @@ def main():
     elif mode == "fail":
         body = sig("tasks.xsum").on_error(sig("tasks.io_bound", task_id=ERRBACK_ID))
         result = chord([sig("tasks.cpu_bound", 10), sig("tasks.xsum", [1, "a"])])(body)
-        out = {}
         # .get() on the chord re-raises the failed header member's error (Celery's
         # _maybe_reraise_parent_error); the body itself holds the ChordError.
-        for what, r in (("get", result), ("body", app.AsyncResult(result.id))):
-            try:
-                out[what] = {"ok": True, "value": r.get(timeout=60)}
-            except Exception as exc:  # the test asserts on it
-                out[what] = exception(exc)
+        out = outcomes({"get": lambda: result, "body": lambda: app.AsyncResult(result.id)})
         out.update({"id": result.id, "state": result.state, "errback_id": ERRBACK_ID})
         print(json.dumps(out))
     elif mode == "keys":
@@ -133,13 +141,7 @@ def main():
             "map_bad_item": xmap(cpu, [10, "x"]),
             "map_not_registered": xmap(sig("tasks.nobody_has_this"), [1]),
         }
-        out = {}
-        for what, call in calls.items():
-            try:
-                out[what] = {"ok": True, "value": call.apply_async().get(timeout=60)}
-            except Exception as exc:  # the test asserts on it
-                out[what] = exception(exc)
-        print(json.dumps(out))
+        print(json.dumps(outcomes({what: c.apply_async for what, c in calls.items()})))
     elif mode == "followups":
         # Follow-ups with their own options, parked on queues nobody consumes: a chain step
         # (countdown, expires, priority, time limits, its own link_error), two link callbacks
@@ -196,19 +198,10 @@ def main():
             "chord": lambda: chord(header())(chord([xsum(), xsum()], xsum())),
             "chain_then_group": lambda: chord(header())(chain(xsum(), group(cpu(), cpu()))),
         }
-        out = {}
-        for what, call in calls.items():
-            try:
-                out[what] = {"ok": True, "value": call().get(timeout=60)}
-            except Exception as exc:  # the test asserts on it
-                out[what] = exception(exc)
+        out = outcomes(calls)
         # A failing header member fails each member of a group body with the ChordError.
         r = chord([cpu(10), xsum([1, "a"])])(group(xsum(task_id=fixed(5)), xsum(task_id=fixed(6))))
-        try:
-            r.get(timeout=60)
-            out["group_fail"] = {"ok": True}
-        except Exception as exc:  # the test asserts on it
-            out["group_fail"] = exception(exc)
+        out["group_fail"] = outcome(lambda: r.get(timeout=60))
         members = []
         for n in (5, 6):
             m = app.AsyncResult(fixed(n))
@@ -245,13 +238,7 @@ def main():
             "chain_in_header_in_chain": lambda: chain(cpu(100), group(chain(cpu(), cpu()), cpu(1000).set(immutable=True)), xsum()).apply_async(),
             "group_in_header_in_chain": lambda: chain(cpu(100), group(group(cpu(), cpu()), cpu()), xsum()).apply_async(),
         }
-        out = {}
-        for what, call in calls.items():
-            try:
-                out[what] = {"ok": True, "value": call().get(timeout=60)}
-            except Exception as exc:  # the test asserts on it
-                out[what] = exception(exc)
-        print(json.dumps(out))
+        print(json.dumps(outcomes(calls)))
     elif mode == "chunks_task":
         from celery.result import result_from_tuple
         cpu = dict(sig("tasks.cpu_bound"))
@@ -259,11 +246,7 @@ def main():
         v = r.get(timeout=60)
         out = {"shape": [len(v), len(v[0]), isinstance(v[0][0], str), v[0][1], [len(m) for m in v[1]]],
                "value": result_from_tuple(v, app).get(timeout=60)}
-        try:
-            app.send_task("celery.chunks", args=[cpu, [(10,)], 0]).get(timeout=60)
-            out["bad_n"] = {"ok": True}
-        except Exception as exc:  # the test asserts on it
-            out["bad_n"] = exception(exc)
+        out["bad_n"] = outcome(lambda: app.send_task("celery.chunks", args=[cpu, [(10,)], 0]).get(timeout=60))
         print(json.dumps(out))
     elif mode == "send":
         n = int(sys.argv[2])
