@@ -440,6 +440,12 @@ class Harness:
     def depth(self):
         return self.redis.llen("celery")
 
+    def client_env(self):
+        """BROKER_URL and BACKEND_URL of the harness' Redis, for a producer outside the cluster
+        (in the environment, never on a command line: they hold the password)."""
+        url = f"redis://:{self.redis_password}@127.0.0.1:{self.ports['redis']}"
+        return {"BROKER_URL": f"{url}/0", "BACKEND_URL": f"{url}/1"}
+
 
 class HpaWatch:
     """`kubectl get hpa worker --watch -o json` in the background: every status the HPA controller
@@ -553,8 +559,7 @@ def run_producer(h, samples, label, load):
     every task is SUCCESS and the Deployment is back at 1 replica."""
     argv = [h.app, "loadgen", *load, "--wait", "--wait-timeout", "600"]
     log(f"{label}: {' '.join(argv[1:])} (a producer outside the cluster, as a user's app)")
-    env = {"BROKER_URL": f"redis://:{h.redis_password}@127.0.0.1:{h.ports['redis']}/0",
-           "BACKEND_URL": f"redis://:{h.redis_password}@127.0.0.1:{h.ports['redis']}/1"}
+    env = h.client_env()
     record(h, samples, label)
     p = h.start(f"loadgen-{label}", argv, env=env)
     t0 = time.monotonic()
@@ -676,8 +681,7 @@ def run_scale_in(h, cost, base_docs):
         check_cost_policy(h)
     argv = [h.app, "loadgen", "burst", "--n", str(SCALE_IN_BUSY), "--task", "io", "--io-seconds", str(SCALE_IN_TASK_S),
             "--wait", "--wait-timeout", "900"]
-    env = {"BROKER_URL": f"redis://:{h.redis_password}@127.0.0.1:{h.ports['redis']}/0",
-           "BACKEND_URL": f"redis://:{h.redis_password}@127.0.0.1:{h.ports['redis']}/1"}
+    env = h.client_env()
     name = f"loadgen-scale-in-{'cost' if cost else 'plain'}"
     p = h.start(name, argv, env=env)
     busy = h.wait(f"scale-in: {SCALE_IN_BUSY} tasks running", lambda: (
