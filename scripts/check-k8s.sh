@@ -125,6 +125,15 @@ check "kubectl kustomize overlay + its commented component" kubectl kustomize "$
 echo "== 5. promtool"
 files=nix/k8s/files
 check "promtool check config $files/prometheus.yml" promtool check config "$files/prometheus.yml"
+# ... and the prometheus.yml each example's build ships (celeryAutoscale.pipeline may change it).
+for built in "$tmp"/example-*.yaml; do
+  name=$(basename "$built" .yaml)
+  python3 -c 'import sys, yaml
+cm = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "ConfigMap" and d["metadata"]["name"] == "prometheus-config"]
+open(sys.argv[2], "w").write(cm[0]["data"]["prometheus.yml"])' "$built" "$tmp/$name.prometheus.yml" &&
+    cp "$files/alerts.yml" "$tmp/alerts.yml" &&
+    check "promtool check config (the prometheus.yml of k8s + examples/${name#example-})" promtool check config "$tmp/$name.prometheus.yml"
+done
 check "promtool check rules $files/alerts.yml" promtool check rules "$files/alerts.yml"
 check "promtool test rules $files/alerts_test.yml" promtool test rules "$files/alerts_test.yml"
 

@@ -693,7 +693,8 @@ def check_examples(repo, check):
     """Each example Component builds over the base (step 4) into a hardened, correctly wired fleet."""
     kustomize_images = {e["name"]: e["newTag"] for e in repo.kustomization["images"]}
     check_pool_wiring(repo.base, check, "k8s")
-    check(repo.examples == ["per-queue", "pod-deletion-cost", "python-worker", "redis-tls", "tuned"], f"examples are {repo.examples}")
+    check(repo.examples == ["fast-pipeline", "per-queue", "pod-deletion-cost", "python-worker", "redis-tls", "tuned"],
+          f"examples are {repo.examples}")
     base_hpa = next((o for o in repo.base if o["kind"] == "HorizontalPodAutoscaler"), None)
     for example in repo.examples:
         objects = repo.built.get(f"example-{example}.yaml")
@@ -730,10 +731,27 @@ def check_examples(repo, check):
                   f"{where}: objects other than the HPA differ from the base")
         elif example == "pod-deletion-cost":
             check_pod_deletion_cost(names, check, where)
+        elif example == "fast-pipeline":
+            check(pipeline(objects) == (2, "3s", "2s"), f"{where}: exporter --interval / scrape_interval / scrape_timeout "
+                  f"are {pipeline(objects)}, not 2 s / 3s / 2s (celeryAutoscale.pipeline)")
+            changed = {k for k, o in names.items() if o != next((b for b in repo.base if (b["kind"], b["metadata"]["name"]) == k), None)}
+            check(changed == {("Deployment", "exporter"), ("ConfigMap", "prometheus-config"), ("Deployment", "prometheus")},
+                  f"{where}: changes more than the exporter, the Prometheus config and its pod's checksum: {sorted(changed)}")
         elif example == "per-queue":
             check(("Deployment", "worker") not in names, f"{where}: the base pool `worker` is still there")
             check({n for k, n in names if k == "HorizontalPodAutoscaler"} == {"worker-cpu", "worker-io"},
                   f"{where}: expected the HPAs worker-cpu and worker-io")
+
+
+def pipeline(objects):
+    """(exporter --interval, the exporter job's scrape_interval, its scrape_timeout) of a render."""
+    names = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+    args = names.get(("Deployment", "exporter"), {}).get("spec", {}).get("template", {}).get("spec", {}) \
+        .get("containers", [{}])[0].get("args", [])
+    interval = int(args[args.index("--interval") + 1]) if "--interval" in args[:-1] else None
+    config = yaml.safe_load(names.get(("ConfigMap", "prometheus-config"), {}).get("data", {}).get("prometheus.yml", "")) or {}
+    job = next((j for j in config.get("scrape_configs", []) if j.get("job_name") == "celery-queue-exporter"), {})
+    return interval, job.get("scrape_interval"), job.get("scrape_timeout")
 
 
 def check_pod_deletion_cost(names, check, where):

@@ -241,6 +241,21 @@ def target(obj):
     return {k: v for k, v in t.items() if v}
 
 
+def ops_text(ops):
+    """A JSON patch as the Component carries it: YAML, or JSON when a value holds a string that ends
+    in a newline (kubectl's kustomize drops that newline from a YAML block scalar in a patch, and
+    the build would then differ from the render)."""
+    def trailing_newline(v):
+        if isinstance(v, str):
+            return v.endswith("\n")
+        if isinstance(v, dict):
+            return any(trailing_newline(x) for x in v.values())
+        return isinstance(v, list) and any(trailing_newline(x) for x in v)
+    if any(trailing_newline(op.get("value")) for op in ops):
+        return json.dumps(ops, indent=2, sort_keys=True) + "\n"
+    return yaml.dump(ops, Dumper=Dumper, sort_keys=True, default_flow_style=False)
+
+
 def delete_patch(obj):
     metadata = {"name": obj["metadata"]["name"]}
     if obj["metadata"].get("namespace"):
@@ -260,7 +275,7 @@ for example in examples:
     patches = [delete_patch(o) for o in removed]
     for obj in changed:
         ops = json_patch(base_by_key[key(obj)], obj)
-        patches.append({"target": target(obj), "patch": yaml.dump(ops, Dumper=Dumper, sort_keys=True, default_flow_style=False)})
+        patches.append({"target": target(obj), "patch": ops_text(ops)})
     component = {"apiVersion": "kustomize.config.k8s.io/v1alpha1", "kind": "Component"}
     if added:
         write(f"examples/{example}/{example}.yaml", header(f"nix/k8s/{module}.nix") + dump(added))

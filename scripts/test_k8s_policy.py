@@ -219,6 +219,11 @@ def tuned_example_drifted(r):
     hpa["spec"]["metrics"][0]["external"]["target"]["averageValue"] = "3"
 
 
+def fast_pipeline_exporter_at_default(r):
+    args = built_object(r, "example-fast-pipeline.yaml", "Deployment", "exporter")["spec"]["template"]["spec"]["containers"][0]["args"]
+    args[args.index("--interval") + 1] = "5"
+
+
 def per_queue_build_drifted(r):
     built_object(r, "example-per-queue.yaml", "Deployment", "worker-io")["metadata"]["labels"]["extra"] = "x"
 
@@ -245,6 +250,7 @@ BAD_CASES = [
     (policy.check_network_policies, allow_all_policy, "NetworkPolicy allows"),
     (policy.check_dashboard, dashboard_duplicate_panel_id, "panel ids are not unique"),
     (policy.check_examples, per_queue_build_drifted, "the kustomize build differs from the render"),
+    (policy.check_examples, fast_pipeline_exporter_at_default, "not 2 s / 3s / 2s"),
     (policy.check_examples, per_queue_hpa_on_other_queue, "HPA worker-io scales on queues ['cpu']"),
     (policy.check_examples, python_worker_short_visibility, "must stay >= 3600 s"),
     (policy.check_examples, per_queue_selector_overlaps, "also selects the pods of pool worker-io"),

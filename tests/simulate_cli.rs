@@ -285,6 +285,11 @@ fn tune_is_deterministic_and_its_hpa_replays() {
     assert_eq!(std::fs::read_to_string(&first).unwrap(), std::fs::read_to_string(&second).unwrap());
     assert!(a.contains("# Pareto front: ") && a.contains(" of 24 candidates"), "{a}");
     assert!(a.contains("celeryAutoscale.workers.worker.hpa = {\n  signal = \"depth\";\n  averageValue = "), "{a}");
+    // The quick grid keeps --scrape-delay (15 s): the pipeline options that give it.
+    assert!(
+        a.contains("celeryAutoscale.pipeline = { exporterIntervalSeconds = 7; scrapeIntervalSeconds = 8; };\n"),
+        "{a}"
+    );
     assert!(
         a.contains("# signal depth: the HPA reads the External metric celery_queue_depth, which the adapter serves"),
         "{a}"

@@ -1,4 +1,5 @@
-# Queue-depth exporter: polls Redis every 5 s and serves celery_queue_depth{queue} on :9808.
+# Queue-depth exporter: polls Redis every celeryAutoscale.pipeline.exporterIntervalSeconds (5 s)
+# and serves celery_queue_depth{queue} on :9808.
 #
 # Exactly one replica with the Recreate strategy, so that no two exporters report the same queue at
 # once (not even during a rollout). Two would double a `sum`; the adapter query uses `max by (queue)`
@@ -29,7 +30,7 @@ in
               "--queues"
               (lib.concatStringsSep "," cfg.queues)
               "--interval"
-              "5"
+              (toString cfg.pipeline.exporterIntervalSeconds)
               "--listen"
               "0.0.0.0:${toString c.ports.exporter}"
             ];

@@ -2,11 +2,22 @@
 # evaluates the alert rules (files/alerts.yml). prometheus-adapter queries it for the HPA.
 # Targets are found through cluster DNS, so Prometheus needs no ServiceAccount token or RBAC.
 # Its TSDB is an emptyDir: the HPA only needs recent samples; a restart starts an empty history.
+{ lib, config, ... }:
 let
   c = import ./constants.nix;
   w = import ./workload.nix;
   app = c.apps.prometheus;
-  prometheusConfig = builtins.readFile ./files/prometheus.yml;
+  pipeline = config.celeryAutoscale.pipeline;
+  # files/prometheus.yml with the exporter job's scrape interval of celeryAutoscale.pipeline (the
+  # file holds the default, 5 s, so the default render ships it byte for byte); the timeout stays
+  # below the interval, as Prometheus requires.
+  exporterScrape = interval:
+    "    scrape_interval: ${toString interval}s\n    scrape_timeout: ${toString (lib.max 1 (lib.min 4 (interval - 1)))}s\n";
+  shipped = builtins.readFile ./files/prometheus.yml;
+  prometheusConfig =
+    if lib.hasInfix (exporterScrape 5) shipped
+    then builtins.replaceStrings [ (exporterScrape 5) ] [ (exporterScrape pipeline.scrapeIntervalSeconds) ] shipped
+    else throw "nix/k8s/monitoring.nix: files/prometheus.yml no longer holds the exporter job's `scrape_interval: 5s` / `scrape_timeout: 4s` lines this module replaces";
   alertRules = builtins.readFile ./files/alerts.yml;
   volumes = [
     { name = "config"; configMap.name = "prometheus-config"; }
@@ -14,10 +25,11 @@ let
   ];
 in
 {
-  imports = [ ./common.nix ];
+  imports = [ ./common.nix ./options.nix ];
 
   kubernetes.resources = {
-    # The files as they are in the repository: promtool checks them there (scripts/check-k8s.sh).
+    # The files as they are in the repository (the scrape interval aside, above): promtool checks
+    # them there and in the rendered ConfigMap (scripts/check-k8s.sh).
     configMaps.prometheus-config.data = {
       "prometheus.yml" = prometheusConfig;
       "alerts.yml" = alertRules;

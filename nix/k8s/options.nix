@@ -1,5 +1,5 @@
 # The options the worker pools, their HPAs, the exporter and the loadgen Job are rendered from.
-# Imported by worker.nix, autoscaling.nix, exporter.nix and loadgen.nix (the module system imports
+# Imported by worker.nix, autoscaling.nix, exporter.nix, monitoring.nix and loadgen.nix (the module system imports
 # it once however many modules name it). The defaults render the base deployment k8s/.
 #
 #   celeryAutoscale.redis    where the Redis is, whether the in-cluster one serves TLS, and how
@@ -7,6 +7,7 @@
 #   celeryAutoscale.workers  one entry per worker pool: a Deployment, a PodDisruptionBudget and an
 #                            HPA named after the entry, scaling on the pool's queues by its
 #                            hpa.signal (depth by default) with its hpa.profile's numbers
+#   celeryAutoscale.pipeline how often the exporter polls Redis and Prometheus scrapes it
 #
 # Example (nix/k8s/example-per-queue.nix): one pool per task type, each on its own queue:
 #   celeryAutoscale.workers = {
@@ -294,6 +295,22 @@ in
         readOnly = true;
         description = "The CA mount, when redis.caSecret is set.";
         default = lib.optional (cfg.redis.caSecret != null) { name = "redis-ca"; mountPath = caDir; readOnly = true; };
+      };
+    };
+
+    # How late the HPA sees the depth: at worst the exporter's poll interval plus the exporter job's
+    # scrape interval (the adapter queries Prometheus when the HPA asks). `simulate --scrape-delay`
+    # models that sum, and `simulate --tune` prints these two options for the delay it chose.
+    pipeline = {
+      exporterIntervalSeconds = mkOption {
+        type = types.ints.between 1 60;
+        default = 5;
+        description = "How often the exporter reads the queues from Redis (its --interval).";
+      };
+      scrapeIntervalSeconds = mkOption {
+        type = types.ints.between 1 60;
+        default = 5;
+        description = "How often Prometheus scrapes the exporter (the celery-queue-exporter job's scrape_interval).";
       };
     };
 

@@ -12,7 +12,7 @@ Every process binds 127.0.0.1 and is stopped by the PID this script recorded, wh
 Logs and the CSVs of each run stay in the work directory it prints (kept when a step fails or with
 --keep). docs/CI.md describes every patch the local run makes to the rendered objects.
 
-    scripts/control-plane/run.sh [--scenarios burst,ramp] [--skip-negative] [--keep]
+    scripts/control-plane/run.sh [--scenarios burst,ramp,burst-io,oscillate,scale-in,tuned] [--skip-negative] [--keep]
 """
 
 import argparse
@@ -52,6 +52,9 @@ DOWN_BOUND = 280  # back to minReplicas after the queue is empty
 # The ramp: 1 → 20 io tasks/s over 120 s (0.5 s each: one worker of concurrency 2 runs 4/s).
 RAMP = ["--from", "1", "--to", "20", "--duration", "120"]
 RAMP_TASK = ["--task", "io", "--io-seconds", "0.5"]
+# The model's oscillate:10:8:60:300 (opt-in: about 8 min a run): 10 ± 8 io tasks/s, a 60 s period,
+# 300 s; five whole periods, so loadgen sends mean × duration tasks.
+OSCILLATE = ["--mean", "10", "--amplitude", "8", "--period", "60", "--duration", "300"]
 
 
 class Fail(Exception):
@@ -554,10 +557,14 @@ def run_burst_io(h, samples, label="burst-io"):
     return run_producer(h, samples, label, ["burst", "--n", "400", *RAMP_TASK])
 
 
+def run_oscillate(h, samples, label="oscillate"):
+    return run_producer(h, samples, label, ["oscillate", *OSCILLATE, *RAMP_TASK])
+
+
 def run_producer(h, samples, label, load):
     """`loadgen <load> --wait` as a producer outside the cluster, as a user's app; watched until
     every task is SUCCESS and the Deployment is back at 1 replica."""
-    argv = [h.app, "loadgen", *load, "--wait", "--wait-timeout", "600"]
+    argv = [h.app, "loadgen", *load, "--wait", "--wait-timeout", "800"]
     log(f"{label}: {' '.join(argv[1:])} (a producer outside the cluster, as a user's app)")
     env = h.client_env()
     record(h, samples, label)
@@ -576,8 +583,8 @@ def run_producer(h, samples, label, load):
                     raise Fail(f"{label}: loadgen exited {code}: not every task ended SUCCESS (see {h.logs}/loadgen-{label}.log)")
                 done = now
                 log(f"{label}: every task SUCCESS after {now:.0f} s; peak {peak} replicas")
-            elif now > 700:
-                raise Fail(f"{label}: loadgen still waiting after 700 s")
+            elif now > 900:
+                raise Fail(f"{label}: loadgen still waiting after 900 s")
         elif replicas == 1:
             log(f"{label}: back to 1 replica {now - done:.0f} s after the last result (bound {DOWN_BOUND} s)")
             break
@@ -603,11 +610,19 @@ def loadgen_results(path):
 def figures(samples, label):
     """What the table of docs/Autoscaling.md reports, from the run's samples (every ~2 s): the
     replica-seconds of spec.replicas from the load's start until back at minReplicas, and the
-    largest backlog Redis held."""
+    largest backlog Redis held, and the reversals (changes of direction of spec.replicas, as
+    `simulate` counts them; a sample every ~2 s sees each 15 s sync's change)."""
     rows = [x for x in samples if x["scenario"] == label]
     ts = [dt.datetime.fromisoformat(x["time"]) for x in rows]
     rs = sum(r["spec_replicas"] * (t1 - t0).total_seconds() for r, t0, t1 in zip(rows, ts, ts[1:]))
-    return {"replica_s": round(rs), "peak_backlog": max((r["redis_depth"] for r in rows), default=0)}
+    reversals, last = 0, 0
+    for a, b in zip(rows, rows[1:]):
+        d = (b["spec_replicas"] > a["spec_replicas"]) - (b["spec_replicas"] < a["spec_replicas"])
+        if d and last and d != last:
+            reversals += 1
+        last = d or last
+    return {"replica_s": round(rs), "peak_backlog": max((r["redis_depth"] for r in rows), default=0),
+            "reversals": reversals}
 
 
 def apply_profile(h, components, base_docs):
@@ -969,8 +984,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", required=True, help="directory of the control-plane binaries (build.sh prints it)")
     ap.add_argument("--app", required=True, help="the celery-autoscale binary (release build)")
-    # burst-io (the seed on the model's burst:400) is measured for docs/Autoscaling.md on demand:
-    # .ci/run's time goes to the tuned profile's runs instead.
+    # burst-io (the seed on the model's burst:400) and oscillate (the model's oscillate, seed and,
+    # with tuned, tuned: about 16 min more) are measured for docs/Autoscaling.md on demand:
+    # .ci/run's time goes to the tuned profile's burst and ramp instead.
     ap.add_argument("--scenarios", default="burst,ramp,scale-in,tuned")
     ap.add_argument("--skip-negative", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the work directory even when everything passed")
@@ -1028,10 +1044,12 @@ def main():
                 peaks[s] = run_ramp(h, samples)
             elif s == "burst-io":
                 peaks[s] = run_burst_io(h, samples)
+            elif s == "oscillate":
+                peaks[s] = run_oscillate(h, samples)
             elif s in ("scale-in", "tuned"):
                 pass  # after the sync comparison, which replays the rendered HPA unchanged
             else:
-                raise Fail(f"--scenarios: unknown scenario {s!r} (burst, ramp, burst-io, scale-in, tuned)")
+                raise Fail(f"--scenarios: unknown scenario {s!r} (burst, ramp, burst-io, oscillate, scale-in, tuned)")
         with open(os.path.join(work, "samples.csv"), "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["time", "scenario", "redis_depth", "metric", "spec_replicas", "ready_replicas"])
             w.writeheader()
@@ -1055,6 +1073,8 @@ def main():
                    f"see {h.logs}/{NS}_worker-*.log and pod-runner.log", every=2)
             peaks["burst-io-tuned"] = run_burst_io(h, samples, "burst-io-tuned")
             peaks["ramp-tuned"] = run_ramp(h, samples, "ramp-tuned")
+            if "oscillate" in a.scenarios.split(","):
+                peaks["oscillate-tuned"] = run_oscillate(h, samples, "oscillate-tuned")
         with open(os.path.join(work, "samples.csv"), "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["time", "scenario", "redis_depth", "metric", "spec_replicas", "ready_replicas"])
             w.writeheader()
@@ -1062,13 +1082,14 @@ def main():
         for label, res in peaks.items():
             fig = {**figures(samples, label), **res}
             log(f"figures {label}: replica-s {fig['replica_s']}, peak backlog {fig['peak_backlog']}, peak replicas "
-                f"{fig['peak']}, p95 latency {fig.get('p95_latency', '-')} s, makespan {fig.get('makespan', '-')} s")
+                f"{fig['peak']}, reversals {fig['reversals']}, p95 latency {fig.get('p95_latency', '-')} s, "
+                f"makespan {fig.get('makespan', '-')} s")
 
         if not a.skip_negative:
             negative_tests(h, docs)
         # Stop the node first: every worker gets SIGTERM and its grace, as on a node drain.
         h.stop("pod-runner", grace=60)
-        expected = sum(400 if k.startswith("burst") else ramp_total() for k in peaks) \
+        expected = sum(tasks_sent(k) for k in peaks) \
             + sum(SCALE_IN_BUSY + reruns for _, reruns in scale_in.values())
         started_runs, stopped, pods = check_runs(h)
         if stopped != pods:
@@ -1108,6 +1129,15 @@ def preflight():
             raise Fail(f"cannot listen on 127.0.0.1:443 ({e}): the adapter must listen on the port of the rendered "
                        "APIService (443, reached through an ExternalName Service); run as root or set "
                        "net.ipv4.ip_unprivileged_port_start=443") from None
+
+
+def tasks_sent(scenario):
+    if scenario.startswith("burst"):
+        return 400
+    if scenario.startswith("oscillate"):
+        mean, duration = float(OSCILLATE[1]), float(OSCILLATE[7])
+        return round(mean * duration)
+    return ramp_total()
 
 
 def ramp_total():

@@ -3,7 +3,7 @@
 # scripts/control-plane/build.sh) and our release binary, then scripts/control-plane/run.py starts
 # it all on 127.0.0.1, applies k8s/, runs the burst and the ramp with the real HPA, compares
 # `simulate --trace` with it sync by sync, runs the negative tests and stops every process.
-#   scripts/control-plane/run.sh [--scenarios burst,ramp] [--skip-negative] [--keep]
+#   scripts/control-plane/run.sh [--scenarios burst,ramp,burst-io,oscillate,scale-in,tuned] [--skip-negative] [--keep]
 # Needs: Go >= 1.26 with the module proxy (first run only, ~20 min on 2 cores), redis-server,
 # prometheus, openssl, and a Python with PyYAML and redis-py (scripts/test.sh's .venv).
 # Root, or net.ipv4.ip_unprivileged_port_start <= 443: the adapter listens on the APIService's port.

@@ -354,9 +354,9 @@ fn run_tune(args: &SimulateArgs, config: ControllerConfig, out: &mut dyn Write) 
     out.write_all(tune::kubenix_options(&seed.name, &best.candidate, lookahead(best, &base)).as_bytes())?;
     writeln!(
         out,
-        "# the metric pipeline must deliver the depth within {delay} s: exporter --interval (nix/k8s/exporter.nix) + \
-         the exporter job's scrape_interval (nix/k8s/files/prometheus.yml); no kubenix option sets them"
+        "# the metric pipeline must deliver the depth within {delay} s: the exporter's poll plus the scrape of its job"
     )?;
+    out.write_all(tune::pipeline_options(best.candidate.scrape_delay).as_bytes())?;
     writeln!(
         out,
         "# signal {}: the HPA reads the External metric {}, which the adapter serves with the metricsQuery\n\

@@ -618,6 +618,26 @@ pub fn kubenix_options(pool: &str, candidate: &Candidate, lookahead: f64) -> Str
     )
 }
 
+/// The kubenix options (nix/k8s/options.nix: `celeryAutoscale.pipeline`) of a pipeline that
+/// delivers the depth at most `delay` late: the exporter's poll interval plus the exporter job's
+/// scrape interval (the adapter queries Prometheus when the HPA asks), split evenly (the scrape
+/// takes the odd second, which keeps its timeout above 1 s), whole seconds, at least 1 s each. Below 2 s the options cannot follow, and the line says so.
+pub fn pipeline_options(delay: Duration) -> String {
+    let total = delay.as_secs_f64().round().clamp(2.0, 120.0) as u64;
+    let exporter = total / 2;
+    let note = if delay.as_secs_f64() < 1.5 {
+        format!(" # {} s asked; each interval is at least 1 s", delay.as_secs_f64())
+    } else if delay.as_secs_f64().fract() != 0.0 {
+        format!(" # {} s, rounded", delay.as_secs_f64())
+    } else {
+        String::new()
+    };
+    format!(
+        "celeryAutoscale.pipeline = {{ exporterIntervalSeconds = {exporter}; scrapeIntervalSeconds = {}; }};{note}\n",
+        total - exporter
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -731,5 +751,27 @@ mod tests {
                 .contains("  signal = \"depth+growth\";\n  lookaheadSeconds = 35;\n")
         );
         assert!(kubenix_options("worker", &growth, 32.5).contains("  lookaheadSeconds = 33; # 32.5 s, rounded\n"));
+    }
+
+    #[test]
+    fn the_pipeline_options_add_up_to_the_delay() {
+        let options = |s: f64| pipeline_options(Duration::from_secs_f64(s));
+        // 10 s is the default render: 5 s exporter poll + 5 s scrape.
+        assert_eq!(
+            options(10.0),
+            "celeryAutoscale.pipeline = { exporterIntervalSeconds = 5; scrapeIntervalSeconds = 5; };\n"
+        );
+        assert_eq!(
+            options(15.0),
+            "celeryAutoscale.pipeline = { exporterIntervalSeconds = 7; scrapeIntervalSeconds = 8; };\n"
+        );
+        assert!(
+            options(5.0)
+                .starts_with("celeryAutoscale.pipeline = { exporterIntervalSeconds = 2; scrapeIntervalSeconds = 3; };")
+        );
+        assert!(options(7.4).ends_with("scrapeIntervalSeconds = 4; }; # 7.4 s, rounded\n"));
+        assert!(options(0.0).ends_with(
+            "exporterIntervalSeconds = 1; scrapeIntervalSeconds = 1; }; # 0 s asked; each interval is at least 1 s\n"
+        ));
     }
 }
